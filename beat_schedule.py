@@ -1,0 +1,49 @@
+"""Celery beat's schedule for statesweep: the coordinator and the orphan sweep, each on its own
+period from settings (seconds, or a five-field crontab).
+
+Each entry carries ``expires``: a beat that fires while no worker consumes (a backlog after an
+outage) leaves messages that expire instead of piling up runs. The coordinator's single-flight
+lock makes any that do run at once harmless; expiry keeps the queue from filling with them.
+Run exactly one beat: two beats double every trigger (still one run, but twice the noise).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery.schedules import crontab
+
+from workers.settings import Settings, get_settings, parse_schedule
+
+COORDINATE = "statesweep.coordinate"
+SWEEP_ORPHANS = "statesweep.sweep_orphaned_asset_state"
+CRONTAB_EXPIRES_SECONDS = 300.0
+
+
+def _schedule(raw: str) -> tuple[float | crontab, float]:
+    parsed = parse_schedule(raw)
+    if isinstance(parsed, float):
+        return parsed, parsed
+    minute, hour, day_of_month, month_of_year, day_of_week = parsed
+    return (crontab(minute=minute, hour=hour, day_of_month=day_of_month,
+                    month_of_year=month_of_year, day_of_week=day_of_week),
+            CRONTAB_EXPIRES_SECONDS)
+
+
+def build_beat_schedule(settings: Settings | None = None) -> dict[str, dict[str, Any]]:
+    settings = settings or get_settings()
+    coord, coord_expires = _schedule(settings.coordinator_schedule)
+    orphans, orphans_expires = _schedule(settings.orphan_schedule)
+    return {
+        "statesweep-cleanup-task-state": {
+            "task": COORDINATE,
+            "schedule": coord,
+            "kwargs": {"source": "beat"},
+            "options": {"queue": settings.control_queue, "expires": coord_expires},
+        },
+        "statesweep-sweep-orphaned-asset-state": {
+            "task": SWEEP_ORPHANS,
+            "schedule": orphans,
+            "options": {"queue": settings.control_queue, "expires": orphans_expires},
+        },
+    }

@@ -1,0 +1,99 @@
+"""Shared fixtures: a fresh database per test on each dialect, Redis, settings built per test.
+
+Each test gets its own database (PostgreSQL, MariaDB) or file (SQLite), its own Redis key
+prefix and its own Celery queue names, so tests never see each other's rows or messages.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine
+
+from tests.services import (
+    REDIS_URL,
+    fresh_mariadb_database,
+    fresh_postgres_database,
+    require,
+    unique,
+)
+from workers.db import db_now, make_engine
+from workers.schema import Tables, build_tables, upgrade
+from workers.settings import Settings
+
+DIALECTS = ["sqlite", "postgresql", "mariadb"]
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    with fresh_postgres_database() as url:
+        yield url
+
+
+@pytest.fixture
+def mariadb_url() -> Iterator[str]:
+    with fresh_mariadb_database() as url:
+        yield url
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'state.db'}"
+
+
+@pytest.fixture(params=DIALECTS)
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database URL, once per dialect."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'state.db'}"
+    elif request.param == "postgresql":
+        with fresh_postgres_database() as url:
+            yield url
+    else:
+        with fresh_mariadb_database() as url:
+            yield url
+
+
+@pytest.fixture(params=["seed", "airflow"])
+def naming(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def redis_url() -> str:
+    require("Redis", "127.0.0.1", 6379)
+    return REDIS_URL
+
+
+@pytest.fixture
+def make_settings() -> Callable[..., Settings]:
+    """Settings.from_env over an explicit dict: ``make_settings(database_url=..., ...)``."""
+    def build(**overrides: object) -> Settings:
+        env = {f"STATESWEEP_{k.upper()}": str(v) for k, v in overrides.items()}
+        return Settings.from_env(env)
+    return build
+
+
+@pytest.fixture
+def isolation() -> dict[str, str]:
+    """Per-test Redis key prefix and queue names, as STATESWEEP_* environment entries."""
+    tag = unique("t")
+    return {
+        "STATESWEEP_KEY_PREFIX": f"sw:{tag}",
+        "STATESWEEP_CONTROL_QUEUE": f"sw.{tag}.control",
+        "STATESWEEP_CHUNK_QUEUE": f"sw.{tag}.chunks",
+    }
+
+
+def create_schema(url: str, naming: str = "seed") -> tuple[Engine, Tables]:
+    engine = make_engine(url)
+    upgrade(engine, naming)
+    return engine, build_tables(naming)
+
+
+def database_now(engine: Engine) -> dt.datetime:
+    with engine.connect() as conn:
+        return db_now(conn)

@@ -1,0 +1,84 @@
+"""Settings: defaults, Airflow fallbacks, and one clear error per invalid variable."""
+
+from __future__ import annotations
+
+import pytest
+
+from workers.exceptions import SettingsError
+from workers.settings import Settings, mask_url
+
+
+def test_defaults() -> None:
+    s = Settings.from_env({})
+    assert s.default_retention_days == 30
+    assert s.cleanup_batch_size == 10000
+    assert s.table_naming == "auto"
+    assert s.database_url.startswith("sqlite:")
+
+
+def test_airflow_fallbacks_apply_only_when_statesweep_unset() -> None:
+    env = {"AIRFLOW__STATE_STORE__DEFAULT_RETENTION_DAYS": "7",
+           "AIRFLOW__STATE_STORE__STATE_CLEANUP_BATCH_SIZE": "500"}
+    s = Settings.from_env(env)
+    assert (s.default_retention_days, s.cleanup_batch_size) == (7, 500)
+    env["STATESWEEP_CLEANUP_BATCH_SIZE"] = "42"
+    assert Settings.from_env(env).cleanup_batch_size == 42
+
+
+@pytest.mark.parametrize(("var", "value", "needle"), [
+    ("STATESWEEP_DEFAULT_RETENTION_DAYS", "-1", "must not be negative"),
+    ("STATESWEEP_DEFAULT_RETENTION_DAYS", "ten", "whole number"),
+    ("STATESWEEP_CLEANUP_BATCH_SIZE", "-5", "must not be negative"),
+    ("STATESWEEP_CLEANUP_BATCH_SIZE", "1.5", "whole number"),
+    ("STATESWEEP_CLEANUP_BATCH_SIZE", "", "whole number"),
+    ("AIRFLOW__STATE_STORE__STATE_CLEANUP_BATCH_SIZE", "-1", "must not be negative"),
+    ("AIRFLOW__STATE_STORE__DEFAULT_RETENTION_DAYS", "x", "whole number"),
+    ("STATESWEEP_DATABASE_URL", "not a url", "not a database URL"),
+    ("STATESWEEP_DATABASE_URL", "", "must not be empty"),
+    ("STATESWEEP_DATABASE_URL", "oracle://u@h/d", "must be a postgresql"),
+    ("STATESWEEP_BROKER_URL", "localhost", "not a URL"),
+    ("STATESWEEP_RESULT_BACKEND", "redis://h:notaport/0", "not a URL"),
+    ("STATESWEEP_TABLE_NAMING", "weird", "must be one of auto, seed, airflow"),
+    ("STATESWEEP_STATE_BACKEND", "no.such.module.Backend", "cannot be imported"),
+    ("STATESWEEP_STATE_BACKEND", "workers.store.NoSuchClass", "cannot be imported"),
+    ("STATESWEEP_COORDINATOR_SCHEDULE", "every now and then", "crontab"),
+    ("STATESWEEP_ORPHAN_SCHEDULE", "-3", "positive"),
+    ("STATESWEEP_CHUNK_QUEUE", "statesweep.control", "must differ"),
+    ("STATESWEEP_VISIBILITY_TIMEOUT", "100", "at least twice"),
+    ("STATESWEEP_LOG_FORMAT", "xml", "must be one of"),
+])
+def test_each_invalid_setting_names_variable_and_value(var: str, value: str, needle: str) -> None:
+    with pytest.raises(SettingsError) as err:
+        Settings.from_env({var: value})
+    msg = str(err.value)
+    assert var in msg
+    assert repr(value) in msg
+    assert needle in msg
+
+
+def test_errors_are_collected_into_one() -> None:
+    with pytest.raises(SettingsError) as err:
+        Settings.from_env({"STATESWEEP_CLEANUP_BATCH_SIZE": "-1",
+                           "STATESWEEP_DEFAULT_RETENTION_DAYS": "x"})
+    assert "CLEANUP_BATCH_SIZE" in str(err.value) and "RETENTION_DAYS" in str(err.value)
+
+
+def test_passwords_are_masked_in_repr_and_errors() -> None:
+    s = Settings.from_env({"STATESWEEP_DATABASE_URL": "postgresql://u:hunter2@db/airflow",
+                           "STATESWEEP_BROKER_URL": "redis://:s3cret@redis:6379/0"})
+    text = repr(s) + str(s) + str(s.masked())
+    assert "hunter2" not in text and "s3cret" not in text
+    assert "postgresql://u:***@db/airflow" in text
+    with pytest.raises(SettingsError) as err:
+        Settings.from_env({"STATESWEEP_DATABASE_URL": "postgresql://u:hunter2@db:port/x"})
+    assert "hunter2" not in str(err.value)
+
+
+@pytest.mark.parametrize(("url", "masked"), [
+    ("redis://:pw@h:6379/0", "redis://:***@h:6379/0"),
+    ("amqp://guest:guest@rabbit//", "amqp://guest:***@rabbit//"),
+    ("sqlite:///x.db", "sqlite:///x.db"),
+    ("postgresql://u:p@h:bad/x", "postgresql://u:***@h:bad/x"),
+])
+def test_mask_url(url: str, masked: str) -> None:
+    assert mask_url(url) == masked

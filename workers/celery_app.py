@@ -1,0 +1,121 @@
+"""The Celery app: configuration, queues, routes, logging and per-process resources.
+
+Settings are read when this module is imported, so a worker, beat or Flower with a bad setting
+stops at start-up with the settings error, before it consumes or deletes anything.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from celery import Celery, signals
+from kombu import Queue
+from sqlalchemy import Engine
+
+from workers.db import forget_engines_after_fork, get_engine
+from workers.logs import configure_logging
+from workers.runs import RunRegistry, registry_for
+from workers.schema import Tables, resolve_tables
+from workers.settings import Settings, get_settings
+
+COORDINATE = "statesweep.coordinate"
+DELETE_CHUNK = "statesweep.delete_chunk"
+SWEEP_ORPHANS = "statesweep.sweep_orphaned_asset_state"
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Celery settings derived from statesweep's; also what the tests check."""
+    from beat_schedule import build_beat_schedule
+
+    transport = {"visibility_timeout": settings.visibility_timeout}
+    return {
+        "broker_url": settings.broker_url,
+        "result_backend": settings.result_backend,
+        # A task is acknowledged after it ran, so a worker killed mid-chunk loses nothing: the
+        # broker redelivers the chunk and its DELETE (idempotent) runs again.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_soft_time_limit": settings.chunk_soft_time_limit,
+        "task_time_limit": settings.chunk_time_limit,
+        # Redis redelivers unacknowledged messages after this; well above the hard limit so a
+        # running chunk is never handed to a second worker.
+        "broker_transport_options": transport,
+        "result_backend_transport_options": transport,
+        "broker_connection_retry_on_startup": True,
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "task_track_started": True,
+        "result_extended": True,
+        "result_expires": 7 * 24 * 3600,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "timezone": "UTC",
+        "enable_utc": True,
+        "worker_hijack_root_logger": False,
+        "task_queues": (Queue(settings.control_queue), Queue(settings.chunk_queue)),
+        "task_default_queue": settings.control_queue,
+        "task_create_missing_queues": False,
+        "task_routes": {
+            COORDINATE: {"queue": settings.control_queue},
+            SWEEP_ORPHANS: {"queue": settings.control_queue},
+            DELETE_CHUNK: {"queue": settings.chunk_queue},
+        },
+        "beat_schedule": build_beat_schedule(settings),
+    }
+
+
+def build_app(settings: Settings, *, include_tasks: bool = True) -> Celery:
+    """A Celery app for *settings*. Clients (CLI, tests) send tasks by name with one whose
+    tasks are not included, so they need no database."""
+    new = Celery("statesweep", include=["workers.tasks"] if include_tasks else [])
+    new.conf.update(celery_config(settings))
+    return new
+
+
+settings = get_settings()
+app = build_app(settings)
+
+
+@signals.setup_logging.connect
+def _setup_logging(**_: Any) -> None:
+    # Connecting here stops Celery from configuring the root logger itself.
+    configure_logging(settings.log_format, settings.log_level)
+
+
+@signals.worker_process_init.connect
+def _after_fork(**_: Any) -> None:
+    forget_engines_after_fork()
+    resources.cache_clear()
+
+
+@signals.task_prerun.connect
+def _bind_task(task_id: str | None = None, task: Any = None, **_: Any) -> None:
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(task_name=getattr(task, "name", None), task_id=task_id)
+
+
+@signals.task_postrun.connect
+def _unbind_task(**_: Any) -> None:
+    structlog.contextvars.clear_contextvars()
+
+
+@dataclass(frozen=True)
+class Resources:
+    settings: Settings
+    engine: Engine
+    tables: Tables
+    registry: RunRegistry
+
+
+@functools.cache
+def resources() -> Resources:
+    """This process's engine, resolved tables and run registry, built on first use."""
+    engine = get_engine(settings.database_url)
+    tables = resolve_tables(engine, settings.table_naming)
+    registry = registry_for(settings.effective_run_store_url, settings.key_prefix)
+    return Resources(settings, engine, tables, registry)

@@ -1,0 +1,204 @@
+"""A cleanup run, as plain functions: the Celery tasks and the CLI's ``--local`` call these.
+
+coordinate()   takes the single-flight lock, fixes the cutoff from the database clock, cuts
+               id ranges on the server and hands each to *dispatch* the moment it is cut.
+run_chunk()    validates a chunk's arguments, deletes it in its own transaction, counts it once
+               into the run's progress, and finishes the run if it was the last.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from sqlalchemy import Engine
+
+from workers import cleanup
+from workers.db import db_now
+from workers.exceptions import InvalidArgument, NotFound
+from workers.runs import RunRecord, RunRegistry
+from workers.schema import Tables
+from workers.settings import Settings
+from workers.store import load_backend
+
+log = structlog.get_logger("statesweep.coordinator")
+
+Dispatch = Callable[[str, cleanup.Chunk, str], None]
+
+
+def new_run_id() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:8]
+
+
+def check_batch_size(batch_size: Any) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int):
+        raise InvalidArgument(f"batch_size must be a whole number, got {batch_size!r}")
+    if batch_size < 0:
+        raise InvalidArgument(f"batch_size must not be negative, got {batch_size}")
+    return batch_size
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    run_id: str
+    status: str  # started | finished | skipped | custom_backend
+    cutoff: str = ""
+    chunks: int = 0
+    expected_rows: int = 0
+    active_run_id: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def coordinate(settings: Settings, engine: Engine, tables: Tables, registry: RunRegistry,
+               dispatch: Dispatch, *, run_id: str | None = None, batch_size: int | None = None,
+               source: str = "beat") -> RunSummary:
+    """Plan one cleanup run and dispatch its chunks; at most one run is active at a time."""
+    batch = check_batch_size(settings.cleanup_batch_size if batch_size is None else batch_size)
+    run_id = run_id or new_run_id()
+    bound = log.bind(run_id=run_id, source=source)
+
+    if not settings.uses_metastore_backend:
+        bound.info("custom backend configured; skipping", backend=settings.state_backend)
+        load_backend(settings, engine, tables).cleanup()
+        return RunSummary(run_id, "custom_backend")
+
+    holder = registry.acquire(run_id, settings.lock_ttl_seconds)
+    if holder is not None:
+        bound.info("coordinator_skipped_active_run", active_run_id=holder)
+        return RunSummary(run_id, "skipped", active_run_id=holder)
+
+    try:
+        cutoff = cleanup.read_cutoff(engine)
+        cutoff_iso = cutoff.isoformat()
+        registry.start(run_id, cutoff=cutoff_iso, batch_size=batch, source=source)
+        bound.info("cleanup_run_started", cutoff=cutoff_iso, batch_size=batch,
+                   table=tables.task_state.name)
+        chunks = expected = 0
+        last_renew = time.monotonic()
+        t0 = time.perf_counter()
+        for chunk in cleanup.plan_chunks(engine, tables, cutoff, batch):
+            # Count before sending: a fast worker must never finish a chunk the run has not
+            # yet counted as planned.
+            registry.add_chunk(run_id, chunk.expected)
+            dispatch(run_id, chunk, cutoff_iso)
+            chunks += 1
+            expected += chunk.expected
+            if time.monotonic() - last_renew > settings.lock_ttl_seconds / 3:
+                registry.renew(run_id, settings.lock_ttl_seconds)
+                last_renew = time.monotonic()
+        # Once planned, the run holds the lock until its last chunk finishes; each chunk
+        # renews it, and a run whose chunks all vanished frees it after run_timeout_seconds.
+        registry.renew(run_id, settings.run_timeout_seconds)
+        finished = registry.finish_planning(run_id)
+        bound.info("cleanup_run_planned", chunks=chunks, expected_rows=expected,
+                   ms=round((time.perf_counter() - t0) * 1000, 1))
+        if finished is not None:
+            log_finished(finished)
+            return RunSummary(run_id, "finished", cutoff_iso, chunks, expected)
+        return RunSummary(run_id, "started", cutoff_iso, chunks, expected)
+    except BaseException as exc:
+        registry.fail(run_id, f"{type(exc).__name__}: {exc}")
+        bound.error("cleanup_run_failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+
+
+def log_finished(record: RunRecord) -> None:
+    log.info("cleanup_run_finished", run_id=record.run_id, rows=record.rows_deleted,
+             chunks=record.chunks_done, seconds=round(record.duration, 3),
+             rows_per_second=round(record.rows_per_second, 1))
+
+
+@dataclass(frozen=True)
+class ChunkArgs:
+    run_id: str
+    chunk: int
+    lo: int
+    hi: int
+    cutoff: dt.datetime
+
+
+def check_chunk_args(run_id: Any, chunk: Any, lo: Any, hi: Any, cutoff: Any) -> ChunkArgs:
+    """Validate a chunk message before touching the database; raises InvalidArgument."""
+    if not isinstance(run_id, str) or not run_id:
+        raise InvalidArgument(f"run_id must be a non-empty string, got {run_id!r}")
+    for name, value in (("chunk", chunk), ("lo", lo), ("hi", hi)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InvalidArgument(f"{name} must be a whole number, got {value!r}")
+    if lo > hi:
+        raise InvalidArgument(f"lo must not exceed hi, got lo={lo} hi={hi}")
+    if not isinstance(cutoff, str):
+        raise InvalidArgument(f"cutoff must be an ISO-8601 string, got {cutoff!r}")
+    try:
+        when = dt.datetime.fromisoformat(cutoff)
+    except ValueError:
+        raise InvalidArgument(f"cutoff is not an ISO-8601 timestamp: {cutoff!r}") from None
+    if when.tzinfo is None:
+        raise InvalidArgument(f"cutoff must carry a UTC offset, got {cutoff!r}")
+    return ChunkArgs(run_id, chunk, lo, hi, when.astimezone(dt.UTC))
+
+
+class ProgressNotRecorded(Exception):
+    """The chunk's rows were deleted and committed, but the run store could not count them."""
+
+    def __init__(self, rows: int) -> None:
+        super().__init__(f"{rows} rows deleted but not yet counted")
+        self.rows = rows
+
+
+def run_chunk(settings: Settings, engine: Engine, tables: Tables, registry: RunRegistry,
+              args: ChunkArgs, *, carried_rows: int = 0) -> int:
+    """Delete one chunk, count it once, finish the run if it was the last. Returns rows.
+
+    *carried_rows* are rows an earlier attempt deleted but could not count (see
+    ProgressNotRecorded); they are added to this attempt's count.
+    """
+    record = registry.get(args.run_id)
+    if record is None:
+        raise NotFound(f"unknown run id {args.run_id!r}: no such cleanup run is recorded")
+    if record.cutoff and dt.datetime.fromisoformat(record.cutoff) != args.cutoff:
+        raise InvalidArgument(
+            f"cutoff {args.cutoff.isoformat()} is not run {args.run_id}'s cutoff {record.cutoff}")
+    with engine.connect() as conn:
+        now = db_now(conn)
+    if args.cutoff > now:
+        raise InvalidArgument(
+            f"cutoff {args.cutoff.isoformat()} is in the future (database now is "
+            f"{now.isoformat()}); refusing to delete rows that have not expired")
+    t0 = time.perf_counter()
+    rows = cleanup.delete_chunk(engine, tables, args.lo, args.hi, args.cutoff,
+                                lock_timeout_ms=settings.lock_timeout_ms,
+                                statement_timeout_ms=settings.statement_timeout_ms)
+    rows += carried_rows
+    ms = round((time.perf_counter() - t0) * 1000, 1)
+    try:
+        counted, finished = registry.chunk_done(args.run_id, args.chunk, rows,
+                                                settings.run_timeout_seconds)
+    except Exception as exc:
+        raise ProgressNotRecorded(rows) from exc
+    log.info("chunk_deleted", run_id=args.run_id, chunk=args.chunk, lo=args.lo, hi=args.hi,
+             rows=rows, ms=ms, counted=counted)
+    if finished is not None:
+        log_finished(finished)
+    return rows
+
+
+def run_local(settings: Settings, engine: Engine, tables: Tables, registry: RunRegistry, *,
+              batch_size: int | None = None, source: str = "local",
+              on_chunk: Callable[[cleanup.Chunk, int], None] | None = None) -> RunSummary:
+    """Plan and delete in this process, chunk by chunk, each committed on its own (for cron
+    users and small databases: no broker needed)."""
+    def dispatch(run_id: str, chunk: cleanup.Chunk, cutoff: str) -> None:
+        rows = run_chunk(settings, engine, tables, registry,
+                         check_chunk_args(run_id, chunk.number, chunk.lo, chunk.hi, cutoff))
+        if on_chunk is not None:
+            on_chunk(chunk, rows)
+
+    return coordinate(settings, engine, tables, registry, dispatch, batch_size=batch_size,
+                      source=source)

@@ -1,0 +1,122 @@
+"""Engines, the database clock, and per-transaction timeouts for each supported dialect.
+
+Engines are made per process: a pool carried across fork would share sockets between a worker's
+children, so :func:`get_engine` keys its cache on the pid.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import threading
+from typing import Any
+
+from sqlalchemy import Connection, Engine, create_engine, event, func, literal_column, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
+from sqlalchemy.sql.elements import ColumnElement
+
+_lock = threading.Lock()
+_engines: dict[tuple[int, str], Engine] = {}
+
+
+def normalise_url(url: str) -> str:
+    """Pin the drivers statesweep is tested with: psycopg 3 and PyMySQL."""
+    u = make_url(url)
+    if u.drivername == "postgresql":
+        u = u.set(drivername="postgresql+psycopg")
+    elif u.drivername in ("mysql", "mariadb"):
+        u = u.set(drivername=f"{u.drivername}+pymysql")
+    return u.render_as_string(hide_password=False)
+
+
+def make_engine(url: str, **kwargs: Any) -> Engine:
+    """A new engine with pre-ping; SQLite gets foreign keys on and a busy timeout."""
+    url = normalise_url(url)
+    backend = make_url(url).get_backend_name()
+    if backend == "sqlite":
+        kwargs.setdefault("connect_args", {"timeout": 30})
+        # One file, many processes: pooling SQLite connections buys nothing and holds locks.
+        kwargs.setdefault("poolclass", NullPool)
+    engine = create_engine(url, pool_pre_ping=True, **kwargs)
+    if backend == "sqlite":
+        event.listen(engine, "connect", _sqlite_on_connect)
+    return engine
+
+
+def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    # ON DELETE CASCADE from dag_run/asset needs this on every SQLite connection.
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.close()
+
+
+def get_engine(url: str) -> Engine:
+    """The engine for *url* in this process, created on first use after any fork."""
+    key = (os.getpid(), url)
+    with _lock:
+        engine = _engines.get(key)
+        if engine is None:
+            engine = _engines[key] = make_engine(url)
+        return engine
+
+
+def forget_engines_after_fork() -> None:
+    """Drop engines inherited from a parent without closing the parent's connections."""
+    with _lock:
+        for (pid, _), engine in list(_engines.items()):
+            if pid != os.getpid():
+                engine.dispose(close=False)
+        _engines.clear()
+
+
+# --- the database clock -------------------------------------------------------------------------
+
+
+def now_expr(dialect: str) -> ColumnElement[Any] | None:
+    """SQL for the database's current UTC time, or None where the database is this process
+    (SQLite is embedded, so its clock is the local clock)."""
+    if dialect == "postgresql":
+        return func.now()
+    if dialect in ("mysql", "mariadb"):
+        return func.utc_timestamp(literal_column("6"))
+    return None
+
+
+def db_now(conn: Connection) -> dt.datetime:
+    """The database's clock as an aware UTC datetime."""
+    expr = now_expr(conn.dialect.name)
+    if expr is None:
+        return dt.datetime.now(dt.UTC)
+    value = conn.execute(select(expr)).scalar_one()
+    if isinstance(value, str):  # pragma: no cover - drivers return datetimes
+        value = dt.datetime.fromisoformat(value)
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.UTC)
+    return value.astimezone(dt.UTC)
+
+
+def plus(dialect: str, base: ColumnElement[Any], delta: dt.timedelta) -> ColumnElement[Any]:
+    """``base + delta`` in the database's own arithmetic."""
+    if dialect == "postgresql":
+        return base + delta
+    micros = int(delta / dt.timedelta(microseconds=1))
+    return func.timestampadd(literal_column("MICROSECOND"), micros, base)
+
+
+def set_timeouts(conn: Connection, lock_timeout_ms: int, statement_timeout_ms: int) -> None:
+    """Bound how long this transaction may wait for locks and run; a chunk never blocks writers
+    for long, and a stuck chunk fails and retries rather than holding locks."""
+    name = conn.dialect.name
+    if name == "postgresql":
+        # SET LOCAL lasts until the end of the current transaction only.
+        conn.exec_driver_sql(f"SET LOCAL lock_timeout = {int(lock_timeout_ms)}")
+        conn.exec_driver_sql(f"SET LOCAL statement_timeout = {int(statement_timeout_ms)}")
+    elif name in ("mysql", "mariadb"):
+        seconds = max(1, int(lock_timeout_ms) // 1000)
+        conn.exec_driver_sql(f"SET SESSION innodb_lock_wait_timeout = {seconds}")
+        if getattr(conn.dialect, "is_mariadb", False):
+            conn.exec_driver_sql(
+                f"SET SESSION max_statement_time = {int(statement_timeout_ms) / 1000:.3f}"
+            )

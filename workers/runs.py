@@ -1,0 +1,333 @@
+"""Where cleanup runs are recorded and the single-flight lock lives.
+
+Redis in every real deployment, so the CLI, Flower users and every worker see the same runs. An
+in-process store serves the zero-service demo, where coordinator and worker share one process.
+
+Keys (``<prefix>`` from STATESWEEP_KEY_PREFIX):
+  <prefix>:lock             owner token = the active run id; TTL renewed while planning and on
+                            every finished chunk, deleted when the run finishes; a run whose
+                            chunks all vanished frees the lock when the TTL runs out.
+  <prefix>:run:<id>         hash: state, cutoff, chunks planned/done, rows, times.
+  <prefix>:run:<id>:done    set of chunk numbers already counted (redelivery counts once).
+  <prefix>:runs             sorted set of run ids by start time, for `status`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+RUN_RETENTION_SECONDS = 7 * 24 * 3600
+RECENT_RUNS_KEPT = 200
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    run_id: str
+    state: str  # planning | running | finished | failed
+    cutoff: str = ""
+    batch_size: int = 0
+    source: str = ""
+    chunks_planned: int = 0
+    chunks_done: int = 0
+    expected_rows: int = 0
+    rows_deleted: int = 0
+    planning_done: bool = False
+    started_at: float = 0.0
+    planned_at: float = 0.0
+    finished_at: float = 0.0
+    error: str = ""
+
+    @property
+    def duration(self) -> float:
+        end = self.finished_at or time.time()
+        return max(0.0, end - self.started_at) if self.started_at else 0.0
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows_deleted / self.duration if self.duration > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d["duration"] = round(self.duration, 3)
+        d["rows_per_second"] = round(self.rows_per_second, 1)
+        return d
+
+    @classmethod
+    def from_hash(cls, h: dict[str, str]) -> RunRecord:
+        ints = ("batch_size", "chunks_planned", "chunks_done", "expected_rows", "rows_deleted")
+        floats = ("started_at", "planned_at", "finished_at")
+        kw: dict[str, Any] = {}
+        for k in cls.__dataclass_fields__:
+            if k not in h:
+                continue
+            v = h[k]
+            kw[k] = int(v) if k in ints else float(v) if k in floats else (
+                v == "1" if k == "planning_done" else v)
+        return cls(**kw)
+
+
+class RunRegistry(Protocol):
+    def acquire(self, run_id: str, ttl: int) -> str | None:
+        """Take the lock for *run_id*; None on success, else the run id that holds it."""
+
+    def renew(self, run_id: str, ttl: int) -> bool: ...
+    def release(self, run_id: str) -> None: ...
+    def active_run(self) -> str | None: ...
+    def start(self, run_id: str, *, cutoff: str, batch_size: int, source: str) -> None: ...
+    def add_chunk(self, run_id: str, expected: int) -> None: ...
+    def finish_planning(self, run_id: str) -> RunRecord | None:
+        """Mark planning done; returns the record if this call finished the run."""
+
+    def chunk_done(self, run_id: str, chunk: int, rows: int,
+                   lock_ttl: int) -> tuple[bool, RunRecord | None]:
+        """Count a chunk once. Returns (counted, record-if-this-call-finished-the-run)."""
+
+    def fail(self, run_id: str, error: str) -> None: ...
+    def get(self, run_id: str) -> RunRecord | None: ...
+    def recent(self, limit: int = 10) -> list[RunRecord]: ...
+
+
+# Both scripts run atomically in Redis: the run finishes exactly once, whichever of the
+# coordinator (planning done last) and a chunk (done last) gets there second.
+_FINISH_IF_COMPLETE = """
+local function finish_if_complete(run, lock, run_id, now)
+  local h = redis.call('HMGET', run, 'planning_done', 'chunks_planned', 'chunks_done', 'state')
+  if h[1] == '1' and tonumber(h[3]) >= tonumber(h[2]) and h[4] ~= 'finished' then
+    redis.call('HSET', run, 'state', 'finished', 'finished_at', now)
+    if redis.call('GET', lock) == run_id then redis.call('DEL', lock) end
+    return 1
+  end
+  return 0
+end
+"""
+
+_CHUNK_DONE = _FINISH_IF_COMPLETE + """
+local run, done, lock = KEYS[1], KEYS[2], KEYS[3]
+local run_id, chunk, rows, now, ttl, keep = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+if redis.call('EXISTS', run) == 0 then return {-1, 0} end
+if redis.call('SADD', done, chunk) == 0 then return {0, 0} end
+redis.call('EXPIRE', done, keep)
+redis.call('HINCRBY', run, 'chunks_done', 1)
+redis.call('HINCRBY', run, 'rows_deleted', rows)
+if redis.call('GET', lock) == run_id then redis.call('EXPIRE', lock, ttl) end
+return {1, finish_if_complete(run, lock, run_id, now)}
+"""
+
+_FINISH_PLANNING = _FINISH_IF_COMPLETE + """
+local run, lock = KEYS[1], KEYS[2]
+local run_id, now = ARGV[1], ARGV[2]
+redis.call('HSET', run, 'planning_done', '1', 'planned_at', now, 'state', 'running')
+return finish_if_complete(run, lock, run_id, now)
+"""
+
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class RedisRunRegistry:
+    def __init__(self, url: str, prefix: str = "statesweep") -> None:
+        import redis
+
+        self.client = redis.Redis.from_url(url, decode_responses=True,
+                                           socket_connect_timeout=5, socket_timeout=10,
+                                           health_check_interval=30)
+        self.prefix = prefix
+        self._chunk_done = self.client.register_script(_CHUNK_DONE)
+        self._finish_planning = self.client.register_script(_FINISH_PLANNING)
+        self._renew = self.client.register_script(_RENEW)
+        self._release = self.client.register_script(_RELEASE)
+
+    def _k(self, *parts: str) -> str:
+        return ":".join((self.prefix, *parts))
+
+    def acquire(self, run_id: str, ttl: int) -> str | None:
+        if self.client.set(self._k("lock"), run_id, nx=True, ex=ttl):
+            return None
+        holder = self.client.get(self._k("lock"))
+        # The holder may have released between SET and GET; a retry is the caller's choice.
+        return str(holder) if holder else "unknown"
+
+    def renew(self, run_id: str, ttl: int) -> bool:
+        return bool(self._renew(keys=[self._k("lock")], args=[run_id, ttl]))
+
+    def release(self, run_id: str) -> None:
+        self._release(keys=[self._k("lock")], args=[run_id])
+
+    def active_run(self) -> str | None:
+        v = self.client.get(self._k("lock"))
+        return str(v) if v else None
+
+    def start(self, run_id: str, *, cutoff: str, batch_size: int, source: str) -> None:
+        key = self._k("run", run_id)
+        now = time.time()
+        pipe = self.client.pipeline()
+        pipe.hset(key, mapping={
+            "run_id": run_id, "state": "planning", "cutoff": cutoff, "batch_size": batch_size,
+            "source": source, "chunks_planned": 0, "chunks_done": 0, "expected_rows": 0,
+            "rows_deleted": 0, "planning_done": "0", "started_at": now,
+        })
+        pipe.expire(key, RUN_RETENTION_SECONDS)
+        pipe.zadd(self._k("runs"), {run_id: now})
+        pipe.zremrangebyrank(self._k("runs"), 0, -RECENT_RUNS_KEPT - 1)
+        pipe.execute()
+
+    def add_chunk(self, run_id: str, expected: int) -> None:
+        key = self._k("run", run_id)
+        pipe = self.client.pipeline()
+        pipe.hincrby(key, "chunks_planned", 1)
+        pipe.hincrby(key, "expected_rows", expected)
+        pipe.execute()
+
+    def finish_planning(self, run_id: str) -> RunRecord | None:
+        finished = self._finish_planning(keys=[self._k("run", run_id), self._k("lock")],
+                                         args=[run_id, time.time()])
+        return self.get(run_id) if finished else None
+
+    def chunk_done(self, run_id: str, chunk: int, rows: int,
+                   lock_ttl: int) -> tuple[bool, RunRecord | None]:
+        counted, finished = self._chunk_done(
+            keys=[self._k("run", run_id), self._k("run", run_id, "done"), self._k("lock")],
+            args=[run_id, chunk, rows, time.time(), lock_ttl, RUN_RETENTION_SECONDS],
+        )
+        return counted == 1, (self.get(run_id) if finished else None)
+
+    def fail(self, run_id: str, error: str) -> None:
+        self.client.hset(self._k("run", run_id), mapping={
+            "state": "failed", "error": error[:500], "finished_at": time.time()})
+        self.release(run_id)
+
+    def get(self, run_id: str) -> RunRecord | None:
+        h: dict[str, str] = self.client.hgetall(self._k("run", run_id))  # type: ignore[assignment]
+        return RunRecord.from_hash(h) if h else None
+
+    def recent(self, limit: int = 10) -> list[RunRecord]:
+        ids: list[str] = self.client.zrevrange(self._k("runs"), 0, limit - 1)  # type: ignore[assignment]
+        return [r for r in (self.get(i) for i in ids) if r is not None]
+
+
+@dataclass
+class _MemRun:
+    record: dict[str, Any]
+    done: set[int] = field(default_factory=set)
+
+
+class MemoryRunRegistry:
+    """The same contract in one process (the demo's in-process worker); not shared across hosts."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._owner: tuple[str, float] | None = None
+        self._runs: dict[str, _MemRun] = {}
+
+    def _holder(self) -> str | None:
+        if self._owner and self._owner[1] > time.monotonic():
+            return self._owner[0]
+        return None
+
+    def acquire(self, run_id: str, ttl: int) -> str | None:
+        with self._lock:
+            holder = self._holder()
+            if holder is not None:
+                return holder
+            self._owner = (run_id, time.monotonic() + ttl)
+            return None
+
+    def renew(self, run_id: str, ttl: int) -> bool:
+        with self._lock:
+            if self._holder() == run_id:
+                self._owner = (run_id, time.monotonic() + ttl)
+                return True
+            return False
+
+    def release(self, run_id: str) -> None:
+        with self._lock:
+            if self._holder() == run_id:
+                self._owner = None
+
+    def active_run(self) -> str | None:
+        with self._lock:
+            return self._holder()
+
+    def start(self, run_id: str, *, cutoff: str, batch_size: int, source: str) -> None:
+        with self._lock:
+            self._runs[run_id] = _MemRun({
+                "run_id": run_id, "state": "planning", "cutoff": cutoff,
+                "batch_size": batch_size, "source": source, "started_at": time.time()})
+
+    def add_chunk(self, run_id: str, expected: int) -> None:
+        with self._lock:
+            r = self._runs[run_id].record
+            r["chunks_planned"] = r.get("chunks_planned", 0) + 1
+            r["expected_rows"] = r.get("expected_rows", 0) + expected
+
+    def _finish_if_complete(self, run_id: str) -> RunRecord | None:
+        r = self._runs[run_id].record
+        if (r.get("planning_done") and r.get("chunks_done", 0) >= r.get("chunks_planned", 0)
+                and r["state"] != "finished"):
+            r.update(state="finished", finished_at=time.time())
+            if self._holder() == run_id:
+                self._owner = None
+            return RunRecord(**r)
+        return None
+
+    def finish_planning(self, run_id: str) -> RunRecord | None:
+        with self._lock:
+            self._runs[run_id].record.update(planning_done=True, planned_at=time.time(),
+                                             state="running")
+            return self._finish_if_complete(run_id)
+
+    def chunk_done(self, run_id: str, chunk: int, rows: int,
+                   lock_ttl: int) -> tuple[bool, RunRecord | None]:
+        with self._lock:
+            run = self._runs.get(run_id)
+            if run is None or chunk in run.done:
+                return False, None
+            run.done.add(chunk)
+            r = run.record
+            r["chunks_done"] = r.get("chunks_done", 0) + 1
+            r["rows_deleted"] = r.get("rows_deleted", 0) + rows
+            if self._holder() == run_id:
+                self._owner = (run_id, time.monotonic() + lock_ttl)
+            return True, self._finish_if_complete(run_id)
+
+    def fail(self, run_id: str, error: str) -> None:
+        with self._lock:
+            if run_id in self._runs:
+                self._runs[run_id].record.update(state="failed", error=error[:500],
+                                                 finished_at=time.time())
+            if self._holder() == run_id:
+                self._owner = None
+
+    def get(self, run_id: str) -> RunRecord | None:
+        with self._lock:
+            run = self._runs.get(run_id)
+            return RunRecord(**run.record) if run else None
+
+    def recent(self, limit: int = 10) -> list[RunRecord]:
+        with self._lock:
+            runs = sorted(self._runs.values(), key=lambda r: r.record["started_at"], reverse=True)
+            return [RunRecord(**r.record) for r in runs[:limit]]
+
+
+_memory_registries: dict[str, MemoryRunRegistry] = {}
+_redis_registries: dict[tuple[str, str], RedisRunRegistry] = {}
+
+
+def registry_for(url: str, prefix: str) -> RunRegistry:
+    """The registry for a run-store URL: ``memory://`` (one per prefix, per process) or Redis."""
+    if url.startswith("memory://"):
+        return _memory_registries.setdefault(prefix, MemoryRunRegistry())
+    key = (url, prefix)
+    if key not in _redis_registries:
+        _redis_registries[key] = RedisRunRegistry(url, prefix)
+    return _redis_registries[key]

@@ -1,0 +1,101 @@
+"""The three Celery tasks. They handle messaging, retries and routing; the work is in
+``workers.coordinator`` and ``workers.cleanup``, which are plain functions."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import structlog
+from celery import Task
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from sqlalchemy.exc import OperationalError
+
+from workers import cleanup, coordinator
+from workers.celery_app import COORDINATE, DELETE_CHUNK, SWEEP_ORPHANS, app, resources, settings
+from workers.exceptions import InvalidArgument
+
+log = structlog.get_logger("statesweep.tasks")
+
+# Connection loss, lock timeouts and statement timeouts are worth retrying; bad arguments are not.
+TRANSIENT = (OperationalError, RedisConnectionError, RedisTimeoutError)
+
+
+@app.task(name=COORDINATE, bind=True, acks_late=False,
+          soft_time_limit=max(1, settings.run_timeout_seconds - 30),
+          time_limit=settings.run_timeout_seconds)
+def coordinate(self: Task, batch_size: int | None = None, source: str = "beat") -> dict[str, Any]:
+    """Plan a cleanup run and send its chunks. Acknowledged on receipt: a coordinator that dies
+    mid-plan is not redelivered; its lock expires and the next trigger plans afresh."""
+    if batch_size is not None:
+        coordinator.check_batch_size(batch_size)
+    if not isinstance(source, str):
+        raise InvalidArgument(f"source must be a string, got {source!r}")
+    r = resources()
+    run_id = coordinator.new_run_id()
+    structlog.contextvars.bind_contextvars(run_id=run_id)
+
+    def dispatch(run_id: str, chunk: cleanup.Chunk, cutoff: str) -> None:
+        delete_chunk.apply_async(
+            kwargs={"run_id": run_id, "chunk": chunk.number, "lo": chunk.lo, "hi": chunk.hi,
+                    "cutoff": cutoff},
+            queue=settings.chunk_queue,
+        )
+
+    summary = coordinator.coordinate(r.settings, r.engine, r.tables, r.registry, dispatch,
+                                     run_id=run_id, batch_size=batch_size, source=source)
+    return summary.as_dict()
+
+
+@app.task(name=DELETE_CHUNK, bind=True, max_retries=10)
+def delete_chunk(self: Task, run_id: str, chunk: int, lo: int, hi: int, cutoff: str,
+                 carried_rows: int = 0) -> dict[str, Any]:
+    """Delete one id range in its own transaction. Redelivery and retries are safe: the DELETE
+    re-checks expires_at < cutoff, and the run counts each chunk number once."""
+    args = coordinator.check_chunk_args(run_id, chunk, lo, hi, cutoff)
+    structlog.contextvars.bind_contextvars(run_id=run_id)
+    r = resources()
+    try:
+        rows = coordinator.run_chunk(r.settings, r.engine, r.tables, r.registry, args,
+                                     carried_rows=carried_rows)
+    except coordinator.ProgressNotRecorded as exc:
+        # The rows are deleted and committed; only the count failed. Carry it into the retry.
+        raise self.retry(exc=exc.__cause__ or exc, countdown=_backoff(self.request.retries),
+                         kwargs={"run_id": run_id, "chunk": chunk, "lo": lo, "hi": hi,
+                                 "cutoff": cutoff, "carried_rows": exc.rows}) from exc
+    except TRANSIENT as exc:
+        log.warning("chunk_retry", run_id=run_id, chunk=chunk, error=type(exc).__name__,
+                    retries=self.request.retries)
+        raise self.retry(exc=exc, countdown=_backoff(self.request.retries)) from exc
+    return {"run_id": run_id, "chunk": chunk, "lo": lo, "hi": hi, "rows": rows}
+
+
+def _backoff(retries: int) -> float:
+    """Exponential backoff with full jitter, capped at a minute."""
+    import random
+
+    return random.uniform(0, min(60.0, 0.5 * 2 ** retries))
+
+
+@app.task(name=SWEEP_ORPHANS, bind=True, max_retries=5)
+def sweep_orphaned_asset_state(self: Task, batch_size: int | None = None) -> dict[str, Any]:
+    """Delete asset state of assets that are no longer active, in committed batches."""
+    batch = coordinator.check_batch_size(
+        settings.cleanup_batch_size if batch_size is None else batch_size)
+    r = resources()
+    t0 = time.perf_counter()
+
+    def on_batch(rows: int, ms: float) -> None:
+        log.info("orphan_batch_deleted", rows=rows, ms=round(ms, 1))
+
+    try:
+        result = cleanup.sweep_orphaned_asset_state(
+            r.engine, r.tables, batch, lock_timeout_ms=settings.lock_timeout_ms,
+            statement_timeout_ms=settings.statement_timeout_ms, on_batch=on_batch)
+    except OperationalError as exc:
+        raise self.retry(exc=exc, countdown=_backoff(self.request.retries)) from exc
+    seconds = time.perf_counter() - t0
+    log.info("orphaned_asset_state_swept", rows=result.rows, batches=result.batches,
+             seconds=round(seconds, 3), table=r.tables.asset_state.name)
+    return {"rows": result.rows, "batches": result.batches, "seconds": round(seconds, 3)}
