@@ -7,19 +7,24 @@ stops at start-up with the settings error, before it consumes or deletes anythin
 from __future__ import annotations
 
 import functools
+import sys
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
 from celery import Celery, signals
-from kombu import Queue
+from kombu import Exchange, Queue
 from sqlalchemy import Engine
 
 from workers.db import forget_engines_after_fork, get_engine
+from workers.exceptions import SettingsError
 from workers.logs import configure_logging
 from workers.runs import RunRegistry, registry_for
 from workers.schema import Tables, resolve_tables
 from workers.settings import Settings, get_settings
+
+# The CLI's exit code for an invalid setting (workers.cli.EXIT_SETTINGS), for worker and beat too.
+EXIT_SETTINGS = 3
 
 COORDINATE = "statesweep.coordinate"
 DELETE_CHUNK = "statesweep.delete_chunk"
@@ -57,7 +62,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "timezone": "UTC",
         "enable_utc": True,
         "worker_hijack_root_logger": False,
-        "task_queues": (Queue(settings.control_queue), Queue(settings.chunk_queue)),
+        # Each queue has its own direct exchange and routing key. Left to Celery's defaults both
+        # would be bound to the default exchange under the control queue's routing key, so a
+        # message published by exchange and key would land in both queues.
+        "task_queues": tuple(Queue(q, Exchange(q, "direct"), routing_key=q)
+                             for q in (settings.control_queue, settings.chunk_queue)),
+        "task_default_exchange": settings.control_queue,
+        "task_default_routing_key": settings.control_queue,
         "task_default_queue": settings.control_queue,
         "task_create_missing_queues": False,
         "task_routes": {
@@ -77,7 +88,13 @@ def build_app(settings: Settings, *, include_tasks: bool = True) -> Celery:
     return new
 
 
-settings = get_settings()
+try:
+    settings = get_settings()
+except SettingsError as exc:
+    # A worker, beat or Flower with a bad setting stops here with the variable named, before
+    # it consumes or deletes anything; a traceback would bury the one line that matters.
+    sys.stderr.write(f"statesweep: {exc}\n")
+    raise SystemExit(EXIT_SETTINGS) from None
 app = build_app(settings)
 
 

@@ -9,6 +9,7 @@ run_chunk()    validates a chunk's arguments, deletes it in its own transaction,
 from __future__ import annotations
 
 import datetime as dt
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from sqlalchemy import Engine
 
 from workers import cleanup
 from workers.db import db_now
-from workers.exceptions import InvalidArgument, NotFound
+from workers.exceptions import InvalidArgument, NotFound, StatesweepError
 from workers.runs import RunRecord, RunRegistry
 from workers.schema import Tables
 from workers.settings import Settings
@@ -56,6 +57,49 @@ class RunSummary:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
+class LockLost(StatesweepError):
+    """The single-flight lock expired or passed to another run while this one was planning."""
+
+
+class LockKeeper:
+    """Renews the single-flight lock on a timer while planning.
+
+    A timer, not the planning loop, so one slow planning query (batch size 0 on a big table)
+    cannot outlast the TTL. If a renewal finds the lock gone or held by another run, ``lost``
+    is set and the planning loop stops: two coordinators must never plan at once.
+    """
+
+    def __init__(self, registry: RunRegistry, run_id: str, ttl: int) -> None:
+        self.registry, self.run_id, self.ttl = registry, run_id, ttl
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._renew_until_stopped, daemon=True,
+                                        name=f"statesweep-lock-{run_id}")
+
+    def _renew_until_stopped(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            try:
+                if not self.registry.renew(self.run_id, self.ttl):
+                    self.lost = True
+                    return
+            except Exception as exc:  # a blip: two more tries before the TTL runs out
+                log.warning("lock_renew_failed", run_id=self.run_id,
+                            error=f"{type(exc).__name__}: {exc}")
+
+    def check(self) -> None:
+        if self.lost:
+            raise LockLost(f"run {self.run_id} lost the single-flight lock while planning; "
+                           "stopping so that two runs never plan at once")
+
+    def __enter__(self) -> LockKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def coordinate(settings: Settings, engine: Engine, tables: Tables, registry: RunRegistry,
                dispatch: Dispatch, *, run_id: str | None = None, batch_size: int | None = None,
                source: str = "beat") -> RunSummary:
@@ -81,21 +125,24 @@ def coordinate(settings: Settings, engine: Engine, tables: Tables, registry: Run
         bound.info("cleanup_run_started", cutoff=cutoff_iso, batch_size=batch,
                    table=tables.task_state.name)
         chunks = expected = 0
-        last_renew = time.monotonic()
         t0 = time.perf_counter()
-        for chunk in cleanup.plan_chunks(engine, tables, cutoff, batch):
-            # Count before sending: a fast worker must never finish a chunk the run has not
-            # yet counted as planned.
-            registry.add_chunk(run_id, chunk.expected)
-            dispatch(run_id, chunk, cutoff_iso)
-            chunks += 1
-            expected += chunk.expected
-            if time.monotonic() - last_renew > settings.lock_ttl_seconds / 3:
-                registry.renew(run_id, settings.lock_ttl_seconds)
-                last_renew = time.monotonic()
-        # Once planned, the run holds the lock until its last chunk finishes; each chunk
-        # renews it, and a run whose chunks all vanished frees it after run_timeout_seconds.
-        registry.renew(run_id, settings.run_timeout_seconds)
+        with LockKeeper(registry, run_id, settings.lock_ttl_seconds) as keeper:
+            for chunk in cleanup.plan_chunks(engine, tables, cutoff, batch):
+                keeper.check()
+                # Count before sending: a fast worker must never finish a chunk the run has
+                # not yet counted as planned.
+                registry.add_chunk(run_id, chunk.expected)
+                dispatch(run_id, chunk, cutoff_iso)
+                chunks += 1
+                expected += chunk.expected
+            keeper.check()
+            # Once planned, the run holds the lock until its last chunk finishes; each chunk
+            # renews it, and a run whose chunks all vanished frees it after
+            # run_timeout_seconds. Nothing but expiry or another run can have taken it.
+            if not registry.renew(run_id, settings.run_timeout_seconds):
+                holder = registry.acquire(run_id, settings.run_timeout_seconds)
+                if holder is not None:
+                    raise LockLost(f"run {run_id} lost the single-flight lock to {holder}")
         finished = registry.finish_planning(run_id)
         bound.info("cleanup_run_planned", chunks=chunks, expected_rows=expected,
                    ms=round((time.perf_counter() - t0) * 1000, 1))
@@ -111,7 +158,7 @@ def coordinate(settings: Settings, engine: Engine, tables: Tables, registry: Run
 
 def log_finished(record: RunRecord) -> None:
     log.info("cleanup_run_finished", run_id=record.run_id, rows=record.rows_deleted,
-             chunks=record.chunks_done, seconds=round(record.duration, 3),
+             chunks=record.chunks_done, duration=round(record.duration, 3),
              rows_per_second=round(record.rows_per_second, 1))
 
 

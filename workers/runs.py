@@ -112,7 +112,11 @@ if redis.call('SADD', done, chunk) == 0 then return {0, 0} end
 redis.call('EXPIRE', done, keep)
 redis.call('HINCRBY', run, 'chunks_done', 1)
 redis.call('HINCRBY', run, 'rows_deleted', rows)
-if redis.call('GET', lock) == run_id then redis.call('EXPIRE', lock, ttl) end
+-- Only a planned run's chunks extend the lock (to the run timeout). While planning, the
+-- coordinator renews it with the short lock TTL, so a coordinator killed mid-plan frees it soon.
+if redis.call('GET', lock) == run_id and redis.call('HGET', run, 'planning_done') == '1' then
+  redis.call('EXPIRE', lock, ttl)
+end
 return {1, finish_if_complete(run, lock, run_id, now)}
 """
 
@@ -151,11 +155,14 @@ class RedisRunRegistry:
         return ":".join((self.prefix, *parts))
 
     def acquire(self, run_id: str, ttl: int) -> str | None:
-        if self.client.set(self._k("lock"), run_id, nx=True, ex=ttl):
-            return None
-        holder = self.client.get(self._k("lock"))
-        # The holder may have released between SET and GET; a retry is the caller's choice.
-        return str(holder) if holder else "unknown"
+        for _ in range(3):
+            if self.client.set(self._k("lock"), run_id, nx=True, ex=ttl):
+                return None
+            holder = self.client.get(self._k("lock"))
+            if holder:
+                return str(holder)
+            # The holder released between our SET and GET: the lock is free, try again.
+        return "unknown"
 
     def renew(self, run_id: str, ttl: int) -> bool:
         return bool(self._renew(keys=[self._k("lock")], args=[run_id, ttl]))
@@ -202,8 +209,13 @@ class RedisRunRegistry:
         return counted == 1, (self.get(run_id) if finished else None)
 
     def fail(self, run_id: str, error: str) -> None:
-        self.client.hset(self._k("run", run_id), mapping={
-            "state": "failed", "error": error[:500], "finished_at": time.time()})
+        key = self._k("run", run_id)
+        pipe = self.client.pipeline()
+        # run_id too: a run can fail before start() wrote its hash (the database was down).
+        pipe.hset(key, mapping={"run_id": run_id, "state": "failed", "error": error[:500],
+                                "finished_at": time.time()})
+        pipe.expire(key, RUN_RETENTION_SECONDS)
+        pipe.execute()
         self.release(run_id)
 
     def get(self, run_id: str) -> RunRecord | None:
@@ -296,15 +308,15 @@ class MemoryRunRegistry:
             r = run.record
             r["chunks_done"] = r.get("chunks_done", 0) + 1
             r["rows_deleted"] = r.get("rows_deleted", 0) + rows
-            if self._holder() == run_id:
+            if self._holder() == run_id and r.get("planning_done"):
                 self._owner = (run_id, time.monotonic() + lock_ttl)
             return True, self._finish_if_complete(run_id)
 
     def fail(self, run_id: str, error: str) -> None:
         with self._lock:
-            if run_id in self._runs:
-                self._runs[run_id].record.update(state="failed", error=error[:500],
-                                                 finished_at=time.time())
+            now = time.time()
+            run = self._runs.setdefault(run_id, _MemRun({"run_id": run_id, "started_at": now}))
+            run.record.update(state="failed", error=error[:500], finished_at=now)
             if self._holder() == run_id:
                 self._owner = None
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -10,7 +11,7 @@ import structlog
 from celery import Task
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from workers import cleanup, coordinator
 from workers.celery_app import COORDINATE, DELETE_CHUNK, SWEEP_ORPHANS, app, resources, settings
@@ -19,21 +20,39 @@ from workers.exceptions import InvalidArgument
 log = structlog.get_logger("statesweep.tasks")
 
 # Connection loss, lock timeouts and statement timeouts are worth retrying; bad arguments are not.
-TRANSIENT = (OperationalError, RedisConnectionError, RedisTimeoutError)
+TRANSIENT = (DBAPIError, RedisConnectionError, RedisTimeoutError)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Lock and statement timeouts and lost connections surface as OperationalError; a
+    connection that died mid-statement may surface as another DBAPIError that SQLAlchemy marks
+    as invalidated. Integrity or programming errors would fail the same way again."""
+    if isinstance(exc, (OperationalError, RedisConnectionError, RedisTimeoutError)):
+        return True
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
+# A caller-chosen run id becomes part of Redis keys and log lines: keep it short and plain.
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 
 
 @app.task(name=COORDINATE, bind=True, acks_late=False,
           soft_time_limit=max(1, settings.run_timeout_seconds - 30),
           time_limit=settings.run_timeout_seconds)
-def coordinate(self: Task, batch_size: int | None = None, source: str = "beat") -> dict[str, Any]:
+def coordinate(self: Task, batch_size: int | None = None, source: str = "beat",
+               run_id: str | None = None) -> dict[str, Any]:
     """Plan a cleanup run and send its chunks. Acknowledged on receipt: a coordinator that dies
-    mid-plan is not redelivered; its lock expires and the next trigger plans afresh."""
+    mid-plan is not redelivered; its lock expires and the next trigger plans afresh.
+
+    *run_id* lets an ad-hoc caller (the CLI) know the run's id before the run starts, so it can
+    follow the run without waiting for planning to finish."""
     if batch_size is not None:
         coordinator.check_batch_size(batch_size)
     if not isinstance(source, str):
         raise InvalidArgument(f"source must be a string, got {source!r}")
+    if run_id is not None and (not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id)):
+        raise InvalidArgument(
+            f"run_id must be 1-64 letters, digits, '.', '_', ':' or '-', got {run_id!r}")
     r = resources()
-    run_id = coordinator.new_run_id()
+    run_id = run_id or coordinator.new_run_id()
     structlog.contextvars.bind_contextvars(run_id=run_id)
 
     def dispatch(run_id: str, chunk: cleanup.Chunk, cutoff: str) -> None:
@@ -65,6 +84,8 @@ def delete_chunk(self: Task, run_id: str, chunk: int, lo: int, hi: int, cutoff: 
                          kwargs={"run_id": run_id, "chunk": chunk, "lo": lo, "hi": hi,
                                  "cutoff": cutoff, "carried_rows": exc.rows}) from exc
     except TRANSIENT as exc:
+        if not is_transient(exc):
+            raise
         log.warning("chunk_retry", run_id=run_id, chunk=chunk, error=type(exc).__name__,
                     retries=self.request.retries)
         raise self.retry(exc=exc, countdown=_backoff(self.request.retries)) from exc
@@ -83,6 +104,9 @@ def sweep_orphaned_asset_state(self: Task, batch_size: int | None = None) -> dic
     """Delete asset state of assets that are no longer active, in committed batches."""
     batch = coordinator.check_batch_size(
         settings.cleanup_batch_size if batch_size is None else batch_size)
+    # Not a cleanup run, but its lines carry a run id like every task's; stable across retries.
+    run_id = f"orphans-{self.request.id}"
+    structlog.contextvars.bind_contextvars(run_id=run_id)
     r = resources()
     t0 = time.perf_counter()
 
@@ -93,9 +117,13 @@ def sweep_orphaned_asset_state(self: Task, batch_size: int | None = None) -> dic
         result = cleanup.sweep_orphaned_asset_state(
             r.engine, r.tables, batch, lock_timeout_ms=settings.lock_timeout_ms,
             statement_timeout_ms=settings.statement_timeout_ms, on_batch=on_batch)
-    except OperationalError as exc:
+    except TRANSIENT as exc:
+        if not is_transient(exc):
+            raise
+        log.warning("orphan_sweep_retry", error=type(exc).__name__, retries=self.request.retries)
         raise self.retry(exc=exc, countdown=_backoff(self.request.retries)) from exc
     seconds = time.perf_counter() - t0
     log.info("orphaned_asset_state_swept", rows=result.rows, batches=result.batches,
              seconds=round(seconds, 3), table=r.tables.asset_state.name)
-    return {"rows": result.rows, "batches": result.batches, "seconds": round(seconds, 3)}
+    return {"run_id": run_id, "rows": result.rows, "batches": result.batches,
+            "seconds": round(seconds, 3)}
