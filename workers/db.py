@@ -41,7 +41,18 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     engine = create_engine(url, pool_pre_ping=True, **kwargs)
     if backend == "sqlite":
         event.listen(engine, "connect", _sqlite_on_connect)
+    elif backend in ("mysql", "mariadb"):
+        event.listen(engine, "connect", _mysql_on_connect)
     return engine
+
+
+def _mysql_on_connect(dbapi_conn: Any, _record: Any) -> None:
+    # Airflow keeps MySQL timestamps as TIMESTAMP, which the server converts through the
+    # session time zone, and pins that zone to UTC; so do we, or a server whose default zone is
+    # not UTC would shift every expires_at we read and write by its offset.
+    cur = dbapi_conn.cursor()
+    cur.execute("SET time_zone = '+00:00'")
+    cur.close()
 
 
 def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
