@@ -157,8 +157,9 @@ def coordinate(settings: Settings, engine: Engine, tables: Tables, registry: Run
 
 
 def log_finished(record: RunRecord) -> None:
-    log.info("cleanup_run_finished", run_id=record.run_id, rows=record.rows_deleted,
-             chunks=record.chunks_done, duration=round(record.duration, 3),
+    log.info("cleanup_run_finished", run_id=record.run_id, state=record.state,
+             rows=record.rows_deleted, chunks=record.chunks_done,
+             chunks_failed=record.chunks_failed, duration=round(record.duration, 3),
              rows_per_second=round(record.rows_per_second, 1))
 
 

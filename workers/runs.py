@@ -34,6 +34,7 @@ class RunRecord:
     chunks_done: int = 0
     expected_rows: int = 0
     rows_deleted: int = 0
+    chunks_failed: int = 0
     planning_done: bool = False
     started_at: float = 0.0
     planned_at: float = 0.0
@@ -57,7 +58,8 @@ class RunRecord:
 
     @classmethod
     def from_hash(cls, h: dict[str, str]) -> RunRecord:
-        ints = ("batch_size", "chunks_planned", "chunks_done", "expected_rows", "rows_deleted")
+        ints = ("batch_size", "chunks_planned", "chunks_done", "expected_rows", "rows_deleted",
+                "chunks_failed")
         floats = ("started_at", "planned_at", "finished_at")
         kw: dict[str, Any] = {}
         for k in cls.__dataclass_fields__:
@@ -85,6 +87,9 @@ class RunRegistry(Protocol):
                    lock_ttl: int) -> tuple[bool, RunRecord | None]:
         """Count a chunk once. Returns (counted, record-if-this-call-finished-the-run)."""
 
+    def chunk_failed(self, run_id: str, chunk: int, error: str) -> RunRecord | None:
+        """Count a chunk that failed for good; returns the record if this ended the run."""
+
     def fail(self, run_id: str, error: str) -> None: ...
     def get(self, run_id: str) -> RunRecord | None: ...
     def recent(self, limit: int = 10) -> list[RunRecord]: ...
@@ -95,8 +100,12 @@ class RunRegistry(Protocol):
 _FINISH_IF_COMPLETE = """
 local function finish_if_complete(run, lock, run_id, now)
   local h = redis.call('HMGET', run, 'planning_done', 'chunks_planned', 'chunks_done', 'state')
-  if h[1] == '1' and tonumber(h[3]) >= tonumber(h[2]) and h[4] ~= 'finished' then
-    redis.call('HSET', run, 'state', 'finished', 'finished_at', now)
+  if h[1] == '1' and tonumber(h[3]) >= tonumber(h[2]) and h[4] ~= 'finished'
+      and h[4] ~= 'failed' then
+    -- A run with a chunk that failed for good ends 'failed': its rows wait for the next run.
+    local final = 'finished'
+    if tonumber(redis.call('HGET', run, 'chunks_failed') or '0') > 0 then final = 'failed' end
+    redis.call('HSET', run, 'state', final, 'finished_at', now)
     if redis.call('GET', lock) == run_id then redis.call('DEL', lock) end
     return 1
   end
@@ -117,6 +126,18 @@ redis.call('HINCRBY', run, 'rows_deleted', rows)
 if redis.call('GET', lock) == run_id and redis.call('HGET', run, 'planning_done') == '1' then
   redis.call('EXPIRE', lock, ttl)
 end
+return {1, finish_if_complete(run, lock, run_id, now)}
+"""
+
+_CHUNK_FAILED = _FINISH_IF_COMPLETE + """
+local run, done, lock = KEYS[1], KEYS[2], KEYS[3]
+local run_id, chunk, err, now, keep = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+if redis.call('EXISTS', run) == 0 then return {-1, 0} end
+if redis.call('SADD', done, chunk) == 0 then return {0, 0} end
+redis.call('EXPIRE', done, keep)
+redis.call('HINCRBY', run, 'chunks_done', 1)
+redis.call('HINCRBY', run, 'chunks_failed', 1)
+redis.call('HSET', run, 'error', err)
 return {1, finish_if_complete(run, lock, run_id, now)}
 """
 
@@ -147,6 +168,7 @@ class RedisRunRegistry:
                                            health_check_interval=30)
         self.prefix = prefix
         self._chunk_done = self.client.register_script(_CHUNK_DONE)
+        self._chunk_failed = self.client.register_script(_CHUNK_FAILED)
         self._finish_planning = self.client.register_script(_FINISH_PLANNING)
         self._renew = self.client.register_script(_RENEW)
         self._release = self.client.register_script(_RELEASE)
@@ -207,6 +229,15 @@ class RedisRunRegistry:
             args=[run_id, chunk, rows, time.time(), lock_ttl, RUN_RETENTION_SECONDS],
         )
         return counted == 1, (self.get(run_id) if finished else None)
+
+    def chunk_failed(self, run_id: str, chunk: int, error: str) -> RunRecord | None:
+        """Count a chunk that failed for good as done-but-failed; returns the record if this
+        call ended the run (then in state 'failed')."""
+        _counted, finished = self._chunk_failed(
+            keys=[self._k("run", run_id), self._k("run", run_id, "done"), self._k("lock")],
+            args=[run_id, chunk, error[:500], time.time(), RUN_RETENTION_SECONDS],
+        )
+        return self.get(run_id) if finished else None
 
     def fail(self, run_id: str, error: str) -> None:
         key = self._k("run", run_id)
@@ -285,8 +316,9 @@ class MemoryRunRegistry:
     def _finish_if_complete(self, run_id: str) -> RunRecord | None:
         r = self._runs[run_id].record
         if (r.get("planning_done") and r.get("chunks_done", 0) >= r.get("chunks_planned", 0)
-                and r["state"] != "finished"):
-            r.update(state="finished", finished_at=time.time())
+                and r["state"] not in ("finished", "failed")):
+            final = "failed" if r.get("chunks_failed", 0) else "finished"
+            r.update(state=final, finished_at=time.time())
             if self._holder() == run_id:
                 self._owner = None
             return RunRecord(**r)
@@ -311,6 +343,18 @@ class MemoryRunRegistry:
             if self._holder() == run_id and r.get("planning_done"):
                 self._owner = (run_id, time.monotonic() + lock_ttl)
             return True, self._finish_if_complete(run_id)
+
+    def chunk_failed(self, run_id: str, chunk: int, error: str) -> RunRecord | None:
+        with self._lock:
+            run = self._runs.get(run_id)
+            if run is None or chunk in run.done:
+                return None
+            run.done.add(chunk)
+            r = run.record
+            r["chunks_done"] = r.get("chunks_done", 0) + 1
+            r["chunks_failed"] = r.get("chunks_failed", 0) + 1
+            r["error"] = error[:500]
+            return self._finish_if_complete(run_id)
 
     def fail(self, run_id: str, error: str) -> None:
         with self._lock:

@@ -15,7 +15,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from workers import cleanup, coordinator
 from workers.celery_app import COORDINATE, DELETE_CHUNK, SWEEP_ORPHANS, app, resources, settings
-from workers.exceptions import InvalidArgument
+from workers.exceptions import InvalidArgument, NotFound
 
 log = structlog.get_logger("statesweep.tasks")
 
@@ -30,6 +30,8 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, (OperationalError, RedisConnectionError, RedisTimeoutError)):
         return True
     return isinstance(exc, DBAPIError) and exc.connection_invalidated
+
+
 # A caller-chosen run id becomes part of Redis keys and log lines: keep it short and plain.
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 
@@ -67,7 +69,30 @@ def coordinate(self: Task, batch_size: int | None = None, source: str = "beat",
     return summary.as_dict()
 
 
-@app.task(name=DELETE_CHUNK, bind=True, max_retries=10)
+class ChunkTask(Task):
+    """Records a chunk that failed for good in its run, so the run ends 'failed' at once rather
+    than holding the single-flight lock until run_timeout_seconds."""
+
+    def on_failure(self, exc: Exception, task_id: str, args: Any, kwargs: Any,
+                   einfo: Any) -> None:
+        if isinstance(exc, (InvalidArgument, NotFound)):
+            return  # a malformed or forged message is no chunk of the run it names
+        run_id, chunk = kwargs.get("run_id"), kwargs.get("chunk")
+        if not isinstance(run_id, str) or isinstance(chunk, bool) or not isinstance(chunk, int):
+            return
+        error = f"chunk {chunk} failed: {type(exc).__name__}: {exc}"
+        log.error("chunk_failed", run_id=run_id, chunk=chunk, error=error)
+        try:
+            ended = resources().registry.chunk_failed(run_id, chunk, error)
+        except Exception as record_exc:  # the run store is down too; the lock TTL frees it
+            log.warning("chunk_failure_not_recorded", run_id=run_id, chunk=chunk,
+                        error=type(record_exc).__name__)
+            return
+        if ended is not None:
+            coordinator.log_finished(ended)
+
+
+@app.task(name=DELETE_CHUNK, bind=True, base=ChunkTask, max_retries=10)
 def delete_chunk(self: Task, run_id: str, chunk: int, lo: int, hi: int, cutoff: str,
                  carried_rows: int = 0) -> dict[str, Any]:
     """Delete one id range in its own transaction. Redelivery and retries are safe: the DELETE

@@ -214,3 +214,27 @@ def test_registry_for_picks_the_store_by_url(redis_url: str, isolation: dict[str
     assert reg.client.ping()
     with pytest.raises(redis.ConnectionError):
         RedisRunRegistry("redis://127.0.0.1:1/0", prefix).active_run()
+
+
+def test_a_chunk_that_failed_for_good_ends_the_run_failed_and_frees_the_lock(
+        redis_url: str, isolation: dict[str, str]) -> None:
+    from workers.runs import RedisRunRegistry
+
+    reg = RedisRunRegistry(redis_url, isolation["STATESWEEP_KEY_PREFIX"])
+    assert reg.acquire("r1", 60) is None
+    reg.start("r1", cutoff="2026-01-01T00:00:00+00:00", batch_size=10, source="test")
+    reg.add_chunk("r1", 10)
+    reg.add_chunk("r1", 10)
+    reg.finish_planning("r1")
+    counted, ended = reg.chunk_done("r1", 1, 10, 600)
+    assert counted and ended is None
+    ended = reg.chunk_failed("r1", 2, "chunk 2 failed: OperationalError: gone")
+    assert ended is not None and ended.state == "failed"
+    assert (ended.chunks_done, ended.chunks_failed, ended.rows_deleted) == (2, 1, 10)
+    assert "OperationalError" in ended.error
+    assert reg.active_run() is None
+    # A redelivered success of the failed chunk neither counts again nor revives the run.
+    assert reg.chunk_done("r1", 2, 10, 600) == (False, None)
+    assert reg.chunk_failed("r1", 2, "again") is None
+    record = reg.get("r1")
+    assert record is not None and record.state == "failed"

@@ -520,3 +520,17 @@ def test_only_lost_connections_and_timeouts_are_retried() -> None:
                                        connection_invalidated=True))
     assert not is_transient(InterfaceError("DELETE", {}, Exception("bad")))
     assert not is_transient(IntegrityError("DELETE", {}, Exception("fk")))
+
+
+def test_memory_registry_ends_a_run_with_a_failed_chunk_as_failed() -> None:
+    from workers.runs import MemoryRunRegistry
+
+    reg = MemoryRunRegistry()
+    assert reg.acquire("r1", 60) is None
+    reg.start("r1", cutoff="c", batch_size=1, source="test")
+    reg.add_chunk("r1", 1)
+    reg.finish_planning("r1")
+    ended = reg.chunk_failed("r1", 1, "chunk 1 failed: boom")
+    assert ended is not None and ended.state == "failed" and ended.chunks_failed == 1
+    assert reg.active_run() is None
+    assert reg.chunk_failed("r1", 1, "again") is None
