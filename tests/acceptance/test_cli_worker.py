@@ -1,0 +1,167 @@
+"""The statesweep CLI as a user runs it (the console script, in a subprocess) against a real
+``celery -A workers worker``, PostgreSQL and Redis: dispatched runs followed to the end, status,
+doctor, and the README's ``celery call`` example."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine
+
+from tests.conftest import create_schema, database_now
+from tests.processes import CELERY, ROOT, child_env, wait_for_run, workers
+from tests.services import REDIS_URL, require
+from workers import seed
+from workers.cli import EXIT_OK
+from workers.schema import Tables
+from workers.settings import Settings
+
+pytestmark = pytest.mark.acceptance
+
+STATESWEEP = str(Path(sys.executable).with_name("statesweep"))
+ROWS = 30_000
+
+
+@dataclass
+class Deployment:
+    env: dict[str, str]
+    engine: Engine
+    tables: Tables
+    spec: seed.SeedSpec
+    counts: seed.SeedCounts
+
+    def statesweep(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([STATESWEEP, *args], env=child_env(self.env), cwd=ROOT,
+                              capture_output=True, text=True, timeout=timeout, check=False)
+
+    def rows(self) -> int:
+        return seed.row_count(self.engine, self.tables)
+
+    def assert_only_expired_rows_deleted(self) -> None:
+        assert seed.task_state_rows(self.engine, self.tables) == seed.expected_survivors(
+            self.spec)
+
+
+@pytest.fixture
+def deployment(pg_url: str, isolation: dict[str, str], tmp_path: Path) -> Iterator[Deployment]:
+    """A seeded database and one running worker consuming this test's queues."""
+    require("Redis", "127.0.0.1", 6379)
+    engine, tables = create_schema(pg_url)
+    spec = seed.SeedSpec(rows=ROWS)
+    counts = seed.seed(engine, tables, spec, database_now(engine))
+    env = {"STATESWEEP_DATABASE_URL": pg_url, "STATESWEEP_BROKER_URL": REDIS_URL,
+           "STATESWEEP_RESULT_BACKEND": REDIS_URL, **isolation}
+    try:
+        with workers(env, tmp_path, count=1, concurrency=2):
+            yield Deployment(env, engine, tables, spec, counts)
+    finally:
+        engine.dispose()
+
+
+def test_cleanup_wait_reports_what_it_deleted_and_status_shows_the_run(
+        deployment: Deployment) -> None:
+    before = deployment.rows()
+    done = deployment.statesweep("cleanup", "--wait", "--batch-size", "2000", "--format", "json")
+    assert done.returncode == EXIT_OK, done.stderr
+    run = json.loads(done.stdout)
+    assert run["state"] == "finished" and run["source"] == "cli"
+    assert run["rows_deleted"] == before - deployment.rows() == deployment.counts.expired
+    assert run["chunks_done"] == run["chunks_planned"] == -(-deployment.counts.expired // 2000)
+    deployment.assert_only_expired_rows_deleted()
+    assert f"dispatched run {run['run_id']}" in done.stderr
+    assert re.search(rf"{run['chunks_planned']}/{run['chunks_planned']} chunks", done.stderr)
+
+    one = deployment.statesweep("status", run["run_id"])
+    assert one.returncode == EXIT_OK, one.stderr
+    assert f"run {run['run_id']} finished" in one.stdout
+    assert f"rows deleted  {deployment.counts.expired:,}" in one.stdout
+    overview = deployment.statesweep("status", "--format", "json")
+    data = json.loads(overview.stdout)
+    assert [r["run_id"] for r in data["runs"]] == [run["run_id"]]
+    assert data["backlog"]["expired_rows"] == 0 and data["active_run_id"] == ""
+
+    unknown = deployment.statesweep("status", "20990101T000000Z-nope")
+    assert unknown.returncode != EXIT_OK
+    assert "unknown run id '20990101T000000Z-nope'" in unknown.stderr
+
+
+def test_doctor_passes_and_a_no_wait_run_can_be_followed_by_id(deployment: Deployment) -> None:
+    doctor = deployment.statesweep("doctor")
+    assert doctor.returncode == EXIT_OK, doctor.stdout + doctor.stderr
+    control = deployment.env["STATESWEEP_CONTROL_QUEUE"]
+    chunks = deployment.env["STATESWEEP_CHUNK_QUEUE"]
+    assert re.search(rf"^ok +worker +w1@\S+ consumes {re.escape(chunks)}, {re.escape(control)}$",
+                     doctor.stdout, re.MULTILINE), doctor.stdout
+    assert doctor.stdout.splitlines()[-1].startswith("healthy")
+
+    sent = deployment.statesweep("cleanup")
+    assert sent.returncode == EXIT_OK, sent.stderr
+    run_id = sent.stdout.strip()
+    assert re.fullmatch(r"\d{8}T\d{6}Z-[0-9a-f]{8}", run_id)
+    record = wait_for_run(deployment.env, run_id, timeout=60)
+    assert record.state == "finished" and record.rows_deleted == deployment.counts.expired
+    followed = deployment.statesweep("status", run_id, "--follow", "--format", "json")
+    assert json.loads(followed.stdout)["rows_deleted"] == deployment.counts.expired
+    deployment.assert_only_expired_rows_deleted()
+
+
+def test_airflow_command_name_and_the_orphan_sweep(deployment: Deployment) -> None:
+    dry = deployment.statesweep("cleanup-task-states", "--dry-run")
+    assert dry.returncode == EXIT_OK, dry.stderr
+    assert f"expired rows  {deployment.counts.expired:,}" in dry.stdout
+    assert deployment.rows() == ROWS
+
+    done = deployment.statesweep("cleanup-task-states", "--verbose")
+    assert done.returncode == EXIT_OK, done.stderr
+    assert f"rows deleted  {deployment.counts.expired:,}" in done.stdout
+    deployment.assert_only_expired_rows_deleted()
+
+    swept = deployment.statesweep("orphans", "--wait", "--format", "json")
+    assert swept.returncode == EXIT_OK, swept.stderr
+    assert json.loads(swept.stdout)["rows"] == deployment.counts.asset_rows_orphaned
+    assert seed.asset_state_rows(deployment.engine, deployment.tables) == (
+        seed.expected_live_asset_state(deployment.spec))
+
+
+def readme_command(prefix: str) -> list[str]:
+    """The first command in README.md that starts with *prefix*, as argv."""
+    for line in (ROOT / "README.md").read_text().splitlines():
+        if line.startswith(prefix):
+            return shlex.split(line.split("  #")[0])
+    raise AssertionError(f"README.md has no line starting with {prefix!r}")
+
+
+def test_readme_celery_call_example_starts_a_run(deployment: Deployment) -> None:
+    from workers.celery_app import COORDINATE, build_app
+
+    argv = readme_command("celery -A workers call statesweep.coordinate")
+    control = deployment.env["STATESWEEP_CONTROL_QUEUE"]
+    argv = [CELERY if a == "celery" else control if a == "statesweep.control" else a
+            for a in argv]
+    assert control in argv
+    called = subprocess.run(argv, env=child_env(deployment.env), cwd=ROOT, capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert called.returncode == 0, called.stderr
+    task_id = called.stdout.strip().splitlines()[-1]
+
+    settings = Settings.from_env(deployment.env)
+    with build_app(settings, include_tasks=False) as client:
+        summary = client.AsyncResult(task_id).get(timeout=60)
+        record = wait_for_run(deployment.env, summary["run_id"], timeout=60)
+        assert record.state == "finished" and record.source == "adhoc"
+        assert record.rows_deleted == deployment.counts.expired
+        deployment.assert_only_expired_rows_deleted()
+
+        # A caller may choose the run id (the CLI does), but only a short, plain one.
+        bad = client.send_task(COORDINATE, kwargs={"run_id": "x:*\n../../lock"},
+                               queue=control)
+        with pytest.raises(Exception, match="run_id must be 1-64 letters"):
+            bad.get(timeout=60)

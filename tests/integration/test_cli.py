@@ -1,0 +1,308 @@
+"""The statesweep CLI against real PostgreSQL and Redis, driven in-process with click's
+CliRunner (the top-level handler and exit codes included). No worker here: dry runs, --local
+runs, status, doctor and every bad argument; tests/acceptance/test_cli_worker.py has the rest."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+from click.testing import CliRunner, Result
+from sqlalchemy import Engine, func, select, text
+
+from tests.conftest import create_schema, database_now
+from tests.processes import child_env
+from tests.services import REDIS_URL, require
+from workers import seed
+from workers.cli import (
+    EXIT_BAD_ARGUMENT,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_REFUSED,
+    EXIT_SETTINGS,
+    EXIT_UNAVAILABLE,
+    EXIT_UNHEALTHY,
+    cli,
+)
+from workers.runs import registry_for
+from workers.schema import Tables
+
+pytestmark = pytest.mark.integration
+
+ROWS = 20_000
+STATESWEEP = str(Path(sys.executable).with_name("statesweep"))
+
+
+def closed_port() -> int:
+    """A local TCP port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Seeded:
+    env: dict[str, str]
+    engine: Engine
+    tables: Tables
+    spec: seed.SeedSpec
+    counts: seed.SeedCounts
+
+    def task_rows(self) -> int:
+        return seed.row_count(self.engine, self.tables)
+
+    def asset_rows(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(
+                select(func.count()).select_from(self.tables.asset_state)).scalar_one())
+
+    def expired_now(self) -> int:
+        t = self.tables.task_state
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(t)
+                                    .where(t.c.expires_at < func.now())).scalar_one())
+
+    def invoke(self, *args: str, **env: str) -> Result:
+        return invoke(*args, env={**self.env, **env})
+
+
+def invoke(*args: str, env: dict[str, str]) -> Result:
+    # Unset any STATESWEEP_* the developer's shell carries; the test's env is the whole config.
+    import os
+
+    clean: dict[str, str | None] = {k: None for k in os.environ if k.startswith("STATESWEEP_")}
+    clean.update(env)
+    return CliRunner().invoke(cli, list(args), env=clean, catch_exceptions=False)
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    """The CLI routes logging to its own stderr; put the process's logging back afterwards."""
+    import logging
+
+    import structlog
+
+    from workers import logs
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    config, configured = structlog.get_config(), logs._configured
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        structlog.configure(**config)
+        logs._configured = configured
+
+
+@pytest.fixture
+def seeded(pg_url: str, isolation: dict[str, str]) -> Iterator[Seeded]:
+    require("Redis", "127.0.0.1", 6379)
+    engine, tables = create_schema(pg_url)
+    spec = seed.SeedSpec(rows=ROWS)
+    counts = seed.seed(engine, tables, spec, database_now(engine))
+    env = {"STATESWEEP_DATABASE_URL": pg_url, "STATESWEEP_BROKER_URL": REDIS_URL,
+           "STATESWEEP_RESULT_BACKEND": REDIS_URL, **isolation}
+    try:
+        yield Seeded(env, engine, tables, spec, counts)
+    finally:
+        engine.dispose()
+
+
+def test_dry_run_counts_the_expired_rows_and_deletes_nothing(seeded: Seeded) -> None:
+    before = seeded.task_rows()
+    result = seeded.invoke("cleanup", "--dry-run", "--batch-size", "3000", "--format", "json")
+    assert result.exit_code == EXIT_OK, result.stderr
+    data = json.loads(result.stdout)
+    assert data["expired_rows"] == seeded.counts.expired == seeded.expired_now()
+    assert data["chunks"] == -(-seeded.counts.expired // 3000)
+    assert data["table"] == "task_state" and data["dry_run"] is True
+    assert sum(d["rows"] for d in data["top_dag_ids"]) <= data["expired_rows"]
+    assert len(data["top_dag_ids"]) == 10 and len(data["sample"]) == 10
+    assert seeded.task_rows() == before
+
+
+def test_dry_run_text_is_bounded_however_many_chunks(seeded: Seeded) -> None:
+    result = seeded.invoke("cleanup", "--dry-run", "--batch-size", "10")
+    assert result.exit_code == EXIT_OK, result.stderr
+    assert f"expired rows  {seeded.counts.expired:,}" in result.stdout
+    assert f"chunks        {-(-seeded.counts.expired // 10):,}" in result.stdout
+    # 1 100 chunks, yet the output is a fixed handful of lines: counts, top 10, sample of 10.
+    assert len(result.stdout.splitlines()) <= 30
+
+
+def test_local_run_deletes_what_it_reports_and_status_shows_it(seeded: Seeded) -> None:
+    before = seeded.task_rows()
+    result = seeded.invoke("cleanup", "--local", "--batch-size", "3000", "--format", "json")
+    assert result.exit_code == EXIT_OK, result.stderr
+    run = json.loads(result.stdout)
+    assert run["state"] == "finished" and run["source"] == "cli-local"
+    assert run["rows_deleted"] == before - seeded.task_rows() == seeded.counts.expired
+    assert run["chunks_done"] == run["chunks_planned"] == -(-seeded.counts.expired // 3000)
+    assert seed.task_state_rows(seeded.engine, seeded.tables) == seed.expected_survivors(
+        seeded.spec)
+    assert "chunks" in result.stderr  # the progress line went to stderr, not stdout
+
+    one = seeded.invoke("status", run["run_id"], "--format", "json")
+    assert one.exit_code == EXIT_OK, one.stderr
+    assert json.loads(one.stdout)["rows_deleted"] == run["rows_deleted"]
+    overview = seeded.invoke("status")
+    assert overview.exit_code == EXIT_OK, overview.stderr
+    assert run["run_id"] in overview.stdout and "finished" in overview.stdout
+    assert "backlog: 0 expired rows" in overview.stdout
+    assert "active run: none" in overview.stdout
+
+
+def test_status_of_an_unknown_run_fails(seeded: Seeded) -> None:
+    result = seeded.invoke("status", "no-such-run")
+    assert result.exit_code == EXIT_BAD_ARGUMENT
+    assert "unknown run id 'no-such-run'" in result.stderr
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("args", [
+    ("cleanup", "--batch-size", "-5"),
+    ("cleanup", "--local", "--batch-size", "-5"),
+    ("cleanup", "--wait", "--batch-size", "-5"),
+    ("orphans", "--local", "--batch-size", "-5"),
+])
+def test_negative_batch_size_is_refused_and_nothing_is_deleted(seeded: Seeded,
+                                                               args: tuple[str, ...]) -> None:
+    tasks, assets = seeded.task_rows(), seeded.asset_rows()
+    result = seeded.invoke(*args)
+    assert result.exit_code == EXIT_BAD_ARGUMENT
+    assert "--batch-size" in result.stderr and "-5" in result.stderr
+    assert (seeded.task_rows(), seeded.asset_rows()) == (tasks, assets)
+
+
+@pytest.mark.parametrize(("command", "var", "value"), [
+    ("cleanup", "STATESWEEP_DATABASE_URL", "not a url"),
+    ("cleanup --local", "STATESWEEP_DATABASE_URL", "oracle://scott:tiger@db/orcl"),
+    ("cleanup --wait", "STATESWEEP_BROKER_URL", "localhost"),
+    ("cleanup", "STATESWEEP_RESULT_BACKEND", "redis://127.0.0.1:notaport/0"),
+    ("cleanup --local", "STATESWEEP_CLEANUP_BATCH_SIZE", "-1"),
+    ("orphans --local", "STATESWEEP_CLEANUP_BATCH_SIZE", "ten"),
+    ("doctor", "STATESWEEP_BROKER_URL", "localhost"),
+    ("status", "STATESWEEP_RUN_STORE_URL", "http://127.0.0.1/"),
+])
+def test_malformed_settings_are_named_and_nothing_is_deleted(
+        seeded: Seeded, command: str, var: str, value: str) -> None:
+    tasks, assets = seeded.task_rows(), seeded.asset_rows()
+    result = seeded.invoke(*command.split(), **{var: value})
+    assert result.exit_code == EXIT_SETTINGS
+    assert var in result.stderr
+    shown = value.replace(":tiger@", ":***@")
+    assert repr(shown) in result.stderr and "tiger" not in result.stderr
+    assert (seeded.task_rows(), seeded.asset_rows()) == (tasks, assets)
+
+
+def test_unreachable_broker_is_named_and_nothing_is_sent(seeded: Seeded) -> None:
+    dead = f"redis://:s3cret@127.0.0.1:{closed_port()}/0"
+    tasks = seeded.task_rows()
+    result = seeded.invoke("cleanup", "--wait", STATESWEEP_BROKER_URL=dead)
+    assert result.exit_code == EXIT_UNAVAILABLE
+    assert "STATESWEEP_BROKER_URL=redis://:***@127.0.0.1" in result.stderr
+    assert "s3cret" not in result.stderr and "Connection refused" in result.stderr
+    assert seeded.task_rows() == tasks
+
+
+def test_unreachable_database_is_named(seeded: Seeded) -> None:
+    dead = f"postgresql://postgres:hunter2@127.0.0.1:{closed_port()}/nowhere"
+    result = seeded.invoke("cleanup", "--dry-run", STATESWEEP_DATABASE_URL=dead)
+    assert result.exit_code == EXIT_UNAVAILABLE
+    assert "STATESWEEP_DATABASE_URL=postgresql://postgres:***@127.0.0.1" in result.stderr
+    assert "hunter2" not in result.stderr
+
+
+def test_doctor_fails_clearly_when_redis_is_unreachable(seeded: Seeded) -> None:
+    dead = f"redis://:s3cret@127.0.0.1:{closed_port()}/0"
+    result = seeded.invoke("doctor", STATESWEEP_BROKER_URL=dead, STATESWEEP_RESULT_BACKEND=dead)
+    assert result.exit_code == EXIT_UNHEALTHY
+    assert "s3cret" not in result.output
+    lines = result.stdout.splitlines()
+    masked = dead.replace("s3cret", "***")
+    assert any(line.startswith("FAIL  broker") and masked in line and "refused" in line
+               for line in lines)
+    assert any(line.startswith("FAIL  run store") for line in lines)
+    assert any(line.startswith("ok    database") for line in lines)
+    assert lines[-1].startswith("UNHEALTHY")
+
+
+def test_doctor_warns_with_the_create_index_statement(seeded: Seeded) -> None:
+    with seeded.engine.begin() as conn:
+        conn.execute(text("DROP INDEX idx_task_state_expires_at"))
+    result = seeded.invoke("doctor", "--format", "json")
+    data = json.loads(result.stdout)
+    index = next(c for c in data["checks"] if c["name"] == "expires_at index")
+    assert index["status"] == "warn"
+    assert ("CREATE INDEX CONCURRENTLY idx_task_state_expires_at ON task_state (expires_at);"
+            in index["detail"])
+    # No worker consumes this test's queues, so doctor is unhealthy, and says why.
+    assert result.exit_code == EXIT_UNHEALTHY
+    assert [c["status"] for c in data["checks"] if c["name"] == "queue"] == ["fail", "fail"]
+    assert data["settings"]["key_prefix"] == seeded.env["STATESWEEP_KEY_PREFIX"]
+
+
+def test_orphans_dry_run_counts_and_local_sweep_deletes_them(seeded: Seeded) -> None:
+    dry = seeded.invoke("orphans", "--dry-run", "--format", "json")
+    assert dry.exit_code == EXIT_OK, dry.stderr
+    assert json.loads(dry.stdout)["orphaned_rows"] == seeded.counts.asset_rows_orphaned
+    assert seeded.asset_rows() == seeded.counts.asset_rows_live + seeded.counts.asset_rows_orphaned
+    swept = seeded.invoke("orphans", "--local", "--batch-size", "50", "--format", "json")
+    assert swept.exit_code == EXIT_OK, swept.stderr
+    assert json.loads(swept.stdout)["rows"] == seeded.counts.asset_rows_orphaned
+    assert seed.asset_state_rows(seeded.engine, seeded.tables) == seed.expected_live_asset_state(
+        seeded.spec)
+    assert seeded.task_rows() == ROWS  # task state is never touched by the orphan sweep
+
+
+def test_local_run_waits_its_turn_behind_an_active_run(seeded: Seeded) -> None:
+    registry = registry_for(REDIS_URL, seeded.env["STATESWEEP_KEY_PREFIX"])
+    assert registry.acquire("someone-else", 60) is None
+    try:
+        result = seeded.invoke("cleanup", "--local")
+    finally:
+        registry.release("someone-else")
+    assert result.exit_code == EXIT_REFUSED
+    assert "run someone-else is active" in result.stderr
+    assert seeded.task_rows() == ROWS
+
+
+
+def test_ctrl_c_stops_following_and_says_how_to_resume(seeded: Seeded) -> None:
+    """No worker consumes this test's queues, so --wait waits for one until Ctrl-C."""
+    broker = redis.Redis.from_url(REDIS_URL)
+    queue = seeded.env["STATESWEEP_CONTROL_QUEUE"]
+    # A child whose parent ignores SIGINT inherits that; give the CLI the default handler.
+    proc = subprocess.Popen([STATESWEEP, "cleanup", "--wait"], env=child_env(seeded.env),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 60
+        while not broker.llen(queue) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert broker.llen(queue) == 1, "the coordinator was never sent"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        broker.delete(queue)  # the coordinator would wait forever for a worker; drop it
+        broker.close()
+    assert proc.returncode == EXIT_INTERRUPTED, err
+    run_id = err.split("dispatched run ")[1].split()[0]
+    assert f"stopped waiting; the coordinator stays queued on {queue}" in err
+    assert f"statesweep status {run_id} --follow" in err
+    assert "Traceback" not in err and out == ""
+    assert seeded.task_rows() == ROWS

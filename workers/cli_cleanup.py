@@ -1,0 +1,112 @@
+"""The commands that delete (or show what they would delete): ``cleanup``, Airflow's
+``cleanup-task-states``, and ``orphans``. Dispatched to the workers by default, in-process with
+``--local``, read-only with ``--dry-run``; arguments are checked before anything is sent."""
+
+from __future__ import annotations
+
+import click
+
+from workers.cli_common import (
+    BATCH,
+    FORMAT,
+    check_batch_option,
+    echo_json,
+    is_verbose,
+    load_settings,
+)
+
+
+@click.command()
+@click.option("--dry-run", is_flag=True, help="Delete nothing; show what a run would delete.")
+@click.option("--wait/--no-wait", default=False, show_default=True,
+              help="Follow the run to its end with a progress bar on stderr.")
+@BATCH
+@click.option("--local", is_flag=True, help="Plan and delete in this process; no broker.")
+@FORMAT
+@click.pass_context
+def cleanup(ctx: click.Context, dry_run: bool, wait: bool, batch_size: int | None, local: bool,
+            fmt: str) -> None:
+    """Run a cleanup of expired task state now (dispatched to the workers by default)."""
+    _cleanup(ctx, dry_run=dry_run, wait=wait, batch_size=batch_size, local=local, fmt=fmt)
+
+
+@click.command("cleanup-task-states")
+@click.option("--dry-run", is_flag=True, help="Delete nothing; show what a run would delete.")
+@click.option("--verbose", is_flag=True, help="Log at STATESWEEP_LOG_LEVEL on stderr.")
+@click.pass_context
+def cleanup_task_states(ctx: click.Context, dry_run: bool, verbose: bool) -> None:
+    """Airflow's name for it: the same as `cleanup --wait` (or `cleanup --dry-run`)."""
+    if verbose:
+        ctx.find_root().obj["verbose"] = True
+    _cleanup(ctx, dry_run=dry_run, wait=True, batch_size=None, local=False, fmt="text")
+
+
+def _cleanup(ctx: click.Context, *, dry_run: bool, wait: bool, batch_size: int | None,
+             local: bool, fmt: str) -> None:
+    from workers import cli_render, cli_runs
+    from workers.cli_progress import ProgressBar, follow_run
+    from workers.cli_services import client_app, shared_run_store
+
+    check_batch_option(batch_size)
+    settings = load_settings(is_verbose(ctx))
+    if dry_run:
+        data = cli_runs.dry_run(settings, batch_size)
+        echo_json(data) if fmt == "json" else click.echo(cli_render.dry_run(data))
+        return
+    if local:
+        record = cli_runs.run_local(settings, batch_size)
+    else:
+        registry = shared_run_store(settings)
+        with client_app(settings) as app:
+            run_id, result = cli_runs.dispatch_cleanup(app, settings, batch_size, source="cli")
+            click.echo(f"dispatched run {run_id} (coordinator task {result.id}) to "
+                       f"{settings.control_queue}", err=True)
+            pickup = cli_runs.await_pickup(
+                registry, run_id, result, queue=settings.control_queue,
+                timeout=None if wait else cli_runs.NO_WAIT_PICKUP_SECONDS)
+        if pickup.status == "queued":
+            click.echo(f"no worker has taken it yet; it runs when a worker consumes "
+                       f"{settings.control_queue} (`statesweep doctor` lists workers)", err=True)
+        if not wait or pickup.status == "custom_backend":
+            if fmt == "json":
+                echo_json({"run_id": pickup.run_id, "task_id": result.id, "status": pickup.status})
+            else:
+                click.echo(pickup.run_id)
+            return
+        record = follow_run(registry, pickup.run_id, ProgressBar(f"run {pickup.run_id}"))
+    echo_json(record.as_dict()) if fmt == "json" else click.echo(cli_render.run_summary(record))
+    if record.state == "failed":
+        raise cli_runs.RunFailed(f"run {record.run_id} failed: {record.error}")
+
+
+@click.command()
+@click.option("--dry-run", is_flag=True, help="Delete nothing; count orphaned rows.")
+@click.option("--wait/--no-wait", default=False, show_default=True,
+              help="Wait for the sweep to finish and print what it deleted.")
+@BATCH
+@click.option("--local", is_flag=True, help="Sweep in this process; no broker.")
+@FORMAT
+@click.pass_context
+def orphans(ctx: click.Context, dry_run: bool, wait: bool, batch_size: int | None, local: bool,
+            fmt: str) -> None:
+    """Sweep asset state of inactive assets now (dispatched to the workers by default)."""
+    from workers import cli_render, cli_runs
+    from workers.cli_services import client_app
+
+    check_batch_option(batch_size)
+    settings = load_settings(is_verbose(ctx))
+    if dry_run:
+        data = cli_runs.orphans_dry_run(settings)
+    elif local:
+        data = cli_runs.orphans_local(settings, batch_size)
+    else:
+        with client_app(settings) as app:
+            result = cli_runs.dispatch_orphans(app, settings, batch_size)
+            click.echo(f"dispatched orphan sweep task {result.id} to {settings.control_queue}",
+                       err=True)
+            if not wait:
+                echo_json({"task_id": result.id}) if fmt == "json" else click.echo(result.id)
+                return
+            data = cli_runs.wait_for_task(result, "orphan sweep")
+    echo_json(data) if fmt == "json" else click.echo(cli_render.orphans(data))
+

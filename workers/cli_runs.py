@@ -1,0 +1,219 @@
+"""Ad-hoc cleanup runs from the CLI: dispatched to the workers, run in-process, or dry.
+
+A dispatched run enters at the same coordinator task beat uses, with a run id chosen here so
+the CLI can follow it from the first chunk. The run store is the only source of progress.
+workers.celery_app is imported only when a command needs it: it reads settings at import, and
+the demo sets its own first.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from workers import cleanup, coordinator
+from workers.cli_progress import FollowInterrupted, ProgressBar, Snapshot
+from workers.cli_services import (
+    ServiceUnavailable,
+    check_broker,
+    check_result_backend,
+    database,
+    run_store,
+)
+from workers.exceptions import RefusedError, StatesweepError
+from workers.runs import RunRecord, RunRegistry
+from workers.settings import Settings
+
+if TYPE_CHECKING:  # Celery is imported only by the commands that send tasks
+    from celery import Celery
+    from celery.result import AsyncResult
+
+PICKUP_NOTE_SECONDS = 10.0
+NO_WAIT_PICKUP_SECONDS = 5.0
+
+
+class RunFailed(StatesweepError):
+    """The coordinator, a run or a task failed; the message carries its error."""
+
+
+@dataclass(frozen=True)
+class Pickup:
+    """What became of a dispatched coordinator: the run to follow, and how it got there."""
+
+    run_id: str
+    status: str  # recorded | skipped | custom_backend | queued
+
+
+def note(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def dispatch_cleanup(app: Celery, settings: Settings, batch_size: int | None,
+                     source: str) -> tuple[str, AsyncResult]:
+    """Send the coordinator to the control queue, as beat does, with a run id chosen here."""
+    from workers.celery_app import COORDINATE
+
+    check_broker(app, settings)
+    check_result_backend(settings)
+    run_id = coordinator.new_run_id()
+    result = app.send_task(COORDINATE, queue=settings.control_queue,
+                           kwargs={"batch_size": batch_size, "source": source, "run_id": run_id})
+    return run_id, result
+
+
+def coordinator_outcome(result: AsyncResult) -> dict[str, Any]:
+    """The coordinator's summary, or RunFailed with its error."""
+    if result.failed():
+        err = result.result
+        raise RunFailed(f"the coordinator failed: {type(err).__name__}: {err}")
+    value = result.result
+    return value if isinstance(value, dict) else {}
+
+
+def await_pickup(registry: RunRegistry, run_id: str, result: AsyncResult, *,
+                 queue: str, timeout: float | None = None) -> Pickup:
+    """Wait until a worker has recorded the run or answered for the coordinator."""
+    start = time.monotonic()
+    noted = False
+    try:
+        while True:
+            if registry.get(run_id) is not None:
+                return Pickup(run_id, "recorded")
+            if result.ready():
+                outcome = coordinator_outcome(result)
+                status = str(outcome.get("status", ""))
+                if status == "skipped":
+                    active = str(outcome.get("active_run_id", ""))
+                    note(f"another run is active ({active}); one run at a time, so this trigger "
+                         "was skipped")
+                    return Pickup(active, "skipped")
+                if status == "custom_backend":
+                    note("a custom STATESWEEP_STATE_BACKEND is configured: its cleanup() ran")
+                    return Pickup(run_id, "custom_backend")
+                if registry.get(run_id) is not None:
+                    return Pickup(run_id, "recorded")
+                raise RunFailed(f"the coordinator returned {outcome!r} but run {run_id} "
+                                "is not in the run store")
+            waited = time.monotonic() - start
+            if timeout is not None and waited >= timeout:
+                return Pickup(run_id, "queued")
+            if not noted and waited >= PICKUP_NOTE_SECONDS:
+                note(f"waiting for a worker to take the coordinator from queue {queue} "
+                     "(is a worker consuming it? `statesweep doctor` checks)")
+                noted = True
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        raise FollowInterrupted(
+            f"stopped waiting; the coordinator stays queued on {queue} and runs as {run_id} "
+            f"when a worker takes it. Follow it with: statesweep status {run_id} --follow"
+        ) from None
+
+
+def run_local(settings: Settings, batch_size: int | None) -> RunRecord:
+    """Plan and delete in this process, chunk by chunk; the lock lives in the shared run store
+    (Redis when configured), so a local run and the workers still run one at a time."""
+    try:
+        registry = run_store(settings)
+    except ServiceUnavailable as exc:
+        raise ServiceUnavailable(
+            f"{exc}; a local run takes its lock there so it never overlaps the workers' runs. "
+            "With no Redis at all, set STATESWEEP_RUN_STORE_URL=memory://") from exc.__cause__
+    batch = coordinator.check_batch_size(
+        settings.cleanup_batch_size if batch_size is None else batch_size)
+    with database(settings) as (engine, tables):
+        # An estimate for the progress bar; the run fixes its own cutoff.
+        expected = cleanup.count_expired(engine, tables, cleanup.read_cutoff(engine))
+        chunks = 0 if expected == 0 else (1 if batch == 0 else math.ceil(expected / batch))
+        bar = ProgressBar("local run")
+        done = {"chunks": 0, "rows": 0}
+        t0 = time.monotonic()
+
+        def on_chunk(_chunk: cleanup.Chunk, rows: int) -> None:
+            done["chunks"] += 1
+            done["rows"] += rows
+            bar.update(Snapshot(done["chunks"], max(chunks, done["chunks"]), done["rows"],
+                                expected, time.monotonic() - t0))
+
+        try:
+            summary = coordinator.run_local(settings, engine, tables, registry,
+                                            batch_size=batch, source="cli-local",
+                                            on_chunk=on_chunk)
+        finally:
+            bar.close()
+    if summary.status == "skipped":
+        raise RefusedError(
+            f"run {summary.active_run_id} is active; one run at a time, so no local run was "
+            f"started. Follow it with: statesweep status {summary.active_run_id} --follow")
+    record = registry.get(summary.run_id)
+    if record is None:  # a custom backend ran its own cleanup(); there is no run to report
+        return RunRecord(summary.run_id, summary.status, source="cli-local")
+    return record
+
+
+def dry_run(settings: Settings, batch_size: int | None) -> dict[str, Any]:
+    """What a run now would delete: counts, chunks, top dag_ids, a sample. Deletes nothing."""
+    batch = coordinator.check_batch_size(
+        settings.cleanup_batch_size if batch_size is None else batch_size)
+    with database(settings) as (engine, tables):
+        cutoff = cleanup.read_cutoff(engine)
+        summary = cleanup.summarise_expired(engine, tables, cutoff, batch)
+        table = tables.task_state.name
+    return {
+        "dry_run": True, "table": table, "cutoff": summary.cutoff.isoformat(),
+        "expired_rows": summary.expired_rows, "batch_size": batch, "chunks": summary.chunks,
+        "top_dag_ids": [{"dag_id": d, "rows": n} for d, n in summary.top_dags],
+        "sample": [{k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items()}
+                   for row in summary.sample],
+    }
+
+
+def orphans_dry_run(settings: Settings) -> dict[str, Any]:
+    with database(settings) as (engine, tables), engine.connect() as conn:
+        count = cleanup.count_orphaned_asset_state(conn, tables)
+        return {"dry_run": True, "table": tables.asset_state.name, "orphaned_rows": count}
+
+
+def orphans_local(settings: Settings, batch_size: int | None) -> dict[str, Any]:
+    batch = coordinator.check_batch_size(
+        settings.cleanup_batch_size if batch_size is None else batch_size)
+    t0 = time.perf_counter()
+    with database(settings) as (engine, tables):
+        swept = cleanup.sweep_orphaned_asset_state(
+            engine, tables, batch, lock_timeout_ms=settings.lock_timeout_ms,
+            statement_timeout_ms=settings.statement_timeout_ms)
+    return {"rows": swept.rows, "batches": swept.batches,
+            "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def dispatch_orphans(app: Celery, settings: Settings, batch_size: int | None) -> AsyncResult:
+    from workers.celery_app import SWEEP_ORPHANS
+
+    check_broker(app, settings)
+    check_result_backend(settings)
+    return app.send_task(SWEEP_ORPHANS, queue=settings.control_queue,
+                         kwargs={"batch_size": batch_size})
+
+
+def wait_for_task(result: AsyncResult, what: str) -> dict[str, Any]:
+    """Poll a task's result (Ctrl-C stops waiting, not the task); RunFailed if it failed."""
+    start = time.monotonic()
+    last = 0.0
+    try:
+        while not result.ready():
+            waited = time.monotonic() - start
+            if waited - last >= 5:
+                note(f"{what} {result.id}: {result.state.lower()} after {waited:.0f}s")
+                last = waited
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        raise FollowInterrupted(
+            f"stopped waiting for {what} {result.id}; it goes on in the workers") from None
+    if result.failed():
+        err = result.result
+        raise RunFailed(f"{what} {result.id} failed: {type(err).__name__}: {err}")
+    value = result.result
+    return value if isinstance(value, dict) else {"result": value}

@@ -1,0 +1,138 @@
+"""How the CLI reaches the database, the broker and the run store: with short timeouts and few
+retries, so an unreachable service is a clear error in seconds, never a hang.
+
+Workers keep Celery's patient reconnects (workers.celery_app); a person at a terminal wants to
+know now that Redis is down.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from sqlalchemy import Engine
+
+from workers.exceptions import StatesweepError
+from workers.runs import RunRegistry, registry_for
+from workers.schema import Tables, resolve_tables
+from workers.settings import Settings, mask_url
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+CONNECT_TIMEOUT = 3.0
+# One quick retry: enough to ride out a blip, short enough to fail in seconds.
+QUICK_RETRY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.5, "interval_max": 0.5}
+
+
+class ServiceUnavailable(StatesweepError):
+    """A database, broker or run store could not be reached; the message names which."""
+
+
+def is_redis(url: str) -> bool:
+    return urlsplit(url).scheme in ("redis", "rediss")
+
+
+@contextmanager
+def database(settings: Settings) -> Iterator[tuple[Engine, Tables]]:
+    """An engine with a short connect timeout and the resolved tables; disposed on exit."""
+    from sqlalchemy.exc import OperationalError
+
+    from workers.db import make_engine
+
+    engine = make_engine(settings.database_url, **_connect_args(settings.database_url))
+    try:
+        try:
+            tables = resolve_tables(engine, settings.table_naming)
+        except OperationalError as exc:
+            raise ServiceUnavailable(
+                f"the database STATESWEEP_DATABASE_URL={mask_url(settings.database_url)} "
+                "is unreachable") from (exc.orig or exc)
+        yield engine, tables
+    finally:
+        engine.dispose()
+
+
+def _connect_args(url: str) -> dict[str, Any]:
+    scheme = urlsplit(url).scheme.split("+")[0]
+    if scheme in ("postgresql", "postgres", "mysql", "mariadb"):
+        return {"connect_args": {"connect_timeout": int(CONNECT_TIMEOUT)}}
+    return {}
+
+
+def client_app(settings: Settings) -> Celery:
+    """A Celery client (no tasks, no database) that gives up on a dead broker in seconds."""
+    from workers.celery_app import build_app
+
+    app = build_app(settings, include_tasks=False)
+    conf = app.conf
+    app.conf.update(
+        broker_connection_timeout=CONNECT_TIMEOUT,
+        task_publish_retry_policy=QUICK_RETRY,
+        redis_socket_connect_timeout=CONNECT_TIMEOUT,
+        broker_transport_options={**conf.broker_transport_options,
+                                  "socket_connect_timeout": CONNECT_TIMEOUT},
+        result_backend_transport_options={**conf.result_backend_transport_options,
+                                          "retry_policy": QUICK_RETRY},
+    )
+    return app
+
+
+def check_broker(app: Celery, settings: Settings) -> None:
+    """Connect to the broker once; ServiceUnavailable naming it (password masked) if not."""
+    try:
+        with app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0.5,
+                                   timeout=CONNECT_TIMEOUT)
+    except Exception as exc:
+        raise ServiceUnavailable(
+            f"the broker STATESWEEP_BROKER_URL={mask_url(settings.broker_url)} is unreachable"
+        ) from exc
+
+
+def ping_redis(url: str, what: str) -> None:
+    """PING a Redis server with short timeouts; ServiceUnavailable naming *what* if it fails."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT,
+                                  socket_timeout=CONNECT_TIMEOUT)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        raise ServiceUnavailable(f"the {what}={mask_url(url)} is unreachable") from exc
+    finally:
+        client.close()
+
+
+def check_result_backend(settings: Settings) -> None:
+    if is_redis(settings.result_backend):
+        ping_redis(settings.result_backend, "result backend STATESWEEP_RESULT_BACKEND")
+
+
+def run_store_variable(settings: Settings) -> str:
+    """The variable the run store's URL comes from, for error messages."""
+    if settings.run_store_url:
+        return "STATESWEEP_RUN_STORE_URL"
+    if is_redis(settings.result_backend):
+        return "STATESWEEP_RESULT_BACKEND"
+    return "STATESWEEP_BROKER_URL" if is_redis(settings.broker_url) else "STATESWEEP_RUN_STORE_URL"
+
+
+def run_store(settings: Settings) -> RunRegistry:
+    """The run registry the workers use, after checking it answers."""
+    url = settings.effective_run_store_url
+    if is_redis(url):
+        ping_redis(url, f"run store {run_store_variable(settings)}")
+    return registry_for(url, settings.key_prefix)
+
+
+def shared_run_store(settings: Settings) -> RunRegistry:
+    """The run store, refusing ``memory://``: another process's runs are invisible there."""
+    if not is_redis(settings.effective_run_store_url):
+        raise ServiceUnavailable(
+            "runs are recorded in memory:// (one process only), so this command cannot see the "
+            "workers' runs; set STATESWEEP_RUN_STORE_URL (or STATESWEEP_RESULT_BACKEND) to the "
+            "Redis the workers use")
+    return run_store(settings)

@@ -1,0 +1,55 @@
+"""What `statesweep status` reports: the active run, recent runs and the backlog of expired
+rows. Runs come from the shared run store; the backlog is one indexed count on the database."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from workers import cleanup
+from workers.cli_services import database, shared_run_store
+from workers.exceptions import NotFound
+from workers.runs import RunRecord, RunRegistry
+from workers.settings import Settings, mask_url
+
+
+def find_run(settings: Settings, registry: RunRegistry, run_id: str) -> RunRecord:
+    record = registry.get(run_id)
+    if record is None:
+        raise NotFound(
+            f"unknown run id {run_id!r}: no cleanup run with that id is recorded in the run store "
+            f"{mask_url(settings.effective_run_store_url)} under STATESWEEP_KEY_PREFIX="
+            f"{settings.key_prefix!r} (runs are kept 7 days; `statesweep status` lists them)")
+    return record
+
+
+def backlog(settings: Settings) -> dict[str, Any]:
+    """Expired rows waiting for a run, at the database's now(); the error text if unreachable."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from workers.exceptions import SchemaError
+
+    try:
+        with database(settings) as (engine, tables):
+            now = cleanup.read_cutoff(engine)
+            count = cleanup.count_expired(engine, tables, now)
+            return {"table": tables.task_state.name, "now": now.isoformat(),
+                    "expired_rows": count}
+    except (SQLAlchemyError, SchemaError) as exc:
+        reason = getattr(exc, "orig", None) or exc
+        return {"error": f"{type(reason).__name__}: {str(reason).strip().splitlines()[0]}"}
+
+
+def overview(settings: Settings, limit: int) -> tuple[dict[str, Any], list[RunRecord]]:
+    registry = shared_run_store(settings)
+    records = registry.recent(limit)
+    data = {
+        "active_run_id": registry.active_run() or "",
+        "runs": [r.as_dict() for r in records],
+        "backlog": backlog(settings),
+    }
+    return data, records
+
+
+def detail(settings: Settings, run_id: str) -> tuple[RunRegistry, RunRecord]:
+    registry = shared_run_store(settings)
+    return registry, find_run(settings, registry, run_id)

@@ -1,0 +1,163 @@
+"""`statesweep doctor`: is everything a cleanup run needs there and answering?
+
+Each check is independent and bounded by short timeouts, so a dead Redis or database is
+reported in seconds. A failure makes the command's exit code unhealthy; a warning does not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from celery import Celery
+from sqlalchemy import Engine, inspect
+
+from workers.cli_services import (
+    ServiceUnavailable,
+    check_broker,
+    client_app,
+    database,
+    is_redis,
+    ping_redis,
+)
+from workers.schema import Tables
+from workers.settings import Settings, mask_url
+
+CONTROL_TIMEOUT = 1.5  # seconds workers get to answer a ping or an inspect
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: str  # ok | warn | fail | skip
+    detail: str
+
+
+def _reason(exc: BaseException) -> str:
+    cause = exc.__cause__ or getattr(exc, "orig", None) or exc
+    text = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+    return f"{type(cause).__name__}: {text}" if text else type(cause).__name__
+
+
+def index_check(engine: Engine, tables: Tables) -> Check:
+    """Planning and dry runs walk the expires_at index; without it every run scans the table."""
+    table = tables.task_state.name
+    for ix in inspect(engine).get_indexes(table):
+        if ix["column_names"] and ix["column_names"][0] == "expires_at":
+            return Check("expires_at index", "ok", f"{ix['name']} on {table}(expires_at)")
+    concurrently = "CONCURRENTLY " if engine.dialect.name == "postgresql" else ""
+    return Check("expires_at index", "warn",
+                 f"no index on {table}.expires_at; every run will scan the table. Create it: "
+                 f"CREATE INDEX {concurrently}idx_{table}_expires_at ON {table} (expires_at);")
+
+
+def database_checks(settings: Settings) -> list[Check]:
+    where = mask_url(settings.database_url)
+    try:
+        with database(settings) as (engine, tables):
+            version = ".".join(str(v) for v in (engine.dialect.server_version_info or ()))
+            return [
+                Check("database", "ok", f"{where} ({engine.dialect.name} {version})".strip()),
+                Check("table naming", "ok",
+                      f"{tables.naming}: {tables.task_state.name}, {tables.asset_state.name} "
+                      f"(STATESWEEP_TABLE_NAMING={settings.table_naming})"),
+                index_check(engine, tables),
+            ]
+    except Exception as exc:
+        from workers.exceptions import SchemaError
+
+        if isinstance(exc, SchemaError):
+            return [Check("database", "ok", where), Check("table naming", "fail", str(exc))]
+        return [Check("database", "fail", f"{where} unreachable: {_reason(exc)}")]
+
+
+def run_store_check(settings: Settings) -> Check:
+    url = settings.effective_run_store_url
+    if not is_redis(url):
+        return Check("run store", "warn", f"{url}: runs and the single-flight lock live in one "
+                     "process only; workers on other hosts do not share them")
+    try:
+        ping_redis(url, "run store")
+    except ServiceUnavailable as exc:
+        return Check("run store", "fail", f"{mask_url(url)} unreachable: {_reason(exc)}")
+    return Check("run store", "ok", mask_url(url))
+
+
+def worker_checks(app: Celery, settings: Settings) -> list[Check]:
+    """Which workers answer, and whether each statesweep queue has a consumer."""
+    pongs = app.control.ping(timeout=CONTROL_TIMEOUT) or []
+    queues: dict[str, list[dict[str, Any]]] = (
+        app.control.inspect(timeout=CONTROL_TIMEOUT).active_queues() or {})
+    ours = (settings.control_queue, settings.chunk_queue)
+    consuming = {host: sorted(q["name"] for q in qs if q.get("name") in ours)
+                 for host, qs in queues.items()}
+    consuming = {host: names for host, names in consuming.items() if names}
+    others = sorted({h for p in pongs for h in p} - set(consuming))
+    checks = [Check("worker", "ok", f"{host} consumes {', '.join(names)}")
+              for host, names in sorted(consuming.items())]
+    for queue in ours:
+        if not any(queue in names for names in consuming.values()):
+            checks.append(Check("queue", "fail", f"no worker consumes {queue}; start one with: "
+                                f"celery -A workers worker -Q {','.join(ours)}"))
+    if others:
+        names = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        checks.append(Check("other workers", "ok", f"{names} answered the ping but consume "
+                            "none of these queues"))
+    return checks
+
+
+def run_checks(settings: Settings) -> list[Check]:
+    checks = database_checks(settings)
+    app = client_app(settings)
+    try:
+        try:
+            check_broker(app, settings)
+        except ServiceUnavailable as exc:
+            checks.append(Check("broker", "fail",
+                                f"{mask_url(settings.broker_url)} unreachable: {_reason(exc)}"))
+            checks.append(Check("workers", "skip", "not asked: the broker is unreachable"))
+        else:
+            checks.append(Check("broker", "ok", mask_url(settings.broker_url)))
+            checks += _guarded("workers", lambda: worker_checks(app, settings))
+        if is_redis(settings.result_backend) and (
+                settings.result_backend != settings.effective_run_store_url):
+            checks += _guarded("result backend", lambda: _ping_backend(settings))
+        checks.append(run_store_check(settings))
+    finally:
+        app.close()
+    return checks
+
+
+def _ping_backend(settings: Settings) -> list[Check]:
+    ping_redis(settings.result_backend, "result backend")
+    return [Check("result backend", "ok", mask_url(settings.result_backend))]
+
+
+def _guarded(name: str, check: Callable[[], list[Check]]) -> list[Check]:
+    try:
+        return check()
+    except Exception as exc:
+        return [Check(name, "fail", _reason(exc))]
+
+
+def healthy(checks: list[Check]) -> bool:
+    return not any(c.status == "fail" for c in checks)
+
+
+def report(checks: list[Check], settings: Settings) -> dict[str, Any]:
+    return {"healthy": healthy(checks), "checks": [asdict(c) for c in checks],
+            "settings": settings.masked()}
+
+
+def render(data: dict[str, Any]) -> str:
+    marks = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL", "skip": "skip"}
+    width = max(len(c["name"]) for c in data["checks"])
+    lines = [f"{marks[c['status']]}  {c['name']:<{width}}  {c['detail']}" for c in data["checks"]]
+    lines.append("settings (secrets masked):")
+    lines += [f"  {k} = {v}" for k, v in data["settings"].items()]
+    fails = sum(c["status"] == "fail" for c in data["checks"])
+    warns = sum(c["status"] == "warn" for c in data["checks"])
+    verdict = "healthy" if data["healthy"] else "UNHEALTHY"
+    lines.append(f"{verdict}: {fails} failed, {warns} warnings")
+    return "\n".join(lines)
