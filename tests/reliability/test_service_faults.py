@@ -1,0 +1,120 @@
+"""Services fail mid-run: Redis (broker, results, run store) restarted with no data, and
+PostgreSQL connections terminated under the workers. The run finishes (or the next trigger
+finishes it), nothing live is deleted, and the single-flight lock never stays stuck."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from tests.processes import WorkerProcess, start_worker, wait_for_run
+from tests.reliability.conftest import Scenario, Seeder
+from tests.reliability.faults import RedisServer, hold_row_lock, wait_for_lock_waiter
+from tests.reliability.pipeline import Pipeline, pipeline_env
+from workers.seed import SeedSpec
+
+pytestmark = [pytest.mark.reliability, pytest.mark.timeout(90)]
+
+TERMINATE_OTHERS = text(
+    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+    " WHERE datname = current_database() AND pid <> pg_backend_pid()")
+
+
+def _wait_for_log(worker: WorkerProcess, needle: str, times: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while worker.log().count(needle) < times:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{worker.name}: {needle!r} not seen {times}x in {timeout}s:\n"
+                               + worker.log()[-3000:])
+        time.sleep(0.2)
+
+
+def test_redis_restarted_mid_run_then_next_trigger_finishes(
+        pg_url: str, seeded: Seeder, isolation: dict[str, str], redis_server: RedisServer,
+        tmp_path: Path, scenario: Scenario) -> None:
+    spec = SeedSpec(rows=200_000)
+    engine, tables = seeded(spec)
+    env = pipeline_env(pg_url, redis_server.url, isolation, cleanup_batch_size=500)
+    p = Pipeline(env, engine, tables, spec, tmp_path)
+    scenario.before(p.counts())
+    started: list[WorkerProcess] = []
+    try:
+        started += [start_worker(env, tmp_path, "a"), start_worker(env, tmp_path, "b")]
+        with p.client() as app, hold_row_lock(engine, tables.task_state.name, 150_001):
+            p.trigger(app)
+            first_id = p.wait_for_run_id()
+            p.wait_for_state(first_id, ("running",))
+            wait_for_lock_waiter(engine)
+            before_restart = p.registry.get(first_id)
+            # Broker, results, run records and the lock all vanish; a restart brings back an
+            # empty Redis on the same port.
+            redis_server.stop()
+            time.sleep(1.0)
+            redis_server.start()
+        assert before_restart is not None and before_restart.state == "running"
+        # The lock went with the data: nothing holds it after the restart.
+        lock_after_restart = p.registry.active_run()
+        for w in started:
+            _wait_for_log(w, "Connected to redis://", times=2, timeout=40)
+        with p.client() as app:
+            second = p.trigger(app).get(timeout=60)
+        record = wait_for_run(env, second["run_id"], timeout=60)
+    finally:
+        for w in started:
+            w.stop()
+    after = p.counts()
+    scenario.after(after)
+    scenario.note(chunks_done_before_restart=before_restart.chunks_done,
+                  chunks_planned=before_restart.chunks_planned,
+                  second_run_rows=record.rows_deleted)
+    assert lock_after_restart is None
+    assert before_restart.chunks_done < before_restart.chunks_planned
+    assert record.state == "finished", record
+    assert after.expired == 0
+    assert p.rows() == p.survivors()
+
+
+def test_postgres_connections_killed_mid_run_chunks_retry_and_finish(
+        pg_url: str, seeded: Seeder, isolation: dict[str, str], redis_server: RedisServer,
+        tmp_path: Path, scenario: Scenario) -> None:
+    spec = SeedSpec(rows=100_000)
+    engine, tables = seeded(spec)
+    env = pipeline_env(pg_url, redis_server.url, isolation, cleanup_batch_size=1000)
+    p = Pipeline(env, engine, tables, spec, tmp_path)
+    scenario.before(p.counts())
+    terminated = 0
+    started: list[WorkerProcess] = []
+    try:
+        started += [start_worker(env, tmp_path, "a"), start_worker(env, tmp_path, "b")]
+        with p.client() as app, hold_row_lock(engine, tables.task_state.name, 50_001) as held:
+            p.trigger(app)
+            run_id = p.wait_for_run_id()
+            p.wait_for_state(run_id, ("running",))
+            wait_for_lock_waiter(engine)
+            # From the lock holder's own session, so it survives: the chunk blocked mid-DELETE
+            # certainly loses its connection, as does every pooled connection of the workers.
+            terminated += int(held.execute(TERMINATE_OTHERS).scalar_one())
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and p.registry.get(run_id).state != "finished":  # type: ignore[union-attr]
+            with engine.connect() as conn:
+                terminated += int(conn.execute(TERMINATE_OTHERS).scalar_one())
+            time.sleep(0.3)
+        record = wait_for_run(env, run_id, timeout=60)
+        logs = p.worker_logs()
+    finally:
+        for w in started:
+            w.stop()
+    after = p.counts()
+    scenario.after(after)
+    retries = logs.count('"event": "chunk_retry"')
+    scenario.note(backends_terminated=terminated, chunk_retries=retries,
+                  chunks=record.chunks_planned)
+    assert terminated >= 1
+    assert retries >= 1, "the chunk whose connection was killed must have retried"
+    assert record.state == "finished", record
+    assert record.chunks_done == record.chunks_planned
+    assert after.expired == 0
+    assert p.rows() == p.survivors()

@@ -1,0 +1,146 @@
+"""Processes die mid-run: a chunk worker SIGKILLed with chunks in flight, a coordinator
+SIGKILLed while it plans. Nothing live is lost and no expired row is left behind for good."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.processes import WorkerProcess, start_worker, wait_for_run
+from tests.reliability.conftest import Scenario, Seeder
+from tests.reliability.faults import (
+    RedisServer,
+    hold_row_lock,
+    owns_local_port,
+    unacked_messages,
+    wait_for_lock_waiter,
+)
+from tests.reliability.pipeline import Pipeline, pipeline_env
+from workers.seed import SeedSpec
+
+pytestmark = [pytest.mark.reliability, pytest.mark.timeout(90)]
+
+VISIBILITY = 10
+
+
+def test_worker_sigkilled_with_chunks_in_flight_loses_no_work(
+        pg_url: str, seeded: Seeder, isolation: dict[str, str], redis_server: RedisServer,
+        tmp_path: Path, scenario: Scenario) -> None:
+    spec = SeedSpec(rows=200_000)
+    engine, tables = seeded(spec)
+    # Redis hands an unacknowledged message to another worker only after the visibility
+    # timeout; keep it short here (settings require it to be at least twice the hard limit).
+    env = pipeline_env(pg_url, redis_server.url, isolation, cleanup_batch_size=2000,
+                       visibility_timeout=VISIBILITY, chunk_time_limit=4,
+                       chunk_soft_time_limit=3)
+    p = Pipeline(env, engine, tables, spec, tmp_path)
+    scenario.before(p.counts())
+    started: list[WorkerProcess] = []
+    try:
+        started += [start_worker(env, tmp_path, "a"), start_worker(env, tmp_path, "b")]
+        # Row 100_001 is expired and sits mid-table: the chunk holding it waits on this lock,
+        # so a worker is certainly mid-DELETE, in an open transaction, when it is killed.
+        with p.client() as app, hold_row_lock(engine, tables.task_state.name, 100_001):
+            p.trigger(app)
+            run_id = p.wait_for_run_id()
+            p.wait_for_state(run_id, ("running",))
+            _, port = wait_for_lock_waiter(engine)
+            victims = [w for w in started if owns_local_port(w.proc.pid, port)]
+            assert len(victims) == 1, "the blocked chunk belongs to exactly one worker"
+            in_flight = unacked_messages(redis_server.url, p.settings.chunk_queue)
+            at_kill = p.registry.get(run_id)
+            victims[0].kill()
+            killed_at = time.monotonic()
+        assert at_kill is not None and at_kill.chunks_done < at_kill.chunks_planned
+        # A replacement started once the killed worker's messages are past the visibility
+        # timeout restores them when it connects (kombu's restore_visible).
+        time.sleep(max(0.0, killed_at + VISIBILITY + 1 - time.monotonic()))
+        started.append(start_worker(env, tmp_path, "c"))
+        record = wait_for_run(env, run_id, timeout=60)
+    finally:
+        for w in started:
+            w.stop()
+    after = p.counts()
+    scenario.after(after)
+    scenario.note(chunks=record.chunks_planned, chunks_done_at_kill=at_kill.chunks_done,
+                  unacked_at_kill=in_flight, killed=victims[0].name)
+    assert in_flight >= 1
+    assert record.state == "finished"
+    assert record.chunks_done == record.chunks_planned
+    assert after.expired == 0
+    assert p.rows() == p.survivors()
+
+
+def test_coordinator_killed_while_planning_frees_the_lock(
+        pg_url: str, seeded: Seeder, isolation: dict[str, str], redis_server: RedisServer,
+        tmp_path: Path, scenario: Scenario) -> None:
+    spec = SeedSpec(rows=100_000)
+    engine, tables = seeded(spec)
+    lock_ttl = 3
+    # A tiny batch makes planning long (thousands of ranges) so it can be caught mid-way.
+    env = pipeline_env(pg_url, redis_server.url, isolation, cleanup_batch_size=20,
+                       lock_ttl_seconds=lock_ttl)
+    p = Pipeline(env, engine, tables, spec, tmp_path)
+    control, chunks = p.settings.control_queue, p.settings.chunk_queue
+    scenario.before(p.counts())
+    started: list[WorkerProcess] = []
+    try:
+        coord = start_worker(env, tmp_path, "coord", pool="solo", concurrency=1, queues=control)
+        started += [coord, start_worker(env, tmp_path, "chunks", queues=chunks)]
+        with p.client() as app:
+            p.trigger(app)
+            run_id = p.wait_for_run_id()
+            deadline = time.monotonic() + 30
+            while True:
+                rec = p.registry.get(run_id)
+                assert rec is not None and rec.state == "planning", rec
+                if rec.chunks_planned >= 200 and rec.chunks_done >= 1:
+                    break
+                assert time.monotonic() < deadline, "planning never got far enough"
+                time.sleep(0.02)
+            coord.kill()
+            killed_at = time.monotonic()
+            at_kill = p.registry.get(run_id)
+            assert at_kill is not None and at_kill.state == "planning"
+            assert not at_kill.planning_done
+            # No one renews the lock of a dead coordinator: it expires with its TTL.
+            p.wait_until_idle(timeout=lock_ttl + 10)
+            lock_freed_after = time.monotonic() - killed_at
+            started.append(start_worker(env, tmp_path, "coord2", pool="solo", concurrency=1,
+                                        queues=control))
+            second = p.trigger(app, batch_size=5000).get(timeout=60)
+        assert second["status"] in ("started", "finished"), second
+        record = wait_for_run(env, second["run_id"], timeout=60)
+        _wait_for_queue_drained(redis_server.url, chunks)
+        first = p.registry.get(run_id)
+    finally:
+        for w in started:
+            w.stop()
+    after = p.counts()
+    scenario.after(after)
+    scenario.note(first_run_chunks_sent=at_kill.chunks_planned,
+                  first_run_chunks_done=first.chunks_done if first else None,
+                  lock_freed_after_s=round(lock_freed_after, 1))
+    assert lock_freed_after <= lock_ttl + 10
+    assert record.state == "finished"
+    # Chunks the dead coordinator had sent still ran, each under its own run's cutoff.
+    assert first is not None and first.chunks_done >= at_kill.chunks_done
+    assert after.expired == 0
+    assert p.rows() == p.survivors()
+
+
+def _wait_for_queue_drained(redis_url: str, queue: str, timeout: float = 60) -> None:
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if client.llen(queue) == 0 and unacked_messages(redis_url, queue) == 0:
+                return
+            time.sleep(0.1)
+    finally:
+        client.close()
+    raise TimeoutError(f"queue {queue} not drained in {timeout}s")
