@@ -118,6 +118,7 @@ def coordinate(settings: Settings, engine: Engine, tables: Tables, registry: Run
         bound.info("coordinator_skipped_active_run", active_run_id=holder)
         return RunSummary(run_id, "skipped", active_run_id=holder)
 
+    _close_abandoned_runs(registry, run_id)
     try:
         cutoff = cleanup.read_cutoff(engine)
         cutoff_iso = cutoff.isoformat()
@@ -154,6 +155,17 @@ def coordinate(settings: Settings, engine: Engine, tables: Tables, registry: Run
         registry.fail(run_id, f"{type(exc).__name__}: {exc}")
         bound.error("cleanup_run_failed", error=f"{type(exc).__name__}: {exc}")
         raise
+
+
+def _close_abandoned_runs(registry: RunRegistry, run_id: str) -> None:
+    """Mark runs still 'planning' as failed: we hold the lock, so their coordinator is gone
+    (killed mid-plan, its lock expired). Chunks it sent still run and count; only the record
+    stops claiming a plan is in progress."""
+    for record in registry.recent(20):
+        if record.state == "planning" and record.run_id != run_id:
+            registry.fail(record.run_id, "abandoned: the coordinator stopped while planning "
+                                         "and its lock expired")
+            log.warning("cleanup_run_abandoned", run_id=record.run_id, next_run_id=run_id)
 
 
 def log_finished(record: RunRecord) -> None:

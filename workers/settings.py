@@ -139,6 +139,11 @@ class Settings:
                       "chunk_soft_time_limit", "lock_timeout_ms", "statement_timeout_ms"):
             if getattr(self, field) <= 0:
                 bad(field, "must be a positive integer")
+        # The coordinator's soft time limit is 30 s under the run timeout, and a planned run
+        # must outlive the planning lock; below a minute either would cut runs short.
+        if self.run_timeout_seconds < max(60, self.lock_ttl_seconds):
+            bad("run_timeout_seconds",
+                "must be at least 60 and at least STATESWEEP_LOCK_TTL_SECONDS")
         if self.run_store_url and urlsplit(self.run_store_url).scheme not in (
             "redis", "rediss", "memory"
         ):

@@ -534,3 +534,17 @@ def test_memory_registry_ends_a_run_with_a_failed_chunk_as_failed() -> None:
     assert ended is not None and ended.state == "failed" and ended.chunks_failed == 1
     assert reg.active_run() is None
     assert reg.chunk_failed("r1", 1, "again") is None
+
+
+def test_a_run_left_planning_by_a_dead_coordinator_is_closed_by_the_next_run(db: Db) -> None:
+    # A coordinator that died mid-plan: its record says planning, its lock has expired.
+    db.registry.start("dead-run", cutoff="2026-01-01T00:00:00+00:00", batch_size=10,
+                      source="beat")
+    sent, dispatch = collecting(db)
+    with capture_logs() as logs:
+        summary = coordinator.coordinate(db.settings, db.engine, db.tables, db.registry,
+                                         dispatch, source="test")
+    dead = db.registry.get("dead-run")
+    assert dead is not None and dead.state == "failed" and "abandoned" in dead.error
+    assert summary.status == "started" and len(sent) == summary.chunks > 0
+    assert [e["run_id"] for e in events(logs, "cleanup_run_abandoned")] == ["dead-run"]

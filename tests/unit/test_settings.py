@@ -82,3 +82,10 @@ def test_passwords_are_masked_in_repr_and_errors() -> None:
 ])
 def test_mask_url(url: str, masked: str) -> None:
     assert mask_url(url) == masked
+
+
+@pytest.mark.parametrize("value", ["10", "59"])
+def test_run_timeout_below_a_minute_is_refused(value: str) -> None:
+    with pytest.raises(SettingsError) as err:
+        Settings.from_env({"STATESWEEP_RUN_TIMEOUT_SECONDS": value})
+    assert "STATESWEEP_RUN_TIMEOUT_SECONDS" in str(err.value) and repr(value) in str(err.value)
