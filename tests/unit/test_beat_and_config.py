@@ -109,5 +109,6 @@ def test_client_app_carries_the_same_config(settings: Settings) -> None:
     client = build_app(settings, include_tasks=False)
     assert client.conf.task_default_queue == "q.ctl"
     assert client.conf.task_acks_late is True
-    assert client.conf.broker_transport_options == {"visibility_timeout": 200}
+    assert client.conf.broker_transport_options == {"visibility_timeout": 200,
+                                                    "unacked_restore_throttle": 1}
     assert client.conf.broker_connection_retry_on_startup is True
