@@ -204,7 +204,13 @@ def test_cleanup_through_flower_api(pg_url: str, redis_url: str, isolation: dict
                           task="statesweep.coordinate") == 1
             assert metric(metrics, "flower_task_runtime_seconds_count", worker=node,
                           task="statesweep.delete_chunk") == len(tasks)
-            assert metric(metrics, "flower_worker_online", worker=node) == 1
+            # The gauge follows worker-online/heartbeat events (every 2 s), which can reach
+            # Flower after the task events on a loaded machine: wait for one, bounded.
+            deadline = time.monotonic() + 20
+            while metric(metrics, "flower_worker_online", worker=node) != 1:
+                assert time.monotonic() < deadline, "no worker heartbeat reached Flower in 20 s"
+                time.sleep(0.5)
+                metrics = http(f"{base}/metrics", auth=(USER, PASSWORD))[1]
     finally:
         worker.stop()
         engine.dispose()
