@@ -1,0 +1,97 @@
+"""The two baselines statesweep is measured against, run from this process.
+
+``single``    one ``DELETE … WHERE expires_at < now()``: the fastest way to delete, and one
+              transaction as long as the whole job.
+``upstream``  the AIP-103 loop: ``SELECT id … WHERE expires_at < now() LIMIT B``, then
+              ``DELETE … WHERE id IN (…)``, commit, repeat until the SELECT finds nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import delete, func, select
+
+from workers.db import make_engine
+from workers.schema import Tables
+
+
+@dataclass
+class MethodResult:
+    name: str
+    rows: int = 0
+    seconds: float = 0.0
+    #: longest transaction measured by the method itself (ms), and how it was measured
+    longest_txn_ms: float = 0.0
+    longest_txn_source: str = ""
+    #: per-transaction durations (ms): upstream iterations, statesweep chunks
+    txn_ms: list[float] = field(default_factory=list)
+    started_wall: float = 0.0
+    ended_wall: float = 0.0
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows / self.seconds if self.seconds > 0 else 0.0
+
+
+def run_single(url: str, tables: Tables) -> MethodResult:
+    t = tables.task_state
+    engine = make_engine(url, connect_args={"application_name": "bench_single"})
+    result = MethodResult("single", started_wall=time.time())
+    t0 = time.perf_counter()
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("SET LOCAL statement_timeout = 0")
+            result.rows = int(conn.execute(delete(t).where(t.c.expires_at < func.now()))
+                              .rowcount)
+    finally:
+        engine.dispose()
+    result.seconds = time.perf_counter() - t0
+    result.ended_wall = time.time()
+    result.longest_txn_ms = result.seconds * 1000
+    result.longest_txn_source = "the one transaction, timed in the client"
+    result.txn_ms = [result.longest_txn_ms]
+    return result
+
+
+def run_upstream(url: str, tables: Tables, batch: int) -> MethodResult:
+    t = tables.task_state
+    engine = make_engine(url, connect_args={"application_name": "bench_upstream"})
+    result = MethodResult("upstream", started_wall=time.time())
+    select_ms: list[float] = []
+    delete_ms: list[float] = []
+    t0 = time.perf_counter()
+    try:
+        while True:
+            began = time.perf_counter()
+            with engine.begin() as conn:
+                ids = conn.execute(
+                    select(t.c.id).where(t.c.expires_at < func.now()).limit(batch)
+                ).scalars().all()
+                selected = time.perf_counter()
+                if not ids:
+                    break
+                result.rows += int(conn.execute(delete(t).where(t.c.id.in_(ids))).rowcount)
+                deleted = time.perf_counter()
+            result.txn_ms.append((time.perf_counter() - began) * 1000)
+            select_ms.append((selected - began) * 1000)
+            delete_ms.append((deleted - selected) * 1000)
+    finally:
+        engine.dispose()
+    result.seconds = time.perf_counter() - t0
+    result.ended_wall = time.time()
+    result.longest_txn_ms = max(result.txn_ms, default=0.0)
+    result.longest_txn_source = "each SELECT+DELETE+COMMIT, timed in the client"
+    result.detail = {
+        "iterations": len(result.txn_ms),
+        "select_ms_total": round(sum(select_ms), 1),
+        "delete_ms_total": round(sum(delete_ms), 1),
+        "select_ms_first": round(select_ms[0], 1) if select_ms else 0.0,
+        "select_ms_last": round(select_ms[-1], 1) if select_ms else 0.0,
+        "select_ms_max": round(max(select_ms, default=0.0), 1),
+        "delete_ms_max": round(max(delete_ms, default=0.0), 1),
+    }
+    return result

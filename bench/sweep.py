@@ -1,0 +1,191 @@
+"""statesweep end to end, on real processes: a trigger sent by name to the control queue, the
+coordinator in a dedicated ``-P solo`` worker (so its RSS is the coordinator's alone), and N
+chunk workers (``-P prefork -c 1`` each) on the chunk queue; done when the run store says the
+run finished. Chunk timings come from the workers' JSON logs (``chunk_deleted`` events)."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from bench import pyspy
+from bench.methods import MethodResult
+from bench.observe import RssSampler, percentile
+from tests.processes import WorkerProcess, start_worker
+from workers.celery_app import COORDINATE, build_app
+from workers.coordinator import new_run_id
+from workers.runs import registry_for
+from workers.settings import Settings
+
+
+def worker_env(url: str, redis_url: str, tag: str, batch: int) -> dict[str, str]:
+    """STATESWEEP_* for this bench run: its own key prefix and queues, JSON logs."""
+    return {
+        "STATESWEEP_DATABASE_URL": url,
+        "STATESWEEP_BROKER_URL": redis_url,
+        "STATESWEEP_RESULT_BACKEND": redis_url,
+        "STATESWEEP_KEY_PREFIX": f"bench:{tag}",
+        "STATESWEEP_CONTROL_QUEUE": f"bench.{tag}.control",
+        "STATESWEEP_CHUNK_QUEUE": f"bench.{tag}.chunks",
+        "STATESWEEP_TABLE_NAMING": "seed",
+        "STATESWEEP_CLEANUP_BATCH_SIZE": str(batch),
+        "STATESWEEP_LOG_FORMAT": "json",
+    }
+
+
+_SUCCEEDED = re.compile(r"^Task statesweep\.delete_chunk\[[^]]+\] succeeded in ([0-9.e-]+)s")
+
+
+def task_seconds(events: list[dict[str, Any]]) -> list[float]:
+    """Celery's own runtime of each delete_chunk task (run_chunk plus the task wrapper)."""
+    found = (_SUCCEEDED.match(str(e.get("event", ""))) for e in events)
+    return [float(m.group(1)) for m in found if m]
+
+
+def forget_redis_keys(redis_url: str, env: dict[str, str]) -> int:
+    """Delete what one bench method left in Redis: its run records and lock (key prefix) and
+    its queues' bindings (kombu keeps those without expiry). Returns keys deleted."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    patterns = [env["STATESWEEP_KEY_PREFIX"] + ":*"]
+    for queue in (env["STATESWEEP_CONTROL_QUEUE"], env["STATESWEEP_CHUNK_QUEUE"]):
+        patterns += [queue, f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}"]
+    keys = [k for p in patterns for k in client.scan_iter(match=p, count=1000)]
+    deleted = int(client.delete(*keys)) if keys else 0
+    client.close()
+    return deleted
+
+
+def log_events(path: Path, run_id: str) -> list[dict[str, Any]]:
+    """The structlog JSON events of *run_id* in a worker's log (Celery's banner is skipped)."""
+    events = []
+    for line in path.read_text(errors="replace").splitlines():
+        if not line.startswith("{"):
+            continue
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if event.get("run_id") == run_id:
+            events.append(event)
+    return events
+
+
+@dataclass
+class Fleet:
+    """The worker processes of one statesweep method, started before it is timed."""
+
+    env: dict[str, str]
+    control: WorkerProcess
+    chunk_workers: list[WorkerProcess]
+
+    @classmethod
+    def start(cls, env: dict[str, str], log_dir: Path, name: str, workers: int) -> Fleet:
+        started: list[WorkerProcess] = []
+        try:
+            # PGAPPNAME tags each process's connections in pg_stat_activity.
+            control = start_worker({**env, "PGAPPNAME": "statesweep_coordinator"}, log_dir,
+                                   f"{name}-control", pool="solo", concurrency=1,
+                                   queues=env["STATESWEEP_CONTROL_QUEUE"])
+            started.append(control)
+            for i in range(workers):
+                started.append(start_worker(
+                    {**env, "PGAPPNAME": "statesweep_chunks"}, log_dir, f"{name}-chunks{i + 1}",
+                    pool="prefork", concurrency=1, queues=env["STATESWEEP_CHUNK_QUEUE"]))
+        except BaseException:
+            for w in started:
+                w.stop()
+            raise
+        return cls(env, control, started[1:])
+
+    def processes(self) -> list[tuple[str, int]]:
+        """(label, pid) of the worker processes, for CPU accounting."""
+        return [("coordinator worker", self.control.proc.pid)] + [
+            ("chunk workers", w.proc.pid) for w in self.chunk_workers]
+
+    def stop(self) -> None:
+        for w in (self.control, *self.chunk_workers):
+            w.stop()
+
+    def run(self, name: str, batch: int, timeout: float,
+            profile_dir: Path | None = None) -> MethodResult:
+        """Trigger one run and wait for it; with *profile_dir*, py-spy records the coordinator
+        and the first chunk worker's pool process while it runs."""
+        settings = Settings.from_env(self.env)
+        app = build_app(settings, include_tasks=False)
+        registry = registry_for(settings.effective_run_store_url, settings.key_prefix)
+        result = MethodResult(name)
+        spies: dict[str, pyspy.Recording] = {}
+        if profile_dir is not None:
+            pool = psutil.Process(self.chunk_workers[0].proc.pid).children()[0].pid
+            spies = {"coordinator": pyspy.record(self.control.proc.pid,
+                                                 profile_dir / f"{name}-coordinator.txt"),
+                     "chunk_worker": pyspy.record(pool, profile_dir / f"{name}-chunks.txt")}
+            time.sleep(1)  # py-spy attaches
+        with RssSampler(self.control.proc.pid) as rss:
+            result.started_wall = time.time()
+            # Naming the run up front lets this follow it from the run store at once, rather
+            # than after the coordinator's result (which comes when planning is done).
+            run_id = new_run_id()
+            sent = app.send_task(COORDINATE, queue=settings.control_queue, kwargs={
+                "batch_size": batch, "source": "bench", "run_id": run_id})
+            deadline = time.monotonic() + timeout
+            while True:
+                record = registry.get(run_id)
+                if record is not None and record.state in ("finished", "failed"):
+                    break
+                if record is None and sent.ready():
+                    raise RuntimeError(f"run {run_id} never started: {sent.get(timeout=10)}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"statesweep run {run_id} not finished in {timeout}s")
+                time.sleep(0.05)
+        app.close()
+        if spies:
+            result.detail["py_spy"] = {k: v.stop() for k, v in spies.items()}
+        if record.state != "finished":
+            raise RuntimeError(f"statesweep run {run_id} failed: {record.error}")
+        result.ended_wall = record.finished_at
+        result.seconds = record.finished_at - result.started_wall
+        result.rows = record.rows_deleted
+        chunks: list[dict[str, Any]] = []
+        tasks: list[float] = []
+        per_worker: list[int] = []
+        for w in self.chunk_workers:
+            events = log_events(w.log_path, run_id)
+            done = [e for e in events if e["event"] == "chunk_deleted"]
+            chunks += done
+            per_worker.append(len(done))
+            tasks += task_seconds(events)
+        planned = [e for e in log_events(self.control.log_path, run_id)
+                   if e["event"] == "cleanup_run_planned"]
+        result.txn_ms = [float(e["ms"]) for e in chunks]
+        result.longest_txn_ms = max(result.txn_ms, default=0.0)
+        result.longest_txn_source = "chunk_deleted ms (DELETE + COMMIT) in the worker logs"
+        result.detail = {
+            **result.detail,
+            "run_id": run_id,
+            "workers": len(self.chunk_workers),
+            "chunks": record.chunks_done,
+            "chunks_per_worker": per_worker,
+            "planning_ms": float(planned[0]["ms"]) if planned else None,
+            "chunk_ms_sum": round(sum(result.txn_ms), 1),
+            "chunk_ms_p50": percentile(result.txn_ms, 50),
+            "chunk_ms_p99": percentile(result.txn_ms, 99),
+            # Celery's runtime of the tasks: run_chunk's Redis calls, db_now and logging on top
+            # of the DELETE; the first task of each process also builds its engine and tables.
+            "task_ms_sum": round(sum(tasks) * 1000, 1),
+            "task_ms_p50": round(percentile(tasks, 50) * 1000, 1),
+            "task_ms_max": round(max(tasks, default=0.0) * 1000, 1),
+            "coordinator_rss_baseline_mib": round(rss.baseline_mib, 1),
+            "coordinator_rss_peak_mib": round(max(rss.peak_mib, rss.baseline_mib), 1),
+            "coordinator_rss_how": "RSS of the -P solo control worker (coordinator runs in it),"
+                                   " psutil at 10 Hz from trigger to run finished",
+        }
+        return result
