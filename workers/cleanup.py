@@ -18,7 +18,8 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, and_, delete, exists, func, select, tuple_
 
-from workers.db import db_now, set_timeouts
+from workers.db import begin_chunk, db_now, set_timeouts
+from workers.exceptions import InvalidArgument
 from workers.schema import Tables
 
 
@@ -54,28 +55,29 @@ def plan_chunks(engine: Engine, tables: Tables, cutoff: dt.datetime,
     t = tables.task_state
     expired = t.c.expires_at < cutoff
     with engine.connect() as conn:
+        # Autocommit: each query below is its own transaction, so no snapshot is held across
+        # the plan; one connection spares a pool checkout and pre-ping per step.
+        conn.execution_options(isolation_level="AUTOCOMMIT")
         first = conn.execute(select(func.min(t.c.id)).where(expired)).scalar_one_or_none()
-    if first is None:
-        return
-    if batch_size == 0:
-        with engine.connect() as conn:
+        if first is None:
+            return
+        if batch_size == 0:
             hi, count = conn.execute(
                 select(func.max(t.c.id), func.count()).where(expired)
             ).one()
-        yield Chunk(1, int(first), int(hi), int(count))
-        return
+            yield Chunk(1, int(first), int(hi), int(count))
+            return
 
-    lo = int(first)
-    number = 0
-    while True:
-        number += 1
-        with engine.connect() as conn:
+        lo = int(first)
+        number = 0
+        while True:
+            number += 1
             ids = conn.execute(
                 select(t.c.id).where(t.c.id >= lo, expired)
                 .order_by(t.c.id).limit(2).offset(batch_size - 1)
             ).scalars().all()
             if ids:
-                yield_chunk = Chunk(number, lo, int(ids[0]), batch_size)
+                chunk = Chunk(number, lo, int(ids[0]), batch_size)
             else:
                 # Fewer than batch_size expired rows are left: the last range ends at the last
                 # one. Walk the primary key backwards so only the tail is read.
@@ -87,11 +89,11 @@ def plan_chunks(engine: Engine, tables: Tables, cutoff: dt.datetime,
                 count = conn.execute(
                     select(func.count()).where(t.c.id.between(lo, hi), expired)
                 ).scalar_one()
-                yield_chunk = Chunk(number, lo, int(hi), int(count))
-        yield yield_chunk
-        if len(ids) < 2:
-            return
-        lo = int(ids[1])
+                chunk = Chunk(number, lo, int(hi), int(count))
+            yield chunk
+            if len(ids) < 2:
+                return
+            lo = int(ids[1])
 
 
 # --- deleting -----------------------------------------------------------------------------------
@@ -107,7 +109,13 @@ def delete_chunk(engine: Engine, tables: Tables, lo: int, hi: int, cutoff: dt.da
     t = tables.task_state
     stmt = delete(t).where(t.c.id.between(lo, hi), t.c.expires_at < cutoff)
     with engine.begin() as conn:
-        set_timeouts(conn, lock_timeout_ms, statement_timeout_ms)
+        now = begin_chunk(conn, lock_timeout_ms, statement_timeout_ms)
+        # The one clock: a cutoff ahead of the database's now would delete rows that have not
+        # expired yet (a forged or corrupted message); refuse before the DELETE.
+        if cutoff > now:
+            raise InvalidArgument(
+                f"cutoff {cutoff.isoformat()} is in the future (database now is "
+                f"{now.isoformat()}); refusing to delete rows that have not expired")
         return int(conn.execute(stmt).rowcount)
 
 

@@ -20,7 +20,6 @@ import structlog
 from sqlalchemy import Engine
 
 from workers import cleanup
-from workers.db import db_now
 from workers.exceptions import InvalidArgument, NotFound, StatesweepError
 from workers.runs import RunRecord, RunRegistry
 from workers.schema import Tables
@@ -225,12 +224,6 @@ def run_chunk(settings: Settings, engine: Engine, tables: Tables, registry: RunR
     if record.cutoff and dt.datetime.fromisoformat(record.cutoff) != args.cutoff:
         raise InvalidArgument(
             f"cutoff {args.cutoff.isoformat()} is not run {args.run_id}'s cutoff {record.cutoff}")
-    with engine.connect() as conn:
-        now = db_now(conn)
-    if args.cutoff > now:
-        raise InvalidArgument(
-            f"cutoff {args.cutoff.isoformat()} is in the future (database now is "
-            f"{now.isoformat()}); refusing to delete rows that have not expired")
     t0 = time.perf_counter()
     rows = cleanup.delete_chunk(engine, tables, args.lo, args.hi, args.cutoff,
                                 lock_timeout_ms=settings.lock_timeout_ms,

@@ -20,6 +20,7 @@ from workers.cleanup import (
     sweep_orphaned_asset_state,
 )
 from workers.coordinator import run_local
+from workers.exceptions import InvalidArgument
 from workers.runs import MemoryRunRegistry
 from workers.schema import Tables
 from workers.settings import Settings
@@ -104,8 +105,9 @@ def test_only_rows_strictly_before_the_cutoff_are_deleted(db: Db) -> None:
 
 
 def test_null_expiry_is_never_deleted(db: Db) -> None:
-    ids = db.add_task_rows([None, db.now - dt.timedelta(days=1), None, db.now + dt.timedelta(1)])
-    cutoff = db.now + FAR_FUTURE
+    ids = db.add_task_rows([None, db.now - dt.timedelta(days=2), None,
+                            db.now - dt.timedelta(days=1)])
+    cutoff = db.now
     chunks = list(plan_chunks(db.engine, db.tables, cutoff, 0))
     assert chunks == [Chunk(1, ids[1], ids[3], 2)]
     assert delete_chunk(db.engine, db.tables, 0, 10**9, cutoff) == 2
@@ -246,6 +248,8 @@ def test_retention_cleanup_never_touches_asset_state(
     assert summary.status == "finished"
     record = registry.get(summary.run_id)
     assert record is not None and record.rows_deleted == 15
-    deleted = delete_chunk(db.engine, db.tables, 0, 10**9, db.now + FAR_FUTURE)
-    assert deleted == 5  # the rows that expire tomorrow; NULL rows stay
+    # A cutoff ahead of the database clock is refused at the DELETE itself: nothing goes.
+    with pytest.raises(InvalidArgument, match="in the future"):
+        delete_chunk(db.engine, db.tables, 0, 10**9, db.now + FAR_FUTURE)
+    assert len(db.task_rows()) == 10  # 5 that expire tomorrow, 5 that never expire
     assert db.asset_rows() == assets_before
