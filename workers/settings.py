@@ -224,9 +224,11 @@ def _parse_database_url(raw: str) -> str:
     raw = _parse_str(raw)
     try:
         url = make_url(raw)
-    except ArgumentError:
+        url.port  # noqa: B018 - a malformed port raises here, not at connect time
+    except (ArgumentError, ValueError):
+        # The parser's own message repeats the whole URL, password included: never shown.
         raise ValueError(
-            "is not a database URL (expected e.g. postgresql://user@host/db)") from None
+            "is not a database URL (expected e.g. postgresql://user@host:5432/db)") from None
     if url.get_backend_name() not in ("postgresql", "sqlite", "mysql", "mariadb"):
         raise ValueError("must be a postgresql://, mysql://, mariadb:// or sqlite:// URL")
     return raw
