@@ -54,6 +54,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_transport_options": {**transport, "unacked_restore_throttle": 1},
         "result_backend_transport_options": transport,
         "broker_connection_retry_on_startup": True,
+        # A chunk running when the broker connection drops finishes its short transaction;
+        # its redelivered copy then deletes nothing. Explicit, as Celery 6 changes the default.
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
         "worker_send_task_events": True,
         "task_send_sent_event": True,
         "task_track_started": True,

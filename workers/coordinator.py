@@ -46,7 +46,7 @@ def check_batch_size(batch_size: Any) -> int:
 @dataclass(frozen=True)
 class RunSummary:
     run_id: str
-    status: str  # started | finished | skipped | custom_backend
+    status: str  # started | finished | skipped | resumed | custom_backend
     cutoff: str = ""
     chunks: int = 0
     expected_rows: int = 0
@@ -101,8 +101,11 @@ class LockKeeper:
 
 def coordinate(settings: Settings, engine: Engine, tables: Tables, registry: RunRegistry,
                dispatch: Dispatch, *, run_id: str | None = None, batch_size: int | None = None,
-               source: str = "beat") -> RunSummary:
-    """Plan one cleanup run and dispatch its chunks; at most one run is active at a time."""
+               source: str = "beat", clock: Callable[[], float] = time.time) -> RunSummary:
+    """Plan one cleanup run and dispatch its chunks; at most one run is active at a time.
+
+    A trigger that finds the active run stalled sends that run's missing chunks again instead
+    (see resume_if_stalled); *clock* is injectable for that check."""
     batch = check_batch_size(settings.cleanup_batch_size if batch_size is None else batch_size)
     run_id = run_id or new_run_id()
     bound = log.bind(run_id=run_id, source=source)
@@ -114,6 +117,9 @@ def coordinate(settings: Settings, engine: Engine, tables: Tables, registry: Run
 
     holder = registry.acquire(run_id, settings.lock_ttl_seconds)
     if holder is not None:
+        resumed = resume_if_stalled(settings, registry, dispatch, holder, clock=clock)
+        if resumed is not None:
+            return resumed
         bound.info("coordinator_skipped_active_run", active_run_id=holder)
         return RunSummary(run_id, "skipped", active_run_id=holder)
 
@@ -131,7 +137,7 @@ def coordinate(settings: Settings, engine: Engine, tables: Tables, registry: Run
                 keeper.check()
                 # Count before sending: a fast worker must never finish a chunk the run has
                 # not yet counted as planned.
-                registry.add_chunk(run_id, chunk.expected)
+                registry.add_chunk(run_id, chunk.expected, (chunk.number, chunk.lo, chunk.hi))
                 dispatch(run_id, chunk, cutoff_iso)
                 chunks += 1
                 expected += chunk.expected
@@ -154,6 +160,38 @@ def coordinate(settings: Settings, engine: Engine, tables: Tables, registry: Run
         registry.fail(run_id, f"{type(exc).__name__}: {exc}")
         bound.error("cleanup_run_failed", error=f"{type(exc).__name__}: {exc}")
         raise
+
+
+def resume_if_stalled(settings: Settings, registry: RunRegistry, dispatch: Dispatch,
+                      active_run_id: str, *, clock: Callable[[], float] = time.time,
+                      ) -> RunSummary | None:
+    """Send again the chunks of the active run that never finished, if it has stalled.
+
+    Redis's BRPOP takes a message off the queue before kombu records it as unacknowledged, so
+    a worker killed between the two loses that message for good: its rows stay (still expired)
+    but the run would hold the single-flight lock until run_timeout_seconds. A run planned and
+    without a finished chunk for settings.stall_after_seconds is past any redelivery, so its
+    missing chunks are sent again; chunks are idempotent and counted once, so a chunk that was
+    only slow costs a no-op DELETE. Returns None when the run is healthy.
+    """
+    record = registry.get(active_run_id)
+    if record is None or record.state != "running" or not record.planning_done:
+        return None
+    now = clock()
+    quiet = now - max(record.planned_at, record.last_progress_at)
+    if quiet < settings.stall_after_seconds:
+        return None
+    missing = registry.missing_chunks(active_run_id)
+    if not missing:
+        return None
+    registry.renew(active_run_id, settings.run_timeout_seconds)
+    registry.note_progress(active_run_id, now)  # one resume per stall period, not per trigger
+    for number, lo, hi in missing:
+        dispatch(active_run_id, cleanup.Chunk(number, lo, hi, 0), record.cutoff)
+    log.warning("cleanup_run_resumed", run_id=active_run_id, chunks=len(missing),
+                quiet_seconds=round(quiet, 1))
+    return RunSummary(active_run_id, "resumed", record.cutoff, len(missing),
+                      active_run_id=active_run_id)
 
 
 def _close_abandoned_runs(registry: RunRegistry, run_id: str) -> None:

@@ -9,6 +9,8 @@ Keys (``<prefix>`` from STATESWEEP_KEY_PREFIX):
                             chunks all vanished frees the lock when the TTL runs out.
   <prefix>:run:<id>         hash: state, cutoff, chunks planned/done, rows, times.
   <prefix>:run:<id>:done    set of chunk numbers already counted (redelivery counts once).
+  <prefix>:run:<id>:chunks  hash chunk number -> "lo:hi", so a stalled run's missing chunks
+                            can be sent again (a message the broker lost is not redelivered).
   <prefix>:runs             sorted set of run ids by start time, for `status`.
 """
 
@@ -38,6 +40,7 @@ class RunRecord:
     planning_done: bool = False
     started_at: float = 0.0
     planned_at: float = 0.0
+    last_progress_at: float = 0.0
     finished_at: float = 0.0
     error: str = ""
 
@@ -60,7 +63,7 @@ class RunRecord:
     def from_hash(cls, h: dict[str, str]) -> RunRecord:
         ints = ("batch_size", "chunks_planned", "chunks_done", "expected_rows", "rows_deleted",
                 "chunks_failed")
-        floats = ("started_at", "planned_at", "finished_at")
+        floats = ("started_at", "planned_at", "finished_at", "last_progress_at")
         kw: dict[str, Any] = {}
         for k in cls.__dataclass_fields__:
             if k not in h:
@@ -79,7 +82,14 @@ class RunRegistry(Protocol):
     def release(self, run_id: str) -> None: ...
     def active_run(self) -> str | None: ...
     def start(self, run_id: str, *, cutoff: str, batch_size: int, source: str) -> None: ...
-    def add_chunk(self, run_id: str, expected: int) -> None: ...
+    def add_chunk(self, run_id: str, expected: int,
+                  chunk: tuple[int, int, int] | None = None) -> None:
+        """Count a planned chunk; with (number, lo, hi), remember its range for a resume."""
+
+    def missing_chunks(self, run_id: str) -> list[tuple[int, int, int]]:
+        """(number, lo, hi) of every remembered chunk of the run not yet counted done."""
+
+    def note_progress(self, run_id: str, at: float) -> None: ...
     def finish_planning(self, run_id: str) -> RunRecord | None:
         """Mark planning done; returns the record if this call finished the run."""
 
@@ -121,6 +131,7 @@ if redis.call('SADD', done, chunk) == 0 then return {0, 0} end
 redis.call('EXPIRE', done, keep)
 redis.call('HINCRBY', run, 'chunks_done', 1)
 redis.call('HINCRBY', run, 'rows_deleted', rows)
+redis.call('HSET', run, 'last_progress_at', now)
 -- Only a planned run's chunks extend the lock (to the run timeout). While planning, the
 -- coordinator renews it with the short lock TTL, so a coordinator killed mid-plan frees it soon.
 if redis.call('GET', lock) == run_id and redis.call('HGET', run, 'planning_done') == '1' then
@@ -210,12 +221,28 @@ class RedisRunRegistry:
         pipe.zremrangebyrank(self._k("runs"), 0, -RECENT_RUNS_KEPT - 1)
         pipe.execute()
 
-    def add_chunk(self, run_id: str, expected: int) -> None:
+    def add_chunk(self, run_id: str, expected: int,
+                  chunk: tuple[int, int, int] | None = None) -> None:
         key = self._k("run", run_id)
         pipe = self.client.pipeline()
         pipe.hincrby(key, "chunks_planned", 1)
         pipe.hincrby(key, "expected_rows", expected)
+        if chunk is not None:
+            number, lo, hi = chunk
+            pipe.hset(self._k("run", run_id, "chunks"), str(number), f"{lo}:{hi}")
+            pipe.expire(self._k("run", run_id, "chunks"), RUN_RETENTION_SECONDS)
         pipe.execute()
+
+    def missing_chunks(self, run_id: str) -> list[tuple[int, int, int]]:
+        ranges: dict[str, str] = self.client.hgetall(  # type: ignore[assignment]
+            self._k("run", run_id, "chunks"))
+        done: set[str] = self.client.smembers(  # type: ignore[assignment]
+            self._k("run", run_id, "done"))
+        return sorted((int(n), *map(int, r.split(":"))) for n, r in ranges.items()  # type: ignore[misc]
+                      if n not in done)
+
+    def note_progress(self, run_id: str, at: float) -> None:
+        self.client.hset(self._k("run", run_id), "last_progress_at", at)
 
     def finish_planning(self, run_id: str) -> RunRecord | None:
         finished = self._finish_planning(keys=[self._k("run", run_id), self._k("lock")],
@@ -262,6 +289,7 @@ class RedisRunRegistry:
 class _MemRun:
     record: dict[str, Any]
     done: set[int] = field(default_factory=set)
+    ranges: dict[int, tuple[int, int]] = field(default_factory=dict)
 
 
 class MemoryRunRegistry:
@@ -307,11 +335,28 @@ class MemoryRunRegistry:
                 "run_id": run_id, "state": "planning", "cutoff": cutoff,
                 "batch_size": batch_size, "source": source, "started_at": time.time()})
 
-    def add_chunk(self, run_id: str, expected: int) -> None:
+    def add_chunk(self, run_id: str, expected: int,
+                  chunk: tuple[int, int, int] | None = None) -> None:
         with self._lock:
-            r = self._runs[run_id].record
+            run = self._runs[run_id]
+            r = run.record
             r["chunks_planned"] = r.get("chunks_planned", 0) + 1
             r["expected_rows"] = r.get("expected_rows", 0) + expected
+            if chunk is not None:
+                run.ranges[chunk[0]] = (chunk[1], chunk[2])
+
+    def missing_chunks(self, run_id: str) -> list[tuple[int, int, int]]:
+        with self._lock:
+            run = self._runs.get(run_id)
+            if run is None:
+                return []
+            return sorted((n, lo, hi) for n, (lo, hi) in run.ranges.items()
+                          if n not in run.done)
+
+    def note_progress(self, run_id: str, at: float) -> None:
+        with self._lock:
+            if run_id in self._runs:
+                self._runs[run_id].record["last_progress_at"] = at
 
     def _finish_if_complete(self, run_id: str) -> RunRecord | None:
         r = self._runs[run_id].record
@@ -340,6 +385,7 @@ class MemoryRunRegistry:
             r = run.record
             r["chunks_done"] = r.get("chunks_done", 0) + 1
             r["rows_deleted"] = r.get("rows_deleted", 0) + rows
+            r["last_progress_at"] = time.time()
             if self._holder() == run_id and r.get("planning_done"):
                 self._owner = (run_id, time.monotonic() + lock_ttl)
             return True, self._finish_if_complete(run_id)

@@ -80,7 +80,7 @@ class Settings:
     run_timeout_seconds: int = 3600
     chunk_soft_time_limit: int = 240
     chunk_time_limit: int = 300
-    visibility_timeout: int = 7200
+    visibility_timeout: int = 1800
     lock_timeout_ms: int = 5000
     statement_timeout_ms: int = 120000
     log_format: str = "console"
@@ -174,6 +174,13 @@ class Settings:
             if urlsplit(url).scheme in ("redis", "rediss"):
                 return url
         return "memory://"
+
+    @property
+    def stall_after_seconds(self) -> int:
+        """A planned run with no finished chunk for this long has lost a message: by then Redis
+        has redelivered any chunk a worker took and died with, and any running chunk has hit
+        its hard limit. The next trigger sends its missing chunks again."""
+        return self.visibility_timeout + self.chunk_time_limit
 
     @property
     def uses_metastore_backend(self) -> bool:

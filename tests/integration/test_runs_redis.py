@@ -238,3 +238,22 @@ def test_a_chunk_that_failed_for_good_ends_the_run_failed_and_frees_the_lock(
     assert reg.chunk_failed("r1", 2, "again") is None
     record = reg.get("r1")
     assert record is not None and record.state == "failed"
+
+
+def test_chunk_ranges_are_kept_so_missing_chunks_can_be_found(
+        redis_url: str, isolation: dict[str, str]) -> None:
+    from workers.runs import RedisRunRegistry
+
+    reg = RedisRunRegistry(redis_url, isolation["STATESWEEP_KEY_PREFIX"])
+    assert reg.acquire("r1", 60) is None
+    reg.start("r1", cutoff="2026-01-01T00:00:00+00:00", batch_size=10, source="test")
+    for number, lo, hi in [(1, 1, 19), (2, 20, 41), (3, 42, 60)]:
+        reg.add_chunk("r1", 10, (number, lo, hi))
+    reg.finish_planning("r1")
+    before = reg.get("r1")
+    assert before is not None and before.last_progress_at == 0.0
+    reg.chunk_done("r1", 2, 10, 600)
+    after = reg.get("r1")
+    assert after is not None and after.last_progress_at >= before.started_at
+    assert reg.missing_chunks("r1") == [(1, 1, 19), (3, 42, 60)]
+    assert reg.missing_chunks("no-such-run") == []

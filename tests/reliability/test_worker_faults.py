@@ -58,14 +58,25 @@ def test_worker_sigkilled_with_chunks_in_flight_loses_no_work(
         # timeout restores them when it connects (kombu's restore_visible).
         time.sleep(max(0.0, killed_at + VISIBILITY + 1 - time.monotonic()))
         started.append(start_worker(env, tmp_path, "c"))
-        record = wait_for_run(env, run_id, timeout=60)
+        # Redelivery brings back what the dead worker held unacknowledged. A message it had
+        # taken off the queue but not yet recorded as unacked (kombu's BRPOP window) is gone
+        # for good; then the next trigger, once the run has stalled, sends its missing chunks.
+        resumed = None
+        try:
+            record = wait_for_run(env, run_id, timeout=p.settings.stall_after_seconds + 5)
+        except TimeoutError:
+            with p.client() as app:
+                resumed = p.trigger(app).get(timeout=30)
+            assert resumed["status"] == "resumed" and resumed["run_id"] == run_id, resumed
+            record = wait_for_run(env, run_id, timeout=60)
     finally:
         for w in started:
             w.stop()
     after = p.counts()
     scenario.after(after)
     scenario.note(chunks=record.chunks_planned, chunks_done_at_kill=at_kill.chunks_done,
-                  unacked_at_kill=in_flight, killed=victims[0].name)
+                  unacked_at_kill=in_flight, killed=victims[0].name,
+                  resumed_chunks=resumed["chunks"] if resumed else 0)
     assert in_flight >= 1
     assert record.state == "finished"
     assert record.chunks_done == record.chunks_planned
@@ -144,3 +155,58 @@ def _wait_for_queue_drained(redis_url: str, queue: str, timeout: float = 60) -> 
     finally:
         client.close()
     raise TimeoutError(f"queue {queue} not drained in {timeout}s")
+
+
+def test_chunk_message_lost_by_the_broker_is_resent_by_the_next_trigger(
+        pg_url: str, seeded: Seeder, isolation: dict[str, str], redis_server: RedisServer,
+        tmp_path: Path, scenario: Scenario) -> None:
+    """kombu's Redis transport BRPOPs a message before it records it as unacknowledged; a
+    worker SIGKILLed in between loses it for good, and no redelivery brings it back. Here the
+    loss is made certain: one chunk message is taken off the queue before any chunk worker
+    runs. The run stalls; the next trigger after the stall period sends the missing chunk."""
+    import redis
+
+    spec = SeedSpec(rows=20_000)
+    engine, tables = seeded(spec)
+    env = pipeline_env(pg_url, redis_server.url, isolation, cleanup_batch_size=1000,
+                       visibility_timeout=VISIBILITY, chunk_time_limit=4,
+                       chunk_soft_time_limit=3)
+    p = Pipeline(env, engine, tables, spec, tmp_path)
+    control, chunks = p.settings.control_queue, p.settings.chunk_queue
+    scenario.before(p.counts())
+    started: list[WorkerProcess] = []
+    try:
+        started.append(start_worker(env, tmp_path, "coord", queues=control))
+        with p.client() as app:
+            summary = p.trigger(app).get(timeout=30)
+            run_id = summary["run_id"]
+            broker = redis.Redis.from_url(redis_server.url)
+            assert broker.llen(chunks) == summary["chunks"] == 11
+            assert broker.rpop(chunks) is not None  # the message the broker lost
+            started.append(start_worker(env, tmp_path, "chunks", queues=chunks))
+            stalled = p.wait_for_state(run_id, ("running",))
+            deadline = time.monotonic() + 30
+            while (stalled := p.registry.get(run_id)) is not None and stalled.chunks_done < 10:
+                assert time.monotonic() < deadline, stalled
+                time.sleep(0.1)
+            # Before the stall period a trigger cannot tell a lost chunk from a slow one.
+            early = p.trigger(app).get(timeout=30)
+            assert early["status"] == "skipped" and early["active_run_id"] == run_id
+            # The stall period counts from the run's last finished chunk (wall clock).
+            quiet_until = stalled.last_progress_at + p.settings.stall_after_seconds + 1
+            time.sleep(max(0.0, quiet_until - time.time()))
+            resumed = p.trigger(app).get(timeout=30)
+        record = wait_for_run(env, run_id, timeout=30)
+    finally:
+        for w in started:
+            w.stop()
+    after = p.counts()
+    scenario.after(after)
+    scenario.note(chunks=record.chunks_planned, lost_messages=1,
+                  resumed_chunks=resumed["chunks"])
+    assert stalled is not None and stalled.chunks_done == 10 and stalled.state == "running"
+    assert resumed["status"] == "resumed" and resumed["run_id"] == run_id
+    assert resumed["chunks"] == 1
+    assert record.state == "finished" and record.chunks_done == record.chunks_planned == 11
+    assert after.expired == 0
+    assert p.rows() == p.survivors()

@@ -548,3 +548,38 @@ def test_a_run_left_planning_by_a_dead_coordinator_is_closed_by_the_next_run(db:
     assert dead is not None and dead.state == "failed" and "abandoned" in dead.error
     assert summary.status == "started" and len(sent) == summary.chunks > 0
     assert [e["run_id"] for e in events(logs, "cleanup_run_abandoned")] == ["dead-run"]
+
+
+def test_a_stalled_run_has_its_lost_chunks_sent_again_by_the_next_trigger(db: Db) -> None:
+    sent, dispatch = collecting(db)
+    summary = coordinator.coordinate(db.settings, db.engine, db.tables, db.registry, dispatch,
+                                     source="test")
+    lost, delivered = sent[1], sent[:1] + sent[2:]  # the broker lost chunk 2's message
+    run_chunks(db, delivered)
+    assert db.registry.active_run() == summary.run_id
+
+    # Within the stall period the run may still be redelivering: a trigger only reports it.
+    early, early_dispatch = collecting(db)
+    quiet = coordinator.coordinate(db.settings, db.engine, db.tables, db.registry,
+                                   early_dispatch, source="beat")
+    assert quiet.status == "skipped" and not early
+
+    later = time.time() + db.settings.stall_after_seconds + 1
+    again, again_dispatch = collecting(db)
+    with capture_logs() as logs:
+        resumed = coordinator.coordinate(db.settings, db.engine, db.tables, db.registry,
+                                         again_dispatch, source="beat", clock=lambda: later)
+    assert resumed.status == "resumed" and resumed.run_id == summary.run_id
+    assert [(s.chunk.number, s.chunk.lo, s.chunk.hi, s.cutoff) for s in again] == [
+        (lost.chunk.number, lost.chunk.lo, lost.chunk.hi, lost.cutoff)]
+    assert [e["chunks"] for e in events(logs, "cleanup_run_resumed")] == [1]
+    # One resume per stall period, not one per trigger.
+    repeat = coordinator.coordinate(db.settings, db.engine, db.tables, db.registry,
+                                    lambda *a: None, source="beat", clock=lambda: later)
+    assert repeat.status == "skipped"
+
+    run_chunks(db, again)
+    record = db.registry.get(summary.run_id)
+    assert record is not None and record.state == "finished"
+    assert record.rows_deleted == EXPIRED and db.registry.active_run() is None
+    assert task_state_rows(db.engine, db.tables) == expected_survivors(SPEC)
