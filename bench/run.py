@@ -44,6 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=10_000, help="rows per chunk / per loop step")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
     p.add_argument("--writer-rate", type=float, default=200.0, help="writer upserts per second")
+    p.add_argument("--chunk-rate-limit", default="",
+                   help="STATESWEEP_CHUNK_RATE_LIMIT for the statesweep workers, e.g. 20/s")
     p.add_argument("--quick", action="store_true", help="shorter idle windows, for development")
     p.add_argument("--pg-url", default=os.environ.get(
         "STATESWEEP_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/test"),
@@ -106,7 +108,8 @@ def measure(args: argparse.Namespace, name: str, keys: list[Key], tmp: Path,
     """One method on a fresh clone of the template, with a writer beside it."""
     tables = build_tables("seed")
     url = data.database_url(args.pg_url, args.database)
-    env = worker_env(url, args.redis_url, f"{tmp.name}-{name}", args.batch)
+    env = worker_env(url, args.redis_url, f"{tmp.name}-{name}", args.batch,
+                     args.chunk_rate_limit)
     fleet = writer = None
     cold: dict[str, Any] = {}
     try:

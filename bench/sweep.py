@@ -24,9 +24,10 @@ from workers.runs import registry_for
 from workers.settings import Settings
 
 
-def worker_env(url: str, redis_url: str, tag: str, batch: int) -> dict[str, str]:
+def worker_env(url: str, redis_url: str, tag: str, batch: int,
+               chunk_rate_limit: str = "") -> dict[str, str]:
     """STATESWEEP_* for this bench run: its own key prefix and queues, JSON logs."""
-    return {
+    env = {
         "STATESWEEP_DATABASE_URL": url,
         "STATESWEEP_BROKER_URL": redis_url,
         "STATESWEEP_RESULT_BACKEND": redis_url,
@@ -37,6 +38,9 @@ def worker_env(url: str, redis_url: str, tag: str, batch: int) -> dict[str, str]
         "STATESWEEP_CLEANUP_BATCH_SIZE": str(batch),
         "STATESWEEP_LOG_FORMAT": "json",
     }
+    if chunk_rate_limit:
+        env["STATESWEEP_CHUNK_RATE_LIMIT"] = chunk_rate_limit
+    return env
 
 
 _SUCCEEDED = re.compile(r"^Task statesweep\.delete_chunk\[[^]]+\] succeeded in ([0-9.e-]+)s")

@@ -83,6 +83,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             DELETE_CHUNK: {"queue": settings.chunk_queue},
         },
         "beat_schedule": build_beat_schedule(settings),
+        # Celery's rate limit is per worker: N workers start at most N x the rate.
+        "task_annotations": ({DELETE_CHUNK: {"rate_limit": settings.chunk_rate_limit}}
+                             if settings.chunk_rate_limit else {}),
     }
 
 

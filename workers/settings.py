@@ -83,6 +83,9 @@ class Settings:
     visibility_timeout: int = 1800
     lock_timeout_ms: int = 5000
     statement_timeout_ms: int = 120000
+    # Chunks per second each worker may start ("20/s", "600/m"); empty means no limit. Trades
+    # cleanup speed for CPU and I/O left to the writers on a busy database.
+    chunk_rate_limit: str = ""
     log_format: str = "console"
     log_level: str = "INFO"
 
@@ -144,6 +147,9 @@ class Settings:
         if self.run_timeout_seconds < max(60, self.lock_ttl_seconds):
             bad("run_timeout_seconds",
                 "must be at least 60 and at least STATESWEEP_LOCK_TTL_SECONDS")
+        if self.chunk_rate_limit and not re.fullmatch(r"\d+(\.\d+)?/[smh]",
+                                                      self.chunk_rate_limit):
+            bad("chunk_rate_limit", "must be a rate like 20/s, 600/m or 1000/h")
         if self.run_store_url and urlsplit(self.run_store_url).scheme not in (
             "redis", "rediss", "memory"
         ):

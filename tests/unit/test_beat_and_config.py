@@ -112,3 +112,15 @@ def test_client_app_carries_the_same_config(settings: Settings) -> None:
     assert client.conf.broker_transport_options == {"visibility_timeout": 200,
                                                     "unacked_restore_throttle": 1}
     assert client.conf.broker_connection_retry_on_startup is True
+
+
+def test_chunk_rate_limit_annotates_only_the_chunk_task() -> None:
+    from workers.celery_app import DELETE_CHUNK, build_app, celery_config
+
+    assert celery_config(Settings.from_env({}))["task_annotations"] == {}
+    limited = Settings.from_env({"STATESWEEP_CHUNK_RATE_LIMIT": "20/s"})
+    assert celery_config(limited)["task_annotations"] == {DELETE_CHUNK: {"rate_limit": "20/s"}}
+    app = build_app(limited)
+    app.loader.import_default_modules()
+    assert app.tasks[DELETE_CHUNK].rate_limit == "20/s"
+    assert app.tasks["statesweep.coordinate"].rate_limit is None
