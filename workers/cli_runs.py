@@ -122,8 +122,7 @@ def run_local(settings: Settings, batch_size: int | None) -> RunRecord:
         raise ServiceUnavailable(
             f"{exc}; a local run takes its lock there so it never overlaps the workers' runs. "
             "With no Redis at all, set STATESWEEP_RUN_STORE_URL=memory://") from exc.__cause__
-    batch = coordinator.check_batch_size(
-        settings.cleanup_batch_size if batch_size is None else batch_size)
+    batch = coordinator.batch_size_for(settings, batch_size)
     with database(settings) as (engine, tables):
         # An estimate for the progress bar; the run fixes its own cutoff.
         expected = cleanup.count_expired(engine, tables, cleanup.read_cutoff(engine))
@@ -156,8 +155,7 @@ def run_local(settings: Settings, batch_size: int | None) -> RunRecord:
 
 def dry_run(settings: Settings, batch_size: int | None) -> dict[str, Any]:
     """What a run now would delete: counts, chunks, top dag_ids, a sample. Deletes nothing."""
-    batch = coordinator.check_batch_size(
-        settings.cleanup_batch_size if batch_size is None else batch_size)
+    batch = coordinator.batch_size_for(settings, batch_size)
     with database(settings) as (engine, tables):
         cutoff = cleanup.read_cutoff(engine)
         summary = cleanup.summarise_expired(engine, tables, cutoff, batch)
@@ -178,8 +176,7 @@ def orphans_dry_run(settings: Settings) -> dict[str, Any]:
 
 
 def orphans_local(settings: Settings, batch_size: int | None) -> dict[str, Any]:
-    batch = coordinator.check_batch_size(
-        settings.cleanup_batch_size if batch_size is None else batch_size)
+    batch = coordinator.batch_size_for(settings, batch_size)
     t0 = time.perf_counter()
     with database(settings) as (engine, tables):
         swept = cleanup.sweep_orphaned_asset_state(

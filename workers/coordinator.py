@@ -43,6 +43,11 @@ def check_batch_size(batch_size: Any) -> int:
     return batch_size
 
 
+def batch_size_for(settings: Settings, batch_size: Any = None) -> int:
+    """The batch size of one run or sweep: the argument if given, else the setting; checked."""
+    return check_batch_size(settings.cleanup_batch_size if batch_size is None else batch_size)
+
+
 @dataclass(frozen=True)
 class RunSummary:
     run_id: str
@@ -106,7 +111,7 @@ def coordinate(settings: Settings, engine: Engine, tables: Tables, registry: Run
 
     A trigger that finds the active run stalled sends that run's missing chunks again instead
     (see resume_if_stalled); *clock* is injectable for that check."""
-    batch = check_batch_size(settings.cleanup_batch_size if batch_size is None else batch_size)
+    batch = batch_size_for(settings, batch_size)
     run_id = run_id or new_run_id()
     bound = log.bind(run_id=run_id, source=source)
 

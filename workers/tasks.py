@@ -127,8 +127,7 @@ def _backoff(retries: int) -> float:
 @app.task(name=SWEEP_ORPHANS, bind=True, max_retries=5)
 def sweep_orphaned_asset_state(self: Task, batch_size: int | None = None) -> dict[str, Any]:
     """Delete asset state of assets that are no longer active, in committed batches."""
-    batch = coordinator.check_batch_size(
-        settings.cleanup_batch_size if batch_size is None else batch_size)
+    batch = coordinator.batch_size_for(settings, batch_size)
     # Not a cleanup run, but its lines carry a run id like every task's; stable across retries.
     run_id = f"orphans-{self.request.id}"
     structlog.contextvars.bind_contextvars(run_id=run_id)
