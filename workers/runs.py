@@ -123,13 +123,20 @@ local function finish_if_complete(run, lock, run_id, now)
 end
 """
 
-_CHUNK_DONE = _FINISH_IF_COMPLETE + """
+# Counts a chunk once, whether it deleted its rows (err '') or failed for good (err set).
+_COUNT_CHUNK = _FINISH_IF_COMPLETE + """
 local run, done, lock = KEYS[1], KEYS[2], KEYS[3]
-local run_id, chunk, rows, now, ttl, keep = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local run_id, chunk, rows, now, ttl, keep, err =
+  ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 if redis.call('EXISTS', run) == 0 then return {-1, 0} end
 if redis.call('SADD', done, chunk) == 0 then return {0, 0} end
 redis.call('EXPIRE', done, keep)
 redis.call('HINCRBY', run, 'chunks_done', 1)
+if err ~= '' then
+  redis.call('HINCRBY', run, 'chunks_failed', 1)
+  redis.call('HSET', run, 'error', err)
+  return {1, finish_if_complete(run, lock, run_id, now)}
+end
 redis.call('HINCRBY', run, 'rows_deleted', rows)
 redis.call('HSET', run, 'last_progress_at', now)
 -- Only a planned run's chunks extend the lock (to the run timeout). While planning, the
@@ -137,18 +144,6 @@ redis.call('HSET', run, 'last_progress_at', now)
 if redis.call('GET', lock) == run_id and redis.call('HGET', run, 'planning_done') == '1' then
   redis.call('EXPIRE', lock, ttl)
 end
-return {1, finish_if_complete(run, lock, run_id, now)}
-"""
-
-_CHUNK_FAILED = _FINISH_IF_COMPLETE + """
-local run, done, lock = KEYS[1], KEYS[2], KEYS[3]
-local run_id, chunk, err, now, keep = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-if redis.call('EXISTS', run) == 0 then return {-1, 0} end
-if redis.call('SADD', done, chunk) == 0 then return {0, 0} end
-redis.call('EXPIRE', done, keep)
-redis.call('HINCRBY', run, 'chunks_done', 1)
-redis.call('HINCRBY', run, 'chunks_failed', 1)
-redis.call('HSET', run, 'error', err)
 return {1, finish_if_complete(run, lock, run_id, now)}
 """
 
@@ -178,8 +173,7 @@ class RedisRunRegistry:
                                            socket_connect_timeout=5, socket_timeout=10,
                                            health_check_interval=30)
         self.prefix = prefix
-        self._chunk_done = self.client.register_script(_CHUNK_DONE)
-        self._chunk_failed = self.client.register_script(_CHUNK_FAILED)
+        self._count_chunk = self.client.register_script(_COUNT_CHUNK)
         self._finish_planning = self.client.register_script(_FINISH_PLANNING)
         self._renew = self.client.register_script(_RENEW)
         self._release = self.client.register_script(_RELEASE)
@@ -249,22 +243,22 @@ class RedisRunRegistry:
                                          args=[run_id, time.time()])
         return self.get(run_id) if finished else None
 
-    def chunk_done(self, run_id: str, chunk: int, rows: int,
-                   lock_ttl: int) -> tuple[bool, RunRecord | None]:
-        counted, finished = self._chunk_done(
+    def _count(self, run_id: str, chunk: int, rows: int, lock_ttl: int,
+               error: str) -> tuple[bool, RunRecord | None]:
+        counted, finished = self._count_chunk(
             keys=[self._k("run", run_id), self._k("run", run_id, "done"), self._k("lock")],
-            args=[run_id, chunk, rows, time.time(), lock_ttl, RUN_RETENTION_SECONDS],
+            args=[run_id, chunk, rows, time.time(), lock_ttl, RUN_RETENTION_SECONDS, error],
         )
         return counted == 1, (self.get(run_id) if finished else None)
+
+    def chunk_done(self, run_id: str, chunk: int, rows: int,
+                   lock_ttl: int) -> tuple[bool, RunRecord | None]:
+        return self._count(run_id, chunk, rows, lock_ttl, "")
 
     def chunk_failed(self, run_id: str, chunk: int, error: str) -> RunRecord | None:
         """Count a chunk that failed for good as done-but-failed; returns the record if this
         call ended the run (then in state 'failed')."""
-        _counted, finished = self._chunk_failed(
-            keys=[self._k("run", run_id), self._k("run", run_id, "done"), self._k("lock")],
-            args=[run_id, chunk, error[:500], time.time(), RUN_RETENTION_SECONDS],
-        )
-        return self.get(run_id) if finished else None
+        return self._count(run_id, chunk, 0, 0, error[:500] or "chunk failed")[1]
 
     def fail(self, run_id: str, error: str) -> None:
         key = self._k("run", run_id)
@@ -375,15 +369,22 @@ class MemoryRunRegistry:
                                              state="running")
             return self._finish_if_complete(run_id)
 
+    def _count(self, run_id: str, chunk: int) -> dict[str, Any] | None:
+        """Mark *chunk* done once (caller holds the lock); its run's record, or None if the run
+        is unknown or the chunk was already counted."""
+        run = self._runs.get(run_id)
+        if run is None or chunk in run.done:
+            return None
+        run.done.add(chunk)
+        run.record["chunks_done"] = run.record.get("chunks_done", 0) + 1
+        return run.record
+
     def chunk_done(self, run_id: str, chunk: int, rows: int,
                    lock_ttl: int) -> tuple[bool, RunRecord | None]:
         with self._lock:
-            run = self._runs.get(run_id)
-            if run is None or chunk in run.done:
+            r = self._count(run_id, chunk)
+            if r is None:
                 return False, None
-            run.done.add(chunk)
-            r = run.record
-            r["chunks_done"] = r.get("chunks_done", 0) + 1
             r["rows_deleted"] = r.get("rows_deleted", 0) + rows
             r["last_progress_at"] = time.time()
             if self._holder() == run_id and r.get("planning_done"):
@@ -392,12 +393,9 @@ class MemoryRunRegistry:
 
     def chunk_failed(self, run_id: str, chunk: int, error: str) -> RunRecord | None:
         with self._lock:
-            run = self._runs.get(run_id)
-            if run is None or chunk in run.done:
+            r = self._count(run_id, chunk)
+            if r is None:
                 return None
-            run.done.add(chunk)
-            r = run.record
-            r["chunks_done"] = r.get("chunks_done", 0) + 1
             r["chunks_failed"] = r.get("chunks_failed", 0) + 1
             r["error"] = error[:500]
             return self._finish_if_complete(run_id)
