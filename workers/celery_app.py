@@ -18,13 +18,11 @@ from sqlalchemy import Engine
 
 from workers.db import forget_engines_after_fork, get_engine
 from workers.exceptions import SettingsError
+from workers.exit_codes import EXIT_SETTINGS
 from workers.logs import configure_logging
 from workers.runs import RunRegistry, registry_for
 from workers.schema import Tables, resolve_tables
 from workers.settings import Settings, get_settings
-
-# The CLI's exit code for an invalid setting (workers.cli.EXIT_SETTINGS), for worker and beat too.
-EXIT_SETTINGS = 3
 
 COORDINATE = "statesweep.coordinate"
 DELETE_CHUNK = "statesweep.delete_chunk"

@@ -1,0 +1,13 @@
+"""Exit codes of every statesweep process: the CLI, and worker and beat failing at start-up."""
+
+# 1 is left to Python and click for unexpected errors.
+EXIT_OK = 0
+EXIT_FAILURE = 1  # an unexpected error (the traceback says where), or a run or task failed
+EXIT_USAGE = 2  # click's own: an unknown option or a missing argument
+EXIT_SETTINGS = 3  # a STATESWEEP_* / AIRFLOW__* setting is invalid
+EXIT_SCHEMA = 4  # the database lacks the tables or columns statesweep needs
+EXIT_REFUSED = 5  # statesweep refused to act (e.g. alter an Airflow database, or a run is active)
+EXIT_BAD_ARGUMENT = 6  # an argument is invalid, or names a run that does not exist
+EXIT_UNHEALTHY = 7  # `doctor` found a problem
+EXIT_UNAVAILABLE = 8  # a database, broker or run store could not be reached
+EXIT_INTERRUPTED = 130  # Ctrl-C: following stopped (a dispatched run goes on)
