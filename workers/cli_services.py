@@ -17,7 +17,7 @@ from sqlalchemy import Engine
 from workers.exceptions import StatesweepError
 from workers.runs import RunRegistry, registry_for
 from workers.schema import Tables, resolve_tables
-from workers.settings import Settings, mask_url
+from workers.settings import Settings, is_redis, mask_url
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -29,10 +29,6 @@ QUICK_RETRY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.5, "int
 
 class ServiceUnavailable(StatesweepError):
     """A database, broker or run store could not be reached; the message names which."""
-
-
-def is_redis(url: str) -> bool:
-    return urlsplit(url).scheme in ("redis", "rediss")
 
 
 @contextmanager

@@ -18,11 +18,10 @@ from workers.cli_services import (
     check_broker,
     client_app,
     database,
-    is_redis,
     ping_redis,
 )
 from workers.schema import Tables
-from workers.settings import Settings, mask_url
+from workers.settings import Settings, is_redis, mask_url
 
 CONTROL_TIMEOUT = 1.5  # seconds workers get to answer a ping or an inspect
 

@@ -177,7 +177,7 @@ class Settings:
         if self.run_store_url:
             return self.run_store_url
         for url in (self.result_backend, self.broker_url):
-            if urlsplit(url).scheme in ("redis", "rediss"):
+            if is_redis(url):
                 return url
         return "memory://"
 
@@ -317,6 +317,10 @@ def parse_schedule(raw: str) -> float | tuple[str, str, str, str, str]:
     if seconds <= 0:
         raise ValueError("must be a positive number of seconds")
     return seconds
+
+
+def is_redis(url: str) -> bool:
+    return urlsplit(url).scheme in ("redis", "rediss")
 
 
 def import_string(path: str) -> Any:
