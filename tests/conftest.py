@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from tests.services import (
 )
 from workers.db import db_now, make_engine
 from workers.schema import Tables, build_tables, upgrade
+from workers.seed import SeedCounts, SeedSpec, seed
 from workers.settings import Settings
 
 DIALECTS = ["sqlite", "postgresql", "mariadb"]
@@ -97,3 +99,25 @@ def create_schema(url: str, naming: str = "seed") -> tuple[Engine, Tables]:
 def database_now(engine: Engine) -> dt.datetime:
     with engine.connect() as conn:
         return db_now(conn)
+
+
+@dataclass(frozen=True)
+class SeededPostgres:
+    """A fresh PostgreSQL database seeded with *spec*, and the STATESWEEP_* env that points
+    workers and the CLI at it and at the test Redis, with this test's prefix and queues."""
+
+    env: dict[str, str]
+    engine: Engine
+    tables: Tables
+    spec: SeedSpec
+    counts: SeedCounts
+
+
+def seed_postgres(pg_url: str, isolation: dict[str, str], rows: int) -> SeededPostgres:
+    require("Redis", "127.0.0.1", 6379)
+    engine, tables = create_schema(pg_url)
+    spec = SeedSpec(rows=rows)
+    counts = seed(engine, tables, spec, database_now(engine))
+    env = {"STATESWEEP_DATABASE_URL": pg_url, "STATESWEEP_BROKER_URL": REDIS_URL,
+           "STATESWEEP_RESULT_BACKEND": REDIS_URL, **isolation}
+    return SeededPostgres(env, engine, tables, spec, counts)

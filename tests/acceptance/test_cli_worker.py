@@ -16,9 +16,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 
-from tests.conftest import create_schema, database_now
+from tests.conftest import seed_postgres
 from tests.processes import CELERY, ROOT, child_env, wait_for_run, workers
-from tests.services import REDIS_URL, require
 from workers import seed
 from workers.cli import EXIT_OK
 from workers.schema import Tables
@@ -53,17 +52,12 @@ class Deployment:
 @pytest.fixture
 def deployment(pg_url: str, isolation: dict[str, str], tmp_path: Path) -> Iterator[Deployment]:
     """A seeded database and one running worker consuming this test's queues."""
-    require("Redis", "127.0.0.1", 6379)
-    engine, tables = create_schema(pg_url)
-    spec = seed.SeedSpec(rows=ROWS)
-    counts = seed.seed(engine, tables, spec, database_now(engine))
-    env = {"STATESWEEP_DATABASE_URL": pg_url, "STATESWEEP_BROKER_URL": REDIS_URL,
-           "STATESWEEP_RESULT_BACKEND": REDIS_URL, **isolation}
+    db = seed_postgres(pg_url, isolation, ROWS)
     try:
-        with workers(env, tmp_path, count=1, concurrency=2):
-            yield Deployment(env, engine, tables, spec, counts)
+        with workers(db.env, tmp_path, count=1, concurrency=2):
+            yield Deployment(db.env, db.engine, db.tables, db.spec, db.counts)
     finally:
-        engine.dispose()
+        db.engine.dispose()
 
 
 def test_cleanup_wait_reports_what_it_deleted_and_status_shows_the_run(

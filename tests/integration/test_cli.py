@@ -19,9 +19,9 @@ import redis
 from click.testing import CliRunner, Result
 from sqlalchemy import Engine, func, select, text
 
-from tests.conftest import create_schema, database_now
+from tests.conftest import seed_postgres
 from tests.processes import child_env
-from tests.services import REDIS_URL, require
+from tests.services import REDIS_URL
 from workers import seed
 from workers.cli import (
     EXIT_BAD_ARGUMENT,
@@ -107,16 +107,11 @@ def restore_logging() -> Iterator[None]:
 
 @pytest.fixture
 def seeded(pg_url: str, isolation: dict[str, str]) -> Iterator[Seeded]:
-    require("Redis", "127.0.0.1", 6379)
-    engine, tables = create_schema(pg_url)
-    spec = seed.SeedSpec(rows=ROWS)
-    counts = seed.seed(engine, tables, spec, database_now(engine))
-    env = {"STATESWEEP_DATABASE_URL": pg_url, "STATESWEEP_BROKER_URL": REDIS_URL,
-           "STATESWEEP_RESULT_BACKEND": REDIS_URL, **isolation}
+    db = seed_postgres(pg_url, isolation, ROWS)
     try:
-        yield Seeded(env, engine, tables, spec, counts)
+        yield Seeded(db.env, db.engine, db.tables, db.spec, db.counts)
     finally:
-        engine.dispose()
+        db.engine.dispose()
 
 
 def test_dry_run_counts_the_expired_rows_and_deletes_nothing(seeded: Seeded) -> None:
