@@ -1,5 +1,5 @@
-"""Celery beat's schedule for statesweep: the coordinator and the orphan sweep, each on its own
-period from settings (seconds, or a five-field crontab).
+"""Celery beat's schedule for statesweep: the coordinator, the pump (the active run's heartbeat)
+and the orphan sweep, each on its own period from settings (seconds, or a five-field crontab).
 
 Each entry carries ``expires``: a beat that fires while no worker consumes (a backlog after an
 outage) leaves messages that expire instead of piling up runs. The coordinator's single-flight
@@ -17,6 +17,7 @@ from workers.settings import Settings, get_settings, parse_schedule
 
 COORDINATE = "statesweep.coordinate"
 SWEEP_ORPHANS = "statesweep.sweep_orphaned_asset_state"
+PUMP = "statesweep.pump"
 CRONTAB_EXPIRES_SECONDS = 300.0
 
 
@@ -40,6 +41,15 @@ def build_beat_schedule(settings: Settings | None = None) -> dict[str, dict[str,
             "schedule": coord,
             "kwargs": {"source": "beat"},
             "options": {"queue": settings.control_queue, "expires": coord_expires},
+        },
+        # The active run's heartbeat: a window that nothing else tops up (a hold that lifted by
+        # itself, a message lost) moves again within one interval. Without an active run the
+        # pump returns at once; expiring it keeps a backlog from piling up.
+        "statesweep-pump": {
+            "task": PUMP,
+            "schedule": settings.pump_interval_seconds,
+            "options": {"queue": settings.control_queue,
+                        "expires": settings.pump_interval_seconds},
         },
         "statesweep-sweep-orphaned-asset-state": {
             "task": SWEEP_ORPHANS,

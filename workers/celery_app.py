@@ -27,6 +27,11 @@ from workers.settings import Settings, get_settings
 COORDINATE = "statesweep.coordinate"
 DELETE_CHUNK = "statesweep.delete_chunk"
 SWEEP_ORPHANS = "statesweep.sweep_orphaned_asset_state"
+PUMP = "statesweep.pump"
+PAUSE = "statesweep.pause"
+RESUME = "statesweep.resume"
+ABORT = "statesweep.abort"
+CONTROL_TASKS = (COORDINATE, SWEEP_ORPHANS, PUMP, PAUSE, RESUME, ABORT)
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -76,14 +81,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_default_queue": settings.control_queue,
         "task_create_missing_queues": False,
         "task_routes": {
-            COORDINATE: {"queue": settings.control_queue},
-            SWEEP_ORPHANS: {"queue": settings.control_queue},
+            **{name: {"queue": settings.control_queue} for name in CONTROL_TASKS},
             DELETE_CHUNK: {"queue": settings.chunk_queue},
         },
         "beat_schedule": build_beat_schedule(settings),
-        # Celery's rate limit is per worker: N workers start at most N x the rate.
-        "task_annotations": ({DELETE_CHUNK: {"rate_limit": settings.chunk_rate_limit}}
-                             if settings.chunk_rate_limit else {}),
+        # STATESWEEP_CHUNK_RATE_LIMIT is statesweep's own, shared by all workers (the run
+        # store hands out start slots): Celery's rate_limit is per worker process and, with
+        # prefork and Redis, fell to 1 chunk/s after a burst.
     }
 
 

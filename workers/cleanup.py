@@ -1,36 +1,27 @@
 """Every cleanup statement statesweep runs, each built here and commented with why.
 
-The rules these statements keep (shared/DESIGN.md):
+The rules these statements keep:
 - a row is deleted only if ``expires_at < cutoff`` holds at the moment of its DELETE, so each
   DELETE repeats the predicate and a row refreshed after planning survives;
 - NULL expires_at never matches ``<``, so never-expiring rows are never deleted;
 - every statement runs in its own short transaction; no transaction spans chunks;
-- planning keeps O(1) ids in memory: the server walks the ids, Python sees two per chunk.
+- planning reads no rows: planners (workers.planners) cut ranges from probes, and a chunk
+  message carries a range, never a list of ids.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, delete, exists, func, select, tuple_
+from sqlalchemy import Connection, Delete, Engine, and_, delete, exists, func, select, text, tuple_
 
 from workers.db import begin_chunk, db_now, set_timeouts
 from workers.exceptions import InvalidArgument
+from workers.planners.base import BLOCKS, ChunkRange
 from workers.schema import Tables
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """Ids ``lo..hi`` (inclusive) holding ``expected`` rows expired at planning time."""
-
-    number: int
-    lo: int
-    hi: int
-    expected: int
 
 
 def read_cutoff(engine: Engine) -> dt.datetime:
@@ -39,84 +30,62 @@ def read_cutoff(engine: Engine) -> dt.datetime:
         return db_now(conn)
 
 
-# --- planning -----------------------------------------------------------------------------------
-
-
-def plan_chunks(engine: Engine, tables: Tables, cutoff: dt.datetime,
-                batch_size: int) -> Iterator[Chunk]:
-    """Yield id ranges each holding ``batch_size`` expired rows, in id order, as they are cut.
-
-    Each step asks the server for the ``batch_size``-th expired id after the previous range
-    (``ORDER BY id LIMIT 2 OFFSET batch_size-1``): the primary-key index is walked on the server
-    and two ids come back, that range's end and the next range's start. Every query is its own
-    autocommit transaction, so planning a huge table holds no snapshot open and the caller can
-    send each chunk the moment it is cut. ``batch_size`` 0 means one chunk for everything.
-    """
-    t = tables.task_state
-    expired = t.c.expires_at < cutoff
-    with engine.connect() as conn:
-        # Autocommit: each query below is its own transaction, so no snapshot is held across
-        # the plan; one connection spares a pool checkout and pre-ping per step.
-        conn.execution_options(isolation_level="AUTOCOMMIT")
-        first = conn.execute(select(func.min(t.c.id)).where(expired)).scalar_one_or_none()
-        if first is None:
-            return
-        if batch_size == 0:
-            hi, count = conn.execute(
-                select(func.max(t.c.id), func.count()).where(expired)
-            ).one()
-            yield Chunk(1, int(first), int(hi), int(count))
-            return
-
-        lo = int(first)
-        number = 0
-        while True:
-            number += 1
-            ids = conn.execute(
-                select(t.c.id).where(t.c.id >= lo, expired)
-                .order_by(t.c.id).limit(2).offset(batch_size - 1)
-            ).scalars().all()
-            if ids:
-                chunk = Chunk(number, lo, int(ids[0]), batch_size)
-            else:
-                # Fewer than batch_size expired rows are left: the last range ends at the last
-                # one. Walk the primary key backwards so only the tail is read.
-                hi = conn.execute(
-                    select(t.c.id).where(t.c.id >= lo, expired).order_by(t.c.id.desc()).limit(1)
-                ).scalar_one_or_none()
-                if hi is None:
-                    return
-                count = conn.execute(
-                    select(func.count()).where(t.c.id.between(lo, hi), expired)
-                ).scalar_one()
-                chunk = Chunk(number, lo, int(hi), int(count))
-            yield chunk
-            if len(ids) < 2:
-                return
-            lo = int(ids[1])
-
-
 # --- deleting -----------------------------------------------------------------------------------
 
 
-def delete_chunk(engine: Engine, tables: Tables, lo: int, hi: int, cutoff: dt.datetime,
-                 *, lock_timeout_ms: int = 5000, statement_timeout_ms: int = 120000) -> int:
-    """Delete the rows of ids lo..hi still expired at *cutoff*; commit; return rows deleted.
-
-    The predicate is re-checked here, at DELETE time: a row refreshed after planning has a new
-    expires_at and survives. Running it twice deletes nothing the second time (idempotent).
-    """
+def range_condition(tables: Tables, rng: ChunkRange) -> list[Any]:
+    """The chunk's range as SQL: heap pages for ``blocks`` (a Tid Range Scan on PostgreSQL
+    >= 14), primary-key values otherwise. Half-open; ``hi`` None runs to the end of the table."""
     t = tables.task_state
-    stmt = delete(t).where(t.c.id.between(lo, hi), t.c.expires_at < cutoff)
+    cond: list[Any]
+    if rng.kind == BLOCKS:
+        cond = [text("ctid >= CAST(:ctid_lo AS tid)").bindparams(ctid_lo=f"({rng.lo},0)")]
+        if rng.hi is not None:
+            cond.append(text("ctid < CAST(:ctid_hi AS tid)").bindparams(ctid_hi=f"({rng.hi},0)"))
+        return cond
+    cond = [t.c.id >= rng.lo]
+    if rng.hi is not None:
+        cond.append(t.c.id < rng.hi)
+    return cond
+
+
+def delete_statement(tables: Tables, rng: ChunkRange, cutoff: dt.datetime) -> Delete:
+    """DELETE one chunk's rows that are still expired at *cutoff*. The predicate is repeated
+    here, whatever the plan said: a row refreshed after planning has a new expires_at and
+    survives; NULL never compares below the cutoff, so never-expiring rows stay."""
+    t = tables.task_state
+    return delete(t).where(*range_condition(tables, rng), t.c.expires_at < cutoff)
+
+
+def delete_range(engine: Engine, tables: Tables, rng: ChunkRange, cutoff: dt.datetime,
+                 *, lock_timeout_ms: int = 5000, statement_timeout_ms: int = 120000,
+                 max_lag_seconds: float | None = None) -> int:
+    """Delete one chunk in its own transaction; commit; return rows deleted.
+
+    Running it twice deletes nothing the second time (idempotent). With *max_lag_seconds*, the
+    replica lag is read in the same round trip that opens the transaction, and a lag over the
+    limit rolls back before the DELETE (ReplicaLagging): no chunk starts while replicas lag.
+    """
     with engine.begin() as conn:
-        now = begin_chunk(conn, lock_timeout_ms, statement_timeout_ms)
+        began = begin_chunk(conn, lock_timeout_ms, statement_timeout_ms,
+                            with_lag=max_lag_seconds is not None)
         # The one clock: a cutoff ahead of the database's now would delete rows that have not
         # expired yet (a forged or corrupted message); refuse before the DELETE.
-        if cutoff > now:
+        if cutoff > began.now:
             raise InvalidArgument(
                 f"cutoff {cutoff.isoformat()} is in the future (database now is "
-                f"{now.isoformat()}); refusing to delete rows that have not expired")
-        return int(conn.execute(stmt).rowcount)
+                f"{began.now.isoformat()}); refusing to delete rows that have not expired")
+        if max_lag_seconds is not None and began.lag is not None and began.lag > max_lag_seconds:
+            raise ReplicaLagging(began.lag)
+        return int(conn.execute(delete_statement(tables, rng, cutoff)).rowcount)
+
+
+class ReplicaLagging(Exception):
+    """A replica lags more than STATESWEEP_MAX_REPLICA_LAG_SECONDS; the chunk did not start."""
+
+    def __init__(self, lag: float) -> None:
+        super().__init__(f"replica lag {lag:.1f} s")
+        self.lag = lag
 
 
 # --- orphaned asset state -----------------------------------------------------------------------

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from workers import cleanup, coordinator
+from workers import chunk, cleanup, coordinator
 from workers.cli_progress import FollowInterrupted, ProgressBar, Snapshot
 from workers.cli_services import (
     ServiceUnavailable,
@@ -131,14 +131,14 @@ def run_local(settings: Settings, batch_size: int | None) -> RunRecord:
         done = {"chunks": 0, "rows": 0}
         t0 = time.monotonic()
 
-        def on_chunk(_chunk: cleanup.Chunk, rows: int) -> None:
+        def on_chunk(_number: int, _range: object, rows: int) -> None:
             done["chunks"] += 1
             done["rows"] += rows
             bar.update(Snapshot(done["chunks"], max(chunks, done["chunks"]), done["rows"],
                                 expected, time.monotonic() - t0))
 
         try:
-            summary = coordinator.run_local(settings, engine, tables, registry,
+            summary = chunk.run_local(settings, engine, tables, registry,
                                             batch_size=batch, source="cli-local",
                                             on_chunk=on_chunk)
         finally:

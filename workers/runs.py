@@ -1,45 +1,59 @@
-"""Where cleanup runs are recorded and the single-flight lock lives.
+"""Where cleanup runs are recorded, their in-flight window kept, and the single-flight lock lives.
 
-Redis in every real deployment, so the CLI, Flower users and every worker see the same runs. An
-in-process store serves the zero-service demo, where coordinator and worker share one process.
+Redis in every real deployment, so the CLI, Flower users and every worker on every host see the
+same runs. ``memory://`` (the zero-service demo, coordinator and worker in one process) runs the
+very same Lua scripts on an in-process Redis (fakeredis), so there is one implementation.
 
 Keys (``<prefix>`` from STATESWEEP_KEY_PREFIX):
-  <prefix>:lock             owner token = the active run id; TTL renewed while planning and on
-                            every finished chunk, deleted when the run finishes; a run whose
-                            chunks all vanished frees the lock when the TTL runs out.
-  <prefix>:run:<id>         hash: state, cutoff, chunks planned/done, rows, times.
-  <prefix>:run:<id>:done    set of chunk numbers already counted (redelivery counts once).
-  <prefix>:run:<id>:chunks  hash chunk number -> "lo:hi", so a stalled run's missing chunks
-                            can be sent again (a message the broker lost is not redelivered).
-  <prefix>:runs             sorted set of run ids by start time, for `status`.
+  <prefix>:lock                 the active run's id; TTL renewed by every finished chunk and pump
+  <prefix>:pause                hash by/reason/at/until while paused (TTL = until, if given)
+  <prefix>:run:<id>             hash: state, cutoff, plan (kind, cursor, end, size), counts, times
+  <prefix>:run:<id>:inflight    hash chunk number -> "lo:hi|sent_at|s" (sent) or "|p" (parked):
+                                the window; a chunk message must match its entry to delete
+  <prefix>:runs                 sorted set of run ids by start time, for `status`
+  <prefix>:triggers             hash: the last trigger of each outcome (for `doctor`)
 """
 
 from __future__ import annotations
 
-import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from workers import runs_lua
+from workers.planners.base import ChunkRange, Plan
 
 RUN_RETENTION_SECONDS = 7 * 24 * 3600
 RECENT_RUNS_KEPT = 200
+ENDED = ("finished", "failed", "aborted", "skipped")
 
 
 @dataclass(frozen=True)
 class RunRecord:
     run_id: str
-    state: str  # planning | running | finished | failed
+    state: str  # queued | running | finished | failed | aborted | skipped
     cutoff: str = ""
     batch_size: int = 0
     source: str = ""
+    planner: str = ""
+    planner_reason: str = ""
+    kind: str = ""
+    start: int = 0
+    end: int = 0
+    cursor: int = 0
+    size: int = 0
     chunks_planned: int = 0
     chunks_done: int = 0
     expected_rows: int = 0
     rows_deleted: int = 0
     chunks_failed: int = 0
     planning_done: bool = False
+    held: str = ""
+    held_since: float = 0.0
+    holds: int = 0
     started_at: float = 0.0
     planned_at: float = 0.0
+    window_started_at: float = 0.0
     last_progress_at: float = 0.0
     finished_at: float = 0.0
     error: str = ""
@@ -53,381 +67,306 @@ class RunRecord:
     def rows_per_second(self) -> float:
         return self.rows_deleted / self.duration if self.duration > 0 else 0.0
 
+    @property
+    def estimated_chunks(self) -> int:
+        """Chunks cut so far plus those the rest of the plan would make at the current size."""
+        if self.planning_done or self.size <= 0:
+            return self.chunks_planned
+        return self.chunks_planned + max(1, -(-(self.end - self.cursor) // self.size))
+
+    @property
+    def ended(self) -> bool:
+        return self.state in ENDED
+
     def as_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
         d["duration"] = round(self.duration, 3)
         d["rows_per_second"] = round(self.rows_per_second, 1)
+        d["estimated_chunks"] = self.estimated_chunks
         return d
 
     @classmethod
     def from_hash(cls, h: dict[str, str]) -> RunRecord:
-        ints = ("batch_size", "chunks_planned", "chunks_done", "expected_rows", "rows_deleted",
-                "chunks_failed")
-        floats = ("started_at", "planned_at", "finished_at", "last_progress_at")
         kw: dict[str, Any] = {}
-        for k in cls.__dataclass_fields__:
-            if k not in h:
+        for f in fields(cls):
+            if f.name not in h or h[f.name] == "" and f.type != "str":
                 continue
-            v = h[k]
-            kw[k] = int(v) if k in ints else float(v) if k in floats else (
-                v == "1" if k == "planning_done" else v)
+            v = h[f.name]
+            kw[f.name] = (v == "1" if f.type == "bool" else int(float(v)) if f.type == "int"
+                          else float(v) if f.type == "float" else v)
         return cls(**kw)
 
 
-class RunRegistry(Protocol):
-    def acquire(self, run_id: str, ttl: int) -> str | None:
-        """Take the lock for *run_id*; None on success, else the run id that holds it."""
+@dataclass(frozen=True)
+class Window:
+    """What a step that may top up the window returns: the chunks to send now, the room the
+    caller must fill by cutting walk chunks, and why the run is held (empty = not held)."""
 
-    def renew(self, run_id: str, ttl: int) -> bool: ...
-    def release(self, run_id: str) -> None: ...
-    def active_run(self) -> str | None: ...
-    def start(self, run_id: str, *, cutoff: str, batch_size: int, source: str) -> None: ...
-    def add_chunk(self, run_id: str, expected: int,
-                  chunk: tuple[int, int, int] | None = None) -> None:
-        """Count a planned chunk; with (number, lo, hi), remember its range for a resume."""
-
-    def missing_chunks(self, run_id: str) -> list[tuple[int, int, int]]:
-        """(number, lo, hi) of every remembered chunk of the run not yet counted done."""
-
-    def note_progress(self, run_id: str, at: float) -> None: ...
-    def finish_planning(self, run_id: str) -> RunRecord | None:
-        """Mark planning done; returns the record if this call finished the run."""
-
-    def chunk_done(self, run_id: str, chunk: int, rows: int,
-                   lock_ttl: int) -> tuple[bool, RunRecord | None]:
-        """Count a chunk once. Returns (counted, record-if-this-call-finished-the-run)."""
-
-    def chunk_failed(self, run_id: str, chunk: int, error: str) -> RunRecord | None:
-        """Count a chunk that failed for good; returns the record if this ended the run."""
-
-    def fail(self, run_id: str, error: str) -> None: ...
-    def get(self, run_id: str) -> RunRecord | None: ...
-    def recent(self, limit: int = 10) -> list[RunRecord]: ...
+    chunks: list[tuple[int, ChunkRange]] = field(default_factory=list)
+    walk_room: int = 0
+    held: str = ""
+    new_hold: bool = False  # this step started a hold episode: log it, once
+    finished: RunRecord | None = None
 
 
-# Both scripts run atomically in Redis: the run finishes exactly once, whichever of the
-# coordinator (planning done last) and a chunk (done last) gets there second.
-_FINISH_IF_COMPLETE = """
-local function finish_if_complete(run, lock, run_id, now)
-  local h = redis.call('HMGET', run, 'planning_done', 'chunks_planned', 'chunks_done', 'state')
-  if h[1] == '1' and tonumber(h[3]) >= tonumber(h[2]) and h[4] ~= 'finished'
-      and h[4] ~= 'failed' then
-    -- A run with a chunk that failed for good ends 'failed': its rows wait for the next run.
-    local final = 'finished'
-    if tonumber(redis.call('HGET', run, 'chunks_failed') or '0') > 0 then final = 'failed' end
-    redis.call('HSET', run, 'state', final, 'finished_at', now)
-    if redis.call('GET', lock) == run_id then redis.call('DEL', lock) end
-    return 1
-  end
-  return 0
-end
-"""
+@dataclass(frozen=True)
+class Pause:
+    by: str
+    reason: str
+    at: float
+    until: float  # 0 = until resumed
 
-# Counts a chunk once, whether it deleted its rows (err '') or failed for good (err set).
-_COUNT_CHUNK = _FINISH_IF_COMPLETE + """
-local run, done, lock = KEYS[1], KEYS[2], KEYS[3]
-local run_id, chunk, rows, now, ttl, keep, err =
-  ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
-if redis.call('EXISTS', run) == 0 then return {-1, 0} end
-if redis.call('SADD', done, chunk) == 0 then return {0, 0} end
-redis.call('EXPIRE', done, keep)
-redis.call('HINCRBY', run, 'chunks_done', 1)
-if err ~= '' then
-  redis.call('HINCRBY', run, 'chunks_failed', 1)
-  redis.call('HSET', run, 'error', err)
-  return {1, finish_if_complete(run, lock, run_id, now)}
-end
-redis.call('HINCRBY', run, 'rows_deleted', rows)
-redis.call('HSET', run, 'last_progress_at', now)
--- Only a planned run's chunks extend the lock (to the run timeout). While planning, the
--- coordinator renews it with the short lock TTL, so a coordinator killed mid-plan frees it soon.
-if redis.call('GET', lock) == run_id and redis.call('HGET', run, 'planning_done') == '1' then
-  redis.call('EXPIRE', lock, ttl)
-end
-return {1, finish_if_complete(run, lock, run_id, now)}
-"""
-
-_FINISH_PLANNING = _FINISH_IF_COMPLETE + """
-local run, lock = KEYS[1], KEYS[2]
-local run_id, now = ARGV[1], ARGV[2]
-redis.call('HSET', run, 'planning_done', '1', 'planned_at', now, 'state', 'running')
-return finish_if_complete(run, lock, run_id, now)
-"""
-
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('EXPIRE', KEYS[1], ARGV[2]) end
-return 0
-"""
-
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
+    def as_dict(self) -> dict[str, Any]:
+        return {"by": self.by, "reason": self.reason, "at": self.at, "until": self.until}
 
 
-class RedisRunRegistry:
-    def __init__(self, url: str, prefix: str = "statesweep") -> None:
-        import redis
+@dataclass(frozen=True)
+class Gate:
+    """What the caller knows of flow control that the run store does not: a closed active-hours
+    window (or replica lag) as a reason, and the run-time budget. Pause lives in the store."""
 
-        self.client = redis.Redis.from_url(url, decode_responses=True,
-                                           socket_connect_timeout=5, socket_timeout=10,
-                                           health_check_interval=30)
+    external: str = ""
+    max_run_seconds: float = 0
+
+
+class RunStore:
+    """The run store on one Redis client (real, or fakeredis for ``memory://``)."""
+
+    def __init__(self, client: Any, prefix: str = "statesweep") -> None:
+        self.client = client
         self.prefix = prefix
-        self._count_chunk = self.client.register_script(_COUNT_CHUNK)
-        self._finish_planning = self.client.register_script(_FINISH_PLANNING)
-        self._renew = self.client.register_script(_RENEW)
-        self._release = self.client.register_script(_RELEASE)
+        self._scripts = {name: client.register_script(getattr(runs_lua, name)) for name in (
+            "START", "BEGIN", "PARK", "FINISH", "PUMP", "CUT", "ABORT", "ENQUEUE", "RENEW",
+            "RELEASE", "CLOSE_QUEUED", "SHRINK", "RATE")}
+
+    # --- keys -----------------------------------------------------------------------------
 
     def _k(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
 
+    def _run_keys(self, run_id: str) -> list[str]:
+        return [self._k("run", run_id), self._k("run", run_id, "inflight")]
+
+    def _call(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        return self._scripts[name](keys=keys, args=args)
+
+    # --- the single-flight lock -----------------------------------------------------------
+
     def acquire(self, run_id: str, ttl: int) -> str | None:
+        """Take the lock for *run_id*; None on success (or if *run_id* holds it already), else
+        the run id that holds it."""
         for _ in range(3):
             if self.client.set(self._k("lock"), run_id, nx=True, ex=ttl):
                 return None
             holder = self.client.get(self._k("lock"))
             if holder:
-                return str(holder)
-            # The holder released between our SET and GET: the lock is free, try again.
+                return None if holder == run_id else str(holder)
         return "unknown"
 
     def renew(self, run_id: str, ttl: int) -> bool:
-        return bool(self._renew(keys=[self._k("lock")], args=[run_id, ttl]))
+        return bool(self._call("RENEW", [self._k("lock")], [run_id, ttl]))
 
     def release(self, run_id: str) -> None:
-        self._release(keys=[self._k("lock")], args=[run_id])
+        self._call("RELEASE", [self._k("lock")], [run_id])
 
     def active_run(self) -> str | None:
         v = self.client.get(self._k("lock"))
         return str(v) if v else None
 
-    def start(self, run_id: str, *, cutoff: str, batch_size: int, source: str) -> None:
-        key = self._k("run", run_id)
-        now = time.time()
-        pipe = self.client.pipeline()
-        pipe.hset(key, mapping={
-            "run_id": run_id, "state": "planning", "cutoff": cutoff, "batch_size": batch_size,
-            "source": source, "chunks_planned": 0, "chunks_done": 0, "expected_rows": 0,
-            "rows_deleted": 0, "planning_done": "0", "started_at": now,
-        })
-        pipe.expire(key, RUN_RETENTION_SECONDS)
-        pipe.zadd(self._k("runs"), {run_id: now})
-        pipe.zremrangebyrank(self._k("runs"), 0, -RECENT_RUNS_KEPT - 1)
-        pipe.execute()
+    def lock_ttl(self) -> int:
+        return int(self.client.ttl(self._k("lock")))
 
-    def add_chunk(self, run_id: str, expected: int,
-                  chunk: tuple[int, int, int] | None = None) -> None:
-        key = self._k("run", run_id)
-        pipe = self.client.pipeline()
-        pipe.hincrby(key, "chunks_planned", 1)
-        pipe.hincrby(key, "expected_rows", expected)
-        if chunk is not None:
-            number, lo, hi = chunk
-            pipe.hset(self._k("run", run_id, "chunks"), str(number), f"{lo}:{hi}")
-            pipe.expire(self._k("run", run_id, "chunks"), RUN_RETENTION_SECONDS)
-        pipe.execute()
+    # --- a run's life ---------------------------------------------------------------------
 
-    def missing_chunks(self, run_id: str) -> list[tuple[int, int, int]]:
-        ranges: dict[str, str] = self.client.hgetall(  # type: ignore[assignment]
-            self._k("run", run_id, "chunks"))
-        done: set[str] = self.client.smembers(  # type: ignore[assignment]
-            self._k("run", run_id, "done"))
-        return sorted((int(n), *map(int, r.split(":"))) for n, r in ranges.items()  # type: ignore[misc]
-                      if n not in done)
+    def enqueue(self, run_id: str, source: str) -> bool:
+        """Record *run_id* as queued the moment it is sent; False if the id is taken."""
+        return bool(self._call("ENQUEUE", [self._k("run", run_id), self._k("runs")],
+                               [run_id, time.time(), source, RUN_RETENTION_SECONDS]))
 
-    def note_progress(self, run_id: str, at: float) -> None:
-        self.client.hset(self._k("run", run_id), "last_progress_at", at)
+    def start(self, run_id: str, plan: Plan, *, cutoff: str, batch_size: int, source: str,
+              window: int, lock_ttl: int, resend_after: float, gate: Gate) -> Window | str:
+        """Write the plan and cut the first window, atomically, while holding the lock.
+        Returns the window, or the state of a run that already has this id."""
+        r = self._call("START", [*self._run_keys(run_id), self._k("lock"), self._k("pause"),
+                                 self._k("runs")],
+                       [run_id, time.time(), cutoff, batch_size, source, plan.planner,
+                        plan.reason[:500], plan.kind, plan.start, plan.end, max(1, plan.size),
+                        plan.expected_rows, window, lock_ttl, resend_after, gate.external,
+                        gate.max_run_seconds, RUN_RETENTION_SECONDS])
+        if r[0] == "lost":
+            return "lock lost"
+        if r[0] == "exists":
+            return str(r[1])
+        self.client.zremrangebyrank(self._k("runs"), 0, -RECENT_RUNS_KEPT - 1)
+        return self._window(run_id, plan.kind, r[1:])
 
-    def finish_planning(self, run_id: str) -> RunRecord | None:
-        finished = self._finish_planning(keys=[self._k("run", run_id), self._k("lock")],
-                                         args=[run_id, time.time()])
-        return self.get(run_id) if finished else None
+    def _window(self, run_id: str, kind: str, r: list[Any]) -> Window:
+        finished, room, held, new_hold, *flat = r
+        chunks = [(int(flat[i]), ChunkRange.decode(kind, str(flat[i + 1])))
+                  for i in range(0, len(flat), 2)]
+        return Window(chunks, int(room), str(held), bool(new_hold),
+                      self.get(run_id) if finished else None)
 
-    def _count(self, run_id: str, chunk: int, rows: int, lock_ttl: int,
-               error: str) -> tuple[bool, RunRecord | None]:
-        counted, finished = self._count_chunk(
-            keys=[self._k("run", run_id), self._k("run", run_id, "done"), self._k("lock")],
-            args=[run_id, chunk, rows, time.time(), lock_ttl, RUN_RETENTION_SECONDS, error],
-        )
-        return counted == 1, (self.get(run_id) if finished else None)
+    def begin_chunk(self, run_id: str, chunk: int, rng: ChunkRange,
+                    gate: Gate) -> tuple[str, list[Any]]:
+        """Check a chunk message against the run's window before its DELETE. Returns (status,
+        details): ok [cutoff, size], held [reason, new_episode], duplicate, ended [state],
+        unknown, forged [planned range]."""
+        r = self._call("BEGIN", [*self._run_keys(run_id), self._k("pause")],
+                       [chunk, rng.encode(), time.time(), gate.external, gate.max_run_seconds])
+        return str(r[0]), list(r[1:])
 
-    def chunk_done(self, run_id: str, chunk: int, rows: int,
-                   lock_ttl: int) -> tuple[bool, RunRecord | None]:
-        return self._count(run_id, chunk, rows, lock_ttl, "")
+    def park(self, run_id: str, chunk: int, reason: str) -> bool:
+        """Hold a chunk that stopped before its DELETE; True if this starts a hold episode."""
+        return bool(self._call("PARK", self._run_keys(run_id), [chunk, reason, time.time()]))
 
-    def chunk_failed(self, run_id: str, chunk: int, error: str) -> RunRecord | None:
-        """Count a chunk that failed for good as done-but-failed; returns the record if this
-        call ended the run (then in state 'failed')."""
-        return self._count(run_id, chunk, 0, 0, error[:500] or "chunk failed")[1]
+    def finish_chunk(self, run_id: str, chunk: int, kind: str, rows: int, units: int, *,
+                     lock_ttl: int, window: int, resend_after: float, gate: Gate,
+                     new_size: int = 0, error: str = "") -> tuple[bool, Window]:
+        """Count a chunk once (rows, or *error* for one that failed for good) and top up the
+        window in the same atomic step. Returns (counted, window)."""
+        r = self._call("FINISH", [*self._run_keys(run_id), self._k("lock"), self._k("pause")],
+                       [run_id, chunk, rows, time.time(), lock_ttl, window, resend_after,
+                        gate.external, gate.max_run_seconds, new_size, units, error[:500]])
+        return int(r[0]) == 1, self._window(run_id, kind, r[1:])
+
+    def pump(self, run_id: str, kind: str, *, lock_ttl: int, window: int, resend_after: float,
+             gate: Gate, new_budget: bool = False) -> Window | None:
+        """Top up a running run's window (parked, lost and new chunks); None if it has ended.
+        *new_budget* restarts its STATESWEEP_MAX_RUN_SECONDS clock."""
+        r = self._call("PUMP", [*self._run_keys(run_id), self._k("lock"), self._k("pause")],
+                       [run_id, time.time(), lock_ttl, window, resend_after, gate.external,
+                        gate.max_run_seconds, "1" if new_budget else "0"])
+        if r[0] == "ended":
+            return None
+        return self._window(run_id, kind, r[1:])
+
+    def cut(self, run_id: str, cursor: int, rng: ChunkRange, next_lo: int | None) -> int:
+        """Claim the walk chunk *rng* cut at *cursor*; 0 if another process cut there first."""
+        return int(self._call("CUT", self._run_keys(run_id), [
+            cursor, rng.lo, "" if rng.hi is None else rng.hi,
+            "" if next_lo is None else next_lo, time.time()]))
+
+    def abort(self, run_id: str, why: str) -> str:
+        """End a queued or running run now: 'aborted', or the state it had already ended in."""
+        return str(self._call("ABORT", [*self._run_keys(run_id), self._k("lock")],
+                              [run_id, time.time(), why[:500]]))
+
+    def close_queued(self, run_id: str, why: str) -> bool:
+        """A queued run its trigger did not start (another run active, paused, outside active
+        hours) ends 'skipped', saying why; True if it was queued."""
+        return bool(self._call("CLOSE_QUEUED", [self._k("run", run_id)],
+                               ["skipped", why[:500], time.time()]))
+
+    def shrink(self, run_id: str) -> None:
+        """Halve the run's chunk size for the chunks cut from now on."""
+        self._call("SHRINK", [self._k("run", run_id)], [])
 
     def fail(self, run_id: str, error: str) -> None:
+        """Mark a run failed before or while it was planned, and free its lock."""
         key = self._k("run", run_id)
         pipe = self.client.pipeline()
-        # run_id too: a run can fail before start() wrote its hash (the database was down).
+        # run_id too: a run can fail before its plan was written (the database was down).
         pipe.hset(key, mapping={"run_id": run_id, "state": "failed", "error": error[:500],
                                 "finished_at": time.time()})
+        pipe.hsetnx(key, "started_at", time.time())
         pipe.expire(key, RUN_RETENTION_SECONDS)
+        pipe.zadd(self._k("runs"), {run_id: time.time()}, nx=True)
         pipe.execute()
         self.release(run_id)
 
+    # --- reading ------------------------------------------------------------------------------
+
     def get(self, run_id: str) -> RunRecord | None:
-        h: dict[str, str] = self.client.hgetall(self._k("run", run_id))  # type: ignore[assignment]
+        h = self.client.hgetall(self._k("run", run_id))
         return RunRecord.from_hash(h) if h else None
 
+    def inflight(self, run_id: str) -> list[tuple[int, ChunkRange, float, bool]]:
+        """(chunk, range, sent_at, parked) of each chunk in the run's window."""
+        record = self.get(run_id)
+        kind = record.kind if record else ""
+        out = []
+        for n, v in self.client.hgetall(self._k("run", run_id, "inflight")).items():
+            rng, sent, st = v.split("|")
+            out.append((int(n), ChunkRange.decode(kind, rng), float(sent), st == "p"))
+        return sorted(out)
+
     def recent(self, limit: int = 10) -> list[RunRecord]:
-        ids: list[str] = self.client.zrevrange(self._k("runs"), 0, limit - 1)  # type: ignore[assignment]
+        ids = self.client.zrevrange(self._k("runs"), 0, limit - 1)
         return [r for r in (self.get(i) for i in ids) if r is not None]
 
+    def rate_slot(self, per_second: float) -> float:
+        """Reserve the next chunk start under STATESWEEP_CHUNK_RATE_LIMIT (all workers share
+        it); returns the seconds to wait for that slot."""
+        return float(self._call("RATE", [self._k("rate")], [time.time(), 1.0 / per_second]))
 
-@dataclass
-class _MemRun:
-    record: dict[str, Any]
-    done: set[int] = field(default_factory=set)
-    ranges: dict[int, tuple[int, int]] = field(default_factory=dict)
+    # --- pause and triggers -------------------------------------------------------------------
+
+    def pause(self, by: str, reason: str, seconds: float | None) -> Pause:
+        now = time.time()
+        until = now + seconds if seconds else 0.0
+        key = self._k("pause")
+        pipe = self.client.pipeline()
+        pipe.delete(key)
+        pipe.hset(key, mapping={"by": by, "reason": reason, "at": now, "until": until})
+        if seconds:
+            pipe.pexpire(key, max(1, int(seconds * 1000)))
+        pipe.execute()
+        return Pause(by, reason, now, until)
+
+    def resume(self) -> Pause | None:
+        """Lift the pause; returns what it was, or None if nothing was paused."""
+        pipe = self.client.pipeline()
+        pipe.hgetall(self._k("pause"))
+        pipe.delete(self._k("pause"))
+        h, _ = pipe.execute()
+        return _pause(h)
+
+    def paused(self) -> Pause | None:
+        return _pause(self.client.hgetall(self._k("pause")))
+
+    def note_trigger(self, outcome: str, run_id: str, source: str, detail: str = "") -> None:
+        """Remember the last trigger of each outcome (started, skipped, paused, failed, …)."""
+        self.client.hset(self._k("triggers"), outcome,
+                         f"{time.time()}|{run_id}|{source}|{detail[:300]}")
+
+    def triggers(self) -> dict[str, tuple[float, str, str, str]]:
+        out = {}
+        for outcome, v in self.client.hgetall(self._k("triggers")).items():
+            at, run_id, source, detail = v.split("|", 3)
+            out[outcome] = (float(at), run_id, source, detail)
+        return out
 
 
-class MemoryRunRegistry:
-    """The same contract in one process (the demo's in-process worker); not shared across hosts."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._owner: tuple[str, float] | None = None
-        self._runs: dict[str, _MemRun] = {}
-
-    def _holder(self) -> str | None:
-        if self._owner and self._owner[1] > time.monotonic():
-            return self._owner[0]
+def _pause(h: dict[str, str]) -> Pause | None:
+    if not h:
         return None
-
-    def acquire(self, run_id: str, ttl: int) -> str | None:
-        with self._lock:
-            holder = self._holder()
-            if holder is not None:
-                return holder
-            self._owner = (run_id, time.monotonic() + ttl)
-            return None
-
-    def renew(self, run_id: str, ttl: int) -> bool:
-        with self._lock:
-            if self._holder() == run_id:
-                self._owner = (run_id, time.monotonic() + ttl)
-                return True
-            return False
-
-    def release(self, run_id: str) -> None:
-        with self._lock:
-            if self._holder() == run_id:
-                self._owner = None
-
-    def active_run(self) -> str | None:
-        with self._lock:
-            return self._holder()
-
-    def start(self, run_id: str, *, cutoff: str, batch_size: int, source: str) -> None:
-        with self._lock:
-            self._runs[run_id] = _MemRun({
-                "run_id": run_id, "state": "planning", "cutoff": cutoff,
-                "batch_size": batch_size, "source": source, "started_at": time.time()})
-
-    def add_chunk(self, run_id: str, expected: int,
-                  chunk: tuple[int, int, int] | None = None) -> None:
-        with self._lock:
-            run = self._runs[run_id]
-            r = run.record
-            r["chunks_planned"] = r.get("chunks_planned", 0) + 1
-            r["expected_rows"] = r.get("expected_rows", 0) + expected
-            if chunk is not None:
-                run.ranges[chunk[0]] = (chunk[1], chunk[2])
-
-    def missing_chunks(self, run_id: str) -> list[tuple[int, int, int]]:
-        with self._lock:
-            run = self._runs.get(run_id)
-            if run is None:
-                return []
-            return sorted((n, lo, hi) for n, (lo, hi) in run.ranges.items()
-                          if n not in run.done)
-
-    def note_progress(self, run_id: str, at: float) -> None:
-        with self._lock:
-            if run_id in self._runs:
-                self._runs[run_id].record["last_progress_at"] = at
-
-    def _finish_if_complete(self, run_id: str) -> RunRecord | None:
-        r = self._runs[run_id].record
-        if (r.get("planning_done") and r.get("chunks_done", 0) >= r.get("chunks_planned", 0)
-                and r["state"] not in ("finished", "failed")):
-            final = "failed" if r.get("chunks_failed", 0) else "finished"
-            r.update(state=final, finished_at=time.time())
-            if self._holder() == run_id:
-                self._owner = None
-            return RunRecord(**r)
-        return None
-
-    def finish_planning(self, run_id: str) -> RunRecord | None:
-        with self._lock:
-            self._runs[run_id].record.update(planning_done=True, planned_at=time.time(),
-                                             state="running")
-            return self._finish_if_complete(run_id)
-
-    def _count(self, run_id: str, chunk: int) -> dict[str, Any] | None:
-        """Mark *chunk* done once (caller holds the lock); its run's record, or None if the run
-        is unknown or the chunk was already counted."""
-        run = self._runs.get(run_id)
-        if run is None or chunk in run.done:
-            return None
-        run.done.add(chunk)
-        run.record["chunks_done"] = run.record.get("chunks_done", 0) + 1
-        return run.record
-
-    def chunk_done(self, run_id: str, chunk: int, rows: int,
-                   lock_ttl: int) -> tuple[bool, RunRecord | None]:
-        with self._lock:
-            r = self._count(run_id, chunk)
-            if r is None:
-                return False, None
-            r["rows_deleted"] = r.get("rows_deleted", 0) + rows
-            r["last_progress_at"] = time.time()
-            if self._holder() == run_id and r.get("planning_done"):
-                self._owner = (run_id, time.monotonic() + lock_ttl)
-            return True, self._finish_if_complete(run_id)
-
-    def chunk_failed(self, run_id: str, chunk: int, error: str) -> RunRecord | None:
-        with self._lock:
-            r = self._count(run_id, chunk)
-            if r is None:
-                return None
-            r["chunks_failed"] = r.get("chunks_failed", 0) + 1
-            r["error"] = error[:500]
-            return self._finish_if_complete(run_id)
-
-    def fail(self, run_id: str, error: str) -> None:
-        with self._lock:
-            now = time.time()
-            run = self._runs.setdefault(run_id, _MemRun({"run_id": run_id, "started_at": now}))
-            run.record.update(state="failed", error=error[:500], finished_at=now)
-            if self._holder() == run_id:
-                self._owner = None
-
-    def get(self, run_id: str) -> RunRecord | None:
-        with self._lock:
-            run = self._runs.get(run_id)
-            return RunRecord(**run.record) if run else None
-
-    def recent(self, limit: int = 10) -> list[RunRecord]:
-        with self._lock:
-            runs = sorted(self._runs.values(), key=lambda r: r.record["started_at"], reverse=True)
-            return [RunRecord(**r.record) for r in runs[:limit]]
+    return Pause(h.get("by", ""), h.get("reason", ""), float(h.get("at", 0)),
+                 float(h.get("until", 0)))
 
 
-_memory_registries: dict[str, MemoryRunRegistry] = {}
-_redis_registries: dict[tuple[str, str], RedisRunRegistry] = {}
+#: The name the rest of the code uses for the run store's interface.
+RunRegistry = RunStore
+
+_stores: dict[tuple[str, str], RunStore] = {}
+_memory_server: Any = None
 
 
-def registry_for(url: str, prefix: str) -> RunRegistry:
-    """The registry for a run-store URL: ``memory://`` (one per prefix, per process) or Redis."""
-    if url.startswith("memory://"):
-        return _memory_registries.setdefault(prefix, MemoryRunRegistry())
+def registry_for(url: str, prefix: str) -> RunStore:
+    """The run store for a URL: ``memory://`` (one in-process Redis per process) or Redis."""
     key = (url, prefix)
-    if key not in _redis_registries:
-        _redis_registries[key] = RedisRunRegistry(url, prefix)
-    return _redis_registries[key]
+    if key not in _stores:
+        client: Any
+        if url.startswith("memory://"):
+            global _memory_server
+            import fakeredis
+
+            _memory_server = _memory_server or fakeredis.FakeServer()
+            client = fakeredis.FakeRedis(server=_memory_server, decode_responses=True)
+        else:
+            import redis
+
+            client = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=5,
+                                          socket_timeout=10, health_check_interval=30)
+        _stores[key] = RunStore(client, prefix)
+    return _stores[key]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -83,9 +84,20 @@ class Settings:
     visibility_timeout: int = 1800
     lock_timeout_ms: int = 5000
     statement_timeout_ms: int = 120000
-    # Chunks per second each worker may start ("20/s", "600/m"); empty means no limit. Trades
-    # cleanup speed for CPU and I/O left to the writers on a busy database.
+    # Chunks per second/minute/hour ("20/s", "600/m") all workers together may start; empty
+    # means no limit. Trades cleanup speed for CPU and I/O left to the writers.
     chunk_rate_limit: str = ""
+    # Flow control (workers/window.py): the planner, the in-flight window, and what holds it.
+    planner: str = "auto"
+    max_chunks_in_flight: int = 16
+    active_hours: str = ""
+    max_run_seconds: float = 0.0
+    max_replica_lag_seconds: float = 0.0
+    target_chunk_seconds: float = 0.0
+    pump_interval_seconds: float = 15.0
+    # The orphan sweep's own soft limit (its hard limit is 30 s more): batches commit on their
+    # own, so a sweep cut short keeps its progress and the next one goes on.
+    orphan_soft_time_limit: int = 600
     log_format: str = "console"
     log_level: str = "INFO"
 
@@ -147,9 +159,19 @@ class Settings:
         if self.run_timeout_seconds < max(60, self.lock_ttl_seconds):
             bad("run_timeout_seconds",
                 "must be at least 60 and at least STATESWEEP_LOCK_TTL_SECONDS")
-        if self.chunk_rate_limit and not re.fullmatch(r"\d+(\.\d+)?/[smh]",
-                                                      self.chunk_rate_limit):
-            bad("chunk_rate_limit", "must be a rate like 20/s, 600/m or 1000/h")
+        if self.chunk_rate_limit and (
+                not re.fullmatch(r"\d+(\.\d+)?/[smh]", self.chunk_rate_limit)
+                or float(self.chunk_rate_limit.partition("/")[0]) <= 0):
+            bad("chunk_rate_limit", "must be a positive rate like 20/s, 600/m or 1000/h")
+        if self.planner not in PLANNER_CHOICES:
+            bad("planner", f"must be one of {', '.join(PLANNER_CHOICES)}")
+        if self.max_chunks_in_flight < 1:
+            bad("max_chunks_in_flight", "must be at least 1")
+        if self.active_hours:
+            try:
+                parse_active_hours(self.active_hours)
+            except ValueError as exc:
+                bad("active_hours", str(exc))
         if self.run_store_url and urlsplit(self.run_store_url).scheme not in (
             "redis", "rediss", "memory"
         ):
@@ -182,11 +204,17 @@ class Settings:
         return "memory://"
 
     @property
-    def stall_after_seconds(self) -> int:
-        """A planned run with no finished chunk for this long has lost a message: by then Redis
-        has redelivered any chunk a worker took and died with, and any running chunk has hit
-        its hard limit. The next trigger sends its missing chunks again."""
-        return self.visibility_timeout + self.chunk_time_limit
+    def chunk_rate_per_second(self) -> float:
+        """STATESWEEP_CHUNK_RATE_LIMIT as chunks per second; 0 = no limit."""
+        if not self.chunk_rate_limit:
+            return 0.0
+        count, _, unit = self.chunk_rate_limit.partition("/")
+        return float(count) / {"s": 1, "m": 60, "h": 3600}[unit]
+
+    @property
+    def active_hours_window(self) -> Any:
+        """The parsed STATESWEEP_ACTIVE_HOURS, or None when cleanup may run at any hour."""
+        return parse_active_hours(self.active_hours) if self.active_hours else None
 
     @property
     def uses_metastore_backend(self) -> bool:
@@ -271,7 +299,39 @@ def _parse_lower(raw: str) -> str:
     return _parse_str(raw).lower()
 
 
+def _parse_positive_seconds(raw: str) -> float:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise ValueError("must be a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError("must be a positive, finite number of seconds (unset it to turn off)")
+    return value
+
+
+def _parse_positive_int(raw: str) -> int:
+    value = _parse_non_negative_int(raw)
+    if value == 0:
+        raise ValueError("must be at least 1")
+    return value
+
+
+def parse_active_hours(text: str) -> Any:
+    from workers.flow.hours import parse_active_hours as parse
+
+    return parse(text)
+
+
+PLANNER_CHOICES = ("auto", "blocks", "ids", "walk")
+
 _PARSERS = {
+    "planner": _parse_lower,
+    "max_chunks_in_flight": _parse_positive_int,
+    "max_run_seconds": _parse_positive_seconds,
+    "max_replica_lag_seconds": _parse_positive_seconds,
+    "target_chunk_seconds": _parse_positive_seconds,
+    "pump_interval_seconds": _parse_positive_seconds,
+    "orphan_soft_time_limit": _parse_positive_int,
     "database_url": _parse_database_url,
     "broker_url": _parse_broker_url,
     "result_backend": _parse_broker_url,

@@ -1,9 +1,9 @@
-"""The three Celery tasks. They handle messaging, retries and routing; the work is in
-``workers.coordinator`` and ``workers.cleanup``, which are plain functions."""
+"""The Celery tasks. They handle messaging, retries and routing; the work is in plain functions
+(``workers.coordinator``, ``workers.chunk``, ``workers.window``, ``workers.control``)."""
 
 from __future__ import annotations
 
-import re
+import random
 import time
 from typing import Any
 
@@ -13,9 +13,23 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from workers import cleanup, coordinator
-from workers.celery_app import COORDINATE, DELETE_CHUNK, SWEEP_ORPHANS, app, resources, settings
+from workers import chunk as chunks
+from workers import cleanup, control, coordinator
+from workers.celery_app import (
+    ABORT,
+    COORDINATE,
+    DELETE_CHUNK,
+    PAUSE,
+    PUMP,
+    RESUME,
+    SWEEP_ORPHANS,
+    app,
+    resources,
+    settings,
+)
 from workers.exceptions import InvalidArgument, NotFound
+from workers.planners import ChunkRange
+from workers.window import Sender, wait_out_lag
 
 log = structlog.get_logger("statesweep.tasks")
 
@@ -32,122 +46,183 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, DBAPIError) and exc.connection_invalidated
 
 
-# A caller-chosen run id becomes part of Redis keys and log lines: keep it short and plain.
-_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
+def send_chunk(run_id: str, number: int, rng: ChunkRange, cutoff: str) -> None:
+    delete_chunk.apply_async(
+        kwargs={"run_id": run_id, "chunk": number, "kind": rng.kind, "lo": rng.lo,
+                "hi": rng.hi, "cutoff": cutoff},
+        queue=settings.chunk_queue)
 
 
-@app.task(name=COORDINATE, bind=True, acks_late=False,
-          soft_time_limit=max(1, settings.run_timeout_seconds - 30),
-          time_limit=settings.run_timeout_seconds)
+def send_pump_soon(run_id: str) -> None:
+    """Ask for one pump of *run_id* (deduplicated): it waits out replica lag and sends the
+    parked chunks. Holds that lift by a person or a clock are pumped by beat and `resume`."""
+    r = resources()
+    if r.registry.client.set(f"{settings.key_prefix}:pump:{run_id}", "1", nx=True, ex=30):
+        pump.apply_async(kwargs={"run_id": run_id}, queue=settings.control_queue)
+
+
+def _on_held(run_id: str) -> Any:
+    def held(reason: str) -> None:
+        if reason.startswith("replica lag"):
+            send_pump_soon(run_id)
+    return held
+
+
+@app.task(name=COORDINATE, bind=True, acks_late=True,
+          soft_time_limit=max(1, settings.lock_ttl_seconds - 5),
+          time_limit=settings.lock_ttl_seconds)
 def coordinate(self: Task, batch_size: int | None = None, source: str = "beat",
                run_id: str | None = None) -> dict[str, Any]:
-    """Plan a cleanup run and send its chunks. Acknowledged on receipt: a coordinator that dies
-    mid-plan is not redelivered; its lock expires and the next trigger plans afresh.
-
-    *run_id* lets an ad-hoc caller (the CLI) know the run's id before the run starts, so it can
-    follow the run without waiting for planning to finish."""
+    """Plan a cleanup run and send its first window. Planning takes milliseconds, so the task
+    is acknowledged late: a coordinator killed mid-plan is redelivered, and its run id (the
+    caller's, else this task's id) makes the redelivered copy resume rather than plan twice."""
     if batch_size is not None:
         coordinator.check_batch_size(batch_size)
     if not isinstance(source, str):
         raise InvalidArgument(f"source must be a string, got {source!r}")
-    if run_id is not None and (not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id)):
-        raise InvalidArgument(
-            f"run_id must be 1-64 letters, digits, '.', '_', ':' or '-', got {run_id!r}")
-    r = resources()
-    run_id = run_id or coordinator.new_run_id()
+    run_id = coordinator.check_run_id(run_id if run_id is not None else self.request.id)
     structlog.contextvars.bind_contextvars(run_id=run_id)
-
-    def dispatch(run_id: str, chunk: cleanup.Chunk, cutoff: str) -> None:
-        delete_chunk.apply_async(
-            kwargs={"run_id": run_id, "chunk": chunk.number, "lo": chunk.lo, "hi": chunk.hi,
-                    "cutoff": cutoff},
-            queue=settings.chunk_queue,
-        )
-
-    summary = coordinator.coordinate(r.settings, r.engine, r.tables, r.registry, dispatch,
+    r = resources()
+    summary = coordinator.coordinate(r.settings, r.engine, r.tables, r.registry, send_chunk,
                                      run_id=run_id, batch_size=batch_size, source=source)
     return summary.as_dict()
 
 
 class ChunkTask(Task):
-    """Records a chunk that failed for good in its run, so the run ends 'failed' at once rather
-    than holding the single-flight lock until run_timeout_seconds."""
+    """Records a chunk that failed for good in its run, so the run ends 'failed' once its window
+    drains rather than holding the single-flight lock until run_timeout_seconds."""
 
     def on_failure(self, exc: Exception, task_id: str, args: Any, kwargs: Any,
                    einfo: Any) -> None:
         if isinstance(exc, (InvalidArgument, NotFound)):
             return  # a malformed or forged message is no chunk of the run it names
-        run_id, chunk = kwargs.get("run_id"), kwargs.get("chunk")
-        if not isinstance(run_id, str) or isinstance(chunk, bool) or not isinstance(chunk, int):
+        run_id, number = kwargs.get("run_id"), kwargs.get("chunk")
+        if not isinstance(run_id, str) or isinstance(number, bool) or not isinstance(number, int):
             return
-        error = f"chunk {chunk} failed: {type(exc).__name__}: {exc}"
-        log.error("chunk_failed", run_id=run_id, chunk=chunk, error=error)
+        error = f"chunk {number} failed: {type(exc).__name__}: {exc}"
+        log.error("chunk_failed", run_id=run_id, chunk=number, error=error)
         try:
-            ended = resources().registry.chunk_failed(run_id, chunk, error)
+            r = resources()
+            _, window = r.registry.finish_chunk(
+                run_id, number, str(kwargs.get("kind", "")), 0, 0,
+                lock_ttl=settings.run_timeout_seconds, window=settings.max_chunks_in_flight,
+                resend_after=0, gate=chunks.gate(settings), error=error)
         except Exception as record_exc:  # the run store is down too; the lock TTL frees it
-            log.warning("chunk_failure_not_recorded", run_id=run_id, chunk=chunk,
+            log.warning("chunk_failure_not_recorded", run_id=run_id, chunk=number,
                         error=type(record_exc).__name__)
             return
-        if ended is not None:
-            coordinator.log_finished(ended)
+        if window.finished is not None:
+            coordinator.log_finished(window.finished)
 
 
-@app.task(name=DELETE_CHUNK, bind=True, base=ChunkTask, max_retries=10)
-def delete_chunk(self: Task, run_id: str, chunk: int, lo: int, hi: int, cutoff: str,
-                 carried_rows: int = 0) -> dict[str, Any]:
-    """Delete one id range in its own transaction. Redelivery and retries are safe: the DELETE
-    re-checks expires_at < cutoff, and the run counts each chunk number once."""
-    args = coordinator.check_chunk_args(run_id, chunk, lo, hi, cutoff)
+@app.task(name=DELETE_CHUNK, bind=True, base=ChunkTask, max_retries=10, ignore_result=True)
+def delete_chunk(self: Task, run_id: str, chunk: int, kind: str, lo: int, hi: int | None,
+                 cutoff: str, carried_rows: int = 0) -> dict[str, Any]:
+    """Delete one range in its own transaction. Redelivery and retries are safe: the message
+    must match its run's window, the DELETE re-checks expires_at < cutoff, and the run counts
+    each chunk number once."""
+    args = chunks.check_chunk_args(run_id, chunk, kind, lo, hi, cutoff)
     structlog.contextvars.bind_contextvars(run_id=run_id)
     r = resources()
     try:
-        rows = coordinator.run_chunk(r.settings, r.engine, r.tables, r.registry, args,
-                                     carried_rows=carried_rows)
-    except coordinator.ProgressNotRecorded as exc:
+        result = chunks.run_chunk(r.settings, r.engine, r.tables, r.registry, send_chunk, args,
+                                  carried_rows=carried_rows, on_held=_on_held(run_id))
+    except chunks.ProgressNotRecorded as exc:
         # The rows are deleted and committed; only the count failed. Carry it into the retry.
         raise self.retry(exc=exc.__cause__ or exc, countdown=_backoff(self.request.retries),
-                         kwargs={"run_id": run_id, "chunk": chunk, "lo": lo, "hi": hi,
-                                 "cutoff": cutoff, "carried_rows": exc.rows}) from exc
+                         kwargs={**self.request.kwargs, "carried_rows": exc.rows}) from exc
     except TRANSIENT as exc:
         if not is_transient(exc):
             raise
+        if "lock timeout" in str(exc).lower() or "lock wait timeout" in str(exc).lower():
+            r.registry.shrink(run_id)
         log.warning("chunk_retry", run_id=run_id, chunk=chunk, error=type(exc).__name__,
                     retries=self.request.retries)
         raise self.retry(exc=exc, countdown=_backoff(self.request.retries)) from exc
-    return {"run_id": run_id, "chunk": chunk, "lo": lo, "hi": hi, "rows": rows}
+    return {"run_id": run_id, "chunk": chunk, "rows": result.rows, "status": result.status}
 
 
 def _backoff(retries: int) -> float:
     """Exponential backoff with full jitter, capped at a minute."""
-    import random
-
     return random.uniform(0, min(60.0, 0.5 * 2 ** retries))
 
 
-@app.task(name=SWEEP_ORPHANS, bind=True, max_retries=5)
+@app.task(name=PUMP, bind=True, soft_time_limit=60, time_limit=90)
+def pump(self: Task, run_id: str | None = None) -> dict[str, Any]:
+    """Top up the active run's window: send parked chunks once a hold has lifted, chunks whose
+    message was lost, and new chunks. Beat sends one every STATESWEEP_PUMP_INTERVAL_SECONDS;
+    a run held by replica lag gets one that waits the lag out."""
+    r = resources()
+    run_id = run_id or r.registry.active_run()
+    if run_id is None:
+        return {"run_id": None, "sent": 0}
+    coordinator.check_run_id(run_id)
+    r.registry.client.delete(f"{settings.key_prefix}:pump:{run_id}")
+    sender = Sender(r.settings, r.engine, r.tables, r.registry, send_chunk)
+    record, window = sender.pump(run_id)
+    if window.held.startswith("replica lag") and not wait_out_lag(sender, run_id):
+        send_pump_soon(run_id)  # still lagging: hand over rather than hold a worker for long
+    return {"run_id": run_id, "sent": len(window.chunks), "held": window.held,
+            "state": record.state if record else None}
+
+
+@app.task(name=PAUSE)
+def pause(seconds: float | None = None, reason: str = "", by: str = "celery") -> dict[str, Any]:
+    return control.pause(resources().registry, by=by, reason=reason, seconds=seconds).as_dict()
+
+
+@app.task(name=RESUME)
+def resume(by: str = "celery") -> dict[str, Any]:
+    r = resources()
+    lifted = control.resume(r.registry, by=by)
+    pump.apply_async(queue=settings.control_queue)
+    return {"resumed": True, "was": lifted.as_dict()}
+
+
+@app.task(name=ABORT)
+def abort(run_id: str, by: str = "celery") -> dict[str, Any]:
+    return control.abort(resources().registry, run_id, by=by).as_dict()
+
+
+@app.task(name=SWEEP_ORPHANS, bind=True, max_retries=5, acks_late=False,
+          soft_time_limit=settings.orphan_soft_time_limit,
+          time_limit=settings.orphan_soft_time_limit + 30)
 def sweep_orphaned_asset_state(self: Task, batch_size: int | None = None) -> dict[str, Any]:
-    """Delete asset state of assets that are no longer active, in committed batches."""
+    """Delete asset state of assets that are no longer active, in committed batches.
+
+    Acknowledged on receipt and bounded by its own time limits: each batch commits on its own,
+    so a sweep cut short by its soft limit keeps what it deleted and the next sweep goes on."""
+    from celery.exceptions import SoftTimeLimitExceeded
+
     batch = coordinator.batch_size_for(settings, batch_size)
     # Not a cleanup run, but its lines carry a run id like every task's; stable across retries.
     run_id = f"orphans-{self.request.id}"
     structlog.contextvars.bind_contextvars(run_id=run_id)
     r = resources()
     t0 = time.perf_counter()
+    done = cleanup.OrphanSweep()
 
     def on_batch(rows: int, ms: float) -> None:
+        done.rows += rows
+        done.batches += 1
         log.info("orphan_batch_deleted", rows=rows, ms=round(ms, 1))
 
+    complete = True
     try:
-        result = cleanup.sweep_orphaned_asset_state(
+        cleanup.sweep_orphaned_asset_state(
             r.engine, r.tables, batch, lock_timeout_ms=settings.lock_timeout_ms,
             statement_timeout_ms=settings.statement_timeout_ms, on_batch=on_batch)
+    except SoftTimeLimitExceeded:
+        complete = False
+        log.warning("orphan_sweep_cut_short", rows=done.rows, batches=done.batches,
+                    limit=settings.orphan_soft_time_limit)
     except TRANSIENT as exc:
         if not is_transient(exc):
             raise
         log.warning("orphan_sweep_retry", error=type(exc).__name__, retries=self.request.retries)
         raise self.retry(exc=exc, countdown=_backoff(self.request.retries)) from exc
     seconds = time.perf_counter() - t0
-    log.info("orphaned_asset_state_swept", rows=result.rows, batches=result.batches,
-             seconds=round(seconds, 3), table=r.tables.asset_state.name)
-    return {"run_id": run_id, "rows": result.rows, "batches": result.batches,
-            "seconds": round(seconds, 3)}
+    log.info("orphaned_asset_state_swept", rows=done.rows, batches=done.batches,
+             seconds=round(seconds, 3), table=r.tables.asset_state.name, complete=complete)
+    return {"run_id": run_id, "rows": done.rows, "batches": done.batches,
+            "seconds": round(seconds, 3), "complete": complete}

@@ -1,0 +1,196 @@
+"""One chunk: checked against its run's window, deleted in its own transaction, counted once,
+and the window topped up in the same step. The Celery task and ``cleanup --local`` call these.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from sqlalchemy import Engine
+
+from workers import cleanup
+from workers.coordinator import RunSummary, check_run_id, coordinate, log_finished
+from workers.exceptions import InvalidArgument, NotFound
+from workers.planners import BLOCKS, KINDS, WALK, ChunkRange
+from workers.planners.blocks import MAX_PAGES_PER_CHUNK
+from workers.planners.ids import MAX_BATCHES_PER_CHUNK
+from workers.runs import RunStore
+from workers.schema import Tables
+from workers.settings import Settings
+from workers.window import Dispatch, Sender, gate, lag_reason, resend_after
+
+log = structlog.get_logger("statesweep.chunk")
+
+
+@dataclass(frozen=True)
+class ChunkArgs:
+    run_id: str
+    chunk: int
+    range: ChunkRange
+    cutoff: dt.datetime
+    cutoff_text: str
+
+
+def _whole(name: str, value: Any, *, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgument(f"{name} must be a whole number, got {value!r}")
+    if value < minimum:
+        raise InvalidArgument(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def check_chunk_args(run_id: Any, chunk: Any, kind: Any, lo: Any, hi: Any,
+                     cutoff: Any) -> ChunkArgs:
+    """Validate a chunk message before touching the database; raises InvalidArgument."""
+    check_run_id(run_id)
+    _whole("chunk", chunk, minimum=1)
+    if kind not in KINDS:
+        raise InvalidArgument(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    _whole("lo", lo, minimum=0)
+    if hi is not None and _whole("hi", hi, minimum=0) <= lo:
+        raise InvalidArgument(f"hi must be above lo, got lo={lo} hi={hi}")
+    if hi is None and kind != BLOCKS:
+        raise InvalidArgument(f"only a blocks range may be open-ended (hi null), got {kind!r}")
+    if not isinstance(cutoff, str):
+        raise InvalidArgument(f"cutoff must be an ISO-8601 string, got {cutoff!r}")
+    try:
+        when = dt.datetime.fromisoformat(cutoff)
+    except ValueError:
+        raise InvalidArgument(f"cutoff is not an ISO-8601 timestamp: {cutoff!r}") from None
+    if when.tzinfo is None:
+        raise InvalidArgument(f"cutoff must carry a UTC offset, got {cutoff!r}")
+    return ChunkArgs(run_id, chunk, ChunkRange(kind, lo, hi), when.astimezone(dt.UTC), cutoff)
+
+
+class ProgressNotRecorded(Exception):
+    """The chunk's rows were deleted and committed, but the run store could not count them."""
+
+    def __init__(self, rows: int) -> None:
+        super().__init__(f"{rows} rows deleted but not yet counted")
+        self.rows = rows
+
+
+@dataclass(frozen=True)
+class ChunkResult:
+    rows: int
+    status: str  # deleted | duplicate | ended | held
+    counted: bool = False
+
+
+def next_size(settings: Settings, kind: str, size: int, batch: int, rows: int, units: int,
+              seconds: float) -> int:
+    """Units (pages or ids) for the chunks cut next, from what this one measured; 0 = keep.
+
+    With STATESWEEP_TARGET_CHUNK_SECONDS, sized to take about that long; otherwise so that a
+    chunk deletes about ``batch`` rows where this one found ``rows`` in ``units``. Growth is at
+    most 1.2x a step; the planner's cap bounds a chunk's scan where expired rows are sparse.
+    """
+    if kind == WALK or batch == 0 or size <= 0:
+        return 0
+    cap = MAX_PAGES_PER_CHUNK if kind == BLOCKS else max(1000, batch * MAX_BATCHES_PER_CHUNK)
+    if settings.target_chunk_seconds:
+        from workers.flow.sizing import adapt_size
+
+        return adapt_size(size, units, seconds, settings.target_chunk_seconds,
+                          lower=max(1, cap // 100), upper=cap)
+    ideal = math.ceil(batch * units / rows) if rows > 0 else cap
+    return max(1, min(cap, ideal, math.ceil(size * 1.2)))
+
+
+def run_chunk(settings: Settings, engine: Engine, tables: Tables, registry: RunStore,
+              dispatch: Dispatch, args: ChunkArgs, *, carried_rows: int = 0,
+              on_held: Callable[[str], None] | None = None) -> ChunkResult:
+    """Delete one chunk, count it once, top up the window, finish the run if it was the last.
+
+    A chunk whose run is held (paused, outside active hours, past its budget, replicas lagging)
+    deletes nothing and is parked in the window, to be sent again when the hold lifts; *on_held*
+    is told why (the Celery task schedules a pump for holds that lift by themselves).
+    """
+    if settings.chunk_rate_limit:
+        time.sleep(registry.rate_slot(settings.chunk_rate_per_second))
+    g = gate(settings)
+    status, detail = registry.begin_chunk(args.run_id, args.chunk, args.range, g)
+    bound = log.bind(run_id=args.run_id, chunk=args.chunk)
+    if status == "unknown":
+        raise NotFound(f"unknown run id {args.run_id!r}: no such cleanup run is recorded")
+    if status == "forged":
+        planned = detail[0] if detail else "never planned"
+        raise InvalidArgument(
+            f"chunk {args.chunk} ({args.range.kind} {args.range.encode()}) is not in run "
+            f"{args.run_id}'s plan (planned: {planned}); nothing deleted")
+    if status in ("duplicate", "ended"):
+        bound.info("chunk_skipped", reason="already counted" if status == "duplicate"
+                   else f"run {detail[0]}")
+        return ChunkResult(carried_rows, status)
+    if status == "held":
+        reason, new_episode = str(detail[0]), bool(detail[1])
+        if new_episode:
+            bound.warning("cleanup_run_held", reason=reason)
+        if on_held is not None:
+            on_held(reason)
+        return ChunkResult(carried_rows, "held")
+    cutoff_text, size, batch = str(detail[0]), int(detail[1]), int(detail[2])
+    if dt.datetime.fromisoformat(cutoff_text) != args.cutoff:
+        raise InvalidArgument(
+            f"cutoff {args.cutoff.isoformat()} is not run {args.run_id}'s cutoff {cutoff_text}")
+
+    t0 = time.perf_counter()
+    try:
+        rows = cleanup.delete_range(
+            engine, tables, args.range, args.cutoff, lock_timeout_ms=settings.lock_timeout_ms,
+            statement_timeout_ms=settings.statement_timeout_ms,
+            max_lag_seconds=settings.max_replica_lag_seconds or None)
+    except cleanup.ReplicaLagging as exc:
+        reason = lag_reason(exc.lag, settings.max_replica_lag_seconds)
+        if registry.park(args.run_id, args.chunk, reason):
+            bound.warning("cleanup_run_held", reason=reason)
+        if on_held is not None:
+            on_held(reason)
+        return ChunkResult(carried_rows, "held")
+    seconds = time.perf_counter() - t0
+    units = size if args.range.hi is None else args.range.hi - args.range.lo
+    resize = next_size(settings, args.range.kind, size, batch, rows, units, seconds)
+    rows += carried_rows
+    try:
+        counted, window = registry.finish_chunk(
+            args.run_id, args.chunk, args.range.kind, rows, units,
+            lock_ttl=settings.run_timeout_seconds, window=settings.max_chunks_in_flight,
+            resend_after=resend_after(settings), gate=g, new_size=resize)
+    except Exception as exc:
+        raise ProgressNotRecorded(rows) from exc
+    bound.info("chunk_deleted", kind=args.range.kind, lo=args.range.lo, hi=args.range.hi,
+               rows=rows, ms=round(seconds * 1000, 1), counted=counted)
+    Sender(settings, engine, tables, registry, dispatch).send(
+        args.run_id, args.cutoff_text, window, args.range.kind)
+    if window.finished is not None:
+        log_finished(window.finished)
+    return ChunkResult(rows, "deleted", counted)
+
+
+def run_local(settings: Settings, engine: Engine, tables: Tables, registry: RunStore, *,
+              batch_size: int | None = None, source: str = "local",
+              on_chunk: Callable[[int, ChunkRange, int], None] | None = None) -> RunSummary:
+    """Plan and delete in this process, chunk by chunk, each committed on its own (for cron
+    users and small databases: no broker needed). The window's sends go to a local queue."""
+    queue: deque[tuple[str, int, ChunkRange, str]] = deque()
+
+    def dispatch(run_id: str, number: int, rng: ChunkRange, cutoff: str) -> None:
+        queue.append((run_id, number, rng, cutoff))
+
+    summary = coordinate(settings, engine, tables, registry, dispatch, batch_size=batch_size,
+                         source=source)
+    while queue:
+        run_id, number, rng, cutoff = queue.popleft()
+        args = check_chunk_args(run_id, number, rng.kind, rng.lo, rng.hi, cutoff)
+        result = run_chunk(settings, engine, tables, registry, dispatch, args)
+        if on_chunk is not None and result.status == "deleted":
+            on_chunk(number, rng, result.rows)
+    return summary
+

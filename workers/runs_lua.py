@@ -1,0 +1,280 @@
+"""The run store's atomic steps, as Lua scripts Redis runs one at a time.
+
+Each script is one step of a run that several processes race to take: planning a run, a chunk
+starting, a chunk counted once, the window topped up, a run aborted. Doing each as one script
+means the run finishes exactly once, a redelivered chunk is counted once, and two processes
+topping up the window never send the same chunk number twice.
+
+Keys of one run: R (hash, the record), F (hash, the in-flight window: chunk number ->
+``lo:hi|sent_at|s`` for sent or ``|p`` for parked); global: L (the single-flight lock), P (the
+pause hash). Numbers pass through string.format('%d') so ids stay exact past 1e14.
+"""
+
+from __future__ import annotations
+
+_PRELUDE = r"""
+local function d(x) return string.format('%d', x) end
+
+local function hold_reason(R, P, now, external, max_run)
+  if redis.call('EXISTS', P) == 1 then return 'paused' end
+  if external ~= '' then return external end
+  local limit = tonumber(max_run)
+  if limit > 0 then
+    local since = tonumber(redis.call('HGET', R, 'window_started_at') or '0')
+    if since > 0 and tonumber(now) - since > limit then return 'max_run_seconds' end
+  end
+  return ''
+end
+
+-- Returns 1 when this starts a new hold episode (log it once), else 0.
+local function note_hold(R, reason, now)
+  local current = redis.call('HGET', R, 'held') or ''
+  if current == reason then return 0 end
+  redis.call('HSET', R, 'held', reason, 'held_since', now)
+  if current == '' then redis.call('HINCRBY', R, 'holds', 1) end
+  return 1
+end
+
+local function clear_hold(R)
+  if (redis.call('HGET', R, 'held') or '') ~= '' then redis.call('HSET', R, 'held', '') end
+end
+
+local function finish_if_complete(R, F, L, run_id, now)
+  local h = redis.call('HMGET', R, 'planning_done', 'state', 'chunks_failed')
+  if h[1] == '1' and h[2] == 'running' and redis.call('HLEN', F) == 0 then
+    local final = 'finished'
+    if tonumber(h[3] or '0') > 0 then final = 'failed' end
+    redis.call('HSET', R, 'state', final, 'finished_at', now, 'held', '')
+    if redis.call('GET', L) == run_id then redis.call('DEL', L) end
+    return 1
+  end
+  return 0
+end
+
+-- Tops up the window: parked chunks and chunks sent longer than resend_after ago are sent
+-- again (a lost message, a dead publisher), then new chunks are cut from the cursor until
+-- the window is full. Appends number, range pairs to out. Returns the room left for chunks
+-- the caller must cut itself (the walk planner needs the database for each cut).
+local function top_up(R, F, now, window, resend_after, out)
+  clear_hold(R)
+  local all = redis.call('HGETALL', F)
+  for i = 1, #all, 2 do
+    local rng, sent, st = string.match(all[i + 1], '^([^|]*)|([^|]*)|(%a)$')
+    if st == 'p' or tonumber(now) - tonumber(sent) > tonumber(resend_after) then
+      redis.call('HSET', F, all[i], rng .. '|' .. now .. '|s')
+      table.insert(out, all[i]); table.insert(out, rng)
+    end
+  end
+  local room = tonumber(window) - redis.call('HLEN', F)
+  if redis.call('HGET', R, 'planning_done') == '1' or room <= 0 then return 0 end
+  local kind = redis.call('HGET', R, 'kind')
+  if kind == 'walk' then return room end
+  while room > 0 and redis.call('HGET', R, 'planning_done') ~= '1' do
+    local h = redis.call('HMGET', R, 'cursor', 'end', 'size')
+    local lo, e, size = tonumber(h[1]), tonumber(h[2]), tonumber(h[3])
+    local rng
+    if lo + size >= e then
+      -- The last block range is open-ended: pages appended since planning are covered.
+      if kind == 'blocks' then rng = d(lo) .. ':' else rng = d(lo) .. ':' .. d(e) end
+      redis.call('HSET', R, 'cursor', d(e), 'planning_done', '1', 'planned_at', now)
+    else
+      rng = d(lo) .. ':' .. d(lo + size)
+      redis.call('HSET', R, 'cursor', d(lo + size))
+    end
+    local n = redis.call('HINCRBY', R, 'chunks_planned', 1)
+    redis.call('HSET', F, n, rng .. '|' .. now .. '|s')
+    table.insert(out, d(n)); table.insert(out, rng)
+    room = room - 1
+  end
+  return 0
+end
+
+-- Holds or tops up; returns {room, reason, new_episode}.
+local function gate_and_top_up(R, F, P, now, external, max_run, window, resend_after, out)
+  local reason = hold_reason(R, P, now, external, max_run)
+  if reason ~= '' then return {0, reason, note_hold(R, reason, now)} end
+  return {top_up(R, F, now, window, resend_after, out), '', 0}
+end
+"""
+
+# KEYS R F L P RUNS; ARGV run_id now cutoff batch source planner reason kind start end size
+# expected window lock_ttl resend_after external max_run keep
+START = _PRELUDE + r"""
+local R, F, L, P, RUNS = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local run_id, now = ARGV[1], ARGV[2]
+if redis.call('GET', L) ~= run_id then return {'lost'} end
+local state = redis.call('HGET', R, 'state')
+if state and state ~= 'queued' then return {'exists', state} end
+local started = redis.call('HGET', R, 'started_at') or now
+local done = '0'
+if tonumber(ARGV[10]) <= tonumber(ARGV[9]) then done = '1' end
+redis.call('HSET', R, 'run_id', run_id, 'state', 'running', 'cutoff', ARGV[3],
+  'batch_size', ARGV[4], 'source', ARGV[5], 'planner', ARGV[6], 'planner_reason', ARGV[7],
+  'kind', ARGV[8], 'cursor', ARGV[9], 'start', ARGV[9], 'end', ARGV[10], 'size', ARGV[11],
+  'expected_rows', ARGV[12], 'chunks_planned', 0, 'chunks_done', 0, 'rows_deleted', 0,
+  'chunks_failed', 0, 'planning_done', done, 'started_at', started, 'planned_at', now,
+  'window_started_at', now, 'last_progress_at', now, 'held', '', 'holds', 0)
+redis.call('EXPIRE', R, ARGV[18])
+redis.call('EXPIRE', F, ARGV[18])
+redis.call('ZADD', RUNS, started, run_id)
+redis.call('EXPIRE', L, ARGV[14])
+local out = {}
+local g = gate_and_top_up(R, F, P, now, ARGV[16], ARGV[17], ARGV[13], ARGV[15], out)
+local fin = finish_if_complete(R, F, L, run_id, now)
+return {'started', fin, g[1], g[2], g[3], unpack(out)}
+"""
+
+# KEYS R F P; ARGV chunk range now external max_run
+BEGIN = _PRELUDE + r"""
+local R, F, P = KEYS[1], KEYS[2], KEYS[3]
+local chunk, rng, now = ARGV[1], ARGV[2], ARGV[3]
+local h = redis.call('HMGET', R, 'state', 'chunks_planned', 'cutoff', 'size', 'batch_size')
+if not h[1] then return {'unknown'} end
+if h[1] ~= 'running' then return {'ended', h[1]} end
+local entry = redis.call('HGET', F, chunk)
+if not entry then
+  if tonumber(chunk) <= tonumber(h[2] or '0') then return {'duplicate'} end
+  return {'forged', 'never planned'}
+end
+local planned = string.match(entry, '^([^|]*)|')
+if planned ~= rng then return {'forged', planned} end
+local reason = hold_reason(R, P, now, ARGV[4], ARGV[5])
+if reason ~= '' then
+  redis.call('HSET', F, chunk, planned .. '|' .. now .. '|p')
+  return {'held', reason, note_hold(R, reason, now)}
+end
+return {'ok', h[3], h[4], h[5]}
+"""
+
+# KEYS R F; ARGV chunk reason now  (the chunk stopped before its DELETE: replica lag)
+PARK = _PRELUDE + r"""
+local R, F = KEYS[1], KEYS[2]
+local entry = redis.call('HGET', F, ARGV[1])
+if not entry then return 0 end
+redis.call('HSET', F, ARGV[1], string.match(entry, '^([^|]*)|') .. '|' .. ARGV[3] .. '|p')
+return note_hold(R, ARGV[2], ARGV[3])
+"""
+
+# KEYS R F L P; ARGV run_id chunk rows now lock_ttl window resend_after external max_run
+# new_size units error
+FINISH = _PRELUDE + r"""
+local R, F, L, P = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local run_id, chunk, rows, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+if redis.call('EXISTS', R) == 0 then return {-1, 0, 0, '', 0} end
+if redis.call('HDEL', F, chunk) == 0 then
+  -- Counted already (a resent copy finished first). Its rows still count: a row is deleted
+  -- by one committed transaction only, so the sum over every attempt is exact.
+  if ARGV[12] == '' and tonumber(rows) > 0 then redis.call('HINCRBY', R, 'rows_deleted', rows) end
+  return {0, 0, 0, '', 0}
+end
+redis.call('HINCRBY', R, 'chunks_done', 1)
+if ARGV[12] ~= '' then
+  redis.call('HINCRBY', R, 'chunks_failed', 1)
+  redis.call('HSET', R, 'error', ARGV[12])
+else
+  redis.call('HINCRBY', R, 'rows_deleted', rows)
+  redis.call('HINCRBY', R, 'obs_rows', rows)
+  redis.call('HINCRBY', R, 'obs_units', ARGV[11])
+  redis.call('HSET', R, 'last_progress_at', now)
+  if tonumber(ARGV[10]) > 0 then redis.call('HSET', R, 'size', ARGV[10]) end
+end
+if redis.call('GET', L) == run_id then redis.call('EXPIRE', L, ARGV[5]) end
+if redis.call('HGET', R, 'state') ~= 'running' then return {1, 0, 0, '', 0} end
+local out = {}
+local g = {0, '', 0}
+if ARGV[12] == '' then
+  g = gate_and_top_up(R, F, P, now, ARGV[8], ARGV[9], ARGV[6], ARGV[7], out)
+end
+local fin = finish_if_complete(R, F, L, run_id, now)
+return {1, fin, g[1], g[2], g[3], unpack(out)}
+"""
+
+# KEYS R F L P; ARGV run_id now lock_ttl window resend_after external max_run new_budget
+PUMP = _PRELUDE + r"""
+local R, F, L, P = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local run_id, now = ARGV[1], ARGV[2]
+local state = redis.call('HGET', R, 'state')
+if state ~= 'running' then return {'ended', 0, 0, state or '', 0} end
+if redis.call('GET', L) == run_id then redis.call('EXPIRE', L, ARGV[3]) end
+if ARGV[8] == '1' then redis.call('HSET', R, 'window_started_at', now) end
+local out = {}
+local g = gate_and_top_up(R, F, P, now, ARGV[6], ARGV[7], ARGV[4], ARGV[5], out)
+local fin = finish_if_complete(R, F, L, run_id, now)
+return {'ok', fin, g[1], g[2], g[3], unpack(out)}
+"""
+
+# KEYS R F; ARGV expected_cursor lo hi next now  -> the new chunk's number, or 0 if another
+# process cut from this cursor first (compare-and-set: a walk cut needs a query in between).
+CUT = r"""
+local R, F = KEYS[1], KEYS[2]
+local h = redis.call('HMGET', R, 'cursor', 'state', 'planning_done', 'end')
+if h[1] ~= ARGV[1] or h[2] ~= 'running' or h[3] == '1' then return 0 end
+local n = redis.call('HINCRBY', R, 'chunks_planned', 1)
+redis.call('HSET', F, n, ARGV[2] .. ':' .. ARGV[3] .. '|' .. ARGV[5] .. '|s')
+if ARGV[4] == '' then
+  redis.call('HSET', R, 'cursor', h[4], 'planning_done', '1', 'planned_at', ARGV[5])
+else
+  redis.call('HSET', R, 'cursor', ARGV[4])
+end
+return n
+"""
+
+# KEYS R F L; ARGV run_id now why
+ABORT = r"""
+local R, F, L = KEYS[1], KEYS[2], KEYS[3]
+local state = redis.call('HGET', R, 'state')
+if state ~= 'running' and state ~= 'queued' then return state or '' end
+redis.call('HSET', R, 'state', 'aborted', 'finished_at', ARGV[2], 'error', ARGV[3], 'held', '')
+redis.call('DEL', F)
+if redis.call('GET', L) == ARGV[1] then redis.call('DEL', L) end
+return 'aborted'
+"""
+
+# KEYS R; ARGV state why now -> 1 if a queued run was closed (its trigger did not start it)
+CLOSE_QUEUED = r"""
+if redis.call('HGET', KEYS[1], 'state') ~= 'queued' then return 0 end
+redis.call('HSET', KEYS[1], 'state', ARGV[1], 'error', ARGV[2], 'finished_at', ARGV[3])
+return 1
+"""
+
+# KEYS R; shrink the run's chunk size by half (a chunk hit its lock timeout)
+SHRINK = r"""
+local size = tonumber(redis.call('HGET', KEYS[1], 'size') or '0')
+if size > 1 then redis.call('HSET', KEYS[1], 'size', string.format('%d', math.floor(size / 2))) end
+return size
+"""
+
+# KEYS R RUNS; ARGV run_id now source keep -> 1 recorded, 0 the id is taken
+ENQUEUE = r"""
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'run_id', ARGV[1], 'state', 'queued', 'source', ARGV[3],
+  'started_at', ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+return 1
+"""
+
+# KEYS T; ARGV now interval -> seconds this caller waits before its chunk may start. One slot
+# every `interval` seconds for all workers together (a virtual schedule, as GCRA): exact over a
+# run of any length, unlike a token bucket per worker process.
+RATE = r"""
+local now, interval = tonumber(ARGV[1]), tonumber(ARGV[2])
+local slot = math.max(now, tonumber(redis.call('GET', KEYS[1]) or '0'))
+redis.call('SET', KEYS[1], string.format('%.6f', slot + interval), 'EX',
+  math.max(1, math.ceil(slot + interval - now) + 1))
+return string.format('%.6f', slot - now)
+"""
+
+# KEYS L; ARGV run_id ttl — extends only: a renewal never shortens the TTL (Redis 7 GT).
+RENEW = r"""
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('EXPIRE', KEYS[1], ARGV[2], 'GT')
+  return 1
+end
+return 0
+"""
+
+RELEASE = r"""
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""

@@ -1,0 +1,143 @@
+"""The in-flight window: which chunks are sent, when, and what holds them back.
+
+A run keeps at most STATESWEEP_MAX_CHUNKS_IN_FLIGHT chunks queued or running. The coordinator
+sends the first window; each finished chunk tops it up in the same atomic step that counts it
+(workers.runs); the pump task (beat, every STATESWEEP_PUMP_INTERVAL_SECONDS, and after a hold)
+tops it up when nothing else does. Topping up also sends again any chunk parked by a hold and
+any chunk sent longer ago than ``resend_after`` without finishing (its message or its publisher
+was lost), so a process killed at any instant loses no chunk: chunks are idempotent and counted
+once, so a chunk that was only slow costs a DELETE that finds nothing.
+
+Flow control is a gate on that one lever: paused, outside active hours, past the run-time
+budget or replicas lagging, no chunk starts (a chunk message arriving then is parked, not run)
+and the window is not topped up; when the gate opens the parked chunks go out again.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+from sqlalchemy import Engine
+
+from workers.planners import WALK, walk
+from workers.planners.base import ChunkRange
+from workers.runs import Gate, RunRecord, RunStore, Window
+from workers.schema import Tables
+from workers.settings import Settings
+
+log = structlog.get_logger("statesweep.window")
+
+#: Sends one chunk message: (run_id, chunk number, range, cutoff).
+Dispatch = Callable[[str, int, ChunkRange, str], None]
+
+
+def gate(settings: Settings, engine: Engine | None = None, *, now: dt.datetime | None = None,
+         with_lag: bool = False) -> Gate:
+    """What holds chunks back besides a pause: the active-hours window and, when *with_lag*
+    and a limit is set, the replicas' lag read now (chunks read it in their own transaction)."""
+    reason = ""
+    hours = settings.active_hours_window
+    if hours is not None:
+        at = now or dt.datetime.now(dt.UTC)
+        if not hours.is_open(at):
+            reason = f"outside active hours {settings.active_hours} UTC"
+    if not reason and with_lag and engine is not None and settings.max_replica_lag_seconds:
+        lag = replica_lag(engine)
+        if lag is not None and lag > settings.max_replica_lag_seconds:
+            reason = lag_reason(lag, settings.max_replica_lag_seconds)
+    return Gate(reason, settings.max_run_seconds)
+
+
+def lag_reason(lag: float, limit: float) -> str:
+    return f"replica lag {lag:.1f}s over {limit:g}s"
+
+
+def replica_lag(engine: Engine) -> float | None:
+    from workers.flow.lag import replica_lag_seconds
+
+    with engine.connect() as conn:
+        return replica_lag_seconds(conn)
+
+
+@dataclass
+class Sender:
+    """Sends what a window step hands out, cuts walk chunks where the window has room, and logs
+    each hold episode once."""
+
+    settings: Settings
+    engine: Engine
+    tables: Tables
+    registry: RunStore
+    dispatch: Dispatch
+
+    def send(self, run_id: str, cutoff: str, window: Window, kind: str) -> int:
+        for number, rng in window.chunks:
+            self.dispatch(run_id, number, rng, cutoff)
+        sent = len(window.chunks)
+        if window.walk_room and kind == WALK:
+            sent += self.cut_walk(run_id, cutoff, window.walk_room)
+        if window.new_hold:
+            log.warning("cleanup_run_held", run_id=run_id, reason=window.held)
+        return sent
+
+    def cut_walk(self, run_id: str, cutoff: str, room: int) -> int:
+        """Cut up to *room* walk chunks from the run's cursor and send each (compare-and-set
+        on the cursor, so racing processes never cut the same range twice)."""
+        sent = 0
+        when = dt.datetime.fromisoformat(cutoff)
+        with self.engine.connect() as conn:
+            conn.execution_options(isolation_level="AUTOCOMMIT")
+            for _ in range(room * 2):
+                if sent >= room:
+                    break
+                record = self.registry.get(run_id)
+                if record is None or record.state != "running" or record.planning_done:
+                    break
+                hi, next_lo = walk.cut(conn, self.tables, when, record.cursor, record.end,
+                                       record.batch_size)
+                rng = ChunkRange(WALK, record.cursor, hi)
+                number = self.registry.cut(run_id, record.cursor, rng, next_lo)
+                if number:
+                    self.dispatch(run_id, number, rng, cutoff)
+                    sent += 1
+        return sent
+
+    def pump(self, run_id: str, *, new_budget: bool = False) -> tuple[RunRecord | None, Window]:
+        """Top up *run_id*'s window now; returns the record (None if the run has ended)."""
+        record = self.registry.get(run_id)
+        if record is None or record.state != "running":
+            return record, Window()
+        window = self.registry.pump(
+            run_id, record.kind, lock_ttl=self.settings.run_timeout_seconds,
+            window=self.settings.max_chunks_in_flight, resend_after=resend_after(self.settings),
+            gate=gate(self.settings, self.engine, with_lag=True), new_budget=new_budget)
+        if window is None:
+            return self.registry.get(run_id), Window()
+        self.send(run_id, record.cutoff, window, record.kind)
+        if window.finished is not None:
+            return window.finished, window
+        return record, window
+
+
+def resend_after(settings: Settings) -> float:
+    """A chunk sent this long ago and not finished is sent again: past its hard time limit it
+    is no longer running anywhere, and the window keeps queues short, so it is not waiting."""
+    return float(settings.chunk_time_limit + 30)
+
+
+def wait_out_lag(sender: Sender, run_id: str, *, budget: float = 30.0,
+                 poll: float = 0.5) -> bool:
+    """Poll the replicas' lag for up to *budget* seconds and top up the window once it is under
+    the limit. Returns False if the run is still held when the budget runs out."""
+    deadline = time.monotonic() + budget
+    while True:
+        record, window = sender.pump(run_id)
+        if record is None or record.ended or not window.held.startswith("replica lag"):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(poll)
