@@ -19,6 +19,8 @@ from tests.reliability.faults import RedisServer
 from tests.reliability.pipeline import Pipeline, client, pipeline_env
 from workers.celery_app import COORDINATE, DELETE_CHUNK, SWEEP_ORPHANS
 from workers.db import db_now, make_engine
+from workers.planners import Plan
+from workers.runs import Gate
 from workers.seed import SeedSpec
 from workers.settings import Settings
 
@@ -40,18 +42,26 @@ def test_bad_task_arguments_fail_clearly_and_delete_nothing(
     # Every chunk below spans the whole table with a cutoff that makes its rows deletable:
     # only argument checking stands between it and a DELETE.
     past, future = now.isoformat(), (now + dt.timedelta(days=2)).isoformat()
-    p.registry.start("known-run", cutoff=past, batch_size=100, source="test")
-    p.registry.start("future-run", cutoff=future, batch_size=100, source="test")
-    whole = {"run_id": "known-run", "chunk": 1, "lo": 1, "hi": spec.rows, "cutoff": past}
+    for run_id, cutoff in (("known-run", past), ("future-run", future)):
+        _planned_whole_table(p, run_id, cutoff, spec.rows)
+    whole = {"run_id": "known-run", "chunk": 1, "kind": "ids", "lo": 1, "hi": spec.rows + 1,
+             "cutoff": past}
     chunk_cases: list[tuple[dict[str, Any], str]] = [
         ({**whole, "chunk": "1"}, "chunk must be a whole number, got '1'"),
         ({**whole, "lo": "1"}, "lo must be a whole number, got '1'"),
         ({**whole, "hi": 5000.0}, "hi must be a whole number, got 5000.0"),
-        ({**whole, "lo": spec.rows, "hi": 1}, "lo must not exceed hi"),
-        ({**whole, "run_id": ""}, "run_id must be a non-empty string"),
+        ({**whole, "lo": spec.rows, "hi": 1}, "hi must be above lo"),
+        ({**whole, "kind": "rows"}, "kind must be one of blocks, ids, walk, got 'rows'"),
+        ({**whole, "hi": None}, "only a blocks range may be open-ended"),
+        ({**whole, "run_id": ""}, "run_id must be 1-64 letters"),
+        # A run id with ':' would address another run's keys in the run store.
+        ({**whole, "run_id": "known-run:inflight"}, "run_id must be 1-64 letters"),
         ({**whole, "cutoff": "yesterday"}, "cutoff is not an ISO-8601 timestamp: 'yesterday'"),
         ({**whole, "cutoff": now.replace(tzinfo=None).isoformat()}, "must carry a UTC offset"),
         ({**whole, "run_id": "no-such-run"}, "unknown run id 'no-such-run'"),
+        # Chunks the plan never had, or bounds it never cut, are refused before any DELETE.
+        ({**whole, "chunk": 2}, "chunk 2 (ids 1:5001) is not in run known-run's plan"),
+        ({**whole, "lo": 0, "hi": 10**12}, "is not in run known-run's plan (planned: 1:5001)"),
         ({**whole, "cutoff": future}, "is not run known-run's cutoff"),
         ({**whole, "run_id": "future-run", "cutoff": future}, "is in the future"),
         ({"run_id": "known-run", "chunk": 1}, "missing"),
@@ -88,6 +98,17 @@ def test_bad_task_arguments_fail_clearly_and_delete_nothing(
     assert p.registry.get("no-such-run") is None
     assert p.rows() == {(i + 1, f"value_{i}") for i in range(spec.rows)}
     assert "Retry in" not in worker.log(), "bad arguments must fail at once, not retry"
+
+
+def _planned_whole_table(p: Pipeline, run_id: str, cutoff: str, rows: int) -> None:
+    """Record *run_id* as a run whose one chunk is ids 1..rows: the message below that matches
+    it exactly would delete every row expired at *cutoff*."""
+    assert p.registry.acquire(run_id, 60) is None
+    plan = Plan("ids", "ids", 1, rows + 1, rows, 0, "test: the whole table in one chunk")
+    window = p.registry.start(run_id, plan, cutoff=cutoff, batch_size=rows, source="test",
+                              window=1, lock_ttl=60, resend_after=3600, gate=Gate())
+    assert not isinstance(window, str) and [n for n, _ in window.chunks] == [1]
+    p.registry.release(run_id)
 
 
 def _failure(result: AsyncResult[Any]) -> str:
