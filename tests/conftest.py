@@ -21,6 +21,7 @@ from tests.services import (
     require,
     unique,
 )
+from tests.standby import standby  # noqa: F401 - a real primary + streaming standby fixture
 from workers.db import db_now, make_engine
 from workers.schema import Tables, build_tables, upgrade
 from workers.seed import SeedCounts, SeedSpec, seed
