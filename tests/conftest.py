@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 
+from tests.mariadb_replica import mariadb_replica  # noqa: F401 - private primary + replica
 from tests.services import (
     REDIS_URL,
     fresh_mariadb_database,
