@@ -174,6 +174,19 @@ class StandbyPair:
                 raise RuntimeError(f"standby has not replayed up to {target} in {timeout}s")
             time.sleep(0.1)
 
+    def walreceiver_pid(self) -> int:
+        """The standby's WAL receiver process (SIGSTOP it to make the standby go silent)."""
+        pid = self._on_standby("SELECT pid FROM pg_stat_wal_receiver")
+        if not isinstance(pid, int):
+            raise RuntimeError("the standby has no WAL receiver running")
+        return pid
+
+    def configure_standby(self, setting: str, value: str) -> None:
+        """Set *setting* in the standby's postgresql.conf and reload (reloadable ones only)."""
+        with (self.standby_dir / "postgresql.conf").open("a") as f:
+            f.write(f"{setting} = '{value}'\n")
+        self._on_standby("SELECT pg_reload_conf()")
+
     def stop_standby(self) -> None:
         """Shut the standby down (immediate): its walsender leaves pg_stat_replication."""
         _pg_ctl(self, self.standby_dir, "stop")

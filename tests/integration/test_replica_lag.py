@@ -5,6 +5,8 @@ cleanup on the primary, replayed to the standby."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 
@@ -99,6 +101,49 @@ def test_lag_rises_while_replay_is_paused_and_falls_after_resume(
         replica.dispose()
     with primary.connect() as conn:
         assert replayed == conn.execute(text("SELECT count(*) FROM filler")).scalar_one()
+
+
+def test_a_standby_that_falls_silent_reads_ever_older(standby: StandbyPair,
+                                                     primary: Engine) -> None:
+    def lag_cleared() -> bool:  # idle and caught up: PostgreSQL has set replay_lag to NULL
+        with primary.connect() as conn:
+            return conn.execute(text(
+                "SELECT replay_lag IS NULL FROM pg_stat_replication")).scalar() is True
+
+    wait_for("replay_lag cleared on the idle primary", lag_cleared)
+    receiver = standby.walreceiver_pid()
+    os.kill(receiver, signal.SIGSTOP)
+    try:
+        with primary.connect() as conn:
+            conn.execute(text("CREATE TABLE written_while_silent (id int)"))
+        wait_for("a silent standby's lag over the limit", lambda: (lag(primary) or 0) > LIMIT)
+        [silent] = lags(primary)
+        assert silent.source == "last_reply"
+        assert silent.behind_bytes is not None and silent.behind_bytes > 0
+    finally:
+        os.kill(receiver, signal.SIGCONT)
+    wait_for("lag back under the limit once it replies", lambda: (lag(primary) or 0) < LIMIT)
+
+
+def test_a_write_after_an_idle_spell_is_not_read_as_lag(standby: StandbyPair,
+                                                        primary: Engine) -> None:
+    # Right after a commit on a quiet primary the standby has not replied yet, and the only
+    # figure is its last reply's age (3 s here, by construction); replica_lag_seconds re-reads
+    # until the standby's reply gives a real one.
+    def lag_cleared() -> bool:
+        with primary.connect() as conn:
+            return conn.execute(text(
+                "SELECT replay_lag IS NULL FROM pg_stat_replication")).scalar() is True
+
+    for n in range(3):
+        standby.configure_standby("wal_receiver_status_interval", "1s")
+        wait_for("replay_lag cleared on the idle primary", lag_cleared)
+        standby.configure_standby("wal_receiver_status_interval", "60s")
+        time.sleep(3)  # no status reply for 3 s: the last reply ages
+        with primary.connect() as conn:
+            conn.execute(text(f"CREATE TABLE after_idle_{n} (id int)"))
+            reading = replica_lag_seconds(conn, settle_seconds=30)
+        assert reading is not None and reading < LIMIT
 
 
 def test_no_standby_reads_none(standby: StandbyPair, primary: Engine) -> None:

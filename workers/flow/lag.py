@@ -20,13 +20,17 @@ out. For each standby:
   reply (``clock_timestamp() - reply_time``, or since the walsender started if it never
   replied). A behind standby cannot be shown to be fresher than its last word, so this errs
   towards holding: a healthy standby replies within milliseconds and the next reading has a
-  replay_lag again; a silent one reads ever older. This is the one place the standby's clock
-  enters (``reply_time`` is its send time), and only until its next reply.
+  replay_lag again (:func:`replica_lag_seconds` waits up to a second for it); a silent one
+  reads ever older. This is the one place the standby's clock enters (``reply_time`` is its
+  send time), and only until its next reply.
 
 The LSN distance alone (bytes) is reported but never turned into seconds: bytes per second
 varies by orders of magnitude, and the limit is a time. The run's figure is the worst standby's.
 A standby that has disconnected is not in ``pg_stat_replication`` at all, so it is invisible
-here; watch its replication slot for that.
+here; watch its replication slot for that. A standby that stops replying while WAL is flowing
+keeps the replay_lag of its last reply until ``wal_sender_timeout`` (60 s) drops it: taking
+the reply age there too would make every standby whose clock runs a little slow read as lagging
+for good, and a walsender sees no other sign of life.
 
 The role reading it needs ``pg_monitor`` (or ``pg_read_all_stats``, or superuser): without it
 PostgreSQL shows the rows with every column but the pid NULL, which would read as "nothing
@@ -43,6 +47,8 @@ all (empty status) is refused. The reading role needs ``REPLICATION CLIENT`` (My
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,11 +107,12 @@ def standby_lags(conn: Connection) -> list[StandbyLag]:
             raise ReplicaLagUnreadable(
                 f"role {user!r} cannot read pg_stat_replication; run "
                 f'GRANT pg_monitor TO "{user}" on the primary')
-        lags.append(_classify(row))
+        lags.append(lag_of_row(row))
     return lags
 
 
-def _classify(row: Any) -> StandbyLag:
+def lag_of_row(row: Mapping[Any, Any]) -> StandbyLag:
+    """The rules of the module docstring applied to one row of the standby query."""
     behind = row["behind_bytes"]
     name, state = row["name"] or "", row["state"]
     if behind is not None and behind <= 0:
@@ -117,9 +124,20 @@ def _classify(row: Any) -> StandbyLag:
                       "last_reply")
 
 
-def replica_lag_seconds(conn: Connection) -> float | None:
-    """The worst standby's lag in seconds, or None when the primary has no standby."""
+def replica_lag_seconds(conn: Connection, *, settle_seconds: float = 1.0) -> float | None:
+    """The worst standby's lag in seconds, or None when the primary has no standby.
+
+    A reading taken just after a commit on a quiet primary often lands before the standby's
+    first reply to that WAL, where the only figure is the age of the last reply (up to a whole
+    status interval, though the standby is milliseconds behind). So while any standby reads by
+    ``last_reply``, this reads again every 50 ms for up to *settle_seconds*; a healthy standby
+    answers within that and is read by its replay_lag, a silent one keeps its growing age.
+    """
+    deadline = time.monotonic() + settle_seconds
     lags = standby_lags(conn)
+    while any(lag.source == "last_reply" for lag in lags) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        lags = standby_lags(conn)
     return max(lag.seconds for lag in lags) if lags else None
 
 
