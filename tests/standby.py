@@ -20,7 +20,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +46,7 @@ hot_standby = on
 wal_receiver_status_interval = 1s
 fsync = off
 shared_buffers = 32MB
-max_connections = 40
+max_connections = 100
 """
 
 
@@ -222,10 +222,11 @@ def _run(cmd: list[str], root: Path, timeout: float = 120) -> None:
                            f"{done.stdout}\n{done.stderr}")
 
 
-def _configure(data: Path, root: Path, port: int) -> None:
+def _configure(data: Path, root: Path, port: int, extra: Mapping[str, str]) -> None:
     conf = data / "postgresql.conf"
     with conf.open("a") as f:
         f.write(SERVER_CONF.format(sockets=root, port=port))
+        f.writelines(f"{name} = '{value}'\n" for name, value in extra.items())
 
 
 def _pg_ctl(pair: StandbyPair, data: Path, action: str, log: str | None = None) -> None:
@@ -239,9 +240,11 @@ def _pg_ctl(pair: StandbyPair, data: Path, action: str, log: str | None = None) 
 
 
 @contextmanager
-def standby_pair() -> Iterator[StandbyPair]:
+def standby_pair(extra_conf: Mapping[str, str] | None = None) -> Iterator[StandbyPair]:
     """Start a primary and a streaming standby; yield once the standby streams; stop and
-    remove both on the way out, whatever happened inside."""
+    remove both on the way out, whatever happened inside. *extra_conf* is added to both
+    servers' postgresql.conf (e.g. ``{"log_min_duration_statement": "0"}``)."""
+    extra = dict(extra_conf or {})
     bindir = find_bindir()
     if bindir is None:
         _missing("PostgreSQL server binaries (initdb, pg_ctl, pg_basebackup) not found via "
@@ -263,7 +266,7 @@ def standby_pair() -> Iterator[StandbyPair]:
     try:
         _run([str(bindir / "initdb"), "-D", str(pair.primary_dir), "-U", "postgres",
               "--auth=trust", "-E", "UTF8", "--no-sync"], root)
-        _configure(pair.primary_dir, root, pair.primary_port)
+        _configure(pair.primary_dir, root, pair.primary_port, extra)
         with (pair.primary_dir / "pg_hba.conf").open("a") as f:
             f.write("host replication postgres 127.0.0.1/32 trust\n")
         started.append(pair.primary_dir)  # before start: a half-started server is stopped too
@@ -273,7 +276,7 @@ def standby_pair() -> Iterator[StandbyPair]:
               "-U", "postgres", "-D", str(pair.standby_dir), "-R", "-X", "stream",
               "--no-sync", "-c", "fast"], root)
         # The copied postgresql.conf carries the primary's port: the last setting wins.
-        _configure(pair.standby_dir, root, pair.standby_port)
+        _configure(pair.standby_dir, root, pair.standby_port, extra)
         started.append(pair.standby_dir)
         _pg_ctl(pair, pair.standby_dir, "start", "standby.log")
         pair.wait_streaming()
