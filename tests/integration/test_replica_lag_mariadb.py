@@ -1,7 +1,7 @@
 """MariaDB replica lag on a real private primary + replica (tests/mariadb_replica.py): 0 when
 idle, rising while the replica's apply is blocked and the primary writes, back to 0 once it is
 released; stopped replication reads as infinitely behind; the primary and an unprivileged user
-are refused with what to change."""
+are refused with what to change; and the pair is gone after a failing block."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from collections.abc import Callable, Iterator
 import pytest
 from sqlalchemy import Engine, text
 
-from tests.mariadb_replica import ReplicaPair
+from tests.mariadb_replica import ReplicaPair, mariadb_replica_pair
+from tests.services import reachable
 from workers.flow.lag import ReplicaLagUnreadable, mysql_replica_lag_seconds
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -98,3 +99,15 @@ def test_a_user_without_the_privilege_is_told_the_grant(mariadb_replica: Replica
             assert mysql_replica_lag_seconds(conn) < math.inf
     finally:
         engine.dispose()
+
+
+def test_the_pair_is_killed_and_removed_when_the_block_fails() -> None:
+    seen: list[ReplicaPair] = []
+    with pytest.raises(ZeroDivisionError), mariadb_replica_pair() as pair:
+        seen.append(pair)
+        assert pair.replica_status()["Slave_SQL_Running"] == "Yes"
+        1 / 0  # noqa: B018 - the failing test body
+    [pair] = seen
+    assert not pair.root.exists()
+    assert not reachable("127.0.0.1", pair.primary.port)
+    assert not reachable("127.0.0.1", pair.replica.port)

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from workers.flow.lag import lag_of_row
+from workers.flow.lag import lag_of_row, lag_over_limit
 
 
 def row(**values: Any) -> dict[str, Any]:
@@ -36,3 +36,10 @@ def test_behind_without_a_replay_lag_reads_the_age_of_the_last_reply(
 
 def test_a_standby_clock_ahead_of_the_primary_never_reads_negative() -> None:
     assert lag_of_row(row(behind_bytes=100.0, silent_for=-3.0)).seconds == 0.0
+
+
+@pytest.mark.parametrize(("lag", "held"), [
+    (None, False), (0.0, False), (5.0, False), (5.01, True), (float("inf"), True),
+])
+def test_which_readings_hold_a_run_at_a_5_second_limit(lag: float | None, held: bool) -> None:
+    assert lag_over_limit(lag, 5.0) is held

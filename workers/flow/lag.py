@@ -141,6 +141,12 @@ def replica_lag_seconds(conn: Connection, *, settle_seconds: float = 1.0) -> flo
     return max(lag.seconds for lag in lags) if lags else None
 
 
+def lag_over_limit(lag: float | None, limit: float) -> bool:
+    """Whether a reading holds the run: None (no standby) never does, ``inf`` (replication
+    stopped) always does; a reading equal to the limit does not."""
+    return lag is not None and lag > limit
+
+
 def mysql_replica_lag_seconds(replica_conn: Connection) -> float:
     """``Seconds_Behind_Source`` of the MySQL/MariaDB replica *replica_conn* is on; ``inf``
     when replication is stopped (NULL). Several sources (multi-source) give the worst one."""
