@@ -6,7 +6,11 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: demo test lint bench bench-quick clean
+.PHONY: demo test lint bench bench-quick clean test-binaries
+
+# apt-get install $(1) (as root, else through sudo): for server binaries the tests start privately.
+apt_install = { [ "$$(id -u)" = 0 ] && SUDO= || SUDO=sudo; $$SUDO apt-get update -qq && \
+	DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $(1); }
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +25,14 @@ $(BENCH_STAMP): $(STAMP)
 demo: $(STAMP)
 	$(BIN)/statesweep demo
 
-test: $(STAMP)
+# The harnesses in tests/standby.py and tests/mariadb_replica.py run their own initdb/pg_ctl/
+# pg_basebackup and mariadbd/mariadb-install-db: install them when the machine lacks them.
+test-binaries:
+	@test -x "$$(pg_config --bindir 2>/dev/null)/pg_basebackup" || \
+		ls /usr/lib/postgresql/*/bin/pg_basebackup >/dev/null 2>&1 || $(call apt_install,postgresql)
+	@command -v mariadb-install-db >/dev/null 2>&1 || $(call apt_install,mariadb-server)
+
+test: $(STAMP) test-binaries
 	$(BIN)/ruff check workers tests bench beat_schedule.py
 	$(BIN)/mypy workers beat_schedule.py
 	$(BIN)/python -m pytest

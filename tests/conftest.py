@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 
+from tests.mariadb_replica import mariadb_replica  # noqa: F401 - private primary + replica
 from tests.services import (
     REDIS_URL,
     fresh_mariadb_database,
@@ -21,6 +22,7 @@ from tests.services import (
     require,
     unique,
 )
+from tests.standby import standby  # noqa: F401 - a real primary + streaming standby fixture
 from workers.db import db_now, make_engine
 from workers.schema import Tables, build_tables, upgrade
 from workers.seed import SeedCounts, SeedSpec, seed
