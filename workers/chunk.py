@@ -18,13 +18,14 @@ from sqlalchemy import Engine
 from workers import cleanup
 from workers.coordinator import RunSummary, check_run_id, coordinate, log_finished
 from workers.exceptions import InvalidArgument, NotFound
+from workers.flow.sizing import ChunkTiming, SizingPolicy
 from workers.planners import BLOCKS, KINDS, WALK, ChunkRange
 from workers.planners.blocks import MAX_PAGES_PER_CHUNK
 from workers.planners.ids import MAX_BATCHES_PER_CHUNK
 from workers.runs import RunStore
 from workers.schema import Tables
 from workers.settings import Settings
-from workers.window import Dispatch, Sender, gate, lag_reason, resend_after
+from workers.window import Dispatch, Sender, gate, lag_reader, lag_reason, resend_after
 
 log = structlog.get_logger("statesweep.chunk")
 
@@ -96,10 +97,10 @@ def next_size(settings: Settings, kind: str, size: int, batch: int, rows: int, u
         return 0
     cap = MAX_PAGES_PER_CHUNK if kind == BLOCKS else max(1000, batch * MAX_BATCHES_PER_CHUNK)
     if settings.target_chunk_seconds:
-        from workers.flow.sizing import adapt_size
-
-        return adapt_size(size, units, seconds, settings.target_chunk_seconds,
-                          lower=max(1, cap // 100), upper=cap)
+        # Bounds in the plan's own unit (pages or ids): at least one, at most the planner's
+        # cap, which keeps any one chunk's scan short wherever expired rows are sparse.
+        policy = SizingPolicy(settings.target_chunk_seconds, minimum=1, maximum=cap)
+        return policy.next_size(size, [ChunkTiming(units, seconds)])
     ideal = math.ceil(batch * units / rows) if rows > 0 else cap
     return max(1, min(cap, ideal, math.ceil(size * 1.2)))
 
@@ -146,7 +147,8 @@ def run_chunk(settings: Settings, engine: Engine, tables: Tables, registry: RunS
         rows = cleanup.delete_range(
             engine, tables, args.range, args.cutoff, lock_timeout_ms=settings.lock_timeout_ms,
             statement_timeout_ms=settings.statement_timeout_ms,
-            max_lag_seconds=settings.max_replica_lag_seconds or None)
+            max_lag_seconds=settings.max_replica_lag_seconds or None,
+            read_lag=lag_reader(settings) if settings.max_replica_lag_seconds else None)
     except cleanup.ReplicaLagging as exc:
         reason = lag_reason(exc.lag, settings.max_replica_lag_seconds)
         if registry.park(args.run_id, args.chunk, reason):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,26 +58,31 @@ def delete_statement(tables: Tables, rng: ChunkRange, cutoff: dt.datetime) -> De
     return delete(t).where(*range_condition(tables, rng), t.c.expires_at < cutoff)
 
 
+LagReader = Callable[[Connection], "float | None"]
+
+
 def delete_range(engine: Engine, tables: Tables, rng: ChunkRange, cutoff: dt.datetime,
                  *, lock_timeout_ms: int = 5000, statement_timeout_ms: int = 120000,
-                 max_lag_seconds: float | None = None) -> int:
+                 max_lag_seconds: float | None = None, read_lag: LagReader | None = None) -> int:
     """Delete one chunk in its own transaction; commit; return rows deleted.
 
     Running it twice deletes nothing the second time (idempotent). With *max_lag_seconds*, the
-    replica lag is read in the same round trip that opens the transaction, and a lag over the
-    limit rolls back before the DELETE (ReplicaLagging): no chunk starts while replicas lag.
+    replicas' lag is read (*read_lag*, on this transaction's connection) just before the
+    DELETE, and a lag over the limit rolls back first (ReplicaLagging): no chunk starts while
+    replicas lag.
     """
     with engine.begin() as conn:
-        began = begin_chunk(conn, lock_timeout_ms, statement_timeout_ms,
-                            with_lag=max_lag_seconds is not None)
+        now = begin_chunk(conn, lock_timeout_ms, statement_timeout_ms)
         # The one clock: a cutoff ahead of the database's now would delete rows that have not
         # expired yet (a forged or corrupted message); refuse before the DELETE.
-        if cutoff > began.now:
+        if cutoff > now:
             raise InvalidArgument(
                 f"cutoff {cutoff.isoformat()} is in the future (database now is "
-                f"{began.now.isoformat()}); refusing to delete rows that have not expired")
-        if max_lag_seconds is not None and began.lag is not None and began.lag > max_lag_seconds:
-            raise ReplicaLagging(began.lag)
+                f"{now.isoformat()}); refusing to delete rows that have not expired")
+        if max_lag_seconds is not None and read_lag is not None:
+            lag = read_lag(conn)
+            if lag is not None and lag > max_lag_seconds:
+                raise ReplicaLagging(lag)
         return int(conn.execute(delete_statement(tables, rng, cutoff)).rowcount)
 
 

@@ -183,7 +183,9 @@ def _trigger_active(sender: Sender, run_id: str, holder: str, source: str) -> Ru
     else:
         log.info("coordinator_skipped_active_run", run_id=run_id, active_run_id=holder,
                  held=window.held)
-    return RunSummary(run_id, status, record.cutoff if record else "", len(window.chunks),
+    # A resumed trigger reports the run it resumed, so a caller follows that run.
+    return RunSummary(holder if window.chunks else run_id, status,
+                      record.cutoff if record else "", len(window.chunks),
                       active_run_id=holder, reason=why)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime as dt
 import os
 import threading
-from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, func, literal_column, select
@@ -134,16 +133,9 @@ def set_timeouts(conn: Connection, lock_timeout_ms: int, statement_timeout_ms: i
             )
 
 
-@dataclass(frozen=True)
-class ChunkStart:
-    now: dt.datetime
-    lag: float | None = None  # worst replica lag in seconds, when asked for; None = no replica
-
-
-def begin_chunk(conn: Connection, lock_timeout_ms: int, statement_timeout_ms: int,
-                *, with_lag: bool = False) -> ChunkStart:
-    """Start a chunk's transaction: bound its lock wait and run time, read the database clock
-    and (with *with_lag*) the replicas' lag, in one round trip on PostgreSQL.
+def begin_chunk(conn: Connection, lock_timeout_ms: int, statement_timeout_ms: int) -> dt.datetime:
+    """Start a chunk's transaction: bound its lock wait and run time and read the database
+    clock, in one round trip on PostgreSQL.
 
     PostgreSQL also gets ``synchronous_commit = off`` for this transaction only: the commit
     returns before its WAL is flushed. A crash can then lose the last few chunks' deletes, and
@@ -151,18 +143,13 @@ def begin_chunk(conn: Connection, lock_timeout_ms: int, statement_timeout_ms: in
     chunks stop waiting on a disk flush each.
     """
     if conn.dialect.name == "postgresql":
-        cols: list[Any] = [
+        row = conn.execute(select(
             func.set_config("lock_timeout", str(int(lock_timeout_ms)), True),
             func.set_config("statement_timeout", str(int(statement_timeout_ms)), True),
             func.set_config("synchronous_commit", "off", True),
             func.now(),
-        ]
-        if with_lag:
-            from workers.flow.lag import lag_expression
-
-            cols.append(lag_expression())
-        row = conn.execute(select(*cols)).one()
-        lag = float(row[4]) if with_lag and row[4] is not None else None
-        return ChunkStart(row[3].astimezone(dt.UTC), lag)
+        )).one()
+        now: dt.datetime = row[3]
+        return now.astimezone(dt.UTC)
     set_timeouts(conn, lock_timeout_ms, statement_timeout_ms)
-    return ChunkStart(db_now(conn))
+    return db_now(conn)

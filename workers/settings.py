@@ -95,6 +95,9 @@ class Settings:
     max_replica_lag_seconds: float = 0.0
     target_chunk_seconds: float = 0.0
     pump_interval_seconds: float = 15.0
+    # MySQL/MariaDB replicas whose lag holds chunks (comma-separated URLs); PostgreSQL reads
+    # its standbys' lag on the primary and needs none.
+    replica_urls: str = ""
     # The orphan sweep's own soft limit (its hard limit is 30 s more): batches commit on their
     # own, so a sweep cut short keeps its progress and the next one goes on.
     orphan_soft_time_limit: int = 600
@@ -167,6 +170,17 @@ class Settings:
             bad("planner", f"must be one of {', '.join(PLANNER_CHOICES)}")
         if self.max_chunks_in_flight < 1:
             bad("max_chunks_in_flight", "must be at least 1")
+        backend = urlsplit(self.database_url).scheme.split("+")[0]
+        if self.max_replica_lag_seconds and backend in ("mysql", "mariadb") \
+                and not self.replica_url_list:
+            bad("max_replica_lag_seconds", "on MySQL/MariaDB needs STATESWEEP_REPLICA_URLS "
+                "(the replicas to read Seconds_Behind_Source from)")
+        if self.max_replica_lag_seconds and backend == "sqlite":
+            bad("max_replica_lag_seconds", "SQLite has no replicas")
+        for url in self.replica_url_list:
+            if urlsplit(url).scheme.split("+")[0] not in ("mysql", "mariadb"):
+                errors.append(f"{PREFIX}REPLICA_URLS={mask_url(url)!r}: each must be a "
+                              "mysql:// or mariadb:// URL of a replica")
         if self.active_hours:
             try:
                 parse_active_hours(self.active_hours)
@@ -212,6 +226,10 @@ class Settings:
         return float(count) / {"s": 1, "m": 60, "h": 3600}[unit]
 
     @property
+    def replica_url_list(self) -> list[str]:
+        return [u.strip() for u in self.replica_urls.split(",") if u.strip()]
+
+    @property
     def active_hours_window(self) -> Any:
         """The parsed STATESWEEP_ACTIVE_HOURS, or None when cleanup may run at any hour."""
         return parse_active_hours(self.active_hours) if self.active_hours else None
@@ -238,7 +256,7 @@ class Settings:
 
 # --- parsing helpers ----------------------------------------------------------------------------
 
-_URL_FIELDS = {"database_url", "broker_url", "result_backend", "run_store_url"}
+_URL_FIELDS = {"database_url", "broker_url", "result_backend", "run_store_url", "replica_urls"}
 
 
 def _show(field: str, raw: str) -> str:

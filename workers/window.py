@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 
 from workers.planners import WALK, walk
 from workers.planners.base import ChunkRange
@@ -46,7 +46,7 @@ def gate(settings: Settings, engine: Engine | None = None, *, now: dt.datetime |
         if not hours.is_open(at):
             reason = f"outside active hours {settings.active_hours} UTC"
     if not reason and with_lag and engine is not None and settings.max_replica_lag_seconds:
-        lag = replica_lag(engine)
+        lag = replica_lag(engine, settings)
         if lag is not None and lag > settings.max_replica_lag_seconds:
             reason = lag_reason(lag, settings.max_replica_lag_seconds)
     return Gate(reason, settings.max_run_seconds)
@@ -56,11 +56,31 @@ def lag_reason(lag: float, limit: float) -> str:
     return f"replica lag {lag:.1f}s over {limit:g}s"
 
 
-def replica_lag(engine: Engine) -> float | None:
-    from workers.flow.lag import replica_lag_seconds
-
+def replica_lag(engine: Engine, settings: Settings | None = None) -> float | None:
+    """The worst replica lag now: pg_stat_replication on a PostgreSQL primary, or each of
+    STATESWEEP_REPLICA_URLS on MySQL/MariaDB; None when there is no replica."""
     with engine.connect() as conn:
-        return replica_lag_seconds(conn)
+        return lag_reader(settings)(conn)
+
+
+def lag_reader(settings: Settings | None) -> Callable[[Connection], float | None]:
+    """How this deployment reads replica lag, given a connection to the primary."""
+    from workers.flow.lag import mysql_replica_lag_seconds, replica_lag_seconds
+
+    urls = settings.replica_url_list if settings is not None else []
+    if not urls:
+        return replica_lag_seconds
+
+    def worst_replica(_primary: Connection) -> float | None:
+        from workers.db import get_engine
+
+        lags = []
+        for url in urls:
+            with get_engine(url).connect() as replica:
+                lags.append(mysql_replica_lag_seconds(replica))
+        return max(lags) if lags else None
+
+    return worst_replica
 
 
 @dataclass

@@ -114,7 +114,7 @@ def _planned_whole_table(p: Pipeline, run_id: str, cutoff: str, rows: int) -> No
 def _failure(result: AsyncResult[Any]) -> str:
     with pytest.raises(Exception) as info:
         result.get(timeout=30)
-    assert result.state == "FAILURE"
+    assert result.state == "FAILURE", (result.id, result.state)
     return f"{type(info.value).__name__}: {info.value}"
 
 
@@ -149,7 +149,7 @@ def test_database_without_the_schema_fails_clearly(
                 coordinate = app.send_task(COORDINATE, kwargs={"source": "adhoc"},
                                            queue=settings.control_queue)
                 chunk = app.send_task(DELETE_CHUNK, kwargs={
-                    "run_id": "r", "chunk": 1, "lo": 1, "hi": 2000,
+                    "run_id": "r", "chunk": 1, "kind": "ids", "lo": 1, "hi": 2001,
                     "cutoff": dt.datetime.now(dt.UTC).isoformat()}, queue=settings.chunk_queue)
                 task_errors = [_failure(coordinate), _failure(chunk)]
         finally:

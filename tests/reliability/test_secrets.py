@@ -99,7 +99,8 @@ def test_passwords_never_appear_in_logs_output_or_task_messages(
             outputs.append(_cli(env, "status"))
             with client(Settings.from_env(env)) as app:
                 # A failing task: its error and arguments land in the result backend too.
-                failed = p.send_chunk(app, run_id="nope", chunk=1, lo=1, hi=10, cutoff="x")
+                failed = p.send_chunk(app, run_id="nope", chunk=1, kind="ids", lo=1, hi=10,
+                                      cutoff="x")
                 with pytest.raises(Exception, match="cutoff"):
                     failed.get(timeout=30)
             with open(beat_log, "wb") as out:

@@ -61,10 +61,10 @@ def test_worker_sigkilled_with_chunks_in_flight_loses_no_work(
         started.append(start_worker(env, tmp_path, "c"))
         # Redelivery brings back what the dead worker held unacknowledged. A message it had
         # taken off the queue but not yet recorded as unacked (kombu's BRPOP window) is gone
-        # for good; then the next trigger, once the run has stalled, sends its missing chunks.
+        # for good; then the next trigger (or pump) sends chunks in flight past resend_after.
         resumed = None
         try:
-            record = wait_for_run(env, run_id, timeout=p.settings.stall_after_seconds + 5)
+            record = wait_for_run(env, run_id, timeout=resend_after(p.settings) + 5)
         except TimeoutError:
             with p.client() as app:
                 resumed = p.trigger(app).get(timeout=30)
