@@ -173,7 +173,7 @@ def _trigger_active(sender: Sender, run_id: str, holder: str, source: str) -> Ru
     its run-time budget, then report this trigger as skipped (or resumed, if it sent any)."""
     registry = sender.registry
     record, window = sender.pump(holder, new_budget=True)
-    status = "resumed" if window.chunks else "skipped"
+    status = "resumed" if window.chunks else "paused" if window.held == "paused" else "skipped"
     why = f"run {holder} is active" + (f" (held: {window.held})" if window.held else "")
     registry.close_queued(run_id, why)
     registry.note_trigger(status, run_id, source, why)

@@ -42,7 +42,7 @@ def gate(settings: Settings, engine: Engine | None = None, *, now: dt.datetime |
     reason = ""
     hours = settings.active_hours_window
     if hours is not None:
-        at = now or dt.datetime.now(dt.UTC)
+        at = now or utcnow()
         if not hours.is_open(at):
             reason = f"outside active hours {settings.active_hours} UTC"
     if not reason and with_lag and engine is not None and settings.max_replica_lag_seconds:
@@ -50,6 +50,11 @@ def gate(settings: Settings, engine: Engine | None = None, *, now: dt.datetime |
         if lag is not None and lag > settings.max_replica_lag_seconds:
             reason = lag_reason(lag, settings.max_replica_lag_seconds)
     return Gate(reason, settings.max_run_seconds)
+
+
+def utcnow() -> dt.datetime:
+    """The clock active hours are judged by (a function, so a test can move it)."""
+    return dt.datetime.now(dt.UTC)
 
 
 def lag_reason(lag: float, limit: float) -> str:

@@ -94,12 +94,13 @@ def make_pipeline(pg_url: str, redis_url: str, isolation: dict[str, str],
     made: list[Pipeline] = []
 
     def build(*, naming: str = "seed", rows: int = 20_000, batch: int = 1_000,
-              **extra: str) -> Pipeline:
-        engine, tables = create_schema(pg_url, naming)
+              database_url: str | None = None, **extra: str) -> Pipeline:
+        url = database_url or pg_url
+        engine, tables = create_schema(url, naming)
         spec = SeedSpec(rows=rows)
         counts = seed(engine, tables, spec, database_now(engine))
         env = {
-            "STATESWEEP_DATABASE_URL": pg_url,
+            "STATESWEEP_DATABASE_URL": url,
             "STATESWEEP_BROKER_URL": redis_url,
             "STATESWEEP_RESULT_BACKEND": redis_url,
             "STATESWEEP_RUN_STORE_URL": redis_url,
