@@ -15,10 +15,9 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-from tests.acceptance.test_pipeline import (  # noqa: F401 - make_pipeline is a fixture
+from tests.acceptance.test_pipeline import (
     Pipeline,
     json_events,
-    make_pipeline,
     named,
     running,
     wait_until,
