@@ -178,7 +178,7 @@ else
   redis.call('HSET', R, 'last_progress_at', now)
   if tonumber(ARGV[10]) > 0 then redis.call('HSET', R, 'size', ARGV[10]) end
 end
-if redis.call('GET', L) == run_id then redis.call('EXPIRE', L, ARGV[5]) end
+if redis.call('GET', L) == run_id then redis.call('EXPIRE', L, ARGV[5], 'GT') end
 if redis.call('HGET', R, 'state') ~= 'running' then return {1, 0, 0, '', 0} end
 local out = {}
 local g = {0, '', 0}
@@ -195,7 +195,7 @@ local R, F, L, P = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local run_id, now = ARGV[1], ARGV[2]
 local state = redis.call('HGET', R, 'state')
 if state ~= 'running' then return {'ended', 0, 0, state or '', 0} end
-if redis.call('GET', L) == run_id then redis.call('EXPIRE', L, ARGV[3]) end
+if redis.call('GET', L) == run_id then redis.call('EXPIRE', L, ARGV[3], 'GT') end
 if ARGV[8] == '1' then redis.call('HSET', R, 'window_started_at', now) end
 local out = {}
 local g = gate_and_top_up(R, F, P, now, ARGV[6], ARGV[7], ARGV[4], ARGV[5], out)
