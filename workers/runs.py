@@ -213,7 +213,8 @@ class RunStore:
         details): ok [cutoff, size], held [reason, new_episode], duplicate, ended [state],
         unknown, forged [planned range]."""
         r = self._call("BEGIN", [*self._run_keys(run_id), self._k("pause")],
-                       [chunk, rng.encode(), time.time(), gate.external, gate.max_run_seconds])
+                       [chunk, rng.encode(), time.time(), gate.external, gate.max_run_seconds,
+                        rng.kind])
         return str(r[0]), list(r[1:])
 
     def park(self, run_id: str, chunk: int, reason: str) -> bool:

@@ -124,11 +124,12 @@ local fin = finish_if_complete(R, F, L, run_id, now)
 return {'started', fin, g[1], g[2], g[3], unpack(out)}
 """
 
-# KEYS R F P; ARGV chunk range now external max_run
+# KEYS R F P; ARGV chunk range now external max_run kind
 BEGIN = _PRELUDE + r"""
 local R, F, P = KEYS[1], KEYS[2], KEYS[3]
 local chunk, rng, now = ARGV[1], ARGV[2], ARGV[3]
-local h = redis.call('HMGET', R, 'state', 'chunks_planned', 'cutoff', 'size', 'batch_size')
+local h = redis.call('HMGET', R, 'state', 'chunks_planned', 'cutoff', 'size', 'batch_size',
+  'kind')
 if not h[1] then return {'unknown'} end
 if h[1] ~= 'running' then return {'ended', h[1]} end
 local entry = redis.call('HGET', F, chunk)
@@ -137,7 +138,8 @@ if not entry then
   return {'forged', 'never planned'}
 end
 local planned = string.match(entry, '^([^|]*)|')
-if planned ~= rng then return {'forged', planned} end
+-- The bounds alone are not the range: the same numbers are pages to blocks and ids to ids.
+if planned ~= rng or ARGV[6] ~= h[6] then return {'forged', h[6] .. ' ' .. planned} end
 local reason = hold_reason(R, P, now, ARGV[4], ARGV[5])
 if reason ~= '' then
   redis.call('HSET', F, chunk, planned .. '|' .. now .. '|p')
