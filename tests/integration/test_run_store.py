@@ -42,6 +42,16 @@ def test_lock_has_one_owner_and_only_the_owner_renews_or_releases(store: RunStor
     assert store.active_run() is None and store.acquire("run-b", 30) is None
 
 
+def test_lock_frees_itself_when_its_ttl_runs_out(store: RunStore) -> None:
+    assert store.acquire("run-a", 1) is None
+    deadline = time.monotonic() + 10
+    while store.active_run() is not None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert store.active_run() is None
+    assert store.renew("run-a", 30) is False  # a lapsed owner cannot take it back by renewing
+    assert store.acquire("run-b", 30) is None
+
+
 def test_racing_acquires_have_exactly_one_winner(store: RunStore) -> None:
     results: dict[str, str | None] = {}
     barrier = threading.Barrier(8)
@@ -194,6 +204,13 @@ def test_a_pause_with_a_duration_ends_by_itself(store: RunStore) -> None:
     while store.paused() is not None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert store.paused() is None
+
+
+def test_finishing_a_chunk_of_an_unknown_run_records_nothing(store: RunStore) -> None:
+    counted, chunks, finished = finish(store, "no-such-run", 1)
+    assert (counted, chunks, finished) == (False, [], None)
+    assert store.get("no-such-run") is None
+    assert store.client.exists(f"{store.prefix}:run:no-such-run:inflight") == 0
 
 
 # --- records ------------------------------------------------------------------------------------
