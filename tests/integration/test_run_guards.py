@@ -13,7 +13,7 @@ from sqlalchemy import Engine
 
 from tests.cleanup_runs import Outbox, add_dag_run, add_rows, deliver, surviving_ids
 from tests.conftest import create_schema, database_now
-from workers import chunk, coordinator
+from workers import chunk, control, coordinator
 from workers.exceptions import InvalidArgument, NotFound
 from workers.runs import RunStore
 from workers.schema import Tables
@@ -125,3 +125,18 @@ def test_chunk_of_a_foreign_cutoff_deletes_nothing(run: Run) -> None:
     with pytest.raises(InvalidArgument, match="is not run"):
         run.send(summary.run_id, 1, r.kind, r.lo, r.hi, "2001-01-01T00:00:00+00:00")
     assert surviving_ids(run.engine, run.tables) == run.live | run.expired
+
+
+def test_chunks_of_an_aborted_run_delete_nothing(run: Run) -> None:
+    outbox = Outbox()
+    summary = run.coordinate(outbox, source="test")
+    control.abort(run.store, summary.run_id, by="ops")
+    results = deliver(run.settings, run.engine, run.tables, run.store, outbox)
+    assert [(r.status, r.rows, r.counted) for r in results] == [("ended", 0, False)]
+    assert surviving_ids(run.engine, run.tables) == run.live | run.expired
+    assert run.store.active_run() is None
+    # The next run takes what the aborted one left.
+    outbox = Outbox()
+    run.coordinate(outbox, source="test")
+    deliver(run.settings, run.engine, run.tables, run.store, outbox)
+    assert surviving_ids(run.engine, run.tables) == run.live

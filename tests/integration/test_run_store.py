@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 import pytest
 
@@ -16,12 +17,12 @@ from workers.runs import RUN_RETENTION_SECONDS, Gate, RunStore, registry_for
 
 pytestmark = pytest.mark.integration
 
-KW = {"lock_ttl": 3600, "window": 3, "resend_after": 3600.0, "gate": Gate()}
-W2 = {**KW, "window": 2}
+KW: dict[str, Any] = {"lock_ttl": 3600, "window": 3, "resend_after": 3600.0, "gate": Gate()}
+W2: dict[str, Any] = {**KW, "window": 2}
 
 
 def finish(store: RunStore, run_id: str, number: int, rows: int = 10,
-           **overrides: object) -> tuple[bool, list[tuple[int, ChunkRange]], object]:
+           **overrides: Any) -> tuple[bool, list[tuple[int, ChunkRange]], object]:
     counted, window = store.finish_chunk(run_id, number, "ids", rows, 10, **{**KW, **overrides})
     return counted, window.chunks, window.finished
 
@@ -81,6 +82,19 @@ def test_defect_lock_keeper_cannot_cut_a_planned_runs_lock(store: RunStore) -> N
     finish(store, "run-a", 1, lock_ttl=120)  # a finished chunk's renewal: never below
     assert 120 < store.lock_ttl() <= 3600
     assert store.acquire("run-b", 60) == "run-a"
+
+
+def test_start_refuses_an_id_that_already_ran(store: RunStore) -> None:
+    """The run-store half of issue 15 item 2: START never writes a plan over an ended run's
+    record (its window and counts would mix with the new run's)."""
+    start_plan(store, "nightly", id_plan(1))
+    assert finish(store, "nightly", 1)[2] is not None
+    done = store.get("nightly")
+    assert store.acquire("nightly", 60) is None
+    again = store.start("nightly", id_plan(3), cutoff="c", batch_size=10, source="test",
+                        window=3, lock_ttl=3600, resend_after=3600.0, gate=Gate())
+    assert again == "finished" and store.get("nightly") == done
+    assert store.inflight("nightly") == []
 
 
 # --- the window ---------------------------------------------------------------------------------
