@@ -205,12 +205,14 @@ local fin = finish_if_complete(R, F, L, run_id, now)
 return {'ok', fin, g[1], g[2], g[3], unpack(out)}
 """
 
-# KEYS R F; ARGV expected_cursor lo hi next now  -> the new chunk's number, or 0 if another
-# process cut from this cursor first (compare-and-set: a walk cut needs a query in between).
+# KEYS R F; ARGV expected_cursor lo hi next now window -> the new chunk's number, 0 if another
+# process cut from this cursor first (compare-and-set: a walk cut needs a query in between), or
+# -1 if the window is full: two finishers each handed the room they saw must not both fill it.
 CUT = r"""
 local R, F = KEYS[1], KEYS[2]
 local h = redis.call('HMGET', R, 'cursor', 'state', 'planning_done', 'end')
 if h[1] ~= ARGV[1] or h[2] ~= 'running' or h[3] == '1' then return 0 end
+if redis.call('HLEN', F) >= tonumber(ARGV[6]) then return -1 end
 local n = redis.call('HINCRBY', R, 'chunks_planned', 1)
 redis.call('HSET', F, n, ARGV[2] .. ':' .. ARGV[3] .. '|' .. ARGV[5] .. '|s')
 if ARGV[4] == '' then
