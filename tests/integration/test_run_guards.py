@@ -4,6 +4,7 @@ rows (the guard is the run store's; the DELETE it protects is the same on every 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -13,11 +14,12 @@ from sqlalchemy import Engine
 
 from tests.cleanup_runs import Outbox, add_dag_run, add_rows, deliver, surviving_ids
 from tests.conftest import create_schema, database_now
-from workers import chunk, control, coordinator
+from workers import chunk, cleanup, control, coordinator
 from workers.exceptions import InvalidArgument, NotFound
-from workers.runs import RunStore
+from workers.runs import Gate, RunStore
 from workers.schema import Tables
 from workers.settings import Settings
+from workers.window import Sender
 
 pytestmark = pytest.mark.integration
 
@@ -139,4 +141,29 @@ def test_chunks_of_an_aborted_run_delete_nothing(run: Run) -> None:
     outbox = Outbox()
     run.coordinate(outbox, source="test")
     deliver(run.settings, run.engine, run.tables, run.store, outbox)
+    assert surviving_ids(run.engine, run.tables) == run.live
+
+
+def test_walk_cuts_by_racing_finishers_never_overfill_the_window(run: Run) -> None:
+    """Two chunks finish at once: each FINISH hands its process the room it saw, and both cut
+    walk chunks afterwards; together they must not put more than the window in flight."""
+    settings = dataclasses.replace(run.settings, cleanup_batch_size=3, max_chunks_in_flight=2)
+    outbox = Outbox()
+    summary = coordinator.coordinate(settings, run.engine, run.tables, run.store, outbox)
+    first, second = outbox.take()
+    rooms = []
+    for m in (first, second):  # both deleted and counted before either process cuts
+        rows = cleanup.delete_range(run.engine, run.tables, m.range, m.args().cutoff)
+        _, window = run.store.finish_chunk(
+            summary.run_id, m.number, "walk", rows, 0, lock_ttl=3600, window=2,
+            resend_after=3600.0, gate=Gate())
+        rooms.append(window.walk_room)
+    assert rooms == [1, 2]
+    sender = Sender(settings, run.engine, run.tables, run.store, outbox)
+    for room in rooms:
+        sender.cut_walk(summary.run_id, summary.cutoff, room)
+    assert len(run.store.inflight(summary.run_id)) <= 2
+    deliver(settings, run.engine, run.tables, run.store, outbox)
+    record = run.store.get(summary.run_id)
+    assert record is not None and record.state == "finished"
     assert surviving_ids(run.engine, run.tables) == run.live
