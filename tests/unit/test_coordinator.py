@@ -178,6 +178,20 @@ def test_a_redelivered_coordinator_resumes_its_run_instead_of_planning_twice(db:
     assert done is not None and (done.state, done.rows_deleted) == ("finished", EXPIRED)
 
 
+def test_a_coordinator_killed_before_its_plan_was_written_is_redone_by_its_redelivery(
+        db: Db) -> None:
+    # It took the lock and died before START: the lock names it, no plan was written.
+    assert db.store.acquire("coord-task-2", db.settings.lock_ttl_seconds) is None
+    other = db.coordinate(Outbox())
+    assert (other.status, other.active_run_id) == ("skipped", "coord-task-2")
+    outbox = Outbox()
+    again = db.coordinate(outbox, run_id="coord-task-2")
+    assert again.status == "started" and len(outbox.sent) == WINDOW
+    db.deliver(outbox)
+    assert task_state_rows(db.engine, db.tables) == expected_survivors(SPEC)
+    assert db.store.active_run() is None
+
+
 # --- chunks -------------------------------------------------------------------------------------
 
 
