@@ -213,7 +213,8 @@ class RunStore:
         details): ok [cutoff, size], held [reason, new_episode], duplicate, ended [state],
         unknown, forged [planned range]."""
         r = self._call("BEGIN", [*self._run_keys(run_id), self._k("pause")],
-                       [chunk, rng.encode(), time.time(), gate.external, gate.max_run_seconds])
+                       [chunk, rng.encode(), time.time(), gate.external, gate.max_run_seconds,
+                        rng.kind])
         return str(r[0]), list(r[1:])
 
     def park(self, run_id: str, chunk: int, reason: str) -> bool:
@@ -241,11 +242,13 @@ class RunStore:
             return None
         return self._window(run_id, kind, r[1:])
 
-    def cut(self, run_id: str, cursor: int, rng: ChunkRange, next_lo: int | None) -> int:
-        """Claim the walk chunk *rng* cut at *cursor*; 0 if another process cut there first."""
+    def cut(self, run_id: str, cursor: int, rng: ChunkRange, next_lo: int | None,
+            window: int) -> int:
+        """Claim the walk chunk *rng* cut at *cursor*; 0 if another process cut there first,
+        -1 if *window* chunks are in flight already."""
         return int(self._call("CUT", self._run_keys(run_id), [
             cursor, rng.lo, "" if rng.hi is None else rng.hi,
-            "" if next_lo is None else next_lo, time.time()]))
+            "" if next_lo is None else next_lo, time.time(), window]))
 
     def abort(self, run_id: str, why: str) -> str:
         """End a queued or running run now: 'aborted', or the state it had already ended in."""

@@ -124,11 +124,12 @@ local fin = finish_if_complete(R, F, L, run_id, now)
 return {'started', fin, g[1], g[2], g[3], unpack(out)}
 """
 
-# KEYS R F P; ARGV chunk range now external max_run
+# KEYS R F P; ARGV chunk range now external max_run kind
 BEGIN = _PRELUDE + r"""
 local R, F, P = KEYS[1], KEYS[2], KEYS[3]
 local chunk, rng, now = ARGV[1], ARGV[2], ARGV[3]
-local h = redis.call('HMGET', R, 'state', 'chunks_planned', 'cutoff', 'size', 'batch_size')
+local h = redis.call('HMGET', R, 'state', 'chunks_planned', 'cutoff', 'size', 'batch_size',
+  'kind')
 if not h[1] then return {'unknown'} end
 if h[1] ~= 'running' then return {'ended', h[1]} end
 local entry = redis.call('HGET', F, chunk)
@@ -137,7 +138,8 @@ if not entry then
   return {'forged', 'never planned'}
 end
 local planned = string.match(entry, '^([^|]*)|')
-if planned ~= rng then return {'forged', planned} end
+-- The bounds alone are not the range: the same numbers are pages to blocks and ids to ids.
+if planned ~= rng or ARGV[6] ~= h[6] then return {'forged', h[6] .. ' ' .. planned} end
 local reason = hold_reason(R, P, now, ARGV[4], ARGV[5])
 if reason ~= '' then
   redis.call('HSET', F, chunk, planned .. '|' .. now .. '|p')
@@ -178,7 +180,7 @@ else
   redis.call('HSET', R, 'last_progress_at', now)
   if tonumber(ARGV[10]) > 0 then redis.call('HSET', R, 'size', ARGV[10]) end
 end
-if redis.call('GET', L) == run_id then redis.call('EXPIRE', L, ARGV[5]) end
+if redis.call('GET', L) == run_id then redis.call('EXPIRE', L, ARGV[5], 'GT') end
 if redis.call('HGET', R, 'state') ~= 'running' then return {1, 0, 0, '', 0} end
 local out = {}
 local g = {0, '', 0}
@@ -195,7 +197,7 @@ local R, F, L, P = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local run_id, now = ARGV[1], ARGV[2]
 local state = redis.call('HGET', R, 'state')
 if state ~= 'running' then return {'ended', 0, 0, state or '', 0} end
-if redis.call('GET', L) == run_id then redis.call('EXPIRE', L, ARGV[3]) end
+if redis.call('GET', L) == run_id then redis.call('EXPIRE', L, ARGV[3], 'GT') end
 if ARGV[8] == '1' then redis.call('HSET', R, 'window_started_at', now) end
 local out = {}
 local g = gate_and_top_up(R, F, P, now, ARGV[6], ARGV[7], ARGV[4], ARGV[5], out)
@@ -203,12 +205,14 @@ local fin = finish_if_complete(R, F, L, run_id, now)
 return {'ok', fin, g[1], g[2], g[3], unpack(out)}
 """
 
-# KEYS R F; ARGV expected_cursor lo hi next now  -> the new chunk's number, or 0 if another
-# process cut from this cursor first (compare-and-set: a walk cut needs a query in between).
+# KEYS R F; ARGV expected_cursor lo hi next now window -> the new chunk's number, 0 if another
+# process cut from this cursor first (compare-and-set: a walk cut needs a query in between), or
+# -1 if the window is full: two finishers each handed the room they saw must not both fill it.
 CUT = r"""
 local R, F = KEYS[1], KEYS[2]
 local h = redis.call('HMGET', R, 'cursor', 'state', 'planning_done', 'end')
 if h[1] ~= ARGV[1] or h[2] ~= 'running' or h[3] == '1' then return 0 end
+if redis.call('HLEN', F) >= tonumber(ARGV[6]) then return -1 end
 local n = redis.call('HINCRBY', R, 'chunks_planned', 1)
 redis.call('HSET', F, n, ARGV[2] .. ':' .. ARGV[3] .. '|' .. ARGV[5] .. '|s')
 if ARGV[4] == '' then

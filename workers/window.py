@@ -125,7 +125,10 @@ class Sender:
                 hi, next_lo = walk.cut(conn, self.tables, when, record.cursor, record.end,
                                        record.batch_size)
                 rng = ChunkRange(WALK, record.cursor, hi)
-                number = self.registry.cut(run_id, record.cursor, rng, next_lo)
+                number = self.registry.cut(run_id, record.cursor, rng, next_lo,
+                                           self.settings.max_chunks_in_flight)
+                if number < 0:
+                    break  # the window filled meanwhile (another finisher cut into it)
                 if number:
                     self.dispatch(run_id, number, rng, cutoff)
                     sent += 1

@@ -1,6 +1,7 @@
 """The cleanup statements on real databases, each dialect and naming: the cutoff predicate at
-the boundary, chunk planning, idempotent chunk deletes that re-check expiry, and the batched
-orphaned-asset-state sweep that never touches task state."""
+the boundary, the walk's cuts, idempotent range deletes that re-check expiry, and the batched
+orphaned-asset-state sweep that never touches task state. (Block ranges: test_blocks_pg.py;
+whole runs per planner: test_planners.py.)"""
 
 from __future__ import annotations
 
@@ -11,17 +12,12 @@ from dataclasses import dataclass
 import pytest
 from sqlalchemy import Engine, delete, insert, select
 
+from tests.cleanup_runs import memory_store
 from tests.conftest import create_schema, database_now
-from workers.cleanup import (
-    Chunk,
-    count_expired,
-    delete_chunk,
-    plan_chunks,
-    sweep_orphaned_asset_state,
-)
-from workers.coordinator import run_local
+from workers.chunk import run_local
+from workers.cleanup import count_expired, delete_range, sweep_orphaned_asset_state
 from workers.exceptions import InvalidArgument
-from workers.runs import MemoryRunRegistry
+from workers.planners import PLANNERS, ChunkRange, walk
 from workers.schema import Tables
 from workers.settings import Settings
 from workers.store import NEVER, MetastoreStateBackend, TaskScope
@@ -29,6 +25,11 @@ from workers.store import NEVER, MetastoreStateBackend, TaskScope
 pytestmark = pytest.mark.integration
 
 FAR_FUTURE = dt.timedelta(days=365 * 100)
+EVERYTHING = ChunkRange("ids", 0, 2**31 - 1)  # the id column is a 32-bit integer
+
+
+def ids(lo: int, hi: int | None) -> ChunkRange:
+    return ChunkRange("ids", lo, hi)
 
 
 @dataclass
@@ -98,19 +99,15 @@ def test_only_rows_strictly_before_the_cutoff_are_deleted(db: Db) -> None:
     ids = db.add_task_rows([cutoff - dt.timedelta(days=9), cutoff - tick, cutoff, cutoff + tick,
                             None])
     assert count_expired(db.engine, db.tables, cutoff) == 2
-    assert list(plan_chunks(db.engine, db.tables, cutoff, 10)) == [Chunk(1, ids[0], ids[1], 2)]
     # Over the whole id range: the predicate, not the range, decides.
-    assert delete_chunk(db.engine, db.tables, 0, 10**9, cutoff) == 2
+    assert delete_range(db.engine, db.tables, EVERYTHING, cutoff) == 2
     assert sorted(db.task_rows()) == ids[2:]
 
 
 def test_null_expiry_is_never_deleted(db: Db) -> None:
     ids = db.add_task_rows([None, db.now - dt.timedelta(days=2), None,
                             db.now - dt.timedelta(days=1)])
-    cutoff = db.now
-    chunks = list(plan_chunks(db.engine, db.tables, cutoff, 0))
-    assert chunks == [Chunk(1, ids[1], ids[3], 2)]
-    assert delete_chunk(db.engine, db.tables, 0, 10**9, cutoff) == 2
+    assert delete_range(db.engine, db.tables, EVERYTHING, db.now) == 2
     assert sorted(db.task_rows()) == [ids[0], ids[2]]
 
 
@@ -124,47 +121,56 @@ def _interleaved(db: Db, n: int) -> list[int]:
     return db.add_task_rows([expiry[PATTERN[i % 5]] for i in range(n)])
 
 
-def test_plan_chunks_cuts_batch_size_expired_rows_per_range(db: Db) -> None:
+def _walk(db: Db, cutoff: dt.datetime, batch: int) -> list[tuple[int, int | None]]:
+    plan = PLANNERS["walk"]
+    with db.engine.connect() as conn:
+        p = plan.plan(conn, db.tables, cutoff, batch)
+        ranges: list[tuple[int, int | None]] = []
+        lo: int | None = p.start
+        while lo is not None:
+            hi, lo_next = walk.cut(conn, db.tables, cutoff, lo, p.end, batch)
+            ranges.append((lo, hi))
+            lo = lo_next
+    return ranges
+
+
+def test_walk_cuts_batch_size_expired_rows_per_range(db: Db) -> None:
     _interleaved(db, 60)
     cutoff = db.now
     expired = db.expired_ids(cutoff)
     assert len(expired) == 36
     for batch in (1, 7, 12, 36, 100):
-        chunks = list(plan_chunks(db.engine, db.tables, cutoff, batch))
+        ranges = _walk(db, cutoff, batch)
         sizes = [batch] * (len(expired) // batch) + ([len(expired) % batch]
                                                      if len(expired) % batch else [])
-        assert [c.expected for c in chunks] == sizes, batch
-        assert [c.number for c in chunks] == list(range(1, len(chunks) + 1))
-        covered: list[int] = []
-        for c in chunks:
-            inside = [i for i in expired if c.lo <= i <= c.hi]
-            assert len(inside) == c.expected
-            assert (inside[0], inside[-1]) == (c.lo, c.hi)  # ranges start and end on expired ids
-            covered += inside
-        assert covered == expired  # every expired id in exactly one range, in order
-    assert list(plan_chunks(db.engine, db.tables, cutoff, 0)) == [
-        Chunk(1, expired[0], expired[-1], len(expired))]
+        inside = [[i for i in expired if lo <= i < (hi or 10**12)] for lo, hi in ranges]
+        assert [len(x) for x in inside] == sizes, batch
+        assert [i for x in inside for i in x] == expired  # each expired id in one range, in order
+        assert all(x[0] == lo for x, (lo, _) in zip(inside, ranges, strict=True))
+    assert _walk(db, cutoff, 0) == [(expired[0], expired[-1] + 1)]
 
 
-def test_plan_chunks_of_a_table_with_nothing_expired_is_empty(db: Db) -> None:
-    assert list(plan_chunks(db.engine, db.tables, db.now, 10)) == []
+def test_nothing_expired_plans_nothing(db: Db) -> None:
     db.add_task_rows([None, db.now + dt.timedelta(days=1)])
-    for batch in (0, 1, 10):
-        assert list(plan_chunks(db.engine, db.tables, db.now, batch)) == []
+    with db.engine.connect() as conn:
+        for name in ("ids", "walk"):
+            for batch in (0, 1, 10):
+                assert PLANNERS[name].plan(conn, db.tables, db.now, batch).empty, (name, batch)
 
 
-def test_delete_chunk_deletes_its_range_once(db: Db) -> None:
-    ids = _interleaved(db, 30)
+def test_delete_range_deletes_its_range_once(db: Db) -> None:
+    ids_ = _interleaved(db, 30)
     cutoff = db.now
     expired = db.expired_ids(cutoff)
-    first, *rest = list(plan_chunks(db.engine, db.tables, cutoff, 5))
-    assert delete_chunk(db.engine, db.tables, first.lo, first.hi, cutoff) == 5
+    first, *rest = _walk(db, cutoff, 5)
+    assert delete_range(db.engine, db.tables, ids(*first), cutoff) == 5
     assert db.expired_ids(cutoff) == expired[5:]  # only the range's rows went
-    assert delete_chunk(db.engine, db.tables, first.lo, first.hi, cutoff) == 0
-    for c in rest:
-        assert delete_chunk(db.engine, db.tables, c.lo, c.hi, cutoff) == c.expected
-        assert delete_chunk(db.engine, db.tables, c.lo, c.hi, cutoff) == 0
-    assert sorted(db.task_rows()) == sorted(set(ids) - set(expired))
+    assert delete_range(db.engine, db.tables, ids(*first), cutoff) == 0
+    for r in rest:
+        inside = [i for i in expired if r[0] <= i < (r[1] or 10**12)]
+        assert delete_range(db.engine, db.tables, ids(*r), cutoff) == len(inside) > 0
+        assert delete_range(db.engine, db.tables, ids(*r), cutoff) == 0
+    assert sorted(db.task_rows()) == sorted(set(ids_) - set(expired))
 
 
 def test_row_refreshed_after_planning_survives_its_chunk(
@@ -172,16 +178,18 @@ def test_row_refreshed_after_planning_survives_its_chunk(
 ) -> None:
     _interleaved(db, 20)
     cutoff = db.now
-    chunks = list(plan_chunks(db.engine, db.tables, cutoff, 4))
+    chunks = _walk(db, cutoff, 4)
     rows = db.task_rows()
     # Two rows inside the first chunk, refreshed by a writer after the plan was made.
-    refreshed = [i for i in db.expired_ids(cutoff) if chunks[0].lo < i <= chunks[0].hi][:2]
+    lo, hi = chunks[0]
+    refreshed = [i for i in db.expired_ids(cutoff) if lo < i < (hi or 10**12)][:2]
     backend = MetastoreStateBackend(make_settings(), db.engine, db.tables)
     scope = TaskScope("d", "r", "t")
     backend.set(scope, rows[refreshed[0]][0], "fresh", retention=dt.timedelta(hours=1))
     backend.set(scope, rows[refreshed[1]][0], "kept", retention=NEVER)
-    deleted = sum(delete_chunk(db.engine, db.tables, c.lo, c.hi, cutoff) for c in chunks)
-    assert deleted == sum(c.expected for c in chunks) - 2
+    expired_before = len(db.expired_ids(cutoff))
+    deleted = sum(delete_range(db.engine, db.tables, ids(*c), cutoff) for c in chunks)
+    assert deleted == expired_before
     after = db.task_rows()
     assert [after[i][1] for i in refreshed] == ["fresh", "kept"]
     assert db.expired_ids(cutoff) == []
@@ -242,14 +250,13 @@ def test_retention_cleanup_never_touches_asset_state(
     db.add_assets(6, {1, 2}, keys=3)  # live and orphaned asset state
     _interleaved(db, 25)
     assets_before = db.asset_rows()
-    registry = MemoryRunRegistry()
-    summary = run_local(make_settings(run_store_url="memory://"), db.engine, db.tables,
-                        registry, batch_size=4)
-    assert summary.status == "finished"
+    registry = memory_store()
+    summary = run_local(make_settings(run_store_url="memory://", max_chunks_in_flight=2),
+                        db.engine, db.tables, registry, batch_size=4)
     record = registry.get(summary.run_id)
-    assert record is not None and record.rows_deleted == 15
+    assert record is not None and (record.state, record.rows_deleted) == ("finished", 15)
     # A cutoff ahead of the database clock is refused at the DELETE itself: nothing goes.
     with pytest.raises(InvalidArgument, match="in the future"):
-        delete_chunk(db.engine, db.tables, 0, 10**9, db.now + FAR_FUTURE)
+        delete_range(db.engine, db.tables, EVERYTHING, db.now + FAR_FUTURE)
     assert len(db.task_rows()) == 10  # 5 that expire tomorrow, 5 that never expire
     assert db.asset_rows() == assets_before

@@ -13,10 +13,10 @@ import datetime as dt
 import pytest
 from sqlalchemy import insert, select, text
 
+from tests.cleanup_runs import memory_store
 from tests.conftest import create_schema
-from workers.coordinator import run_local
+from workers.chunk import run_local
 from workers.db import make_engine
-from workers.runs import MemoryRunRegistry
 from workers.settings import Settings
 from workers.store import MetastoreStateBackend, TaskScope
 
@@ -50,7 +50,7 @@ def test_cutoff_comes_from_the_database_clock_not_the_workers(pg_url: str) -> No
     settings = Settings.from_env({"STATESWEEP_DATABASE_URL": clocked_url,
                                   "STATESWEEP_RUN_STORE_URL": "memory://",
                                   "STATESWEEP_CLEANUP_BATCH_SIZE": "1"})
-    registry = MemoryRunRegistry()
+    registry = memory_store()
     summary = run_local(settings, clocked, tables, registry, source="test")
 
     assert dt.datetime.fromisoformat(summary.cutoff) == DB_NOW

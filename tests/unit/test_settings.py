@@ -47,8 +47,8 @@ def test_airflow_fallbacks_apply_only_when_statesweep_unset() -> None:
     ("STATESWEEP_CHUNK_QUEUE", "statesweep.control", "must differ"),
     ("STATESWEEP_VISIBILITY_TIMEOUT", "100", "at least twice"),
     ("STATESWEEP_LOG_FORMAT", "xml", "must be one of"),
-    ("STATESWEEP_CHUNK_RATE_LIMIT", "fast", "must be a rate like 20/s"),
-    ("STATESWEEP_CHUNK_RATE_LIMIT", "20/d", "must be a rate like 20/s"),
+    ("STATESWEEP_CHUNK_RATE_LIMIT", "fast", "must be a positive rate like 20/s"),
+    ("STATESWEEP_CHUNK_RATE_LIMIT", "20/d", "must be a positive rate like 20/s"),
 ])
 def test_each_invalid_setting_names_variable_and_value(var: str, value: str, needle: str) -> None:
     with pytest.raises(SettingsError) as err:
