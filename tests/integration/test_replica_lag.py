@@ -15,7 +15,7 @@ from sqlalchemy import Engine, create_engine, text
 
 from tests.conftest import database_now
 from tests.standby import StandbyPair
-from workers.coordinator import run_local
+from workers.chunk import run_local
 from workers.db import make_engine
 from workers.flow.lag import (
     ReplicaLagUnreadable,
@@ -23,7 +23,7 @@ from workers.flow.lag import (
     replica_lag_seconds,
     standby_lags,
 )
-from workers.runs import MemoryRunRegistry
+from workers.runs import registry_for
 from workers.schema import build_tables, upgrade
 from workers.seed import SeedSpec, expected_survivors, seed, task_state_rows
 from workers.settings import Settings
@@ -195,7 +195,8 @@ def test_the_primary_takes_the_schema_and_a_local_cleanup_replays_to_the_standby
         spec = SeedSpec(rows=2000, assets=10, keys_per_asset=2)
         counts = seed(engine, tables, spec, database_now(engine))
         settings = make_settings(database_url=url, run_store_url="memory://")
-        summary = run_local(settings, engine, tables, MemoryRunRegistry(), batch_size=300)
+        summary = run_local(settings, engine, tables, registry_for("memory://", "lag-test"),
+                            batch_size=300)
         assert summary.expected_rows == counts.expired
         assert task_state_rows(engine, tables) == expected_survivors(spec)
         standby.wait_replayed()
