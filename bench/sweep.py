@@ -5,6 +5,7 @@ run finished. Chunk timings come from the workers' JSON logs (``chunk_deleted`` 
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
 import time
@@ -25,8 +26,9 @@ from workers.settings import Settings
 
 
 def worker_env(url: str, redis_url: str, tag: str, batch: int,
-               chunk_rate_limit: str = "") -> dict[str, str]:
-    """STATESWEEP_* for this bench run: its own key prefix and queues, JSON logs."""
+               chunk_rate_limit: str = "", extra: dict[str, str] | None = None) -> dict[str, str]:
+    """STATESWEEP_* for this bench run: its own key prefix and queues, JSON logs; *extra* (a
+    method's planner or throttle) on top."""
     env = {
         "STATESWEEP_DATABASE_URL": url,
         "STATESWEEP_BROKER_URL": redis_url,
@@ -40,7 +42,7 @@ def worker_env(url: str, redis_url: str, tag: str, batch: int,
     }
     if chunk_rate_limit:
         env["STATESWEEP_CHUNK_RATE_LIMIT"] = chunk_rate_limit
-    return env
+    return {**env, **(extra or {})}
 
 
 _SUCCEEDED = re.compile(r"^Task statesweep\.delete_chunk\[[^]]+\] succeeded in ([0-9.e-]+)s")
@@ -65,6 +67,16 @@ def forget_redis_keys(redis_url: str, env: dict[str, str]) -> int:
     deleted = int(client.delete(*keys)) if keys else 0
     client.close()
     return deleted
+
+
+def wall(event: dict[str, Any]) -> float:
+    """The event's structlog timestamp as epoch seconds (every process shares this clock)."""
+    return dt.datetime.fromisoformat(str(event["timestamp"])).timestamp()
+
+
+def chunk_starts(chunks: list[dict[str, Any]]) -> list[float]:
+    """When each chunk's DELETE began: chunk_deleted is logged after it, with its ms."""
+    return sorted(wall(e) - float(e["ms"]) / 1000 for e in chunks)
 
 
 def log_events(path: Path, run_id: str) -> list[dict[str, Any]]:
@@ -167,9 +179,15 @@ class Fleet:
             chunks += done
             per_worker.append(len(done))
             tasks += task_seconds(events)
-        planned = [e for e in log_events(self.control.log_path, run_id)
-                   if e["event"] == "cleanup_run_planned"]
+        coordinator = log_events(self.control.log_path, run_id)
+        started = next((e for e in coordinator if e["event"] == "cleanup_run_started"), {})
+        dispatched = next((e for e in coordinator if e["event"] == "cleanup_run_dispatched"), {})
         result.txn_ms = [float(e["ms"]) for e in chunks]
+        rows = [int(e["rows"]) for e in chunks]
+        # cleanup_run_started is logged once planning is done, plan_ms after the coordinator
+        # began (before it read the cutoff): the first DELETE's start is measured from there.
+        began = wall(started) - float(started["plan_ms"]) / 1000 if started else None
+        starts = chunk_starts(chunks)
         result.longest_txn_ms = max(result.txn_ms, default=0.0)
         result.longest_txn_source = "chunk_deleted ms (DELETE + COMMIT) in the worker logs"
         result.detail = {
@@ -178,7 +196,18 @@ class Fleet:
             "workers": len(self.chunk_workers),
             "chunks": record.chunks_done,
             "chunks_per_worker": per_worker,
-            "planning_ms": float(planned[0]["ms"]) if planned else None,
+            "planner": started.get("planner"),
+            "planner_reason": started.get("reason"),
+            "estimated_chunks": started.get("estimated_chunks"),
+            "expected_rows": started.get("expected_rows"),
+            "planning_ms": started.get("plan_ms"),
+            # The first window sent (ms since the coordinator began, cutoff read included).
+            "dispatched_ms": dispatched.get("ms"),
+            "dispatched_chunks": dispatched.get("chunks"),
+            "first_delete_ms": (round((starts[0] - began) * 1000, 1)
+                                if starts and began is not None else None),
+            "chunk_rows_p50": percentile(rows, 50),
+            "chunk_rows_max": max(rows, default=0),
             "chunk_ms_sum": round(sum(result.txn_ms), 1),
             "chunk_ms_p50": percentile(result.txn_ms, 50),
             "chunk_ms_p99": percentile(result.txn_ms, 99),
