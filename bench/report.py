@@ -84,6 +84,7 @@ def markdown(results: dict[str, Any]) -> str:
     lines.append("| (writer idle) |" + " |" * 14 + f" {idle['p99_ms']:.1f} (p50 "
                  f"{idle['p50_ms']:.1f}, {idle['rate']:.0f}/s) | |")
     lines += [method_row(m) for m in results["methods"]]
+    lines += [f"| {f['name']} | FAILED: {f['error'][:300]} |" for f in results.get("failed", [])]
     lines += [
         "", "CPU-s per M expired: every process on the machine (PostgreSQL, Redis, workers, the "
         "writer, this bench, and anyone else's) over the method's window, per million rows "

@@ -45,10 +45,32 @@ def _planning_lines(prof: dict[str, Any]) -> list[str]:
     return out
 
 
+def throttle_lines(results: dict[str, Any]) -> list[str]:
+    """The throttle trade-off curve: writer p99 against rows/s, unthrottled 2 workers first."""
+    points = [m for m in results["methods"] if m.get("throttle")]
+    if not points:
+        return []
+    base = [m for m in results["methods"] if m["name"] == "statesweep_2w"]
+    out = ["## Throttle trade-off (issue 11: writer p99 <= 2x idle at >= 5x upstream)", "",
+           "| method | target chunk s | chunks in flight | rows/s | × upstream | chunk ms p50 / "
+           "p99 | rows per chunk p50 | writer p99 ms (× idle) |",
+           "| --- |" + " ---: |" * 7]
+    for m in base + points:
+        t = m.get("throttle") or ["-", 16]
+        d = m["detail"]
+        up = "-" if m.get("ratio_upstream") is None else f"{m['ratio_upstream']:.1f}"
+        x = "-" if m.get("writer_p99_x_idle") is None else f"{m['writer_p99_x_idle']:.2f}"
+        out.append(f"| {m['name']} | {t[0]} | {t[1]} | {m['rows_per_second']:,.0f} | {up} | "
+                   f"{d['chunk_ms_p50']:.0f} / {d['chunk_ms_p99']:.0f} | "
+                   f"{d.get('chunk_rows_p50', 0):,.0f} | {m['writer']['p99_ms']:.1f} ({x}x) |")
+    return out + [""]
+
+
 def profile_lines(results: dict[str, Any]) -> list[str]:
     prof = results.get("profile", {})
-    out = ["## Where the time goes", "", "Planning (workers.planners.choose in this process, on "
-           "one autocommit connection as the coordinator plans):", ""]
+    out = [*throttle_lines(results), "## Where the time goes", "",
+           "Planning (workers.planners.choose in this process, on one autocommit connection as "
+           "the coordinator plans):", ""]
     out += _planning_lines(prof)
     out.append("")
     for name, ex in prof.get("explain", {}).items():

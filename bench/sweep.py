@@ -9,7 +9,7 @@ import datetime as dt
 import json
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +95,31 @@ def log_events(path: Path, run_id: str) -> list[dict[str, Any]]:
 
 
 @dataclass
+class FailureWatch:
+    """Celery's ``raised unexpected`` lines in worker logs, read incrementally: a chunk task that
+    fails leaves its run unfinished until the run timeout, so the bench stops at the first."""
+
+    paths: list[Path]
+    offsets: dict[Path, int] = field(default_factory=dict)
+
+    def first_failure(self) -> str | None:
+        for path in self.paths:
+            with open(path, "rb") as f:
+                f.seek(self.offsets.get(path, 0))
+                chunk = f.read()
+            # Only whole lines; a partly written one is read again next time.
+            whole = chunk[:chunk.rfind(b"\n") + 1]
+            self.offsets[path] = self.offsets.get(path, 0) + len(whole)
+            for line in whole.decode(errors="replace").splitlines():
+                if "raised unexpected" in line:
+                    try:
+                        return str(json.loads(line)["event"])[:500]
+                    except (ValueError, KeyError, TypeError):
+                        return line[:500]
+        return None
+
+
+@dataclass
 class Fleet:
     """The worker processes of one statesweep method, started before it is timed."""
 
@@ -153,6 +178,8 @@ class Fleet:
             sent = app.send_task(COORDINATE, queue=settings.control_queue, kwargs={
                 "batch_size": batch, "source": "bench", "run_id": run_id})
             deadline = time.monotonic() + timeout
+            watch = FailureWatch([w.log_path for w in (self.control, *self.chunk_workers)])
+            polls = 0
             while True:
                 record = registry.get(run_id)
                 if record is not None and record.state in ("finished", "failed"):
@@ -161,6 +188,10 @@ class Fleet:
                     raise RuntimeError(f"run {run_id} never started: {sent.get(timeout=10)}")
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"statesweep run {run_id} not finished in {timeout}s")
+                polls += 1
+                failed = watch.first_failure() if polls % 20 == 0 else None
+                if failed:
+                    raise RuntimeError(f"statesweep run {run_id}: a task failed: {failed}")
                 time.sleep(0.05)
         app.close()
         if spies:
