@@ -39,7 +39,7 @@ def _target(name: str, holds: bool, measured: str, goal: str, note: str = "") ->
 
 def _short(value: float, goal: float, higher_is_better: bool = True) -> str:
     miss = (goal - value) / goal if higher_is_better else (value - goal) / goal
-    return "" if miss <= 0 else f"short by {miss:.0%}"
+    return "" if miss <= 0 else f"{'short' if higher_is_better else 'over'} by {miss:.0%}"
 
 
 def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
