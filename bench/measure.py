@@ -13,11 +13,11 @@ from typing import Any
 
 import psutil
 
-from bench import data, report
+from bench import data
 from bench.methods import MethodResult, run_single, run_upstream
 from bench.names import Method
 from bench.observe import TransactionSampler, percentile
-from bench.sweep import Fleet, forget_redis_keys, worker_env
+from bench.sweep import SWEEP_APPS, Fleet, forget_redis_keys, worker_env
 from bench.writer import Key, Writer, start_writer
 from workers.schema import build_tables
 
@@ -113,7 +113,7 @@ def measure(args: argparse.Namespace, method: Method, keys: list[Key], tmp: Path
             writer.stop()
     state, left = data.end_state(url, tables)
     verified = state == dataset.survivors and left == 0
-    apps = report.SWEEP_APPS if fleet is not None else (f"bench_{name}",)
+    apps = SWEEP_APPS if fleet is not None else (f"bench_{name}",)
     sampled = max((sampler.by_app[a].ms for a in apps if a in sampler.by_app), default=0.0)
     cpu = sampler.cpu.seconds(result.started_wall, result.ended_wall)
     progress(f"{name}: {result.rows:,} rows in {result.seconds:.1f} s "

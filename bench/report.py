@@ -17,9 +17,7 @@ from matplotlib import ticker  # noqa: E402
 from bench.report_detail import planning_summary, profile_lines  # noqa: E402
 from bench.targets import add_ratios, check_targets  # noqa: E402
 
-SWEEP_APPS = ("statesweep_coordinator", "statesweep_chunks")
-
-__all__ = ["SWEEP_APPS", "add_ratios", "check_targets", "markdown", "planning_summary",
+__all__ = ["add_ratios", "check_targets", "markdown", "planning_summary",
            "write_outputs"]
 
 

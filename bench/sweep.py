@@ -24,6 +24,9 @@ from workers.coordinator import new_run_id
 from workers.runs import registry_for
 from workers.settings import Settings
 
+#: PGAPPNAME of the coordinator and chunk workers' connections (pg_stat_activity, CPU).
+SWEEP_APPS = ("statesweep_coordinator", "statesweep_chunks")
+
 
 def worker_env(url: str, redis_url: str, tag: str, batch: int,
                chunk_rate_limit: str = "", extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -132,13 +135,13 @@ class Fleet:
         started: list[WorkerProcess] = []
         try:
             # PGAPPNAME tags each process's connections in pg_stat_activity.
-            control = start_worker({**env, "PGAPPNAME": "statesweep_coordinator"}, log_dir,
+            control = start_worker({**env, "PGAPPNAME": SWEEP_APPS[0]}, log_dir,
                                    f"{name}-control", pool="solo", concurrency=1,
                                    queues=env["STATESWEEP_CONTROL_QUEUE"])
             started.append(control)
             for i in range(workers):
                 started.append(start_worker(
-                    {**env, "PGAPPNAME": "statesweep_chunks"}, log_dir, f"{name}-chunks{i + 1}",
+                    {**env, "PGAPPNAME": SWEEP_APPS[1]}, log_dir, f"{name}-chunks{i + 1}",
                     pool="prefork", concurrency=1, queues=env["STATESWEEP_CHUNK_QUEUE"]))
         except BaseException:
             for w in started:
