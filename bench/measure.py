@@ -88,6 +88,8 @@ def measure(args: argparse.Namespace, method: Method, keys: list[Key], tmp: Path
                     "first_task_ms_max": warm.detail["task_ms_max"]}
         progress(f"{name}: cloning the template database")
         url, clone_s = data.clone(args.pg_url, args.database)
+        if fleet is not None:
+            cold["still_cold_after_clone"] = fleet.reconnect()
         writer = start_writer(url, keys, args.writer_rate, tmp / f"writer-{tag}.txt")
         idle = idle_window(writer, 3 if args.quick else 8)
         load_at_start = load()

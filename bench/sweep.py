@@ -19,7 +19,7 @@ from bench import pyspy
 from bench.methods import MethodResult
 from bench.observe import RssSampler, percentile
 from tests.processes import WorkerProcess, start_worker
-from workers.celery_app import COORDINATE, build_app
+from workers.celery_app import COORDINATE, SWEEP_ORPHANS, build_app
 from workers.coordinator import new_run_id
 from workers.runs import registry_for
 from workers.settings import Settings
@@ -153,6 +153,32 @@ class Fleet:
         """(label, pid) of the worker processes, for CPU accounting."""
         return [("coordinator worker", self.control.proc.pid)] + [
             ("chunk workers", w.proc.pid) for w in self.chunk_workers]
+
+    def reconnect(self, tries: int = 10) -> list[str]:
+        """Have every worker process reconnect to the freshly cloned database before the run.
+
+        The clone drops and recreates the database, which ends the pooled connections of
+        workers that have been running; production workers have warm pools, so the first
+        planning step and the first chunk of a measured run must not pay a reconnect. An orphan
+        sweep touches only asset state (never measured here) and opens the process's engine:
+        one on the control queue, then one at a time on the chunk queue until each chunk
+        worker's log shows it ran one. Returns the worker names still cold (normally none)."""
+        settings = Settings.from_env(self.env)
+        app = build_app(settings, include_tasks=False)
+        try:
+            app.send_task(SWEEP_ORPHANS, queue=settings.control_queue,
+                          kwargs={"batch_size": 1000}).get(timeout=120)
+            cold = list(self.chunk_workers)
+            for _ in range(tries):
+                if not cold:
+                    break
+                app.send_task(SWEEP_ORPHANS, queue=settings.chunk_queue,
+                              kwargs={"batch_size": 1000}).get(timeout=120)
+                # Celery logs "Task <name>[<id>] received/succeeded" in the worker that ran it.
+                cold = [w for w in cold if SWEEP_ORPHANS + "[" not in w.log()]
+        finally:
+            app.close()
+        return [w.name for w in cold]
 
     def stop(self) -> None:
         for w in (self.control, *self.chunk_workers):
