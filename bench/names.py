@@ -99,7 +99,10 @@ def seed_spec(rows: int, expired_percent: int | None) -> SeedSpec:
                     never_per_period=never)
 
 
-def results_stem(rows: int, batch: int, expired_percent: int | None) -> str:
-    """rows_<N>[_batch_<B>][_exp_<P>]: the batch and the mix only when not the defaults."""
+def results_stem(rows: int, batch: int, expired_percent: int | None,
+                 chunk_rate_limit: str = "") -> str:
+    """rows_<N>[_batch_<B>][_exp_<P>][_rate_<R>]: each part only when not the default."""
+    rate = chunk_rate_limit.replace("/", "") if chunk_rate_limit else ""
     return (f"rows_{rows}" + ("" if batch == 10_000 else f"_batch_{batch}")
-            + ("" if expired_percent is None else f"_exp_{expired_percent}"))
+            + ("" if expired_percent is None else f"_exp_{expired_percent}")
+            + (f"_rate_{rate}" if rate else ""))

@@ -14,7 +14,8 @@ sampling pg_stat_activity, then check the end state (count and sum(id) of surviv
 Methods: single, upstream, statesweep_<n>w (planner auto), statesweep_<planner>_<n>w (blocks,
 ids, walk forced), statesweep_throttled_<n>w (one per --throttle TARGET:WINDOW).
 Outputs go to bench/results/ as latest.{json,md,png} and
-rows_<N>[_batch_<B>][_exp_<P>].{json,md,png}; `python -m bench.compare` tabulates several.
+rows_<N>[_batch_<B>][_exp_<P>][_rate_<R>].{json,md,png}; `python -m bench.compare` puts
+several side by side.
 Progress goes to stderr; the markdown table and the targets to stdout. Timing never makes the
 exit code fail; a wrong end state does (exit 1), since then the numbers compare different work.
 """
@@ -157,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     report.add_ratios(results)
     results["targets"] = report.check_targets(results)
-    sized = names.results_stem(args.rows, args.batch, args.expired_percent)
+    sized = names.results_stem(args.rows, args.batch, args.expired_percent,
+                               args.chunk_rate_limit)
     for stem in (sized, "latest"):
         paths = report.write_outputs(results, args.out, stem)
     progress(f"wrote {', '.join(str(p) for p in paths)} and {sized}.*")

@@ -244,9 +244,9 @@ class Fleet:
         dispatched = next((e for e in coordinator if e["event"] == "cleanup_run_dispatched"), {})
         result.txn_ms = [float(e["ms"]) for e in chunks]
         rows = [int(e["rows"]) for e in chunks]
-        # cleanup_run_started is logged once planning is done, plan_ms after the coordinator
-        # began (before it read the cutoff): the first DELETE's start is measured from there.
-        began = wall(started) - float(started["plan_ms"]) / 1000 if started else None
+        # cleanup_run_dispatched is logged as soon as its ms (since the coordinator began,
+        # before it read the cutoff) is taken: the first DELETE's start is measured from there.
+        began = wall(dispatched) - float(dispatched["ms"]) / 1000 if dispatched else None
         starts = chunk_starts(chunks)
         result.longest_txn_ms = max(result.txn_ms, default=0.0)
         result.longest_txn_source = "chunk_deleted ms (DELETE + COMMIT) in the worker logs"

@@ -58,6 +58,7 @@ def test_default_mix_and_names_are_unchanged() -> None:
     assert seed_spec(1000, None).period == 20
     assert results_stem(1000, 10_000, None) == "rows_1000"
     assert results_stem(1000, 500, 1) == "rows_1000_batch_500_exp_1"
+    assert results_stem(5_000_000, 10_000, None, "10/s") == "rows_5000000_rate_10s"
 
 
 def test_rate_buckets_count_full_buckets_only() -> None:
