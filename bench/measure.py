@@ -17,7 +17,8 @@ from bench import data
 from bench.methods import MethodResult, run_single, run_upstream
 from bench.names import Method
 from bench.observe import TransactionSampler, percentile
-from bench.sweep import SWEEP_APPS, Fleet, forget_redis_keys, worker_env
+from bench.sweep import SWEEP_APPS, Fleet, worker_env
+from bench.worker_logs import forget_redis_keys
 from bench.writer import Key, Writer, start_writer
 from workers.schema import build_tables
 

@@ -22,7 +22,8 @@ from typing import Any
 
 from bench import data, names
 from bench.measure import load, progress
-from bench.sweep import chunk_starts, forget_redis_keys, log_events, worker_env
+from bench.sweep import worker_env
+from bench.worker_logs import chunk_starts, forget_redis_keys, log_events
 from tests.processes import start_worker
 from workers.celery_app import COORDINATE, build_app
 from workers.coordinator import new_run_id
