@@ -77,14 +77,18 @@ def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             out.append(_target(f"{m['name']} planning <= 5% of wall", share <= PLANNING_SHARE,
                                f"{share:.1%} ({d['planning_ms']:.0f} ms of {m['seconds']:.2f} s)",
                                "<= 5%", at))
-        sent = d.get("dispatched_ms")
-        if sent is not None:
+        # Two upper bounds on when the first chunk was sent, both counted from before the
+        # cutoff read: the whole first window sent, and the first DELETE begun (which comes
+        # after its message was sent, picked up and its transaction opened).
+        bounds = [x for x in (d.get("dispatched_ms"), d.get("first_delete_ms")) if x is not None]
+        if bounds:
+            sent = min(bounds)
             out.append(_target(
                 f"{m['name']} first chunk dispatched <= 50 ms", sent <= FIRST_DISPATCH_MS,
-                f"{sent:.0f} ms", "<= 50 ms after the cutoff read",
-                f"upper bound: the whole first window ({d['dispatched_chunks']} chunks) sent, "
-                f"from before the cutoff read; first DELETE began at "
-                f"{d.get('first_delete_ms')} ms"))
+                f"<= {sent:.0f} ms", "<= 50 ms after the cutoff read",
+                f"the lower of: first window ({d.get('dispatched_chunks')} chunks) sent at "
+                f"{d.get('dispatched_ms')} ms, first DELETE begun at {d.get('first_delete_ms')} "
+                f"ms; from before the cutoff read"))
     if meta.get("expired_percent") == 1:
         for m in plain:
             walk = by.get(f"statesweep_walk_{m['workers']}w")
