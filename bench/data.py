@@ -2,9 +2,10 @@
 a byte-for-byte clone of it made fresh before each method, so every method starts from the same
 rows, indexes, statistics, visibility map and free space; and the end state each must reach.
 
-The shape is workers.seed's (ids ascend with write time; 55% expired, 10% never expire, the rest
-expire within 30 days) plus a refresh: a slice of old, expired rows was written again and now
-expires in a week, so "old id" does not mean "expired" and every DELETE must re-check.
+The shape is workers.seed's (ids ascend with write time; by default 55% expired, 10% never
+expire, the rest expire within 30 days; ``--expired-percent`` picks another mix, see bench.names)
+plus a refresh: a slice of old, expired rows was written again and now expires in a week, so
+"old id" does not mean "expired" and every DELETE must re-check.
 """
 
 from __future__ import annotations
@@ -95,21 +96,25 @@ def clone(admin_url: str, name: str, source: str = "template") -> tuple[str, flo
     return database_url(admin_url, name), time.perf_counter() - t0
 
 
-def build(url: str, tables: Tables, rows: int, now: dt.datetime) -> Dataset:
-    """Create the schema, seed *rows* rows, refresh a slice of old ones, VACUUM ANALYZE."""
+def build(url: str, tables: Tables, spec: SeedSpec, now: dt.datetime) -> Dataset:
+    """Create the schema, seed *spec*, refresh a slice of old ones, VACUUM ANALYZE."""
     t0 = time.perf_counter()
     engine = make_engine(url)
     ts = tables.task_state.name
     try:
         upgrade(engine, tables.naming)
-        counts = seed(engine, tables, SeedSpec(rows=rows), now)
+        counts = seed(engine, tables, spec, now)
+        # The default mix keeps its rule (id % 10 = 3: results compare with earlier runs);
+        # other mixes have one expired row per period at most, so pick every tenth period.
+        step = 1 if spec == SeedSpec(rows=spec.rows) else spec.period
+        rows = spec.rows
         with engine.begin() as conn:
-            # Rows in the oldest half with id % 10 = 3 that had expired were written again:
-            # about 9% of the old expired rows now survive among ids the cleanup walks.
+            # Rows in the oldest half so picked that had expired were written again: about a
+            # tenth of the old expired rows now survive among the ranges the cleanup covers.
             refreshed = conn.execute(text(f"""
                 UPDATE {ts} SET expires_at = :now + interval '7 days', updated_at = :now
-                WHERE id <= :half AND id % 10 = 3 AND expires_at < :now
-            """), {"now": now, "half": rows // 2}).rowcount  # noqa: S608
+                WHERE id <= :half AND (id / :step) % 10 = 3 AND expires_at < :now
+            """), {"now": now, "half": rows // 2, "step": step}).rowcount  # noqa: S608
         with engine.connect() as conn:
             survivors = conn.execute(text(f"""
                 SELECT count(*), coalesce(sum(id), 0) FROM {ts}

@@ -1,114 +1,64 @@
-"""An experiment, not statesweep code: can the coordinator plan faster than
-workers.cleanup.plan_chunks without giving up its rules (O(1) memory, no long transaction,
-chunks sent as they are cut)?
+"""An experiment, not statesweep code: what each planner's O(1) plan gets right, and what the
+walk pays later.
 
-``as_is``          workers.cleanup.plan_chunks: one pooled checkout (with pre-ping) per step.
-``one_connection`` the same statements on one autocommit connection for the whole plan.
-``windowed``       one autocommit connection, and each statement cuts ``K`` chunks: it walks
-                   the next K*B+1 expired ids (a bounded walk, so a bounded statement) and
-                   returns only the boundary ids, numbered by row_number().
-
-Each variant must produce exactly the chunks of ``as_is``; the bench checks that.
+For ``blocks`` and ``ids`` the plan is all the planning there is; the question is how good its
+estimates are (expected rows and chunks against the true expired count), since chunk sizes come
+from them. ``walk`` plans in two probes but pays one index walk per chunk as the window has room
+(workers.window.Sender.cut_walk): the first ``CUTS`` cuts are timed here (read-only, nothing is
+deleted, so later cuts walk the same dense prefix) and extrapolated to the run's chunk count.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import time
-from collections.abc import Iterator
 from typing import Any
 
-from sqlalchemy import Connection, Engine, func, select, text
+from sqlalchemy import Engine
 
-from workers import cleanup
-from workers.cleanup import Chunk
-from workers.db import db_now
+from bench.observe import percentile
+from workers import cleanup, planners
+from workers.planners import walk
 from workers.schema import Tables
 
-WINDOW_CHUNKS = 10
-
-# Boundary ids of the next K chunks after :lo: chunk ends (rn a multiple of B) and chunk starts
-# (rn one past a multiple). The walk is bounded by the LIMIT, so the statement is too.
-_WINDOW = """
-    SELECT id, rn FROM (
-        SELECT id, row_number() OVER (ORDER BY id) AS rn
-        FROM (SELECT id FROM {table} WHERE id >= :lo AND expires_at < :cutoff
-              ORDER BY id LIMIT :walk) AS walked
-    ) AS numbered
-    WHERE rn % :batch IN (0, 1)
-    ORDER BY rn
-"""
+CUTS = 20
 
 
-def plan_one_connection(conn: Connection, tables: Tables, cutoff: dt.datetime,
-                        batch: int) -> Iterator[Chunk]:
-    t = tables.task_state
-    expired = t.c.expires_at < cutoff
-    lo = conn.execute(select(func.min(t.c.id)).where(expired)).scalar_one_or_none()
-    number = 0
-    while lo is not None:
-        number += 1
-        ids = conn.execute(select(t.c.id).where(t.c.id >= lo, expired).order_by(t.c.id)
-                           .limit(2).offset(batch - 1)).scalars().all()
-        if ids:
-            yield Chunk(number, int(lo), int(ids[0]), batch)
-            lo = ids[1] if len(ids) == 2 else None
-            continue
-        hi = conn.execute(select(t.c.id).where(t.c.id >= lo, expired)
-                          .order_by(t.c.id.desc()).limit(1)).scalar_one_or_none()
-        if hi is not None:
-            count = conn.execute(select(func.count()).where(t.c.id.between(lo, hi), expired))
-            yield Chunk(number, int(lo), int(hi), int(count.scalar_one()))
-        return
-
-
-def plan_windowed(conn: Connection, tables: Tables, cutoff: dt.datetime, batch: int,
-                  k: int = WINDOW_CHUNKS) -> Iterator[Chunk]:
-    t = tables.task_state
-    expired = t.c.expires_at < cutoff
-    window = text(_WINDOW.format(table=t.name))
-    lo = conn.execute(select(func.min(t.c.id)).where(expired)).scalar_one_or_none()
-    number = 0
-    walk = k * batch + 1
-    while lo is not None:
-        rows = conn.execute(window, {"lo": lo, "cutoff": cutoff, "walk": walk,
-                                     "batch": batch}).all()
-        last_rn = 0
-        for id_, rn in rows:
-            last_rn = rn
-            if rn % batch == 0:
-                number += 1
-                yield Chunk(number, int(lo), int(id_), batch)
-            elif rn > 1:
-                lo = id_
-        if last_rn == walk:
-            continue  # lo is the first id of the next window
-        if last_rn % batch == 0:
-            return
-        # The table ended inside this window: the last chunk is lo..the last expired id.
-        hi = conn.execute(select(t.c.id).where(t.c.id >= lo, expired)
-                          .order_by(t.c.id.desc()).limit(1)).scalar_one()
-        count = conn.execute(select(func.count()).where(t.c.id.between(lo, hi), expired))
-        yield Chunk(number + 1, int(lo), int(hi), int(count.scalar_one()))
-        return
-
-
-def compare(engine: Engine, tables: Tables, batch: int) -> dict[str, Any]:
-    """Time each variant over the live table; say whether each cut the same chunks."""
+def walk_cuts(engine: Engine, tables: Tables, batch: int, cuts: int = CUTS) -> dict[str, Any]:
+    """Time the walk's first *cuts* cuts from its plan, on one autocommit connection."""
+    cutoff = cleanup.read_cutoff(engine)
+    steps: list[float] = []
     with engine.connect() as conn:
-        cutoff = db_now(conn)
-    out: dict[str, Any] = {}
-    t0 = time.perf_counter()
-    reference = list(cleanup.plan_chunks(engine, tables, cutoff, batch))
-    out["as_is"] = {"seconds": round(time.perf_counter() - t0, 3), "chunks": len(reference)}
-    variants = [("one_connection", plan_one_connection)]
-    if batch > 1:  # windowed numbers rows by their remainder modulo the batch
-        variants.append(("windowed", plan_windowed))
-    for name, plan in variants:
-        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT")
+        plan = planners.choose(conn, tables, cutoff, batch, "walk")
+        lo: int | None = plan.start
+        while lo is not None and len(steps) < cuts and not plan.empty:
             t0 = time.perf_counter()
-            chunks = list(plan(conn, tables, cutoff, batch))
-            seconds = time.perf_counter() - t0
-        out[name] = {"seconds": round(seconds, 3), "chunks": len(chunks),
-                     "same_chunks": chunks == reference}
+            _, lo = walk.cut(conn, tables, cutoff, lo, plan.end, batch)
+            steps.append((time.perf_counter() - t0) * 1000)
+    return {"cuts": len(steps), "ms_p50": round(percentile(steps, 50), 2),
+            "ms_max": round(max(steps, default=0.0), 2), "ms_sum": round(sum(steps), 1)}
+
+
+def compare(engine: Engine, tables: Tables, batch: int,
+            planning: dict[str, Any]) -> dict[str, Any]:
+    """Each forced planner's estimates against the truth, and the walk's cut cost for a run.
+    *planning* is profile.time_planning's result (the plans already made)."""
+    cutoff = cleanup.read_cutoff(engine)
+    expired = cleanup.count_expired(engine, tables, cutoff)
+    ideal = -(-expired // batch) if batch else 1
+    out: dict[str, Any] = {"expired_rows": expired, "ideal_chunks": ideal}
+    for name in planners.PLANNERS:
+        plan = planning.get(name)
+        if plan is None:
+            continue
+        estimate = plan["expected_rows"]
+        out[name] = {
+            "estimated_chunks": plan["estimated_chunks"],
+            # walk cuts exactly batch expired rows a chunk and estimates no rows
+            "expected_rows": estimate,
+            "rows_error": round(estimate / expired - 1, 3) if expired and estimate else None,
+        }
+    cuts = walk_cuts(engine, tables, batch)
+    cuts["run_ms_estimate"] = round(cuts["ms_p50"] * ideal, 1)
+    out["walk_cuts"] = cuts
     return out

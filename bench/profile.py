@@ -1,9 +1,10 @@
-"""Where the time goes: EXPLAIN (ANALYZE, BUFFERS) of the statements each method runs, the
-coordinator's planning timed step by step in this process, and the dry run's cost.
+"""Where the time goes: the planners timed and their statements counted (workers.planners.choose
+in this process), EXPLAIN (ANALYZE, BUFFERS) of one blocks chunk DELETE, one walk cut and the
+upstream loop's statements, and the dry run's cost.
 
-The statements are built exactly as workers.cleanup and bench.methods build them, compiled by
-SQLAlchemy for PostgreSQL, so the plans are the plans the methods get. The chunk DELETE is
-explained inside a transaction that is rolled back.
+Statements are the ones the workers send, captured from SQLAlchemy's cursor events as they run
+(so the plans are the plans the methods get). DELETEs are explained in a transaction that is
+rolled back, on a clone: EXPLAIN ANALYZE of a DELETE, even rolled back, marks tuples.
 """
 
 from __future__ import annotations
@@ -13,26 +14,41 @@ import subprocess
 import sys
 import time
 import tracemalloc
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, delete, func, select
+from sqlalchemy import Connection, Engine, delete, event, func, select
 from sqlalchemy.sql import Executable
 
-from bench.observe import percentile
-from workers import cleanup
+from workers import cleanup, planners
 from workers.db import db_now, make_engine
+from workers.planners import BLOCKS, ChunkRange, walk
 from workers.schema import Tables
 
 STATESWEEP = str(Path(sys.executable).with_name("statesweep"))
+SETTINGS = ("auto", *planners.PLANNERS)
 
 
-def explain(conn: Connection, stmt: Executable) -> dict[str, Any]:
-    """EXPLAIN (ANALYZE, BUFFERS) of *stmt*: its execution time and the plan as text lines."""
-    compiled = stmt.compile(dialect=conn.dialect,  # type: ignore[attr-defined]
-                            compile_kwargs={"render_postcompile": True})
+@contextmanager
+def captured(engine: Engine) -> Iterator[list[tuple[str, Any]]]:
+    """(SQL, parameters) of every statement *engine* sends inside the block."""
+    seen: list[tuple[str, Any]] = []
+
+    def before(_conn: Any, _cur: Any, statement: str, params: Any, _ctx: Any, _many: bool) -> None:
+        seen.append((statement, params))
+
+    event.listen(engine, "before_cursor_execute", before)
+    try:
+        yield seen
+    finally:
+        event.remove(engine, "before_cursor_execute", before)
+
+
+def _explain_sql(conn: Connection, sql: str, params: Any) -> dict[str, Any]:
     lines = [str(r[0]) for r in conn.exec_driver_sql(
-        "EXPLAIN (ANALYZE, BUFFERS) " + str(compiled), compiled.params).all()]
+        "EXPLAIN (ANALYZE, BUFFERS) " + sql, params).all()]
     # An IN list of thousands of ids is one plan line; keep the plan readable.
     lines = [x if len(x) <= 300 else x[:300] + " …" for x in lines]
 
@@ -44,32 +60,42 @@ def explain(conn: Connection, stmt: Executable) -> dict[str, Any]:
             "plan": lines}
 
 
+def explain(conn: Connection, stmt: Executable) -> dict[str, Any]:
+    """EXPLAIN (ANALYZE, BUFFERS) of a Core statement: execution time and the plan's lines."""
+    compiled = stmt.compile(dialect=conn.dialect,  # type: ignore[attr-defined]
+                            compile_kwargs={"render_postcompile": True})
+    return _explain_sql(conn, str(compiled), compiled.params)
+
+
 def explain_statements(url: str, tables: Tables, batch: int) -> dict[str, Any]:
-    """Plans of the planning step and a chunk DELETE, and of the upstream loop's SELECT and
+    """Plans of one blocks chunk DELETE (the first range of a forced blocks plan), one walk cut
+    (the first of a forced walk plan, as walk.cut sends it), and the upstream loop's SELECT and
     its ``DELETE … WHERE id IN (<batch ids>)``."""
     t = tables.task_state
     engine = make_engine(url)
+    out: dict[str, Any] = {}
     try:
         with engine.connect() as conn:
             cutoff = db_now(conn)
-            expired = t.c.expires_at < cutoff
-            first = int(conn.execute(select(func.min(t.c.id)).where(expired)).scalar_one())
-            step = (select(t.c.id).where(t.c.id >= first, expired).order_by(t.c.id)
-                    .limit(2).offset(batch - 1))
-            ids = conn.execute(step).scalars().all()
-            hi = int(ids[0]) if ids else first
+            blocks = planners.choose(conn, tables, cutoff, batch, BLOCKS)
+            conn.rollback()
+            if not blocks.empty:
+                rng = ChunkRange(BLOCKS, blocks.start, min(blocks.end, blocks.start + blocks.size))
+                out["blocks_chunk_delete"] = explain(
+                    conn, cleanup.delete_statement(tables, rng, cutoff))
+                out["blocks_chunk_delete"]["range"] = f"pages {rng.encode()}"
+                conn.rollback()
+            plan = planners.choose(conn, tables, cutoff, batch, "walk")
+            conn.rollback()
+            if not plan.empty:
+                with captured(engine) as seen:
+                    walk.cut(conn, tables, cutoff, plan.start, plan.end, batch)
+                conn.rollback()
+                out["walk_cut"] = _explain_sql(conn, *seen[-1])
+                conn.rollback()
             upstream = select(t.c.id).where(t.c.expires_at < func.now()).limit(batch)
             batch_ids = list(conn.execute(upstream).scalars())
-            # The same span cut on the primary key alone (an index-only scan, no heap visits):
-            # what a planner that cut ranges of ids rather than of expired rows would pay.
-            pk_only = (select(t.c.id).where(t.c.id >= first).order_by(t.c.id)
-                       .limit(1).offset(max(0, hi - first)))
-            out = {"planning_step": explain(conn, step),
-                   "planning_step_pk_only": explain(conn, pk_only),
-                   "upstream_select": explain(conn, upstream)}
-            conn.rollback()
-            out["chunk_delete"] = explain(
-                conn, delete(t).where(t.c.id.between(first, hi), expired))
+            out["upstream_select"] = explain(conn, upstream)
             conn.rollback()
             in_list = delete(t).where(t.c.id.in_(batch_ids))
             out["upstream_delete"] = explain(conn, in_list)
@@ -85,31 +111,34 @@ def explain_statements(url: str, tables: Tables, batch: int) -> dict[str, Any]:
     return out
 
 
-def time_planning(url: str, tables: Tables, batch: int) -> dict[str, Any]:
-    """workers.cleanup.plan_chunks over the whole table in this process: total and per-step
-    time, and the peak of Python allocations while planning (flat when memory is O(1))."""
+def time_planning(url: str, tables: Tables, batch: int, repeats: int = 3) -> dict[str, Any]:
+    """workers.planners.choose for auto and each planner forced, on one autocommit connection
+    as the coordinator plans: wall ms (first call and best of *repeats*), statements sent, the
+    plan it made, and the peak of Python allocations (flat when planning is O(1))."""
     engine = make_engine(url, connect_args={"application_name": "bench_planning"})
+    out: dict[str, Any] = {}
     try:
         with engine.connect() as conn:
+            conn.execution_options(isolation_level="AUTOCOMMIT")
             cutoff = db_now(conn)
-        steps: list[float] = []
-        tracemalloc.start()
-        t0 = last = time.perf_counter()
-        for _chunk in cleanup.plan_chunks(engine, tables, cutoff, batch):
-            now = time.perf_counter()
-            steps.append((now - last) * 1000)
-            last = now
-        total = time.perf_counter() - t0
-        _, peak = tracemalloc.get_traced_memory()
-        tracemalloc.stop()
+            for setting in SETTINGS:
+                times: list[float] = []
+                tracemalloc.start()
+                for _ in range(repeats):
+                    with captured(engine) as seen:
+                        t0 = time.perf_counter()
+                        plan = planners.choose(conn, tables, cutoff, batch, setting)
+                        times.append((time.perf_counter() - t0) * 1000)
+                _, peak = tracemalloc.get_traced_memory()
+                tracemalloc.stop()
+                out[setting] = {
+                    "ms_first": round(times[0], 2), "ms_best": round(min(times), 2),
+                    "statements": len(seen), "planner": plan.planner, "reason": plan.reason,
+                    "estimated_chunks": plan.estimated_chunks,
+                    "expected_rows": plan.expected_rows, "python_peak_kib": round(peak / 1024, 1)}
     finally:
         engine.dispose()
-    return {
-        "chunks": len(steps), "seconds": round(total, 3),
-        "step_ms_p50": round(percentile(steps, 50), 2),
-        "step_ms_max": round(max(steps, default=0.0), 2),
-        "python_peak_kib": round(peak / 1024, 1),
-    }
+    return out
 
 
 def cli_has_dry_run() -> bool:

@@ -17,9 +17,8 @@ PY_SPY = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil
 # A stack belongs to the first category one of whose (function, file) markers matches a frame
 # ("function (path/file.py:line)"); an empty function matches any function in that file.
 CATEGORIES = (
-    ("chunk DELETE + COMMIT (client and server)", (("delete_chunk", "workers/cleanup.py"),)),
-    ("db_now clock check", (("db_now", "workers/db.py"),)),
-    ("planning queries (plan_chunks)", (("plan_chunks", "workers/cleanup.py"),)),
+    ("chunk DELETE + COMMIT (client and server)", (("delete_range", "workers/cleanup.py"),)),
+    ("planning and walk cuts", (("", "workers/planners/"),)),
     ("run store (Redis) calls", (("", "workers/runs.py"),)),
     ("dispatching chunk messages", (("apply_async", ""),)),
     ("first-use setup (engine, table inspection)", (("resources", "workers/celery_app.py"),)),

@@ -5,8 +5,6 @@ run finished. Chunk timings come from the workers' JSON logs (``chunk_deleted`` 
 
 from __future__ import annotations
 
-import json
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,16 +15,21 @@ import psutil
 from bench import pyspy
 from bench.methods import MethodResult
 from bench.observe import RssSampler, percentile
+from bench.worker_logs import FailureWatch, chunk_starts, log_events, task_seconds, wall
 from tests.processes import WorkerProcess, start_worker
-from workers.celery_app import COORDINATE, build_app
+from workers.celery_app import COORDINATE, SWEEP_ORPHANS, build_app
 from workers.coordinator import new_run_id
 from workers.runs import registry_for
 from workers.settings import Settings
 
+#: PGAPPNAME of the coordinator and chunk workers' connections (pg_stat_activity, CPU).
+SWEEP_APPS = ("statesweep_coordinator", "statesweep_chunks")
+
 
 def worker_env(url: str, redis_url: str, tag: str, batch: int,
-               chunk_rate_limit: str = "") -> dict[str, str]:
-    """STATESWEEP_* for this bench run: its own key prefix and queues, JSON logs."""
+               chunk_rate_limit: str = "", extra: dict[str, str] | None = None) -> dict[str, str]:
+    """STATESWEEP_* for this bench run: its own key prefix and queues, JSON logs; *extra* (a
+    method's planner or throttle) on top."""
     env = {
         "STATESWEEP_DATABASE_URL": url,
         "STATESWEEP_BROKER_URL": redis_url,
@@ -40,46 +43,7 @@ def worker_env(url: str, redis_url: str, tag: str, batch: int,
     }
     if chunk_rate_limit:
         env["STATESWEEP_CHUNK_RATE_LIMIT"] = chunk_rate_limit
-    return env
-
-
-_SUCCEEDED = re.compile(r"^Task statesweep\.delete_chunk\[[^]]+\] succeeded in ([0-9.e-]+)s")
-
-
-def task_seconds(events: list[dict[str, Any]]) -> list[float]:
-    """Celery's own runtime of each delete_chunk task (run_chunk plus the task wrapper)."""
-    found = (_SUCCEEDED.match(str(e.get("event", ""))) for e in events)
-    return [float(m.group(1)) for m in found if m]
-
-
-def forget_redis_keys(redis_url: str, env: dict[str, str]) -> int:
-    """Delete what one bench method left in Redis: its run records and lock (key prefix) and
-    its queues' bindings (kombu keeps those without expiry). Returns keys deleted."""
-    import redis
-
-    client = redis.Redis.from_url(redis_url)
-    patterns = [env["STATESWEEP_KEY_PREFIX"] + ":*"]
-    for queue in (env["STATESWEEP_CONTROL_QUEUE"], env["STATESWEEP_CHUNK_QUEUE"]):
-        patterns += [queue, f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}"]
-    keys = [k for p in patterns for k in client.scan_iter(match=p, count=1000)]
-    deleted = int(client.delete(*keys)) if keys else 0
-    client.close()
-    return deleted
-
-
-def log_events(path: Path, run_id: str) -> list[dict[str, Any]]:
-    """The structlog JSON events of *run_id* in a worker's log (Celery's banner is skipped)."""
-    events = []
-    for line in path.read_text(errors="replace").splitlines():
-        if not line.startswith("{"):
-            continue
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue
-        if event.get("run_id") == run_id:
-            events.append(event)
-    return events
+    return {**env, **(extra or {})}
 
 
 @dataclass
@@ -95,13 +59,13 @@ class Fleet:
         started: list[WorkerProcess] = []
         try:
             # PGAPPNAME tags each process's connections in pg_stat_activity.
-            control = start_worker({**env, "PGAPPNAME": "statesweep_coordinator"}, log_dir,
+            control = start_worker({**env, "PGAPPNAME": SWEEP_APPS[0]}, log_dir,
                                    f"{name}-control", pool="solo", concurrency=1,
                                    queues=env["STATESWEEP_CONTROL_QUEUE"])
             started.append(control)
             for i in range(workers):
                 started.append(start_worker(
-                    {**env, "PGAPPNAME": "statesweep_chunks"}, log_dir, f"{name}-chunks{i + 1}",
+                    {**env, "PGAPPNAME": SWEEP_APPS[1]}, log_dir, f"{name}-chunks{i + 1}",
                     pool="prefork", concurrency=1, queues=env["STATESWEEP_CHUNK_QUEUE"]))
         except BaseException:
             for w in started:
@@ -113,6 +77,32 @@ class Fleet:
         """(label, pid) of the worker processes, for CPU accounting."""
         return [("coordinator worker", self.control.proc.pid)] + [
             ("chunk workers", w.proc.pid) for w in self.chunk_workers]
+
+    def reconnect(self, tries: int = 10) -> list[str]:
+        """Have every worker process reconnect to the freshly cloned database before the run.
+
+        The clone drops and recreates the database, which ends the pooled connections of
+        workers that have been running; production workers have warm pools, so the first
+        planning step and the first chunk of a measured run must not pay a reconnect. An orphan
+        sweep touches only asset state (never measured here) and opens the process's engine:
+        one on the control queue, then one at a time on the chunk queue until each chunk
+        worker's log shows it ran one. Returns the worker names still cold (normally none)."""
+        settings = Settings.from_env(self.env)
+        app = build_app(settings, include_tasks=False)
+        try:
+            app.send_task(SWEEP_ORPHANS, queue=settings.control_queue,
+                          kwargs={"batch_size": 1000}).get(timeout=120)
+            cold = list(self.chunk_workers)
+            for _ in range(tries):
+                if not cold:
+                    break
+                app.send_task(SWEEP_ORPHANS, queue=settings.chunk_queue,
+                              kwargs={"batch_size": 1000}).get(timeout=120)
+                # Celery logs "Task <name>[<id>] received/succeeded" in the worker that ran it.
+                cold = [w for w in cold if SWEEP_ORPHANS + "[" not in w.log()]
+        finally:
+            app.close()
+        return [w.name for w in cold]
 
     def stop(self) -> None:
         for w in (self.control, *self.chunk_workers):
@@ -141,6 +131,8 @@ class Fleet:
             sent = app.send_task(COORDINATE, queue=settings.control_queue, kwargs={
                 "batch_size": batch, "source": "bench", "run_id": run_id})
             deadline = time.monotonic() + timeout
+            watch = FailureWatch([w.log_path for w in (self.control, *self.chunk_workers)])
+            polls = 0
             while True:
                 record = registry.get(run_id)
                 if record is not None and record.state in ("finished", "failed"):
@@ -149,6 +141,10 @@ class Fleet:
                     raise RuntimeError(f"run {run_id} never started: {sent.get(timeout=10)}")
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"statesweep run {run_id} not finished in {timeout}s")
+                polls += 1
+                failed = watch.first_failure() if polls % 20 == 0 else None
+                if failed:
+                    raise RuntimeError(f"statesweep run {run_id}: a task failed: {failed}")
                 time.sleep(0.05)
         app.close()
         if spies:
@@ -167,9 +163,15 @@ class Fleet:
             chunks += done
             per_worker.append(len(done))
             tasks += task_seconds(events)
-        planned = [e for e in log_events(self.control.log_path, run_id)
-                   if e["event"] == "cleanup_run_planned"]
+        coordinator = log_events(self.control.log_path, run_id)
+        started = next((e for e in coordinator if e["event"] == "cleanup_run_started"), {})
+        dispatched = next((e for e in coordinator if e["event"] == "cleanup_run_dispatched"), {})
         result.txn_ms = [float(e["ms"]) for e in chunks]
+        rows = [int(e["rows"]) for e in chunks]
+        # cleanup_run_dispatched is logged as soon as its ms (since the coordinator began,
+        # before it read the cutoff) is taken: the first DELETE's start is measured from there.
+        began = wall(dispatched) - float(dispatched["ms"]) / 1000 if dispatched else None
+        starts = chunk_starts(chunks)
         result.longest_txn_ms = max(result.txn_ms, default=0.0)
         result.longest_txn_source = "chunk_deleted ms (DELETE + COMMIT) in the worker logs"
         result.detail = {
@@ -178,7 +180,18 @@ class Fleet:
             "workers": len(self.chunk_workers),
             "chunks": record.chunks_done,
             "chunks_per_worker": per_worker,
-            "planning_ms": float(planned[0]["ms"]) if planned else None,
+            "planner": started.get("planner"),
+            "planner_reason": started.get("reason"),
+            "estimated_chunks": started.get("estimated_chunks"),
+            "expected_rows": started.get("expected_rows"),
+            "planning_ms": started.get("plan_ms"),
+            # The first window sent (ms since the coordinator began, cutoff read included).
+            "dispatched_ms": dispatched.get("ms"),
+            "dispatched_chunks": dispatched.get("chunks"),
+            "first_delete_ms": (round((starts[0] - began) * 1000, 1)
+                                if starts and began is not None else None),
+            "chunk_rows_p50": percentile(rows, 50),
+            "chunk_rows_max": max(rows, default=0),
             "chunk_ms_sum": round(sum(result.txn_ms), 1),
             "chunk_ms_p50": percentile(result.txn_ms, 50),
             "chunk_ms_p99": percentile(result.txn_ms, 99),

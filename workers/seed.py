@@ -24,21 +24,23 @@ _SETVAL = ("SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
 @dataclass(frozen=True)
 class SeedSpec:
     rows: int = 100_000
-    #: out of 20 rows: this many expired, this many never expire; the rest expire in the future
-    expired_per_20: int = 11
-    never_per_20: int = 2
+    #: out of every `period` rows: this many expired, this many never expire; the rest expire
+    #: in the future (period 100 can express 1% expired)
+    expired_per_period: int = 11
+    never_per_period: int = 2
     assets: int = 100
     keys_per_asset: int = 5
     #: every n-th asset is inactive (its state orphaned)
     inactive_every: int = 3
+    period: int = 20
 
 
 def kind_of(i: int, spec: SeedSpec) -> str:
     """'expired', 'never' or 'future' for the i-th row (0-based); the same rule the SQL uses."""
-    m = i % 20
-    if m < spec.expired_per_20:
+    m = i % spec.period
+    if m < spec.expired_per_period:
         return "expired"
-    if m < spec.expired_per_20 + spec.never_per_20:
+    if m < spec.expired_per_period + spec.never_per_period:
         return "never"
     return "future"
 
@@ -69,8 +71,8 @@ def seed(engine: Engine, tables: Tables, spec: SeedSpec, now: dt.datetime,
             with engine.begin() as conn:
                 conn.execute(insert(ts), rows)
     live, orphaned = _seed_assets(engine, tables, spec, now)
-    kinds = [kind_of(i, spec) for i in range(20)]
-    full, rest = divmod(spec.rows, 20)
+    kinds = [kind_of(i, spec) for i in range(spec.period)]
+    full, rest = divmod(spec.rows, spec.period)
     def count(k: str) -> int:
         return full * kinds.count(k) + kinds[:rest].count(k)
     if engine.dialect.name == "postgresql":
@@ -101,7 +103,7 @@ def _task_row(i: int, spec: SeedSpec, now: dt.datetime) -> dict[str, object]:
 def _seed_task_state_pg(engine: Engine, tables: Tables, spec: SeedSpec, now: dt.datetime) -> None:
     """The same rows as _task_row, generated on the server: millions of rows in seconds."""
     ts = tables.task_state.name
-    e, n = spec.expired_per_20, spec.never_per_20
+    e, n, period = spec.expired_per_period, spec.never_per_period, spec.period
     # The table name comes from build_tables and the counts are ints; values are bound.
     sql = text(f"""
         INSERT INTO {ts} (id, dag_run_id, task_id, map_index, key, dag_id, run_id, value,
@@ -109,8 +111,8 @@ def _seed_task_state_pg(engine: Engine, tables: Tables, spec: SeedSpec, now: dt.
         SELECT i + 1, i / {ROWS_PER_RUN} + 1, 'task_' || ((i / 10) % 10), -1, 'key_' || i,
                'dag_' || ((i / {ROWS_PER_RUN}) % {DAGS}), 'run_' || (i / {ROWS_PER_RUN}),
                'value_' || i, :now - interval '40 days',
-               CASE WHEN i % 20 < {e} THEN :now - (1 + i % 1000) * interval '1 minute'
-                    WHEN i % 20 < {e + n} THEN NULL
+               CASE WHEN i % {period} < {e} THEN :now - (1 + i % 1000) * interval '1 minute'
+                    WHEN i % {period} < {e + n} THEN NULL
                     ELSE :now + (1 + i % 30) * interval '1 day' END
         FROM generate_series(0, :last) AS i
     """)  # noqa: S608

@@ -32,7 +32,7 @@ def test_seeds_the_standalone_schema_once(db_url: str, monkeypatch: pytest.Monke
         counts = json.loads(capsys.readouterr().out)
         spec = SeedSpec(rows=1000)
         assert counts["rows"] == row_count(engine, tables) == 1000
-        assert counts["expired"] == 1000 * spec.expired_per_20 // 20
+        assert counts["expired"] == 1000 * spec.expired_per_period // spec.period
 
         # Again: refused without --if-empty, a quiet no-op with it; nothing added either way.
         assert run(monkeypatch, db_url, "--rows=1000") == EXIT_REFUSED
