@@ -36,8 +36,8 @@ __all__ = ["BLOCKS", "IDS", "KINDS", "PLANNERS", "WALK", "ChunkRange", "Plan", "
 PLANNERS: dict[str, Planner] = {p.name: p for p in (BlocksPlanner(), IdsPlanner(),
                                                      WalkPlanner())}
 CHOICES = ("auto", *PLANNERS)
-#: Below this expired fraction `auto` walks the index rather than scan every page: measured by
-#: `python -m bench.run --fractions` (bench/results/), where scanning loses to the walk.
+#: Below this expired fraction `auto` walks the index rather than scan every page; where the
+#: two cross is measured by `python -m bench.run --expired-percent 1` (and 10, 50, 90).
 SPARSE_FRACTION = 0.02
 CLUSTERED_BY_ID = ("mysql", "mariadb", "sqlite")
 
