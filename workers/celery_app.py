@@ -119,6 +119,31 @@ def _setup_logging(**_: Any) -> None:
     configure_logging(settings.log_format, settings.log_level)
 
 
+@signals.worker_init.connect
+def _check_database_at_start(**_: Any) -> None:
+    """A worker that cannot reach its database or find the state tables refuses to start,
+    rather than report ready and fail every task it takes (compose's healthcheck then means
+    something). One line, the database URL masked, the exit code of the cause."""
+    from workers.exceptions import SchemaError
+    from workers.exit_codes import EXIT_SCHEMA, EXIT_UNAVAILABLE
+    from workers.settings import mask_url
+
+    engine = get_engine(settings.database_url)
+    try:
+        resolve_tables(engine, settings.table_naming)
+    except SchemaError as exc:
+        sys.stderr.write(f"statesweep: worker not started: {exc}\n")
+        raise SystemExit(EXIT_SCHEMA) from None
+    except Exception as exc:  # the driver's own error; its message never holds the password
+        cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        sys.stderr.write(f"statesweep: worker not started: database "
+                         f"{mask_url(settings.database_url)} is unreachable: "
+                         f"{type(exc).__name__}: {cause}\n")
+        raise SystemExit(EXIT_UNAVAILABLE) from None
+    finally:
+        engine.dispose()
+
+
 @signals.worker_process_init.connect
 def _after_fork(**_: Any) -> None:
     forget_engines_after_fork()
