@@ -275,7 +275,8 @@ def run_chunk(settings: Settings, engine: Engine, tables: Tables, registry: RunR
     ms = round((time.perf_counter() - t0) * 1000, 1)
     try:
         counted, finished = registry.chunk_done(args.run_id, args.chunk, rows,
-                                                settings.run_timeout_seconds)
+                                                settings.run_timeout_seconds,
+                                                seconds=ms / 1000, table=tables.task_state.name)
     except Exception as exc:
         raise ProgressNotRecorded(rows) from exc
     log.info("chunk_deleted", run_id=args.run_id, chunk=args.chunk, lo=args.lo, hi=args.hi,

@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from workers import metrics
+
 RUN_RETENTION_SECONDS = 7 * 24 * 3600
 RECENT_RUNS_KEPT = 200
 
@@ -93,9 +95,11 @@ class RunRegistry(Protocol):
     def finish_planning(self, run_id: str) -> RunRecord | None:
         """Mark planning done; returns the record if this call finished the run."""
 
-    def chunk_done(self, run_id: str, chunk: int, rows: int,
-                   lock_ttl: int) -> tuple[bool, RunRecord | None]:
-        """Count a chunk once. Returns (counted, record-if-this-call-finished-the-run)."""
+    def chunk_done(self, run_id: str, chunk: int, rows: int, lock_ttl: int, *,
+                   seconds: float | None = None,
+                   table: str = "task_state") -> tuple[bool, RunRecord | None]:
+        """Count a chunk once (and its metrics: *table*'s rows, *seconds* it took). Returns
+        (counted, record-if-this-call-finished-the-run)."""
 
     def chunk_failed(self, run_id: str, chunk: int, error: str) -> RunRecord | None:
         """Count a chunk that failed for good; returns the record if this ended the run."""
@@ -124,12 +128,13 @@ end
 """
 
 # Counts a chunk once, whether it deleted its rows (err '') or failed for good (err set).
-_COUNT_CHUNK = _FINISH_IF_COMPLETE + """
-local run, done, lock = KEYS[1], KEYS[2], KEYS[3]
-local run_id, chunk, rows, now, ttl, keep, err =
-  ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+_COUNT_CHUNK = _FINISH_IF_COMPLETE + metrics.COUNT_METRICS_LUA + """
+local run, done, lock, mkey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local run_id, chunk, rows, now, ttl, keep, err, seconds, table_name =
+  ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9]
 if redis.call('EXISTS', run) == 0 then return {-1, 0} end
 if redis.call('SADD', done, chunk) == 0 then return {0, 0} end
+count_metrics(mkey, table_name, rows, seconds, err ~= '')
 redis.call('EXPIRE', done, keep)
 redis.call('HINCRBY', run, 'chunks_done', 1)
 if err ~= '' then
@@ -243,17 +248,21 @@ class RedisRunRegistry:
                                          args=[run_id, time.time()])
         return self.get(run_id) if finished else None
 
-    def _count(self, run_id: str, chunk: int, rows: int, lock_ttl: int,
-               error: str) -> tuple[bool, RunRecord | None]:
+    def _count(self, run_id: str, chunk: int, rows: int, lock_ttl: int, error: str,
+               seconds: float | None = None,
+               table: str = "task_state") -> tuple[bool, RunRecord | None]:
         counted, finished = self._count_chunk(
-            keys=[self._k("run", run_id), self._k("run", run_id, "done"), self._k("lock")],
-            args=[run_id, chunk, rows, time.time(), lock_ttl, RUN_RETENTION_SECONDS, error],
+            keys=[self._k("run", run_id), self._k("run", run_id, "done"), self._k("lock"),
+                  metrics.metrics_key(self.prefix)],
+            args=[run_id, chunk, rows, time.time(), lock_ttl, RUN_RETENTION_SECONDS, error,
+                  "" if seconds is None else seconds, table],
         )
         return counted == 1, (self.get(run_id) if finished else None)
 
-    def chunk_done(self, run_id: str, chunk: int, rows: int,
-                   lock_ttl: int) -> tuple[bool, RunRecord | None]:
-        return self._count(run_id, chunk, rows, lock_ttl, "")
+    def chunk_done(self, run_id: str, chunk: int, rows: int, lock_ttl: int, *,
+                   seconds: float | None = None,
+                   table: str = "task_state") -> tuple[bool, RunRecord | None]:
+        return self._count(run_id, chunk, rows, lock_ttl, "", seconds, table)
 
     def chunk_failed(self, run_id: str, chunk: int, error: str) -> RunRecord | None:
         """Count a chunk that failed for good as done-but-failed; returns the record if this
@@ -293,6 +302,7 @@ class MemoryRunRegistry:
         self._lock = threading.Lock()
         self._owner: tuple[str, float] | None = None
         self._runs: dict[str, _MemRun] = {}
+        self.metrics = metrics.MemoryCounters()
 
     def _holder(self) -> str | None:
         if self._owner and self._owner[1] > time.monotonic():
@@ -379,12 +389,14 @@ class MemoryRunRegistry:
         run.record["chunks_done"] = run.record.get("chunks_done", 0) + 1
         return run.record
 
-    def chunk_done(self, run_id: str, chunk: int, rows: int,
-                   lock_ttl: int) -> tuple[bool, RunRecord | None]:
+    def chunk_done(self, run_id: str, chunk: int, rows: int, lock_ttl: int, *,
+                   seconds: float | None = None,
+                   table: str = "task_state") -> tuple[bool, RunRecord | None]:
         with self._lock:
             r = self._count(run_id, chunk)
             if r is None:
                 return False, None
+            self.metrics.count_chunk(table, rows, seconds, failed=False)
             r["rows_deleted"] = r.get("rows_deleted", 0) + rows
             r["last_progress_at"] = time.time()
             if self._holder() == run_id and r.get("planning_done"):
@@ -396,6 +408,7 @@ class MemoryRunRegistry:
             r = self._count(run_id, chunk)
             if r is None:
                 return None
+            self.metrics.count_chunk("", 0, None, failed=True)
             r["chunks_failed"] = r.get("chunks_failed", 0) + 1
             r["error"] = error[:500]
             return self._finish_if_complete(run_id)

@@ -13,7 +13,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from workers import cleanup, coordinator
+from workers import cleanup, coordinator, metrics
 from workers.celery_app import COORDINATE, DELETE_CHUNK, SWEEP_ORPHANS, app, resources, settings
 from workers.exceptions import InvalidArgument, NotFound
 
@@ -105,6 +105,7 @@ def delete_chunk(self: Task, run_id: str, chunk: int, lo: int, hi: int, cutoff: 
                                      carried_rows=carried_rows)
     except coordinator.ProgressNotRecorded as exc:
         # The rows are deleted and committed; only the count failed. Carry it into the retry.
+        metrics.count_retry(r.registry)
         raise self.retry(exc=exc.__cause__ or exc, countdown=_backoff(self.request.retries),
                          kwargs={"run_id": run_id, "chunk": chunk, "lo": lo, "hi": hi,
                                  "cutoff": cutoff, "carried_rows": exc.rows}) from exc
@@ -113,6 +114,7 @@ def delete_chunk(self: Task, run_id: str, chunk: int, lo: int, hi: int, cutoff: 
             raise
         log.warning("chunk_retry", run_id=run_id, chunk=chunk, error=type(exc).__name__,
                     retries=self.request.retries)
+        metrics.count_retry(r.registry)
         raise self.retry(exc=exc, countdown=_backoff(self.request.retries)) from exc
     return {"run_id": run_id, "chunk": chunk, "lo": lo, "hi": hi, "rows": rows}
 
@@ -136,6 +138,7 @@ def sweep_orphaned_asset_state(self: Task, batch_size: int | None = None) -> dic
 
     def on_batch(rows: int, ms: float) -> None:
         log.info("orphan_batch_deleted", rows=rows, ms=round(ms, 1))
+        metrics.count_orphans_deleted(r.registry, r.tables.asset_state.name, rows)
 
     try:
         result = cleanup.sweep_orphaned_asset_state(

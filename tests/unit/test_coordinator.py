@@ -304,11 +304,11 @@ class FlakyCount(MemoryRunRegistry):
     failed = False
 
     def chunk_done(self, run_id: str, chunk: int, rows: int,
-                   lock_ttl: int) -> tuple[bool, Any]:
+                   lock_ttl: int, **kw: Any) -> tuple[bool, Any]:
         if not self.failed:
             self.failed = True
             raise ConnectionError("run store went away")
-        return super().chunk_done(run_id, chunk, rows, lock_ttl)
+        return super().chunk_done(run_id, chunk, rows, lock_ttl, **kw)
 
 
 def test_rows_deleted_but_not_counted_are_carried_into_the_retry(db: Db) -> None:
