@@ -88,6 +88,10 @@ class Settings:
     chunk_rate_limit: str = ""
     log_format: str = "console"
     log_level: str = "INFO"
+    # statesweep exporter: how long a backlog query's result (and the workers' ping) is reused,
+    # and the statement timeout of each backlog query; scrapes never load the database more.
+    exporter_cache_seconds: int = 60
+    exporter_query_timeout_ms: int = 5000
 
     # --- construction -------------------------------------------------------------------------
 
@@ -288,6 +292,8 @@ _PARSERS = {
     "table_naming": _parse_lower,
     "log_format": _parse_lower,
     "log_level": _parse_upper,
+    "exporter_cache_seconds": _parse_non_negative_int,
+    "exporter_query_timeout_ms": _parse_non_negative_int,
 }
 
 #: Every environment variable the settings read; docker-compose and docs are checked against it.
