@@ -6,7 +6,11 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: demo test lint bench bench-quick clean
+.PHONY: demo test lint bench bench-quick clean prometheus-tools
+
+# Prometheus and promtool (Debian's `prometheus` package) for the alert-rule and exporter
+# tests; installed only when missing. apt-get needs root: SUDO=sudo for a normal user.
+SUDO ?= $(if $(filter 0,$(shell id -u)),,sudo)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +25,12 @@ $(BENCH_STAMP): $(STAMP)
 demo: $(STAMP)
 	$(BIN)/statesweep demo
 
-test: $(STAMP)
+prometheus-tools:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || \
+		{ $(SUDO) apt-get update && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y \
+		  --no-install-recommends prometheus; }
+
+test: $(STAMP) prometheus-tools
 	$(BIN)/ruff check workers tests bench beat_schedule.py
 	$(BIN)/mypy workers beat_schedule.py
 	$(BIN)/python -m pytest
