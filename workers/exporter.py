@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Connection, Engine, Select, Table, func, literal_column, select
 
 from workers import metrics
 from workers.exceptions import RefusedError, SettingsError
@@ -37,6 +37,7 @@ log = structlog.get_logger("statesweep.exporter")
 DEFAULT_PORT = 9808  # in the Prometheus exporters' range (9100-9999), not a well-known one
 PARTS = ("run_store", "database", "workers")
 RUN_STATES = ("planning", "running", "finished", "failed")
+BACKLOG_COUNTS = ("exact", "estimate")
 RECENT_RUNS = 50  # how far back to look for the last finished run
 CONTROL_TIMEOUT = 1.5  # seconds workers get to answer an inspect
 CONNECT_TIMEOUT = 3
@@ -78,29 +79,49 @@ class Backlog:
     orphaned_rows: int
 
 
-def read_backlog(engine: Engine, naming: str, timeout_ms: int) -> Backlog:
+def read_backlog(engine: Engine, naming: str, timeout_ms: int,
+                 count: str = "exact") -> Backlog:
     """The three backlog numbers in one short transaction, each statement bounded by
     *timeout_ms*. The count and the min() are served by the expires_at index; the orphan count
-    is an anti-join over asset state, which is small next to task state."""
+    is an anti-join over asset state, which is small next to task state. *count* "estimate"
+    takes the planner's estimate instead of counting (PostgreSQL; elsewhere it counts)."""
     from workers.cleanup import count_orphaned_asset_state
     from workers.db import db_now, set_timeouts
     from workers.schema import resolve_tables
 
-    tables = resolve_tables(engine, naming)
-    t = tables.task_state
     with engine.begin() as conn:
         set_timeouts(conn, timeout_ms, timeout_ms)
+        # Inside the bounded transaction: inspecting a table someone holds locked waits too.
+        tables = resolve_tables(conn, naming)
+        t = tables.task_state
         now = db_now(conn)
-        expired = conn.execute(
-            select(func.count()).select_from(t).where(t.c.expires_at < now)).scalar_one()
+        # min() first: one index probe, exact, and when it finds nothing the count is 0 (the
+        # planner never estimates below 1 row).
         oldest = conn.execute(
             select(func.min(t.c.expires_at)).where(t.c.expires_at < now)).scalar_one_or_none()
+        if oldest is None:
+            expired = 0
+        elif count == "estimate" and conn.dialect.name == "postgresql":
+            expired = estimate_expired(conn, t)
+        else:
+            expired = conn.execute(
+                select(func.count()).select_from(t).where(t.c.expires_at < now)).scalar_one()
         orphaned = count_orphaned_asset_state(conn, tables)
     age = 0.0
     if oldest is not None:
         oldest = oldest if oldest.tzinfo else oldest.replace(tzinfo=dt.UTC)
         age = max(0.0, (now - oldest).total_seconds())
     return Backlog(t.name, int(expired), age, tables.asset_state.name, int(orphaned))
+
+
+def estimate_expired(conn: Connection, t: Table) -> int:
+    """The planner's estimate of rows with expires_at < now(), from the table's statistics;
+    now() is stable, so the planner evaluates it when it estimates. Nothing is read."""
+    stmt: Select[Any] = (select(literal_column("1")).select_from(t)
+                         .where(t.c.expires_at < func.now()))
+    sql = str(stmt.compile(dialect=conn.dialect))
+    plan = conn.exec_driver_sql("EXPLAIN (FORMAT JSON) " + sql).scalar_one()[0]["Plan"]
+    return max(0, int(plan["Plan Rows"]))
 
 
 def schedule_seconds(raw: str) -> float | None:
@@ -121,7 +142,8 @@ class StatesweepCollector(Collector):
                                                                   CONNECT_TIMEOUT}}))
         ttl = settings.exporter_cache_seconds
         self.backlog = TimedCache(ttl, lambda: read_backlog(
-            self.engine, settings.table_naming, settings.exporter_query_timeout_ms))
+            self.engine, settings.table_naming, settings.exporter_query_timeout_ms,
+            settings.exporter_backlog_count))
         self.consumers = TimedCache(ttl, self._read_consumers)
         self._app: Any = None
 
@@ -262,6 +284,9 @@ def serve(settings: Settings, host: str, port: int,
     if settings.exporter_query_timeout_ms <= 0:
         raise SettingsError("invalid settings:\n  STATESWEEP_EXPORTER_QUERY_TIMEOUT_MS="
                             f"'{settings.exporter_query_timeout_ms}': must be a positive integer")
+    if settings.exporter_backlog_count not in BACKLOG_COUNTS:
+        raise SettingsError("invalid settings:\n  STATESWEEP_EXPORTER_BACKLOG_COUNT="
+                            f"'{settings.exporter_backlog_count}': must be exact or estimate")
     registry = CollectorRegistry(auto_describe=False)
     registry.register(StatesweepCollector(settings))
     try:

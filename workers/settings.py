@@ -92,6 +92,9 @@ class Settings:
     # and the statement timeout of each backlog query; scrapes never load the database more.
     exporter_cache_seconds: int = 60
     exporter_query_timeout_ms: int = 5000
+    # "exact" (count(*) over the expires_at index) or "estimate" (the planner's row estimate on
+    # PostgreSQL: microseconds at any size, as fresh as the table's last ANALYZE).
+    exporter_backlog_count: str = "exact"
 
     # --- construction -------------------------------------------------------------------------
 
@@ -294,6 +297,7 @@ _PARSERS = {
     "log_level": _parse_upper,
     "exporter_cache_seconds": _parse_non_negative_int,
     "exporter_query_timeout_ms": _parse_non_negative_int,
+    "exporter_backlog_count": _parse_lower,
 }
 
 #: Every environment variable the settings read; docker-compose and docs are checked against it.
