@@ -6,9 +6,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: demo test lint bench bench-quick clean test-binaries
+.PHONY: demo test lint bench bench-quick clean test-binaries prometheus-tools
 
-# apt-get install $(1) (as root, else through sudo): for server binaries the tests start privately.
+# apt-get install $(1) (as root, else through sudo): server binaries the tests start privately,
+# and Prometheus/promtool for the alert-rule and exporter tests; each only when missing.
 apt_install = { [ "$$(id -u)" = 0 ] && SUDO= || SUDO=sudo; $$SUDO apt-get update -qq && \
 	DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $(1); }
 
@@ -32,7 +33,11 @@ test-binaries:
 		ls /usr/lib/postgresql/*/bin/pg_basebackup >/dev/null 2>&1 || $(call apt_install,postgresql)
 	@command -v mariadb-install-db >/dev/null 2>&1 || $(call apt_install,mariadb-server)
 
-test: $(STAMP) test-binaries
+prometheus-tools:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || \
+		$(call apt_install,prometheus)
+
+test: $(STAMP) test-binaries prometheus-tools
 	$(BIN)/ruff check workers tests bench beat_schedule.py
 	$(BIN)/mypy workers beat_schedule.py
 	$(BIN)/python -m pytest

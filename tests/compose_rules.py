@@ -175,7 +175,9 @@ def check_env_names(doc: Doc, env_text: str) -> list[str]:
         for var in environment(svc):
             if var.startswith(("STATESWEEP_", "AIRFLOW__")) and var not in ENV_VARS:
                 problems.append(f"{name}: {var} is not a setting (workers.settings.ENV_VARS)")
-            if var.startswith("FLOWER_") and var[7:].lower() not in default_options:
+            # Only Flower reads FLOWER_ options (preflight checks FLOWER_PASSWORD's value).
+            if (var.startswith("FLOWER_") and "flower" in argv(svc.get("command"))
+                    and var[7:].lower() not in default_options):
                 problems.append(f"{name}: {var} is not a Flower option; Flower ignores it")
         if argv(svc.get("command"))[:1] == ["celery"]:
             for missing in sorted(set(ENV_VARS) - NOT_PASSED - set(environment(svc))):
@@ -201,7 +203,7 @@ def check_documented(doc: Doc, env_text: str) -> list[str]:
 
 def check_healthchecks(doc: Doc) -> list[str]:
     problems = []
-    for name in ("postgres", "redis", "flower", "worker"):
+    for name in ("postgres", "redis", "flower", "worker", "exporter", "prometheus"):
         check = services(doc).get(name, {}).get("healthcheck") or {}
         test = check.get("test")
         if not test or check.get("disable") or test == ["NONE"]:

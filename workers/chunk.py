@@ -164,7 +164,8 @@ def run_chunk(settings: Settings, engine: Engine, tables: Tables, registry: RunS
         counted, window = registry.finish_chunk(
             args.run_id, args.chunk, args.range.kind, rows, units,
             lock_ttl=settings.run_timeout_seconds, window=settings.max_chunks_in_flight,
-            resend_after=resend_after(settings), gate=g, new_size=resize)
+            resend_after=resend_after(settings), gate=g, new_size=resize, seconds=seconds,
+            table=tables.task_state.name)
     except Exception as exc:
         raise ProgressNotRecorded(rows) from exc
     bound.info("chunk_deleted", kind=args.range.kind, lo=args.range.lo, hi=args.range.hi,

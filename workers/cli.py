@@ -31,6 +31,7 @@ from workers.exit_codes import (  # noqa: F401 - re-exported: the CLI exits with
     EXIT_UNHEALTHY,
     EXIT_USAGE,
 )
+from workers.exporter import exporter_command
 
 
 def _exit_for(exc: BaseException) -> int | None:
@@ -110,6 +111,7 @@ cli.add_command(cleanup)
 cli.add_command(cleanup_task_states)
 cli.add_command(orphans)
 cli.add_command(seed_command)  # sample data: compose's demo-data profile
+cli.add_command(exporter_command)  # long-running: Prometheus metrics (workers.exporter)
 
 
 @cli.group()

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from workers import runs_lua
+from workers.metrics import metrics_key
 from workers.planners.base import ChunkRange, Plan
 
 RUN_RETENTION_SECONDS = 7 * 24 * 3600
@@ -223,12 +224,16 @@ class RunStore:
 
     def finish_chunk(self, run_id: str, chunk: int, kind: str, rows: int, units: int, *,
                      lock_ttl: int, window: int, resend_after: float, gate: Gate,
-                     new_size: int = 0, error: str = "") -> tuple[bool, Window]:
-        """Count a chunk once (rows, or *error* for one that failed for good) and top up the
-        window in the same atomic step. Returns (counted, window)."""
-        r = self._call("FINISH", [*self._run_keys(run_id), self._k("lock"), self._k("pause")],
+                     new_size: int = 0, error: str = "", seconds: float | None = None,
+                     table: str = "") -> tuple[bool, Window]:
+        """Count a chunk once (rows, or *error* for one that failed for good), with its
+        metrics (*table*'s rows, the *seconds* it took), and top up the window, in one atomic
+        step. Returns (counted, window)."""
+        r = self._call("FINISH", [*self._run_keys(run_id), self._k("lock"), self._k("pause"),
+                                  metrics_key(self.prefix)],
                        [run_id, chunk, rows, time.time(), lock_ttl, window, resend_after,
-                        gate.external, gate.max_run_seconds, new_size, units, error[:500]])
+                        gate.external, gate.max_run_seconds, new_size, units, error[:500],
+                        "" if seconds is None else seconds, table])
         return int(r[0]) == 1, self._window(run_id, kind, r[1:])
 
     def pump(self, run_id: str, kind: str, *, lock_ttl: int, window: int, resend_after: float,

@@ -12,6 +12,8 @@ pause hash). Numbers pass through string.format('%d') so ids stay exact past 1e1
 
 from __future__ import annotations
 
+from workers.metrics import COUNT_METRICS_LUA
+
 _PRELUDE = r"""
 local function d(x) return string.format('%d', x) end
 
@@ -157,18 +159,23 @@ redis.call('HSET', F, ARGV[1], string.match(entry, '^([^|]*)|') .. '|' .. ARGV[3
 return note_hold(R, ARGV[2], ARGV[3])
 """
 
-# KEYS R F L P; ARGV run_id chunk rows now lock_ttl window resend_after external max_run
-# new_size units error
-FINISH = _PRELUDE + r"""
-local R, F, L, P = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+# KEYS R F L P M; ARGV run_id chunk rows now lock_ttl window resend_after external max_run
+# new_size units error seconds table
+FINISH = _PRELUDE + COUNT_METRICS_LUA + r"""
+local R, F, L, P, M = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local run_id, chunk, rows, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 if redis.call('EXISTS', R) == 0 then return {-1, 0, 0, '', 0} end
 if redis.call('HDEL', F, chunk) == 0 then
   -- Counted already (a resent copy finished first). Its rows still count: a row is deleted
   -- by one committed transaction only, so the sum over every attempt is exact.
-  if ARGV[12] == '' and tonumber(rows) > 0 then redis.call('HINCRBY', R, 'rows_deleted', rows) end
+  if ARGV[12] == '' and tonumber(rows) > 0 then
+    redis.call('HINCRBY', R, 'rows_deleted', rows)
+    redis.call('HINCRBY', M, 'rows_deleted:' .. ARGV[14], rows)
+  end
   return {0, 0, 0, '', 0}
 end
+-- The same step counts the chunk into the metrics every exporter reads (workers.metrics).
+count_metrics(M, ARGV[14], rows, ARGV[13], ARGV[12] ~= '')
 redis.call('HINCRBY', R, 'chunks_done', 1)
 if ARGV[12] ~= '' then
   redis.call('HINCRBY', R, 'chunks_failed', 1)

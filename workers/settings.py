@@ -103,6 +103,13 @@ class Settings:
     orphan_soft_time_limit: int = 600
     log_format: str = "console"
     log_level: str = "INFO"
+    # statesweep exporter: how long a backlog query's result (and the workers' ping) is reused,
+    # and the statement timeout of each backlog query; scrapes never load the database more.
+    exporter_cache_seconds: int = 60
+    exporter_query_timeout_ms: int = 5000
+    # "exact" (count(*) over the expires_at index) or "estimate" (the planner's row estimate on
+    # PostgreSQL: microseconds at any size, as fresh as the table's last ANALYZE).
+    exporter_backlog_count: str = "exact"
 
     # --- construction -------------------------------------------------------------------------
 
@@ -366,6 +373,9 @@ _PARSERS = {
     "table_naming": _parse_lower,
     "log_format": _parse_lower,
     "log_level": _parse_upper,
+    "exporter_cache_seconds": _parse_non_negative_int,
+    "exporter_query_timeout_ms": _parse_non_negative_int,
+    "exporter_backlog_count": _parse_lower,
 }
 
 #: Every environment variable the settings read; docker-compose and docs are checked against it.

@@ -14,7 +14,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from workers import chunk as chunks
-from workers import cleanup, control, coordinator
+from workers import cleanup, control, coordinator, metrics
 from workers.celery_app import (
     ABORT,
     COORDINATE,
@@ -29,7 +29,7 @@ from workers.celery_app import (
 )
 from workers.exceptions import InvalidArgument, NotFound
 from workers.planners import ChunkRange
-from workers.window import Sender, wait_out_lag
+from workers.window import Sender, gate, wait_out_lag
 
 log = structlog.get_logger("statesweep.tasks")
 
@@ -106,7 +106,7 @@ class ChunkTask(Task):
             _, window = r.registry.finish_chunk(
                 run_id, number, str(kwargs.get("kind", "")), 0, 0,
                 lock_ttl=settings.run_timeout_seconds, window=settings.max_chunks_in_flight,
-                resend_after=0, gate=chunks.gate(settings), error=error)
+                resend_after=0, gate=gate(settings), error=error, table=r.tables.task_state.name)
         except Exception as record_exc:  # the run store is down too; the lock TTL frees it
             log.warning("chunk_failure_not_recorded", run_id=run_id, chunk=number,
                         error=type(record_exc).__name__)
@@ -129,6 +129,7 @@ def delete_chunk(self: Task, run_id: str, chunk: int, kind: str, lo: int, hi: in
                                   carried_rows=carried_rows, on_held=_on_held(run_id))
     except chunks.ProgressNotRecorded as exc:
         # The rows are deleted and committed; only the count failed. Carry it into the retry.
+        metrics.count_retry(r.registry)
         raise self.retry(exc=exc.__cause__ or exc, countdown=_backoff(self.request.retries),
                          kwargs={**self.request.kwargs, "carried_rows": exc.rows}) from exc
     except TRANSIENT as exc:
@@ -138,6 +139,7 @@ def delete_chunk(self: Task, run_id: str, chunk: int, kind: str, lo: int, hi: in
             r.registry.shrink(run_id)
         log.warning("chunk_retry", run_id=run_id, chunk=chunk, error=type(exc).__name__,
                     retries=self.request.retries)
+        metrics.count_retry(r.registry)
         raise self.retry(exc=exc, countdown=_backoff(self.request.retries)) from exc
     return {"run_id": run_id, "chunk": chunk, "rows": result.rows, "status": result.status}
 
@@ -203,6 +205,7 @@ def sweep_orphaned_asset_state(self: Task, batch_size: int | None = None) -> dic
     done = cleanup.OrphanSweep()
 
     def on_batch(rows: int, ms: float) -> None:
+        metrics.count_orphans_deleted(r.registry, r.tables.asset_state.name, rows)
         done.rows += rows
         done.batches += 1
         log.info("orphan_batch_deleted", rows=rows, ms=round(ms, 1))

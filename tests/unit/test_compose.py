@@ -38,6 +38,8 @@ from tests.compose_check import (
     parse_env_file,
     resolved_services,
 )
+from tests.compose_monitoring import check_monitoring
+from tests.compose_preflight import check_placeholders_refused, run_preflight
 from tests.services import CI
 
 ENV_TEXT = ENV_EXAMPLE.read_text()
@@ -50,10 +52,11 @@ def doc() -> dict[str, Any]:
 
 
 def test_services_are_the_production_shape(doc: dict[str, Any]) -> None:
-    assert set(doc["services"]) == {"postgres", "redis", "migrate", "worker", "beat", "flower",
-                                    "demo-data"}
+    assert set(doc["services"]) == {"preflight", "postgres", "redis", "migrate", "worker",
+                                    "beat", "flower", "exporter", "prometheus", "demo-data"}
     assert doc["services"]["demo-data"]["profiles"] == ["demo-data"]
-    for name in ("worker", "beat"):
+    assert doc["services"]["prometheus"]["profiles"] == ["monitoring"]
+    for name in ("worker", "beat", "exporter"):
         assert doc["services"][name]["depends_on"]["migrate"]["condition"] == (
             "service_completed_successfully")
 
@@ -62,7 +65,8 @@ def test_every_command_is_a_real_entry_point(doc: dict[str, Any]) -> None:
     points = rules.entry_points(doc, parse_env_file(ENV_TEXT))
     assert {where for where, _ in points} >= {"migrate.command", "worker.command",
                                               "beat.command", "flower.command",
-                                              "demo-data.command", "worker.healthcheck"}
+                                              "demo-data.command", "worker.healthcheck",
+                                              "exporter.command"}
     assert rules.check_commands(doc, ENV_TEXT) == []
 
 
@@ -74,9 +78,36 @@ def test_environment_agrees_with_the_code(
 
 
 @pytest.mark.parametrize("check", [rules.check_healthchecks, rules.check_beat,
-                                   rules.check_worker_scalable])
+                                   rules.check_worker_scalable, check_monitoring,
+                                   lambda doc: check_placeholders_refused(doc, ENV_TEXT)])
 def test_deployment_rules(doc: dict[str, Any], check: Callable[..., list[str]]) -> None:
     assert check(doc) == []
+
+
+def test_monitoring_config_mismatch_is_reported(doc: dict[str, Any]) -> None:
+    from tests.compose_monitoring import PROMETHEUS_CONFIG
+
+    text = PROMETHEUS_CONFIG.read_text().replace("flower:5555", "flower:5556")
+    assert any("does not scrape flower:5555" in p for p in check_monitoring(doc, text))
+    text = PROMETHEUS_CONFIG.read_text().replace("  - alerts.yml", "  - rules.yml")
+    assert any("not in the config's rule_files" in p for p in check_monitoring(doc, text))
+
+
+def test_preflight_names_each_placeholder_left(doc: dict[str, Any]) -> None:
+    env = parse_env_file(ENV_TEXT)
+    refused = run_preflight(doc, env)
+    assert refused.returncode == 1
+    assert refused.stderr.split() == ["replace", "change-me", "in", ".env:", "FLOWER_PASSWORD",
+                                      "POSTGRES_PASSWORD", "REDIS_PASSWORD"]
+    real = {**env, "REDIS_PASSWORD": "r3dis", "FLOWER_PASSWORD": "fl0wer",
+            "POSTGRES_PASSWORD": "p0stgres"}
+    assert run_preflight(doc, real).returncode == 0
+    # Pointed at an Airflow database with .env.example's sample URL left as it is.
+    airflow = {**real, "COMPOSE_PROFILES": "", "POSTGRES_PASSWORD": "",
+               "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN":
+               "postgresql://airflow:change-me@airflow-db:5432/airflow"}
+    proc = run_preflight(doc, airflow)
+    assert proc.returncode == 1 and proc.stderr.split()[-1] == "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"
 
 
 def test_dockerfile_rules() -> None:
@@ -134,10 +165,18 @@ def _drop_env(name: str, var: str) -> Callable[[dict[str, Any]], None]:
     return mutate
 
 
+def _both(*mutations: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
+    def mutate(doc: dict[str, Any]) -> None:
+        for m in mutations:
+            m(doc)
+    return mutate
+
+
 def with_env(check: Callable[[dict[str, Any], str], list[str]]) -> Check:
     return lambda doc: check(doc, ENV_TEXT)
 
 
+_PREFLIGHT = str(load_compose()["services"]["preflight"]["command"][2])
 commands, settings, env_names, documented, secrets = (with_env(c) for c in (
     rules.check_commands, rules.check_settings, rules.check_env_names, rules.check_documented,
     rules.check_secrets))
@@ -169,8 +208,9 @@ MUTATIONS: list[tuple[str, Callable[[dict[str, Any]], None], Check, str]] = [
      secrets, "a URL holds a literal password"),
     ("literal secret", _set_env("flower", "FLOWER_BASIC_AUTH", "admin:hunter2"),
      secrets, "FLOWER_BASIC_AUTH is a literal"),
-    ("secret not required",
-     _set_env("flower", "FLOWER_BASIC_AUTH", "${FLOWER_USER:-admin}:${FLOWER_PASSWORD:-}"),
+    ("secret not required", _both(
+        _set_env("flower", "FLOWER_BASIC_AUTH", "${FLOWER_USER:-admin}:${FLOWER_PASSWORD:-}"),
+        _set_env("preflight", "FLOWER_PASSWORD", "${FLOWER_PASSWORD:-}")),
      secrets, "FLOWER_PASSWORD is never required"),
     ("no redis healthcheck", _set_key("redis", "healthcheck", {"disable": True}),
      rules.check_healthchecks, "redis: no healthcheck"),
@@ -185,6 +225,22 @@ MUTATIONS: list[tuple[str, Callable[[dict[str, Any]], None], Check, str]] = [
      rules.check_worker_scalable, "container_name stops --scale"),
     ("worker ports", _set_key("worker", "ports", ["8080:8080"]), rules.check_worker_scalable,
      "ports stops --scale"),
+    ("exporter port", _set_command("exporter", 3, "--port=9100"), check_monitoring,
+     "prometheus does not scrape exporter:9100/metrics"),
+    ("rules not mounted", _set_key("prometheus", "volumes", [
+        "./deploy/prometheus/prometheus.yml:/etc/prometheus/prometheus.yml:ro"]),
+     check_monitoring, "deploy/prometheus/alerts.yml is not mounted"),
+    ("prometheus in the default profile", _set_key("prometheus", "profiles", None),
+     check_monitoring, "profiles must be [monitoring]"),
+    ("no exporter healthcheck", _set_key("exporter", "healthcheck", {"disable": True}),
+     rules.check_healthchecks, "exporter: no healthcheck"),
+    ("preflight forgets a secret", _set_command("preflight", 2, _PREFLIGHT.replace(
+        "FLOWER_PASSWORD|", "")), with_env(check_placeholders_refused),
+     "preflight does not name FLOWER_PASSWORD"),
+    ("preflight passes everything", _set_command("preflight", 2, "true"),
+     with_env(check_placeholders_refused), "passes .env.example's change-me"),
+    ("a service that does not wait for preflight", _set_key("redis", "depends_on", None),
+     with_env(check_placeholders_refused), "redis: does not wait for preflight"),
 ]
 
 
@@ -282,8 +338,8 @@ def test_compose_cli_resolves_the_file_as_the_checks_do(compose: list[str],
     proc = compose_config(compose, ENV_EXAMPLE, "config", "--format", "json")
     assert proc.returncode == 0, proc.stderr
     model = json.loads(proc.stdout)
-    assert set(model["services"]) == {"postgres", "redis", "migrate", "worker", "beat",
-                                      "flower"}
+    assert set(model["services"]) == {"preflight", "postgres", "redis", "migrate", "worker",
+                                      "beat", "flower", "exporter"}
     ours = resolved_services(doc, parse_env_file(ENV_TEXT))
     # `config` prints a compose file, so a literal $ stays escaped as $$.
     model = json.loads(json.dumps(model).replace("$$", "$"))
@@ -305,12 +361,48 @@ def test_compose_cli_airflow_database_mode(compose: list[str], tmp_path: Path) -
     proc = compose_config(compose, env_file, "config", "--format", "json")
     assert proc.returncode == 0, proc.stderr
     model = json.loads(proc.stdout)
-    assert set(model["services"]) == {"redis", "worker", "beat", "flower"}
-    for name in ("worker", "beat", "flower"):
+    assert set(model["services"]) == {"preflight", "redis", "worker", "beat", "flower",
+                                      "exporter"}
+    for name in ("worker", "beat", "flower", "exporter"):
         assert model["services"][name]["environment"]["STATESWEEP_DATABASE_URL"] == airflow
     # Sample data needs the migration: it cannot be pointed at an Airflow database.
     proc = compose_config(compose, env_file, "--profile", "demo-data", "config", "--quiet")
     assert proc.returncode != 0 and 'depends on undefined service "migrate"' in proc.stderr
+
+
+@pytest.mark.parametrize("variable", ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN",
+                                      "STATESWEEP_DATABASE_URL"])
+def test_compose_cli_existing_airflow_database_by_one_variable(
+        compose: list[str], tmp_path: Path, variable: str) -> None:
+    """COMPOSE_PROFILES empty and one database variable: Airflow's own, or statesweep's. No
+    POSTGRES_PASSWORD is asked for, and every container gets that database."""
+    airflow = "postgresql://airflow:s3cret@airflow-db:5432/airflow"
+    env_file = tmp_path / "airflow.env"
+    env_file.write_text("COMPOSE_PROFILES=\nREDIS_PASSWORD=r3dis\nFLOWER_USER=admin\n"
+                        f"FLOWER_PASSWORD=fl0wer\n{variable}={airflow}\n")
+    proc = compose_config(compose, env_file, "config", "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    model = json.loads(proc.stdout)
+    assert "postgres" not in model["services"] and "migrate" not in model["services"]
+    for name in ("worker", "beat", "flower", "exporter"):
+        assert model["services"][name]["environment"]["STATESWEEP_DATABASE_URL"] == airflow
+    assert model["services"]["preflight"]["environment"][variable] == airflow
+    svc = model["services"]["preflight"]
+    env = {k: v for k, v in svc["environment"].items() if v is not None}
+    script = json.loads(json.dumps(svc["command"][2]).replace("$$", "$"))
+    passed = subprocess.run(["sh", "-c", script], env={"PATH": "/usr/bin:/bin", **env},
+                            capture_output=True, text=True, timeout=30)
+    assert passed.returncode == 0, passed.stderr
+
+
+def test_compose_cli_monitoring_profile(compose: list[str]) -> None:
+    proc = compose_config(compose, ENV_EXAMPLE, "--profile", "monitoring", "config", "--format",
+                          "json")
+    assert proc.returncode == 0, proc.stderr
+    prom = json.loads(proc.stdout)["services"]["prometheus"]
+    assert {(v["source"].rsplit("/", 1)[-1], v["target"]) for v in prom["volumes"]
+            if v["type"] == "bind"} == {("prometheus.yml", "/etc/prometheus/prometheus.yml"),
+                                        ("alerts.yml", "/etc/prometheus/alerts.yml")}
 
 
 def test_compose_cli_demo_data_profile(compose: list[str]) -> None:
