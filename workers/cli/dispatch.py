@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from workers import cleanup, coordinator
-from workers.cli_progress import FollowInterrupted, ProgressBar, Snapshot
-from workers.cli_services import (
+from workers.cli.progress import FollowInterrupted, ProgressBar, Snapshot
+from workers.cli.services import (
     ServiceUnavailable,
     check_broker,
     check_result_backend,

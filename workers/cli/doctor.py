@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from celery import Celery
+import click
 from sqlalchemy import Engine, inspect
 
-from workers.cli_services import (
+from workers.cli.base import FORMAT, echo_json, is_verbose, load_settings
+from workers.cli.services import (
     ServiceUnavailable,
     check_broker,
     client_app,
@@ -22,6 +23,9 @@ from workers.cli_services import (
 )
 from workers.schema import Tables
 from workers.settings import Settings, is_redis, mask_url
+
+if TYPE_CHECKING:
+    from celery import Celery
 
 CONTROL_TIMEOUT = 1.5  # seconds workers get to answer a ping or an inspect
 
@@ -160,3 +164,17 @@ def render(data: dict[str, Any]) -> str:
     verdict = "healthy" if data["healthy"] else "UNHEALTHY"
     lines.append(f"{verdict}: {fails} failed, {warns} warnings")
     return "\n".join(lines)
+
+
+@click.command("doctor")
+@FORMAT
+@click.pass_context
+def doctor(ctx: click.Context, fmt: str) -> None:
+    """Check database, schema, index, broker, workers and run store; show settings (masked)."""
+    from workers.exit_codes import EXIT_UNHEALTHY
+
+    settings = load_settings(is_verbose(ctx))
+    data = report(run_checks(settings), settings)
+    echo_json(data) if fmt == "json" else click.echo(render(data))
+    if not data["healthy"]:
+        ctx.exit(EXIT_UNHEALTHY)
