@@ -38,7 +38,7 @@ BAD_SETTINGS = [
     ("STATESWEEP_CHUNK_QUEUE", "", "must not be empty"),
     ("STATESWEEP_KEY_PREFIX", "my prefix", "must be a non-empty name"),
     ("STATESWEEP_DATABASE_URL", "postgres//127.0.0.1/db", "is not a database URL"),
-    ("STATESWEEP_DATABASE_URL", f"oracle://sw:{SECRET}@127.0.0.1/db", "must be a postgresql://"),
+    ("STATESWEEP_DATABASE_URL", f"oracle://sw:{SECRET}@127.0.0.1/db", "is not supported"),
     ("STATESWEEP_BROKER_URL", f"redis://sw:{SECRET}@127.0.0.1:port/0", "is not a URL"),
     ("STATESWEEP_RUN_STORE_URL", "http://127.0.0.1:6379/0", "must be a redis://"),
     ("STATESWEEP_STATE_BACKEND", "no_such_module.Backend", "cannot be imported"),

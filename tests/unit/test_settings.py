@@ -36,7 +36,7 @@ def test_airflow_fallbacks_apply_only_when_statesweep_unset() -> None:
     ("STATESWEEP_DATABASE_URL", "not a url", "not a database URL"),
     ("STATESWEEP_DATABASE_URL", "", "must not be empty"),
     ("STATESWEEP_DATABASE_URL", "postgresql://u@db:port/x", "not a database URL"),
-    ("STATESWEEP_DATABASE_URL", "oracle://u@h/d", "must be a postgresql"),
+    ("STATESWEEP_DATABASE_URL", "oracle://u@h/d", "scheme 'oracle' is not supported"),
     ("STATESWEEP_BROKER_URL", "localhost", "not a URL"),
     ("STATESWEEP_RESULT_BACKEND", "redis://h:notaport/0", "not a URL"),
     ("STATESWEEP_TABLE_NAMING", "weird", "must be one of auto, seed, airflow"),

@@ -14,6 +14,8 @@ from workers.cli.base import (
     is_verbose,
     load_settings,
 )
+from workers.exceptions import RefusedError
+from workers.settings import Settings
 
 
 @click.command()
@@ -49,6 +51,9 @@ def _cleanup(ctx: click.Context, *, dry_run: bool, wait: bool, batch_size: int |
 
     check_batch_option(batch_size)
     settings = load_settings(is_verbose(ctx))
+    if settings.airflow_custom_backend:
+        skip_custom_backend(settings, fmt)
+        return
     if dry_run:
         data = dispatch.dry_run(settings, batch_size)
         echo_json(data) if fmt == "json" else click.echo(render.dry_run(data))
@@ -67,6 +72,14 @@ def _cleanup(ctx: click.Context, *, dry_run: bool, wait: bool, batch_size: int |
         if pickup.status == "queued":
             click.echo(f"no worker has taken it yet; it runs when a worker consumes "
                        f"{settings.control_queue} (`statesweep doctor` lists workers)", err=True)
+        if pickup.status == "skipped":
+            # Not the active run's id on stdout: `run=$(statesweep cleanup)` must not get
+            # another run's id. The same exit code as `cleanup --local` behind an active run.
+            if fmt == "json":
+                echo_json({"run_id": "", "task_id": result.id, "status": "skipped",
+                           "active_run_id": pickup.run_id})
+            raise RefusedError(f"skipped: run {pickup.run_id} is active; one run at a time. "
+                               f"Follow it with: statesweep status {pickup.run_id} --follow")
         if not wait or pickup.status == "custom_backend":
             if fmt == "json":
                 echo_json({"run_id": pickup.run_id, "task_id": result.id, "status": pickup.status})
@@ -95,6 +108,9 @@ def orphans(ctx: click.Context, dry_run: bool, wait: bool, batch_size: int | Non
 
     check_batch_option(batch_size)
     settings = load_settings(is_verbose(ctx))
+    if settings.airflow_custom_backend:
+        skip_custom_backend(settings, fmt)
+        return
     if dry_run:
         data = dispatch.orphans_dry_run(settings)
     elif local:
@@ -110,3 +126,16 @@ def orphans(ctx: click.Context, dry_run: bool, wait: bool, batch_size: int | Non
             data = dispatch.wait_for_task(result, "orphan sweep")
     echo_json(data) if fmt == "json" else click.echo(render.orphans(data))
 
+
+def skip_custom_backend(settings: Settings, fmt: str) -> None:
+    """Airflow names a state backend other than its metastore: the state is not in the tables
+    statesweep cleans, so nothing is read, sent or deleted; upstream's cleanup skips too."""
+    message = (f"custom backend configured — skipping: {settings.state_backend} (from "
+               f"{settings.source_of('state_backend')}) keeps Airflow's state elsewhere; "
+               "nothing was deleted")
+    click.echo(message, err=True)
+    if fmt == "json":
+        echo_json({"status": "custom_backend", "backend": settings.state_backend,
+                   "deleted": 0})
+    else:
+        click.echo("custom_backend")

@@ -56,7 +56,7 @@ def index_check(engine: Engine, tables: Tables) -> Check:
 
 
 def database_checks(settings: Settings) -> list[Check]:
-    where = mask_url(settings.database_url)
+    where = settings.database_origin
     try:
         with database(settings) as (engine, tables):
             version = ".".join(str(v) for v in (engine.dialect.server_version_info or ()))
@@ -149,16 +149,31 @@ def healthy(checks: list[Check]) -> bool:
 
 
 def report(checks: list[Check], settings: Settings) -> dict[str, Any]:
+    """The checks, and each setting (masked) with where it came from."""
+    import os
+
+    from workers.airflow_config import config_path
+
+    path, _ = config_path(os.environ)
+    masked = settings.masked()
     return {"healthy": healthy(checks), "checks": [asdict(c) for c in checks],
-            "settings": settings.masked()}
+            "settings": masked,
+            "sources": {name: settings.source_of(name) for name in masked
+                        if name != "effective_run_store_url"},
+            "airflow_cfg": (f"{path} ({'read' if path.is_file() else 'not found'})"
+                            if path else "none")}
 
 
 def render(data: dict[str, Any]) -> str:
     marks = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL", "skip": "skip"}
     width = max(len(c["name"]) for c in data["checks"])
     lines = [f"{marks[c['status']]}  {c['name']:<{width}}  {c['detail']}" for c in data["checks"]]
-    lines.append("settings (secrets masked):")
-    lines += [f"  {k} = {v}" for k, v in data["settings"].items()]
+    lines.append(f"airflow.cfg: {data['airflow_cfg']}")
+    lines.append("settings (secrets masked; where each came from on the right):")
+    pairs = [(f"{k} = {v}", data["sources"].get(k, "derived"))
+             for k, v in data["settings"].items()]
+    left = max(len(p) for p, _ in pairs)
+    lines += [f"  {p:<{left}}  [{where}]" for p, where in pairs]
     fails = sum(c["status"] == "fail" for c in data["checks"])
     warns = sum(c["status"] == "warn" for c in data["checks"])
     verdict = "healthy" if data["healthy"] else "UNHEALTHY"
