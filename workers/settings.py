@@ -381,10 +381,10 @@ def unknown_variables(env: Mapping[str, str]) -> list[str]:
     for name in sorted(n for n in env if n.startswith(PREFIX) and n not in known):
         if any(p.fullmatch(name) for p in NON_SETTING_PATTERNS):
             continue
-        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6) or [
-            k for k in known if k.endswith(name[len(PREFIX):]) or name.endswith(k[len(PREFIX):])
-        ][:1]
-        hint = f"; did you mean {close[0]}?" if close else ""
+        # Compared without the prefix every name shares, which would make all names "close".
+        suffix, suffixes = name[len(PREFIX):], [k[len(PREFIX):] for k in known]
+        close = difflib.get_close_matches(suffix, suffixes, n=1, cutoff=0.6)
+        hint = f"; did you mean {PREFIX}{close[0]}?" if close else ""
         errors.append(f"{name}: is not a statesweep setting{hint}")
     return errors
 
