@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from workers.exceptions import InvalidArgument
+from workers.runs import RunRecord
 from workers.settings import Settings
 
 
@@ -26,6 +27,23 @@ def load_settings(verbose: bool = False) -> Settings:
 
 def echo_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str, sort_keys=True))
+
+
+def iso_utc(ts: float) -> str | None:
+    """An epoch time as ISO-8601 UTC, the one time format of JSON output (the run store keeps
+    floats; cutoffs and the database clock are already ISO-8601 UTC)."""
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat() if ts else None
+
+
+def record_json(record: RunRecord) -> dict[str, Any]:
+    """A run as JSON: its times as ISO-8601 UTC (null when not reached yet)."""
+    data = record.as_dict()
+    for key, value in data.items():
+        if key.endswith("_at") and isinstance(value, int | float):
+            data[key] = iso_utc(float(value))
+    return data
 
 
 def check_batch_option(batch_size: int | None) -> int | None:

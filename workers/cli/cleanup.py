@@ -13,6 +13,7 @@ from workers.cli.base import (
     echo_json,
     is_verbose,
     load_settings,
+    record_json,
 )
 from workers.exceptions import RefusedError
 from workers.settings import Settings
@@ -87,7 +88,7 @@ def _cleanup(ctx: click.Context, *, dry_run: bool, wait: bool, batch_size: int |
                 click.echo(pickup.run_id)
             return
         record = follow_run(registry, pickup.run_id, ProgressBar(f"run {pickup.run_id}"))
-    echo_json(record.as_dict()) if fmt == "json" else click.echo(render.run_summary(record))
+    echo_json(record_json(record)) if fmt == "json" else click.echo(render.run_summary(record))
     if record.state == "failed":
         raise dispatch.RunFailed(f"run {record.run_id} failed: {record.error}")
 

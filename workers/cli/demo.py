@@ -176,7 +176,7 @@ def render(result: DemoResult) -> str:
 
 
 @click.command("demo")
-@click.option("--rows", type=click.IntRange(min=0), default=100_000, show_default=True,
+@click.option("--rows", type=int, default=100_000, show_default=True,
               help="Task state rows to seed.")
 @click.option("--db", "db_path", type=click.Path(dir_okay=False, path_type=Path),
               default=Path(DEFAULT_DB), show_default=True,
@@ -184,9 +184,12 @@ def render(result: DemoResult) -> str:
 @click.pass_context
 def demo(ctx: click.Context, rows: int, db_path: Path) -> None:
     """The whole pipeline with no services: SQLite, an in-memory broker, an in-process worker."""
+    from workers.exceptions import InvalidArgument
     from workers.exit_codes import EXIT_FAILURE
     from workers.logs import configure_logging
 
+    if rows < 0:
+        raise InvalidArgument(f"--rows must be 0 or a positive number of rows, got {rows}")
     configure_logging("console", "INFO", force=True)
     result = run_demo(rows, db_path)
     click.echo(render(result))

@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from workers import cleanup
-from workers.cli.base import FORMAT, echo_json, is_verbose, load_settings
+from workers.cli.base import FORMAT, echo_json, is_verbose, load_settings, record_json
 from workers.cli.services import database, shared_run_store
 from workers.exceptions import NotFound
 from workers.runs import RunRecord, RunRegistry
@@ -47,7 +47,7 @@ def overview(settings: Settings, limit: int) -> tuple[dict[str, Any], list[RunRe
     records = registry.recent(limit)
     data = {
         "active_run_id": registry.active_run() or "",
-        "runs": [r.as_dict() for r in records],
+        "runs": [record_json(r) for r in records],
         "backlog": backlog(settings),
     }
     return data, records
@@ -81,4 +81,4 @@ def status(ctx: click.Context, run_id: str | None, follow: bool, limit: int, fmt
     registry, record = detail(settings, run_id)
     if follow and record.state not in ("finished", "failed"):
         record = follow_run(registry, run_id, ProgressBar(f"run {run_id}"))
-    echo_json(record.as_dict()) if fmt == "json" else click.echo(render.run_summary(record))
+    echo_json(record_json(record)) if fmt == "json" else click.echo(render.run_summary(record))
