@@ -72,7 +72,10 @@ def mask_url(url: str) -> str:
             user = parts.username or ""
             masked = urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
     except ValueError:
-        masked = _USERINFO_PASSWORD.sub(lambda m: f"{m.group('head')}***@", url)
+        pass
+    # Also where urlsplit found no password: it reads no netloc behind a scheme it rejects
+    # (SQLAlchemy's oracle+cx_oracle:// has an underscore).
+    masked = _USERINFO_PASSWORD.sub(lambda m: f"{m.group('head')}***@", masked)
     return _QUERY_SECRET.sub(lambda m: f"{m.group('head')}***", masked)
 
 

@@ -154,6 +154,8 @@ QUERY_PW, FAILOVER_PW1, FAILOVER_PW2 = "Pw-query-7f3", "Pw-first-9a1", "Pw-secon
      "redis://:***@h1:6379/0;redis://h2:6379/0?password=***"),
     (f"postgresql://u:{QUERY_PW}@h:bad/x?password={FAILOVER_PW1}",
      "postgresql://u:***@h:bad/x?password=***"),
+    # An underscore in the scheme: urlsplit then parses no netloc, so no password either.
+    (f"oracle+cx_oracle://u:{QUERY_PW}@h/airflow", "oracle+cx_oracle://u:***@h/airflow"),
 ])
 def test_mask_url_masks_query_string_passwords_and_every_failover_url(url: str,
                                                                      masked: str) -> None:
