@@ -5,7 +5,7 @@ and logs go to stderr.
 - ``base``: settings loading, common options, JSON output, and the top-level handler that turns
   a statesweep error into one message (its explaining causes) and a named exit code.
 - commands: ``cleanup`` (cleanup, cleanup-task-states, orphans), ``status``, ``doctor``,
-  ``seed``, ``db`` (db upgrade), ``demo``.
+  ``seed``, ``db`` (db upgrade), ``demo``, ``flower`` (Flower, refusing to start without auth).
 - helpers beside them: ``dispatch`` (sending, following and running runs), ``services``
   (reaching database, broker and run store with short timeouts), ``render`` (text on stdout),
   ``progress`` (the progress bar on stderr).
@@ -52,6 +52,7 @@ COMMANDS = (
     ("status", "status"),
     ("doctor", "doctor"),
     ("demo", "demo"),
+    ("flower", "flower"),
 )
 
 
