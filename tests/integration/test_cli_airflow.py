@@ -244,3 +244,31 @@ def test_cause_chain_shows_what_explains_not_library_bookkeeping(
     report(err.value)
     out = capsys.readouterr().err
     assert "Connection refused" in out and "pop from empty list" not in out
+
+
+def test_doctor_shows_where_each_setting_came_from_with_secrets_masked(
+        pg_url: str, isolation: dict[str, str], tmp_path: Path) -> None:
+    from tests.services import REDIS_URL
+
+    with_password = make_url(pg_url).set(password=SECRET).render_as_string(hide_password=False)
+    cfg = tmp_path / "airflow.cfg"
+    cfg.write_text(f"[database]\nsql_alchemy_conn_cmd = echo {with_password}\n\n"
+                   "[state_store]\ndefault_retention_days = 12\n")
+    env = {**isolation, "STATESWEEP_BROKER_URL": REDIS_URL, "STATESWEEP_RESULT_BACKEND": REDIS_URL,
+           "AIRFLOW_HOME": str(tmp_path), "AIRFLOW__STATE_STORE__STATE_CLEANUP_BATCH_SIZE": "77"}
+    text = run_cli(env, "doctor")
+    assert f"airflow.cfg: {cfg} (read)" in text.stdout, text.stdout + text.stderr
+    rows = {line.split(" = ")[0].strip(): line for line in text.stdout.splitlines()
+            if " = " in line}
+    assert rows["database_url"].endswith(f"[airflow.cfg {cfg} [database] sql_alchemy_conn_cmd]")
+    assert ":***@" in rows["database_url"]
+    assert rows["default_retention_days"].endswith(
+        f"[airflow.cfg {cfg} [state_store] default_retention_days]")
+    assert "= 77 " in rows["cleanup_batch_size"]
+    assert rows["cleanup_batch_size"].endswith("[AIRFLOW__STATE_STORE__STATE_CLEANUP_BATCH_SIZE]")
+    assert rows["broker_url"].endswith("[STATESWEEP_BROKER_URL]")
+    assert rows["log_level"].endswith("[default]")
+    as_json = json.loads(run_cli(env, "doctor", "--format", "json").stdout)
+    assert as_json["sources"]["cleanup_batch_size"] == (
+        "AIRFLOW__STATE_STORE__STATE_CLEANUP_BATCH_SIZE")
+    assert SECRET not in text.stdout + text.stderr

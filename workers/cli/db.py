@@ -19,7 +19,6 @@ def db_upgrade(naming: str) -> None:
     """Create the standalone state-store schema on an empty database."""
     from workers.db import make_engine
     from workers.schema import upgrade
-    from workers.settings import mask_url
 
     settings = load_settings()
     engine = make_engine(settings.database_url)
@@ -27,7 +26,7 @@ def db_upgrade(naming: str) -> None:
         created = upgrade(engine, naming)
     finally:
         engine.dispose()
-    where = mask_url(settings.database_url)
+    where = settings.database_origin
     if created:
         click.echo(f"created {', '.join(created)} in {where}")
     else:

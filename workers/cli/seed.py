@@ -16,7 +16,6 @@ from sqlalchemy import Engine, func, inspect, select
 from workers.cli.base import load_settings
 from workers.exceptions import InvalidArgument, RefusedError
 from workers.schema import Tables
-from workers.settings import mask_url
 
 
 def rows_present(engine: Engine, tables: Tables) -> dict[str, int]:
@@ -55,7 +54,7 @@ def seed_command(rows: int, if_empty: bool, add: bool) -> None:
     if add and if_empty:
         raise InvalidArgument("--add and --if-empty contradict each other; pass one")
     settings = load_settings()
-    where = mask_url(settings.database_url)
+    where = settings.database_origin
     engine = make_engine(settings.database_url)
     try:
         existing = set(inspect(engine).get_table_names())
