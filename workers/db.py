@@ -65,6 +65,39 @@ def normalise_url(url: str) -> str:
     return u.set(drivername=driver).render_as_string(hide_password=False)
 
 
+def check_connect_options(url: str) -> None:
+    """ValueError if the driver for *url* is not installed or would reject one of its query
+    options: checked when settings load, so a worker fails at start-up with one line, not at
+    its first connection with a TypeError from the driver. Never quotes a value."""
+    u = make_url(normalise_url(url))
+    if u.get_backend_name() == "sqlite":
+        return
+    dialect_cls = u.get_dialect()
+    try:
+        dbapi = dialect_cls.import_dbapi()
+    except ImportError:
+        raise ValueError("needs PyMySQL, statesweep's MySQL driver: "
+                         "pip install 'statesweep[mysql]'") from None
+    _, params = dialect_cls(dbapi=dbapi).create_connect_args(u)  # type: ignore[call-arg]
+    if u.get_backend_name() == "postgresql":
+        from psycopg import ProgrammingError
+        from psycopg.conninfo import make_conninfo
+
+        try:
+            make_conninfo("", **{k: v for k, v in params.items() if k != "context"})
+        except ProgrammingError as exc:  # 'invalid connection option "x"': the name only
+            raise ValueError(
+                f"has a query option libpq does not know ({str(exc).strip()})") from None
+        return
+    import inspect
+
+    accepted = set(inspect.signature(dbapi.connections.Connection.__init__).parameters)
+    unknown = sorted(set(params) - accepted)
+    if unknown:
+        raise ValueError(f"has query options PyMySQL, statesweep's MySQL driver, does not "
+                         f"take: {', '.join(unknown)}")
+
+
 def make_engine(url: str, **kwargs: Any) -> Engine:
     """A new engine with pre-ping; SQLite gets foreign keys on and a busy timeout."""
     url = normalise_url(url)

@@ -308,10 +308,10 @@ def _parse_non_negative_int(raw: str) -> int:
 def _parse_database_url(raw: str) -> str:
     """Any spelling Airflow accepts for the drivers statesweep serves (see db.normalise_url);
     kept as written, so `doctor` shows what the user set."""
-    from workers.db import normalise_url
+    from workers.db import check_connect_options
 
     raw = _parse_str(raw)
-    normalise_url(raw)  # ValueError naming what is wrong; never the URL itself
+    check_connect_options(raw)  # ValueError naming what is wrong; never the URL itself
     return raw
 
 

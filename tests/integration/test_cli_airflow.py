@@ -127,6 +127,11 @@ BAD_URLS = [
     (f"postgresql+psycopg2://airflow:{SECRET}@db:54x2/airflow", "is not a database URL"),
     (f"postgres://airflow:{SECRET}@db:5432/", "names no database"),
     (f"mysql+mysqldb://airflow:{SECRET}@db", "names no database"),
+    # Options the mapped driver would reject at its first connection with a TypeError.
+    (f"postgresql+psycopg2://airflow:{SECRET}@db/airflow?sslmod=require",
+     'libpq does not know (invalid connection option "sslmod")'),
+    (f"mysql+mysqldb://airflow:{SECRET}@db/airflow?ssl_mode=REQUIRED",
+     "PyMySQL, statesweep's MySQL driver, does not take: ssl_mode"),
 ]
 
 
@@ -272,3 +277,17 @@ def test_doctor_shows_where_each_setting_came_from_with_secrets_masked(
     assert as_json["sources"]["cleanup_batch_size"] == (
         "AIRFLOW__STATE_STORE__STATE_CLEANUP_BATCH_SIZE")
     assert SECRET not in text.stdout + text.stderr
+
+
+def test_a_tls_option_naming_a_missing_file_is_a_clear_error(mariadb_url: str,
+                                                             tmp_path: Path) -> None:
+    """PyMySQL opens ssl_ca while connecting: a missing file was a FileNotFoundError
+    traceback; it is the database named as unreachable, with the cause."""
+    from workers.cli import EXIT_UNAVAILABLE
+
+    url = mariadb_url.replace("mysql://", "mysql+mysqldb://") + f"?ssl_ca={tmp_path}/no-ca.pem"
+    done = run_cli({"AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": url, "AIRFLOW_HOME": str(tmp_path)},
+                   "cleanup", "--dry-run")
+    assert done.returncode == EXIT_UNAVAILABLE, done.stderr
+    assert done.stderr.startswith("error: the database AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=")
+    assert "caused by FileNotFoundError" in done.stderr and "Traceback" not in done.stderr

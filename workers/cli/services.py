@@ -51,6 +51,9 @@ def database(settings: Settings) -> Iterator[tuple[Engine, Tables]]:
         except OperationalError as exc:
             raise ServiceUnavailable(
                 f"the database {settings.database_origin} is unreachable") from (exc.orig or exc)
+        except OSError as exc:  # e.g. the driver's TLS set-up: an ssl_ca file that is not there
+            raise ServiceUnavailable(
+                f"the database {settings.database_origin} cannot be reached") from exc
         except SchemaError as exc:
             raise SchemaError(f"{exc} (database {settings.database_origin})") from None
         yield engine, tables
