@@ -89,6 +89,14 @@ def test_custom_backend_in_airflow_cfg_skips_and_deletes_nothing(
     assert rows(airflow) == ROWS
 
 
+def test_doctor_warns_that_a_custom_airflow_backend_makes_cleanup_skip(
+        airflow: dict[str, str]) -> None:
+    data = json.loads(invoke(airflow, "doctor", "--format", "json").stdout)
+    [check] = [c for c in data["checks"] if c["name"] == "state backend"]
+    assert check["status"] == "warn" and CUSTOM in check["detail"]
+    assert "custom backend configured — cleanup skips" in check["detail"]
+
+
 def test_statesweep_state_backend_overrides_the_custom_backend_in_airflow_cfg(
         airflow: dict[str, str]) -> None:
     env = {**airflow, "STATESWEEP_STATE_BACKEND": "workers.store.MetastoreStateBackend"}

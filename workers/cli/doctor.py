@@ -110,8 +110,20 @@ def worker_checks(app: Celery, settings: Settings) -> list[Check]:
     return checks
 
 
+def backend_check(settings: Settings) -> Check | None:
+    """Airflow naming a custom state backend: every run skips, which doctor should say."""
+    if not settings.airflow_custom_backend:
+        return None
+    return Check("state backend", "warn",
+                 f"custom backend configured — cleanup skips: {settings.state_backend} (from "
+                 f"{settings.source_of('state_backend')}) keeps Airflow's state elsewhere")
+
+
 def run_checks(settings: Settings) -> list[Check]:
     checks = database_checks(settings)
+    backend = backend_check(settings)
+    if backend is not None:
+        checks.append(backend)
     app = client_app(settings)
     try:
         try:
