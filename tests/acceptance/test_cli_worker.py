@@ -216,3 +216,30 @@ def test_a_skipped_cleanup_says_skipped_and_exits_refused(deployment: Deployment
     finally:
         registry.release("someone-else")
     assert deployment.rows() == ROWS
+
+
+def test_a_worker_skips_both_tasks_for_a_custom_airflow_backend(
+        pg_url: str, isolation: dict[str, str], tmp_path: Path) -> None:
+    """The coordinator and the orphan sweep, sent to a real worker whose Airflow configuration
+    (airflow.cfg) names a custom state backend: both skip, nothing is deleted."""
+    from workers.celery_app import COORDINATE, SWEEP_ORPHANS, build_app
+
+    db = seed_postgres(pg_url, isolation, 2000)
+    (tmp_path / "airflow.cfg").write_text("[state_store]\nbackend = company.state.Backend\n")
+    env = {**db.env, "AIRFLOW_HOME": str(tmp_path)}
+    before = (seed.row_count(db.engine, db.tables), seed.asset_state_rows(db.engine, db.tables))
+    try:
+        with workers(env, tmp_path, count=1, concurrency=1) as started:
+            settings = Settings.from_env(env)
+            with build_app(settings, include_tasks=False) as client:
+                run = client.send_task(COORDINATE, queue=settings.control_queue,
+                                       kwargs={"source": "adhoc"}).get(timeout=60)
+                swept = client.send_task(SWEEP_ORPHANS, queue=settings.control_queue).get(
+                    timeout=60)
+            log = started[0].log()
+        assert run["status"] == swept["status"] == "custom_backend"
+        assert log.count("custom backend configured; skipping") == 2, log
+        assert (seed.row_count(db.engine, db.tables),
+                seed.asset_state_rows(db.engine, db.tables)) == before
+    finally:
+        db.engine.dispose()
