@@ -123,3 +123,15 @@ def seed_postgres(pg_url: str, isolation: dict[str, str], rows: int) -> SeededPo
     env = {"STATESWEEP_DATABASE_URL": pg_url, "STATESWEEP_BROKER_URL": REDIS_URL,
            "STATESWEEP_RESULT_BACKEND": REDIS_URL, **isolation}
     return SeededPostgres(env, engine, tables, spec, counts)
+
+
+@pytest.fixture(autouse=True)
+def no_airflow_config_of_the_developer(monkeypatch: pytest.MonkeyPatch,
+                                       tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Settings read Airflow's configuration too: a developer's AIRFLOW__* variables or
+    ~/airflow/airflow.cfg must not configure a test. Tests that want one set their own."""
+    import os
+
+    for name in [n for n in os.environ if n.startswith("AIRFLOW_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path_factory.getbasetemp() / "no-airflow-home"))

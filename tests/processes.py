@@ -20,9 +20,10 @@ CELERY = str(Path(sys.executable).with_name("celery"))
 
 
 def child_env(env: Mapping[str, str]) -> dict[str, str]:
-    """os.environ minus any STATESWEEP_/AIRFLOW__ variables, plus *env*."""
+    """os.environ minus any STATESWEEP_/AIRFLOW_ variables (AIRFLOW__*, AIRFLOW_HOME,
+    AIRFLOW_CONFIG: a developer's airflow.cfg must not configure the test), plus *env*."""
     base = {k: v for k, v in os.environ.items()
-            if not k.startswith(("STATESWEEP_", "AIRFLOW__"))}
+            if not k.startswith(("STATESWEEP_", "AIRFLOW_"))}
     base.update(env)
     base.setdefault("PYTHONUNBUFFERED", "1")
     return base

@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, func, literal_column, select
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.pool import NullPool
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -20,14 +21,81 @@ _lock = threading.Lock()
 _engines: dict[tuple[int, str], Engine] = {}
 
 
+# Every spelling Airflow documents for the databases statesweep serves, mapped onto the drivers
+# statesweep installs and is tested with: psycopg 3 and PyMySQL. Both take the same connection
+# query options as the drivers they stand in for (libpq's sslmode, sslrootcert, connect_timeout,
+# options; MySQL's charset, ssl_ca, …), so the query string is kept as written.
+DRIVERS = {
+    "postgresql": "postgresql+psycopg", "postgres": "postgresql+psycopg",
+    "postgresql+psycopg": "postgresql+psycopg", "postgresql+psycopg2": "postgresql+psycopg",
+    "postgres+psycopg2": "postgresql+psycopg", "postgresql+psycopg2cffi": "postgresql+psycopg",
+    "mysql": "mysql+pymysql", "mysql+pymysql": "mysql+pymysql", "mysql+mysqldb": "mysql+pymysql",
+    "mysql+mysqlconnector": "mysql+pymysql",
+    "mariadb": "mariadb+pymysql", "mariadb+pymysql": "mariadb+pymysql",
+    "mariadb+mysqldb": "mariadb+pymysql", "mariadb+mysqlconnector": "mariadb+pymysql",
+    "sqlite": "sqlite", "sqlite+pysqlite": "sqlite",
+}
+SUPPORTED = ("postgresql:// (also postgres://, +psycopg2, +psycopg), "
+             "mysql:// (also mariadb://, +mysqldb, +mysqlconnector, +pymysql) or sqlite:///")
+
+
 def normalise_url(url: str) -> str:
-    """Pin the drivers statesweep is tested with: psycopg 3 and PyMySQL."""
-    u = make_url(url)
-    if u.drivername == "postgresql":
-        u = u.set(drivername="postgresql+psycopg")
-    elif u.drivername in ("mysql", "mariadb"):
-        u = u.set(drivername=f"{u.drivername}+pymysql")
-    return u.render_as_string(hide_password=False)
+    """*url* with its driver mapped onto psycopg 3 or PyMySQL, query options kept.
+
+    ValueError says what is wrong with a URL statesweep cannot serve; its message never
+    quotes the URL (SQLAlchemy's own would, password and all), so callers add the masked one.
+    """
+    try:
+        u = make_url(url)
+        u.port  # noqa: B018 - a malformed port raises here, not at connect time
+    except (ArgumentError, ValueError):
+        raise ValueError(
+            "is not a database URL (expected e.g. postgresql://user@host:5432/db)") from None
+    driver = DRIVERS.get(u.drivername.lower())
+    if driver is None:
+        scheme, _, dbapi = u.drivername.partition("+")
+        what = (f"driver {dbapi!r} is not supported" if dbapi and f"{scheme}" in
+                {d.partition("+")[0] for d in DRIVERS} else f"scheme {scheme!r} is not supported")
+        raise ValueError(f"{what}; statesweep serves {SUPPORTED}")
+    if not u.database and driver != "sqlite":
+        raise ValueError("names no database (expected e.g. postgresql://user@host:5432/db)")
+    if driver == "sqlite" and u.database in (None, "", ":memory:"):
+        raise ValueError("names no database file (expected e.g. sqlite:////path/to/state.db); "
+                         "an in-memory database is not shared by workers")
+    return u.set(drivername=driver).render_as_string(hide_password=False)
+
+
+def check_connect_options(url: str) -> None:
+    """ValueError if the driver for *url* is not installed or would reject one of its query
+    options: checked when settings load, so a worker fails at start-up with one line, not at
+    its first connection with a TypeError from the driver. Never quotes a value."""
+    u = make_url(normalise_url(url))
+    if u.get_backend_name() == "sqlite":
+        return
+    dialect_cls = u.get_dialect()
+    try:
+        dbapi = dialect_cls.import_dbapi()
+    except ImportError:
+        raise ValueError("needs PyMySQL, statesweep's MySQL driver: "
+                         "pip install 'statesweep[mysql]'") from None
+    _, params = dialect_cls(dbapi=dbapi).create_connect_args(u)  # type: ignore[call-arg]
+    if u.get_backend_name() == "postgresql":
+        from psycopg import ProgrammingError
+        from psycopg.conninfo import make_conninfo
+
+        try:
+            make_conninfo("", **{k: v for k, v in params.items() if k != "context"})
+        except ProgrammingError as exc:  # 'invalid connection option "x"': the name only
+            raise ValueError(
+                f"has a query option libpq does not know ({str(exc).strip()})") from None
+        return
+    import inspect
+
+    accepted = set(inspect.signature(dbapi.connections.Connection.__init__).parameters)
+    unknown = sorted(set(params) - accepted)
+    if unknown:
+        raise ValueError(f"has query options PyMySQL, statesweep's MySQL driver, does not "
+                         f"take: {', '.join(unknown)}")
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:

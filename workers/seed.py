@@ -33,6 +33,9 @@ class SeedSpec:
     #: every n-th asset is inactive (its state orphaned)
     inactive_every: int = 3
     period: int = 20
+    #: row number of the first row: 0 for a fresh seed, the last id to add rows after it (the
+    #: assets are seeded with the first rows only)
+    first_row: int = 0
 
 
 def kind_of(i: int, spec: SeedSpec) -> str:
@@ -56,25 +59,35 @@ class SeedCounts:
 
 def seed(engine: Engine, tables: Tables, spec: SeedSpec, now: dt.datetime,
          batch: int = 20_000) -> SeedCounts:
-    """Insert *spec* relative to *now* (aware UTC). The tables must be empty."""
-    runs = max(1, -(-spec.rows // ROWS_PER_RUN))
+    """Insert *spec* relative to *now* (aware UTC). The tables must be empty, or, with
+    ``spec.first_row``, hold rows up to that id (as a previous seed left them)."""
+    first, end = spec.first_row, spec.first_row + spec.rows
+    # Dag runs a previous seed made are there already: runs of rows before `first`.
+    first_run = -(-first // ROWS_PER_RUN)
+    runs = range(first_run, max(first_run + (first == 0), -(-end // ROWS_PER_RUN)))
     dr, ts = tables.dag_run, tables.task_state
     with engine.begin() as conn:
-        conn.execute(insert(dr), [
-            {"id": r + 1, "dag_id": f"dag_{r % DAGS}", "run_id": f"run_{r}"} for r in range(runs)
-        ])
+        if runs:
+            conn.execute(insert(dr), [
+                {"id": r + 1, "dag_id": f"dag_{r % DAGS}", "run_id": f"run_{r}"} for r in runs
+            ])
     if engine.dialect.name == "postgresql" and spec.rows:
         _seed_task_state_pg(engine, tables, spec, now)
     else:
-        for start in range(0, spec.rows, batch):
-            rows = [_task_row(i, spec, now) for i in range(start, min(spec.rows, start + batch))]
+        for start in range(first, end, batch):
+            rows = [_task_row(i, spec, now) for i in range(start, min(end, start + batch))]
             with engine.begin() as conn:
                 conn.execute(insert(ts), rows)
-    live, orphaned = _seed_assets(engine, tables, spec, now)
+    live, orphaned = _seed_assets(engine, tables, spec, now) if first == 0 else (0, 0)
+
     kinds = [kind_of(i, spec) for i in range(spec.period)]
-    full, rest = divmod(spec.rows, spec.period)
-    def count(k: str) -> int:
+
+    def upto(n: int, k: str) -> int:  # rows of kind k among rows 0..n-1
+        full, rest = divmod(n, spec.period)
         return full * kinds.count(k) + kinds[:rest].count(k)
+
+    def count(k: str) -> int:
+        return upto(end, k) - upto(first, k)
     if engine.dialect.name == "postgresql":
         with engine.begin() as conn:
             # Reset sequences past the explicit ids so later writers do not collide.
@@ -114,10 +127,11 @@ def _seed_task_state_pg(engine: Engine, tables: Tables, spec: SeedSpec, now: dt.
                CASE WHEN i % {period} < {e} THEN :now - (1 + i % 1000) * interval '1 minute'
                     WHEN i % {period} < {e + n} THEN NULL
                     ELSE :now + (1 + i % 30) * interval '1 day' END
-        FROM generate_series(0, :last) AS i
+        FROM generate_series(CAST(:first AS bigint), CAST(:last AS bigint)) AS i
     """)  # noqa: S608
     with engine.begin() as conn:
-        conn.execute(sql, {"now": now, "last": spec.rows - 1})
+        conn.execute(sql, {"now": now, "first": spec.first_row,
+                           "last": spec.first_row + spec.rows - 1})
 
 
 def _seed_assets(engine: Engine, tables: Tables, spec: SeedSpec,

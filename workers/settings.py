@@ -1,29 +1,34 @@
 """Typed, frozen settings read once from the environment.
 
 Every variable is prefixed ``STATESWEEP_``. Where Airflow already has a setting for the same
-thing (retention, batch size, the metadata database URL) it is honoured when the statesweep one
-is unset, so statesweep can sit beside an Airflow deployment with no extra configuration.
+thing (retention, batch size, the metadata database URL, the state backend) Airflow's own
+configuration is honoured when the statesweep one is unset, with Airflow's precedence
+(workers.airflow_config), so statesweep can sit beside an Airflow deployment unconfigured.
+Each setting remembers where it came from (``Settings.sources``) for `doctor` and errors.
 
 Invalid values are collected and raised as one :class:`SettingsError` naming every variable and
-its value, with passwords masked. Nothing is deleted before settings load.
+its value, with passwords masked. An unknown ``STATESWEEP_*`` variable is an error too (a typo
+must not silently fall back to a default). Nothing is deleted before settings load.
 """
 
 from __future__ import annotations
 
+import difflib
 import functools
 import importlib
 import math
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import Field, dataclass, field, fields
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
-
+from workers import airflow_config
 from workers.exceptions import SettingsError
+from workers.masking import mask_secrets, mask_url
+
+__all__ = ["Settings", "SettingsError", "get_settings", "mask_secrets", "mask_url"]
 
 PREFIX = "STATESWEEP_"
 METASTORE_BACKEND = "workers.store.MetastoreStateBackend"
@@ -31,33 +36,17 @@ NAMINGS = ("auto", "seed", "airflow")
 LOG_FORMATS = ("console", "json")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
-# Airflow's own names for the settings statesweep shares with it.
+# Airflow's own variables for the settings statesweep shares with it (airflow_config reads
+# them, their _CMD forms and airflow.cfg).
 AIRFLOW_FALLBACKS = {
-    "DEFAULT_RETENTION_DAYS": "AIRFLOW__STATE_STORE__DEFAULT_RETENTION_DAYS",
-    "CLEANUP_BATCH_SIZE": "AIRFLOW__STATE_STORE__STATE_CLEANUP_BATCH_SIZE",
-    "DATABASE_URL": "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN",
+    f.upper(): airflow_config.env_name(section, key)
+    for f, (section, key) in airflow_config.AIRFLOW_KEYS.items()
 }
-
-_USERINFO_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][\w+.-]*://[^:/@\s]*:)(?P<pw>[^@\s]*)@")
-
-
-def mask_url(url: str) -> str:
-    """Return *url* with any password replaced by ``***``; safe to print or log.
-
-    Works on URLs that fail to parse too, since a malformed URL still ends up in error messages.
-    """
-    try:
-        parts = urlsplit(url)
-        if parts.password is not None:
-            host = parts.hostname or ""
-            if parts.port is not None:
-                host = f"{host}:{parts.port}"
-            user = parts.username or ""
-            return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
-    except ValueError:
-        pass
-    return _USERINFO_PASSWORD.sub(lambda m: f"{m.group('head')}***@", url)
-
+# STATESWEEP_* variables that are not settings: the test suite's service overrides, the
+# benchmark's, and the reliability suite's report path.
+NON_SETTING_PATTERNS = (re.compile(r"STATESWEEP_TEST_\w+"), re.compile(r"STATESWEEP_BENCH_\w+"),
+                        re.compile(r"STATESWEEP_RELIABILITY_REPORT"))
+DEFAULT_SOURCE = "default"
 
 @dataclass(frozen=True)
 class Settings:
@@ -110,48 +99,83 @@ class Settings:
     # "exact" (count(*) over the expires_at index) or "estimate" (the planner's row estimate on
     # PostgreSQL: microseconds at any size, as fresh as the table's last ANALYZE).
     exporter_backlog_count: str = "exact"
+    # Where each setting came from (a variable, an airflow.cfg key, "default"); not a setting.
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False,
+                                       metadata={"setting": False})
 
     # --- construction -------------------------------------------------------------------------
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
-        errors: list[str] = []
+        errors = unknown_variables(env)
+        try:
+            airflow = airflow_config.AirflowConfig(env)
+        except SettingsError as exc:  # a named airflow.cfg that is missing or unreadable
+            errors.append(str(exc))
+            airflow = airflow_config.AirflowConfig({})
         values: dict[str, Any] = {}
-        for f in fields(cls):
+        sources: dict[str, str] = {}
+        for f in setting_fields():
             name = PREFIX + f.name.upper()
-            source = name
-            raw = env.get(name)
-            if raw is None and f.name.upper() in AIRFLOW_FALLBACKS:
-                source = AIRFLOW_FALLBACKS[f.name.upper()]
-                raw = env.get(source)
-            if raw is None:
+            try:
+                found = (airflow_config.Found(env[name], name) if name in env
+                         else airflow.lookup(*airflow_config.AIRFLOW_KEYS[f.name])
+                         if f.name in airflow_config.AIRFLOW_KEYS else None)
+            except SettingsError as exc:  # a _cmd that failed: named, its output never shown
+                errors.append(str(exc))
                 continue
+            if found is None:
+                sources[f.name] = DEFAULT_SOURCE
+                continue
+            sources[f.name] = found.source
+            raw = found.raw
+            if f.name == "state_backend" and airflow_config.is_metastore(raw):
+                raw = METASTORE_BACKEND  # Airflow's name for the tables statesweep cleans
             try:
                 values[f.name] = _PARSERS.get(f.name, _parse_str)(raw)
             except ValueError as exc:
-                errors.append(f"{source}={_show(f.name, raw)!r}: {exc}")
-        if errors:
-            raise SettingsError("invalid settings:\n  " + "\n  ".join(errors))
-        settings = cls(**values)
+                errors.append(f"{found.source}={_show(f.name, raw)!r}: {exc}")
+        raise_errors(errors)
+        settings = cls(**values, sources=sources)
         settings.check()
         return settings
+
+    @property
+    def database_origin(self) -> str:
+        """The database URL, masked, and where it came from: for every database error."""
+        where, url = self.source_of("database_url"), mask_url(self.database_url)
+        if where == DEFAULT_SOURCE:
+            return (f"{url} (the default: no STATESWEEP_DATABASE_URL or Airflow "
+                    "sql_alchemy_conn is set)")
+        if where.startswith("airflow.cfg"):
+            return f"{url} (from {where})"
+        return f"{where}={url}"
+
+    def source_of(self, name: str) -> str:
+        """Where setting *name* came from: a variable, ``airflow.cfg PATH [section] key``, or
+        ``default``; statesweep's own variable when the settings were built directly."""
+        return self.sources.get(name, PREFIX + name.upper())
 
     def check(self) -> None:
         """Cross-field and import checks; raises one SettingsError listing every problem."""
         errors: list[str] = []
 
-        def bad(field: str, msg: str) -> None:
-            value = getattr(self, field)
-            errors.append(f"{PREFIX}{field.upper()}={_show(field, str(value))!r}: {msg}")
+        def bad(name: str, msg: str) -> None:
+            value = _show(name, str(getattr(self, name)))
+            where = self.source_of(name)
+            if where == DEFAULT_SOURCE:
+                errors.append(f"{PREFIX}{name.upper()}={value!r} (the default): {msg}")
+            else:
+                errors.append(f"{where}={value!r}: {msg}")
 
-        for field, ok in (("table_naming", NAMINGS), ("log_format", LOG_FORMATS),
-                          ("log_level", LOG_LEVELS)):
-            if getattr(self, field) not in ok:
-                bad(field, f"must be one of {', '.join(ok)}")
-        for field in ("control_queue", "chunk_queue", "key_prefix"):
-            if not re.fullmatch(r"[\w.:-]+", getattr(self, field)):
-                bad(field, "must be a non-empty name of letters, digits, '.', ':', '_' or '-'")
+        for name, ok in (("table_naming", NAMINGS), ("log_format", LOG_FORMATS),
+                         ("log_level", LOG_LEVELS)):
+            if getattr(self, name) not in ok:
+                bad(name, f"must be one of {', '.join(ok)}")
+        for name in ("control_queue", "chunk_queue", "key_prefix"):
+            if not re.fullmatch(r"[\w.:-]+", getattr(self, name)):
+                bad(name, "must be a non-empty name of letters, digits, '.', ':', '_' or '-'")
         if self.control_queue == self.chunk_queue:
             bad("chunk_queue", "must differ from STATESWEEP_CONTROL_QUEUE")
         if self.chunk_soft_time_limit >= self.chunk_time_limit:
@@ -160,10 +184,10 @@ class Settings:
         # worker while the first may still be running it; keep it well above the hard limit.
         if self.visibility_timeout < 2 * self.chunk_time_limit:
             bad("visibility_timeout", "must be at least twice STATESWEEP_CHUNK_TIME_LIMIT")
-        for field in ("lock_ttl_seconds", "run_timeout_seconds", "chunk_time_limit",
-                      "chunk_soft_time_limit", "lock_timeout_ms", "statement_timeout_ms"):
-            if getattr(self, field) <= 0:
-                bad(field, "must be a positive integer")
+        for name in ("lock_ttl_seconds", "run_timeout_seconds", "chunk_time_limit",
+                     "chunk_soft_time_limit", "lock_timeout_ms", "statement_timeout_ms"):
+            if getattr(self, name) <= 0:
+                bad(name, "must be a positive integer")
         # The coordinator's soft time limit is 30 s under the run timeout, and a planned run
         # must outlive the planning lock; below a minute either would cut runs short.
         if self.run_timeout_seconds < max(60, self.lock_ttl_seconds):
@@ -197,20 +221,23 @@ class Settings:
             "redis", "rediss", "memory"
         ):
             bad("run_store_url", "must be a redis://, rediss:// or memory:// URL")
-        for field in ("coordinator_schedule", "orphan_schedule"):
+        for name in ("coordinator_schedule", "orphan_schedule"):
             try:
-                parse_schedule(getattr(self, field))
+                parse_schedule(getattr(self, name))
             except ValueError as exc:
-                bad(field, str(exc))
-        try:
-            backend = import_string(self.state_backend)
-        except ImportError as exc:
-            bad("state_backend", f"cannot be imported ({exc})")
+                bad(name, str(exc))
+        if self.airflow_custom_backend:
+            pass  # Airflow's class lives in Airflow's environment; runs skip, importing nothing
         else:
-            if not isinstance(backend, type) or not callable(getattr(backend, "cleanup", None)):
-                bad("state_backend", "must name a class with a cleanup() method")
-        if errors:
-            raise SettingsError("invalid settings:\n  " + "\n  ".join(errors))
+            try:
+                backend = import_string(self.state_backend)
+            except ImportError as exc:
+                bad("state_backend", f"cannot be imported ({exc})")
+            else:
+                if not isinstance(backend, type) or not callable(getattr(backend, "cleanup",
+                                                                         None)):
+                    bad("state_backend", "must name a class with a cleanup() method")
+        raise_errors(errors)
 
     # --- derived values -----------------------------------------------------------------------
 
@@ -245,10 +272,18 @@ class Settings:
     def uses_metastore_backend(self) -> bool:
         return self.state_backend == METASTORE_BACKEND
 
+    @property
+    def airflow_custom_backend(self) -> bool:
+        """Airflow's configuration names a state backend other than its metastore: the state
+        lives elsewhere, so runs skip (as upstream's cleanup does) and delete nothing here.
+        STATESWEEP_STATE_BACKEND, when set, wins and keeps its meaning (a class to call)."""
+        where = self.source_of("state_backend")
+        return not self.uses_metastore_backend and where.startswith(("AIRFLOW__", "airflow.cfg"))
+
     def masked(self) -> dict[str, Any]:
         """The settings as a dict with every password masked; the only form fit for printing."""
         out: dict[str, Any] = {}
-        for f in fields(self):
+        for f in setting_fields():
             value = getattr(self, f.name)
             out[f.name] = mask_url(value) if f.name in _URL_FIELDS else value
         out["effective_run_store_url"] = mask_url(self.effective_run_store_url)
@@ -287,16 +322,12 @@ def _parse_non_negative_int(raw: str) -> int:
 
 
 def _parse_database_url(raw: str) -> str:
+    """Any spelling Airflow accepts for the drivers statesweep serves (see db.normalise_url);
+    kept as written, so `doctor` shows what the user set."""
+    from workers.db import check_connect_options
+
     raw = _parse_str(raw)
-    try:
-        url = make_url(raw)
-        url.port  # noqa: B018 - a malformed port raises here, not at connect time
-    except (ArgumentError, ValueError):
-        # The parser's own message repeats the whole URL, password included: never shown.
-        raise ValueError(
-            "is not a database URL (expected e.g. postgresql://user@host:5432/db)") from None
-    if url.get_backend_name() not in ("postgresql", "sqlite", "mysql", "mariadb"):
-        raise ValueError("must be a postgresql://, mysql://, mariadb:// or sqlite:// URL")
+    check_connect_options(raw)  # ValueError naming what is wrong; never the URL itself
     return raw
 
 
@@ -378,10 +409,41 @@ _PARSERS = {
     "exporter_backlog_count": _parse_lower,
 }
 
+def setting_fields() -> tuple[Field[Any], ...]:
+    """The dataclass fields that are settings (each read from ``STATESWEEP_<NAME>``)."""
+    return tuple(f for f in fields(Settings) if f.metadata.get("setting", True))
+
+
 #: Every environment variable the settings read; docker-compose and docs are checked against it.
-ENV_VARS = tuple(PREFIX + f.name.upper() for f in fields(Settings)) + tuple(
+ENV_VARS = tuple(PREFIX + f.name.upper() for f in setting_fields()) + tuple(
     AIRFLOW_FALLBACKS.values()
 )
+
+
+def raise_errors(errors: list[str]) -> None:
+    """One SettingsError: one line for one problem, a list for several."""
+    if len(errors) == 1:
+        raise SettingsError(f"invalid setting {errors[0]}")
+    if errors:
+        raise SettingsError("invalid settings:\n  " + "\n  ".join(errors))
+
+
+def unknown_variables(env: Mapping[str, str]) -> list[str]:
+    """An error for each STATESWEEP_* variable that is no setting, with the closest name."""
+    known = [PREFIX + f.name.upper() for f in setting_fields()]
+    errors = []
+    for name in sorted(n for n in env if n.startswith(PREFIX) and n not in known):
+        if any(p.fullmatch(name) for p in NON_SETTING_PATTERNS):
+            continue
+        # Compared without the prefix every name shares, which would make all names "close".
+        suffix, suffixes = name[len(PREFIX):], [k[len(PREFIX):] for k in known]
+        close = difflib.get_close_matches(suffix, suffixes, n=1, cutoff=0.6)
+        hint = f"; did you mean {PREFIX}{close[0]}?" if close else ""
+        errors.append(f"{name}: is not a statesweep setting{hint}")
+    return errors
+
+
+MAX_SCHEDULE_SECONDS = 366 * 24 * 3600
 
 
 def parse_schedule(raw: str) -> float | tuple[str, str, str, str, str]:
@@ -402,8 +464,12 @@ def parse_schedule(raw: str) -> float | tuple[str, str, str, str, str]:
         except ValueError as exc:
             raise ValueError(f"is not a valid crontab ({exc})") from None
         return (parts[0], parts[1], parts[2], parts[3], parts[4])
-    if seconds <= 0:
-        raise ValueError("must be a positive number of seconds")
+    # nan and inf parse as floats; beat would crash on them (OverflowError) long after start-up.
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError("must be a positive, finite number of seconds")
+    if seconds > MAX_SCHEDULE_SECONDS:
+        raise ValueError(f"must be at most {MAX_SCHEDULE_SECONDS} seconds (a year); "
+                         "use a crontab for rarer runs")
     return seconds
 
 

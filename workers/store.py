@@ -246,6 +246,10 @@ def load_backend(settings: Settings, engine: Engine | None = None,
     """Instantiate the configured backend class (settings already checked it imports)."""
     from workers.settings import import_string
 
+    if settings.airflow_custom_backend:
+        # Airflow's own class, which lives in Airflow's environment: its state is elsewhere,
+        # and upstream's base cleanup() does nothing for it, so neither does statesweep.
+        return BaseStateBackend(settings, engine, tables)
     cls = import_string(settings.state_backend)
     backend = cls(settings, engine, tables)
     if not callable(getattr(backend, "cleanup", None)):

@@ -196,6 +196,10 @@ def sweep_orphaned_asset_state(self: Task, batch_size: int | None = None) -> dic
     so a sweep cut short by its soft limit keeps what it deleted and the next sweep goes on."""
     from celery.exceptions import SoftTimeLimitExceeded
 
+    if settings.airflow_custom_backend:  # Airflow keeps its state elsewhere: nothing here
+        log.info("custom backend configured; skipping", backend=settings.state_backend)
+        return {"status": "custom_backend", "rows": 0, "batches": 0}
+
     batch = coordinator.batch_size_for(settings, batch_size)
     # Not a cleanup run, but its lines carry a run id like every task's; stable across retries.
     run_id = f"orphans-{self.request.id}"

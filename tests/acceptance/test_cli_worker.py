@@ -9,6 +9,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,3 +160,86 @@ def test_readme_celery_call_example_starts_a_run(deployment: Deployment) -> None
                                queue=control)
         with pytest.raises(Exception, match="run_id must be 1-64 letters"):
             bad.get(timeout=60)
+
+
+def _registry(deployment: Deployment):  # type: ignore[no-untyped-def]
+    from tests.services import REDIS_URL
+    from workers.runs import registry_for
+
+    return registry_for(REDIS_URL, deployment.env["STATESWEEP_KEY_PREFIX"])
+
+
+def test_cleanup_reports_a_resumed_stalled_run_and_follows_it(deployment: Deployment) -> None:
+    """Issue: the coordinator's `resumed` reply (a stalled run's chunks sent again) made the
+    CLI exit 1 with "… is not in the run store"; it must say so and follow that run."""
+    from tests.conftest import database_now
+
+    registry = _registry(deployment)
+    stalled = "20260101T000000Z-5ta11ed0"
+    assert registry.acquire(stalled, 3600) is None
+    registry.start(stalled, cutoff=database_now(deployment.engine).isoformat(), batch_size=0,
+                   source="beat")
+    registry.add_chunk(stalled, deployment.counts.expired, (1, 1, ROWS))
+    registry.finish_planning(stalled)
+    record = registry.get(stalled)
+    assert record is not None and record.state == "running"
+    # Its one chunk was lost long ago: planned, and quiet for longer than any redelivery.
+    long_ago = time.time() - 10 * Settings.from_env(deployment.env).stall_after_seconds
+    registry.client.hset(registry._k("run", stalled),  # type: ignore[attr-defined]
+                         mapping={"planned_at": long_ago, "started_at": long_ago})
+
+    done = deployment.statesweep("cleanup", "--wait", "--format", "json")
+    assert done.returncode == EXIT_OK, done.stderr
+    assert f"run {stalled} had stalled; this trigger resumed it" in done.stderr
+    run = json.loads(done.stdout)
+    assert (run["run_id"], run["state"]) == (stalled, "finished")
+    assert run["rows_deleted"] == deployment.counts.expired
+    deployment.assert_only_expired_rows_deleted()
+
+
+def test_a_skipped_cleanup_says_skipped_and_exits_refused(deployment: Deployment) -> None:
+    """Issue: a trigger skipped behind an active run printed the active run's id on stdout
+    with exit 0, so `run=$(statesweep cleanup)` silently got another run."""
+    from workers.cli import EXIT_REFUSED
+
+    registry = _registry(deployment)
+    assert registry.acquire("someone-else", 120) is None
+    try:
+        for args in (("cleanup",), ("cleanup", "--wait")):
+            done = deployment.statesweep(*args)
+            assert done.returncode == EXIT_REFUSED, done.stderr
+            assert done.stdout == ""
+            assert "skipped: run someone-else is active" in done.stderr
+        as_json = deployment.statesweep("cleanup", "--format", "json")
+        assert as_json.returncode == EXIT_REFUSED
+        assert json.loads(as_json.stdout)["status"] == "skipped"
+    finally:
+        registry.release("someone-else")
+    assert deployment.rows() == ROWS
+
+
+def test_a_worker_skips_both_tasks_for_a_custom_airflow_backend(
+        pg_url: str, isolation: dict[str, str], tmp_path: Path) -> None:
+    """The coordinator and the orphan sweep, sent to a real worker whose Airflow configuration
+    (airflow.cfg) names a custom state backend: both skip, nothing is deleted."""
+    from workers.celery_app import COORDINATE, SWEEP_ORPHANS, build_app
+
+    db = seed_postgres(pg_url, isolation, 2000)
+    (tmp_path / "airflow.cfg").write_text("[state_store]\nbackend = company.state.Backend\n")
+    env = {**db.env, "AIRFLOW_HOME": str(tmp_path)}
+    before = (seed.row_count(db.engine, db.tables), seed.asset_state_rows(db.engine, db.tables))
+    try:
+        with workers(env, tmp_path, count=1, concurrency=1) as started:
+            settings = Settings.from_env(env)
+            with build_app(settings, include_tasks=False) as client:
+                run = client.send_task(COORDINATE, queue=settings.control_queue,
+                                       kwargs={"source": "adhoc"}).get(timeout=60)
+                swept = client.send_task(SWEEP_ORPHANS, queue=settings.control_queue).get(
+                    timeout=60)
+            log = started[0].log()
+        assert run["status"] == swept["status"] == "custom_backend"
+        assert log.count("custom backend configured; skipping") == 2, log
+        assert (seed.row_count(db.engine, db.tables),
+                seed.asset_state_rows(db.engine, db.tables)) == before
+    finally:
+        db.engine.dispose()

@@ -60,11 +60,12 @@ def http(url: str, *, method: str = "GET", body: Any = None,
 
 
 @contextmanager
-def flower(env: Mapping[str, str], log_dir: Path, port: int) -> Iterator[str]:
+def flower(env: Mapping[str, str], log_dir: Path, port: int,
+           cmd: list[str] | None = None) -> Iterator[str]:
     """Flower on 127.0.0.1:*port*; yields its base URL once /healthcheck answers."""
     log_path = log_dir / "flower.log"
-    cmd = [CELERY, "-A", "workers", "flower", f"--port={port}", "--address=127.0.0.1",
-           f"--basic-auth={USER}:{PASSWORD}"]
+    cmd = cmd or [CELERY, "-A", "workers", "flower", f"--port={port}", "--address=127.0.0.1",
+                  f"--basic-auth={USER}:{PASSWORD}"]
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(env), stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
@@ -214,3 +215,37 @@ def test_cleanup_through_flower_api(pg_url: str, redis_url: str, isolation: dict
     finally:
         worker.stop()
         engine.dispose()
+
+
+STATESWEEP = str(Path(CELERY).with_name("statesweep"))
+
+
+def test_statesweep_flower_refuses_to_start_without_auth(tmp_path: Path) -> None:
+    """Issue: run by hand with FLOWER_USER/FLOWER_PASSWORD (compose's names), Flower answered
+    / and /tasks with 200 to anyone; Flower's own variable is FLOWER_BASIC_AUTH."""
+    port = free_port()
+    env = {"FLOWER_USER": USER, "FLOWER_PASSWORD": PASSWORD, "AIRFLOW_HOME": str(tmp_path)}
+    done = subprocess.run([STATESWEEP, "flower", f"--port={port}"], cwd=ROOT,
+                          env=child_env(env), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 5, done.stderr  # EXIT_REFUSED
+    assert "refusing to start Flower without authentication" in done.stderr
+    assert "FLOWER_BASIC_AUTH=user:password" in done.stderr
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", port)) != 0, "nothing may listen"
+
+
+def test_statesweep_flower_with_basic_auth_asks_for_credentials(
+        isolation: dict[str, str], tmp_path: Path) -> None:
+    from tests.services import REDIS_URL
+
+    port = free_port()
+    env = {**isolation, "STATESWEEP_BROKER_URL": REDIS_URL, "STATESWEEP_RESULT_BACKEND": REDIS_URL,
+           "FLOWER_BASIC_AUTH": f"{USER}:{PASSWORD}", "AIRFLOW_HOME": str(tmp_path)}
+    with flower(env, tmp_path, port, [STATESWEEP, "flower", f"--port={port}"]) as base:
+        for path in ("/", "/tasks", "/api/tasks"):
+            assert http(f"{base}{path}")[0] == 401, path
+            assert http(f"{base}{path}", auth=(USER, "wrong"))[0] == 401, path
+            assert http(f"{base}{path}", auth=(USER, PASSWORD))[0] == 200, path
+        # The password travels in Flower's environment, not in its argv for `ps` to show.
+        ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True)
+        assert f"--port={port}" in ps.stdout and PASSWORD not in ps.stdout

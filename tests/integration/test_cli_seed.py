@@ -74,3 +74,28 @@ def test_refuses_an_airflow_database(sqlite_url: str, monkeypatch: pytest.Monkey
         assert "alembic_version" in inspect(engine).get_table_names()
     finally:
         engine.dispose()
+
+
+def test_seed_adds_rows_to_a_database_it_created(db_url: str, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue: a seeded database could not be given more rows (refused without --if-empty,
+    a no-op with it)."""
+    from workers.seed import expected_survivors, task_state_rows
+
+    engine, tables = create_schema(db_url)
+    try:
+        assert run(monkeypatch, db_url, "--rows=1000") == EXIT_OK
+        capsys.readouterr()
+        assert run(monkeypatch, db_url, "--rows=500", "--add") == EXIT_OK
+        added = json.loads(capsys.readouterr().out)
+        assert (added["rows"], added["first_id"]) == (500, 1001)
+        assert row_count(engine, tables) == 1500
+        spec = SeedSpec(rows=1500)
+        assert added["expired"] == sum(1 for i in range(1000, 1500) if i % 20 < 11)
+        # The rows are exactly what one seed of 1500 would have written.
+        ids = {i for i, _ in task_state_rows(engine, tables)}
+        assert ids == set(range(1, 1501))
+        assert len(expected_survivors(spec)) == 1500 - 1500 * 11 // 20
+        assert run(monkeypatch, db_url, "--rows=1", "--add", "--if-empty") != EXIT_OK
+    finally:
+        engine.dispose()

@@ -38,7 +38,7 @@ BAD_SETTINGS = [
     ("STATESWEEP_CHUNK_QUEUE", "", "must not be empty"),
     ("STATESWEEP_KEY_PREFIX", "my prefix", "must be a non-empty name"),
     ("STATESWEEP_DATABASE_URL", "postgres//127.0.0.1/db", "is not a database URL"),
-    ("STATESWEEP_DATABASE_URL", f"oracle://sw:{SECRET}@127.0.0.1/db", "must be a postgresql://"),
+    ("STATESWEEP_DATABASE_URL", f"oracle://sw:{SECRET}@127.0.0.1/db", "is not supported"),
     ("STATESWEEP_BROKER_URL", f"redis://sw:{SECRET}@127.0.0.1:port/0", "is not a URL"),
     ("STATESWEEP_RUN_STORE_URL", "http://127.0.0.1:6379/0", "must be a redis://"),
     ("STATESWEEP_STATE_BACKEND", "no_such_module.Backend", "cannot be imported"),
@@ -46,6 +46,10 @@ BAD_SETTINGS = [
     ("STATESWEEP_VISIBILITY_TIMEOUT", "100", "at least twice"),
     ("STATESWEEP_LOG_LEVEL", "LOUD", "must be one of"),
     ("AIRFLOW__STATE_STORE__STATE_CLEANUP_BATCH_SIZE", "1e3", "must be a whole number"),
+    # Issue: these passed validation and `inf` crashed beat with an OverflowError.
+    ("STATESWEEP_COORDINATOR_SCHEDULE", "inf", "finite"),
+    ("STATESWEEP_ORPHAN_SCHEDULE", "nan", "finite"),
+    ("STATESWEEP_COORDINATOR_SCHEDULE", "1e309", "finite"),
 ]
 
 
@@ -152,3 +156,50 @@ def test_the_same_cli_command_deletes_with_good_settings(
     assert before.expired > 0 and after.expired == 0
     assert after.live == before.live
 
+
+
+# Every bad URL, the Airflow way: (where it is set, URL, what the line says).
+BAD_AIRFLOW_URLS = [
+    ("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", f"mssql+pyodbc://sa:{SECRET}@127.0.0.1/airflow",
+     "scheme 'mssql' is not supported"),
+    ("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", f"postgresql+asyncpg://a:{SECRET}@127.0.0.1/airflow",
+     "driver 'asyncpg' is not supported"),
+    ("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", f"mysql+mysqldb://a:{SECRET}@127.0.0.1:33o6/airflow",
+     "is not a database URL"),
+    ("airflow.cfg", f"postgresql+psycopg2://a:{SECRET}@127.0.0.1:5432", "names no database"),
+    ("airflow.cfg", f"oracle+cx_oracle://a:{SECRET}@127.0.0.1/airflow",
+     "scheme 'oracle' is not supported"),
+]
+
+
+@pytest.mark.parametrize(("where", "url", "says"), BAD_AIRFLOW_URLS,
+                         ids=[f"{w}:{s}"[:60] for w, _, s in BAD_AIRFLOW_URLS])
+def test_every_bad_airflow_url_is_one_line_from_worker_beat_and_cli(
+        deployment: Deployment, where: str, url: str, says: str, tmp_path: Path,
+        scenario: Scenario) -> None:
+    """Airflow's connection string (its variable, or airflow.cfg) with a scheme, driver, port
+    or database statesweep cannot serve: one line naming it (masked) and what is supported,
+    the settings exit code, no traceback, from all three; nothing consumed or deleted."""
+    before = deployment.counts()
+    scenario.before(before)
+    env = {k: v for k, v in deployment.env.items() if k != "STATESWEEP_DATABASE_URL"}
+    env["AIRFLOW_HOME"] = str(tmp_path)
+    if where == "airflow.cfg":
+        (tmp_path / "airflow.cfg").write_text(f"[database]\nsql_alchemy_conn = {url}\n")
+        where = f"airflow.cfg {tmp_path / 'airflow.cfg'} [database] sql_alchemy_conn"
+    else:
+        env[where] = url
+    results = _start_up(env, tmp_path)
+    after = deployment.counts()
+    scenario.after(after)
+    for name, r in results.items():
+        output = (r.stdout + r.stderr).strip()
+        assert r.returncode == EXIT_SETTINGS, f"{name}: exit {r.returncode}\n{output}"
+        assert len(output.splitlines()) == 1, f"{name} printed more than one line:\n{output}"
+        assert f"{where}={url.replace(SECRET, '***')!r}" in output, f"{name}:\n{output}"
+        assert says in output, f"{name}:\n{output}"
+        if "not supported" in says:  # the line says what is supported
+            assert "statesweep serves postgresql://" in output, f"{name}:\n{output}"
+        assert "Traceback" not in output and SECRET not in output, f"{name}:\n{output}"
+    assert after == before
+    assert deployment.pending() == 1, "the queued coordinator message must not be consumed"

@@ -137,3 +137,54 @@ def test_passwords_never_appear_in_logs_output_or_task_messages(
         leaks = [line for line in everything.splitlines() if secret in line]
         assert leaks == [], f"password leaked in {len(leaks)} lines, e.g. {leaks[:3]}"
     assert after.expired == 0
+
+
+# Passwords in the two URL forms kombu, psycopg and redis-py accept beyond userinfo: a query
+# option (?password=) and a ;-separated failover list with a password per URL.
+QUERY_PW, FAILOVER_PW1, FAILOVER_PW2 = "Pw-query-7f3", "Pw-first-9a1", "Pw-second-c42"
+
+
+@pytest.mark.parametrize(("url", "masked"), [
+    (f"postgresql://postgres@host/db?password={QUERY_PW}",
+     "postgresql://postgres@host/db?password=***"),
+    (f"redis://h:6379/0?socket_timeout=3&password={QUERY_PW}&db=1",
+     "redis://h:6379/0?socket_timeout=3&password=***&db=1"),
+    (f"amqp://u:{FAILOVER_PW1}@h1//;amqp://u:{FAILOVER_PW2}@h2//",
+     "amqp://u:***@h1//;amqp://u:***@h2//"),
+    (f"redis://:{FAILOVER_PW1}@h1:6379/0;redis://h2:6379/0?password={FAILOVER_PW2}",
+     "redis://:***@h1:6379/0;redis://h2:6379/0?password=***"),
+    (f"postgresql://u:{QUERY_PW}@h:bad/x?password={FAILOVER_PW1}",
+     "postgresql://u:***@h:bad/x?password=***"),
+    # An underscore in the scheme: urlsplit then parses no netloc, so no password either.
+    (f"oracle+cx_oracle://u:{QUERY_PW}@h/airflow", "oracle+cx_oracle://u:***@h/airflow"),
+])
+def test_mask_url_masks_query_string_passwords_and_every_failover_url(url: str,
+                                                                     masked: str) -> None:
+    from workers.settings import mask_secrets, mask_url
+
+    assert mask_url(url) == masked
+    assert mask_secrets(f"error: cannot reach {url} now") == f"error: cannot reach {masked} now"
+
+
+def test_query_string_and_failover_passwords_never_appear_in_cli_output(
+        pg_url: str, isolation: dict[str, str], tmp_path: Path) -> None:
+    """doctor (settings and checks), a dry run, and the errors of unreachable services: every
+    place a URL is shown, with the password in the query string and in each failover URL."""
+    db_url = f"{pg_url}?password={QUERY_PW}"  # PostgreSQL trusts 127.0.0.1: it connects
+    env = {**isolation, "STATESWEEP_DATABASE_URL": db_url,
+           "STATESWEEP_BROKER_URL": (f"redis://:{FAILOVER_PW1}@127.0.0.1:1/0;"
+                                     f"redis://:{FAILOVER_PW2}@127.0.0.1:2/0"),
+           "STATESWEEP_RESULT_BACKEND": f"redis://127.0.0.1:1/0?password={QUERY_PW}",
+           "STATESWEEP_RUN_STORE_URL": f"redis://127.0.0.1:1/0?password={QUERY_PW}",
+           "AIRFLOW_HOME": str(tmp_path)}
+    broken_db = {**env, "STATESWEEP_DATABASE_URL": db_url.replace(":5432/", ":1/")}
+    outputs = [_cli(env, "doctor"), _cli(env, "doctor", "--format", "json"),
+               _cli(env, "cleanup", "--dry-run"), _cli(broken_db, "cleanup", "--dry-run"),
+               _cli(env, "cleanup"), _cli(env, "status"),
+               _cli({**env, "STATESWEEP_BATCH_SIZE": "5"}, "status")]
+    everything = "\n".join(outputs)
+    assert "password=***" in outputs[0] and ":***@127.0.0.1:2/0" in outputs[0], outputs[0]
+    assert "is unreachable" in outputs[3], outputs[3]
+    for secret in (QUERY_PW, FAILOVER_PW1, FAILOVER_PW2):
+        leaks = [line for line in everything.splitlines() if secret in line]
+        assert leaks == [], f"password leaked in {len(leaks)} lines, e.g. {leaks[:3]}"

@@ -36,7 +36,7 @@ def test_airflow_fallbacks_apply_only_when_statesweep_unset() -> None:
     ("STATESWEEP_DATABASE_URL", "not a url", "not a database URL"),
     ("STATESWEEP_DATABASE_URL", "", "must not be empty"),
     ("STATESWEEP_DATABASE_URL", "postgresql://u@db:port/x", "not a database URL"),
-    ("STATESWEEP_DATABASE_URL", "oracle://u@h/d", "must be a postgresql"),
+    ("STATESWEEP_DATABASE_URL", "oracle://u@h/d", "scheme 'oracle' is not supported"),
     ("STATESWEEP_BROKER_URL", "localhost", "not a URL"),
     ("STATESWEEP_RESULT_BACKEND", "redis://h:notaport/0", "not a URL"),
     ("STATESWEEP_TABLE_NAMING", "weird", "must be one of auto, seed, airflow"),
@@ -92,3 +92,65 @@ def test_run_timeout_below_a_minute_is_refused(value: str) -> None:
     with pytest.raises(SettingsError) as err:
         Settings.from_env({"STATESWEEP_RUN_TIMEOUT_SECONDS": value})
     assert "STATESWEEP_RUN_TIMEOUT_SECONDS" in str(err.value) and repr(value) in str(err.value)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e309", "NaN", "Infinity"])
+@pytest.mark.parametrize("var", ["STATESWEEP_COORDINATOR_SCHEDULE", "STATESWEEP_ORPHAN_SCHEDULE"])
+def test_schedule_nan_inf_and_overflow_are_settings_errors(var: str, value: str) -> None:
+    """Issue: these parsed as floats and passed; inf then crashed beat with OverflowError."""
+    with pytest.raises(SettingsError) as err:
+        Settings.from_env({var: value})
+    assert f"{var}={value!r}" in str(err.value)
+    assert "finite" in str(err.value)
+
+
+def test_a_schedule_beyond_what_beat_can_hold_is_a_settings_error() -> None:
+    with pytest.raises(SettingsError, match="at most 31622400 seconds"):
+        Settings.from_env({"STATESWEEP_COORDINATOR_SCHEDULE": "1e300"})
+    assert Settings.from_env({"STATESWEEP_COORDINATOR_SCHEDULE": "86400"})
+
+
+@pytest.mark.parametrize(("typo", "meant"), [
+    ("STATESWEEP_BATCH_SIZE", "STATESWEEP_CLEANUP_BATCH_SIZE"),
+    ("STATESWEEP_DATABASE_URI", "STATESWEEP_DATABASE_URL"),
+    ("STATESWEEP_RETENTION_DAYS", "STATESWEEP_DEFAULT_RETENTION_DAYS"),
+    ("STATESWEEP_LOGLEVEL", "STATESWEEP_LOG_LEVEL"),
+])
+def test_unknown_statesweep_variable_is_named_with_the_closest_known_name(
+        typo: str, meant: str) -> None:
+    with pytest.raises(SettingsError) as err:
+        Settings.from_env({typo: "500"})
+    assert f"{typo}: is not a statesweep setting; did you mean {meant}?" in str(err.value)
+
+
+def test_unknown_statesweep_variable_without_a_close_name_is_still_an_error() -> None:
+    with pytest.raises(SettingsError, match="STATESWEEP_ZZZ: is not a statesweep setting$"):
+        Settings.from_env({"STATESWEEP_ZZZ": "1"})
+
+
+@pytest.mark.parametrize("name", ["STATESWEEP_TEST_PG_URL", "STATESWEEP_TEST_MARIADB_URL",
+                                  "STATESWEEP_TEST_REDIS_URL", "STATESWEEP_BENCH_PG_URL",
+                                  "STATESWEEP_BENCH_REDIS_URL", "STATESWEEP_RELIABILITY_REPORT"])
+def test_the_suites_own_statesweep_variables_are_not_settings_errors(name: str) -> None:
+    assert Settings.from_env({name: "x"}).database_url == Settings().database_url
+
+
+def test_every_statesweep_name_the_repository_sets_is_a_setting_or_allowed() -> None:
+    """The allow-list is what the repository itself uses: tests, bench, compose, docs."""
+    import re
+    from pathlib import Path
+
+    from workers.settings import ENV_VARS, NON_SETTING_PATTERNS
+
+    root = Path(__file__).resolve().parents[2]
+    texts = [p.read_text(errors="replace") for pattern in
+             ("tests/**/*.py", "bench/**/*.py", "*.yml", "*.md", ".env.example", "Makefile")
+             for p in root.glob(pattern) if p.name != "test_settings.py"]
+    text = "\n".join(texts)
+    # Whole names only: the README's `STATESWEEP_TEST_*` is a pattern, not a name.
+    names = {m.group(0) for m in re.finditer(r"STATESWEEP_[A-Z0-9_]*[A-Z0-9]", text)
+             if not text.startswith("_*", m.end())}
+    names -= {"STATESWEEP_DATABASE_URI", "STATESWEEP_BATCH_SIZE"}  # typos tests make on purpose
+    unknown = {n for n in names if n not in ENV_VARS
+               and not any(p.fullmatch(n) for p in NON_SETTING_PATTERNS)}
+    assert len(names) > 20 and unknown == set()

@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import click
 
-from workers.cli_common import (
+from workers.cli.base import (
     BATCH,
     FORMAT,
     check_batch_option,
     echo_json,
     is_verbose,
     load_settings,
+    record_json,
 )
+from workers.exceptions import RefusedError
+from workers.settings import Settings
 
 
 @click.command()
@@ -43,30 +46,41 @@ def cleanup_task_states(ctx: click.Context, dry_run: bool, verbose: bool) -> Non
 
 def _cleanup(ctx: click.Context, *, dry_run: bool, wait: bool, batch_size: int | None,
              local: bool, fmt: str) -> None:
-    from workers import cli_render, cli_runs
-    from workers.cli_progress import ProgressBar, follow_run
-    from workers.cli_services import client_app, shared_run_store
+    from workers.cli import dispatch, render
+    from workers.cli.progress import ProgressBar, follow_run
+    from workers.cli.services import client_app, shared_run_store
 
     check_batch_option(batch_size)
     settings = load_settings(is_verbose(ctx))
+    if settings.airflow_custom_backend:
+        skip_custom_backend(settings, fmt)
+        return
     if dry_run:
-        data = cli_runs.dry_run(settings, batch_size)
-        echo_json(data) if fmt == "json" else click.echo(cli_render.dry_run(data))
+        data = dispatch.dry_run(settings, batch_size)
+        echo_json(data) if fmt == "json" else click.echo(render.dry_run(data))
         return
     if local:
-        record = cli_runs.run_local(settings, batch_size)
+        record = dispatch.run_local(settings, batch_size)
     else:
         registry = shared_run_store(settings)
         with client_app(settings) as app:
-            run_id, result = cli_runs.dispatch_cleanup(app, settings, batch_size, source="cli")
+            run_id, result = dispatch.dispatch_cleanup(app, settings, batch_size, source="cli")
             click.echo(f"dispatched run {run_id} (coordinator task {result.id}) to "
                        f"{settings.control_queue}", err=True)
-            pickup = cli_runs.await_pickup(
+            pickup = dispatch.await_pickup(
                 registry, run_id, result, queue=settings.control_queue,
-                timeout=None if wait else cli_runs.NO_WAIT_PICKUP_SECONDS)
+                timeout=None if wait else dispatch.NO_WAIT_PICKUP_SECONDS)
         if pickup.status == "queued":
             click.echo(f"no worker has taken it yet; it runs when a worker consumes "
                        f"{settings.control_queue} (`statesweep doctor` lists workers)", err=True)
+        if pickup.status == "skipped":
+            # Not the active run's id on stdout: `run=$(statesweep cleanup)` must not get
+            # another run's id. The same exit code as `cleanup --local` behind an active run.
+            if fmt == "json":
+                echo_json({"run_id": "", "task_id": result.id, "status": "skipped",
+                           "active_run_id": pickup.run_id})
+            raise RefusedError(f"skipped: run {pickup.run_id} is active; one run at a time. "
+                               f"Follow it with: statesweep status {pickup.run_id} --follow")
         if not wait or pickup.status == "custom_backend":
             if fmt == "json":
                 echo_json({"run_id": pickup.run_id, "task_id": result.id, "status": pickup.status})
@@ -74,9 +88,9 @@ def _cleanup(ctx: click.Context, *, dry_run: bool, wait: bool, batch_size: int |
                 click.echo(pickup.run_id)
             return
         record = follow_run(registry, pickup.run_id, ProgressBar(f"run {pickup.run_id}"))
-    echo_json(record.as_dict()) if fmt == "json" else click.echo(cli_render.run_summary(record))
+    echo_json(record_json(record)) if fmt == "json" else click.echo(render.run_summary(record))
     if record.state == "failed":
-        raise cli_runs.RunFailed(f"run {record.run_id} failed: {record.error}")
+        raise dispatch.RunFailed(f"run {record.run_id} failed: {record.error}")
 
 
 @click.command()
@@ -90,23 +104,39 @@ def _cleanup(ctx: click.Context, *, dry_run: bool, wait: bool, batch_size: int |
 def orphans(ctx: click.Context, dry_run: bool, wait: bool, batch_size: int | None, local: bool,
             fmt: str) -> None:
     """Sweep asset state of inactive assets now (dispatched to the workers by default)."""
-    from workers import cli_render, cli_runs
-    from workers.cli_services import client_app
+    from workers.cli import dispatch, render
+    from workers.cli.services import client_app
 
     check_batch_option(batch_size)
     settings = load_settings(is_verbose(ctx))
+    if settings.airflow_custom_backend:
+        skip_custom_backend(settings, fmt)
+        return
     if dry_run:
-        data = cli_runs.orphans_dry_run(settings)
+        data = dispatch.orphans_dry_run(settings)
     elif local:
-        data = cli_runs.orphans_local(settings, batch_size)
+        data = dispatch.orphans_local(settings, batch_size)
     else:
         with client_app(settings) as app:
-            result = cli_runs.dispatch_orphans(app, settings, batch_size)
+            result = dispatch.dispatch_orphans(app, settings, batch_size)
             click.echo(f"dispatched orphan sweep task {result.id} to {settings.control_queue}",
                        err=True)
             if not wait:
                 echo_json({"task_id": result.id}) if fmt == "json" else click.echo(result.id)
                 return
-            data = cli_runs.wait_for_task(result, "orphan sweep")
-    echo_json(data) if fmt == "json" else click.echo(cli_render.orphans(data))
+            data = dispatch.wait_for_task(result, "orphan sweep")
+    echo_json(data) if fmt == "json" else click.echo(render.orphans(data))
 
+
+def skip_custom_backend(settings: Settings, fmt: str) -> None:
+    """Airflow names a state backend other than its metastore: the state is not in the tables
+    statesweep cleans, so nothing is read, sent or deleted; upstream's cleanup skips too."""
+    message = (f"custom backend configured — skipping: {settings.state_backend} (from "
+               f"{settings.source_of('state_backend')}) keeps Airflow's state elsewhere; "
+               "nothing was deleted")
+    click.echo(message, err=True)
+    if fmt == "json":
+        echo_json({"status": "custom_backend", "backend": settings.state_backend,
+                   "deleted": 0})
+    else:
+        click.echo("custom_backend")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from workers.cli_progress import format_seconds
+from workers.cli.progress import format_seconds
 from workers.runs import RunRecord
 
 

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from celery import Celery
+import click
 from sqlalchemy import Engine, inspect
 
-from workers.cli_services import (
+from workers.cli.base import FORMAT, echo_json, is_verbose, load_settings
+from workers.cli.services import (
     ServiceUnavailable,
     check_broker,
     client_app,
@@ -22,6 +23,9 @@ from workers.cli_services import (
 )
 from workers.schema import Tables
 from workers.settings import Settings, is_redis, mask_url
+
+if TYPE_CHECKING:
+    from celery import Celery
 
 CONTROL_TIMEOUT = 1.5  # seconds workers get to answer a ping or an inspect
 
@@ -52,7 +56,7 @@ def index_check(engine: Engine, tables: Tables) -> Check:
 
 
 def database_checks(settings: Settings) -> list[Check]:
-    where = mask_url(settings.database_url)
+    where = settings.database_origin
     try:
         with database(settings) as (engine, tables):
             version = ".".join(str(v) for v in (engine.dialect.server_version_info or ()))
@@ -106,8 +110,20 @@ def worker_checks(app: Celery, settings: Settings) -> list[Check]:
     return checks
 
 
+def backend_check(settings: Settings) -> Check | None:
+    """Airflow naming a custom state backend: every run skips, which doctor should say."""
+    if not settings.airflow_custom_backend:
+        return None
+    return Check("state backend", "warn",
+                 f"custom backend configured — cleanup skips: {settings.state_backend} (from "
+                 f"{settings.source_of('state_backend')}) keeps Airflow's state elsewhere")
+
+
 def run_checks(settings: Settings) -> list[Check]:
     checks = database_checks(settings)
+    backend = backend_check(settings)
+    if backend is not None:
+        checks.append(backend)
     app = client_app(settings)
     try:
         try:
@@ -145,18 +161,47 @@ def healthy(checks: list[Check]) -> bool:
 
 
 def report(checks: list[Check], settings: Settings) -> dict[str, Any]:
+    """The checks, and each setting (masked) with where it came from."""
+    import os
+
+    from workers.airflow_config import config_path
+
+    path, _ = config_path(os.environ)
+    masked = settings.masked()
     return {"healthy": healthy(checks), "checks": [asdict(c) for c in checks],
-            "settings": settings.masked()}
+            "settings": masked,
+            "sources": {name: settings.source_of(name) for name in masked
+                        if name != "effective_run_store_url"},
+            "airflow_cfg": (f"{path} ({'read' if path.is_file() else 'not found'})"
+                            if path else "none")}
 
 
 def render(data: dict[str, Any]) -> str:
     marks = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL", "skip": "skip"}
     width = max(len(c["name"]) for c in data["checks"])
     lines = [f"{marks[c['status']]}  {c['name']:<{width}}  {c['detail']}" for c in data["checks"]]
-    lines.append("settings (secrets masked):")
-    lines += [f"  {k} = {v}" for k, v in data["settings"].items()]
+    lines.append(f"airflow.cfg: {data['airflow_cfg']}")
+    lines.append("settings (secrets masked; where each came from on the right):")
+    pairs = [(f"{k} = {v}", data["sources"].get(k, "derived"))
+             for k, v in data["settings"].items()]
+    left = max(len(p) for p, _ in pairs)
+    lines += [f"  {p:<{left}}  [{where}]" for p, where in pairs]
     fails = sum(c["status"] == "fail" for c in data["checks"])
     warns = sum(c["status"] == "warn" for c in data["checks"])
     verdict = "healthy" if data["healthy"] else "UNHEALTHY"
     lines.append(f"{verdict}: {fails} failed, {warns} warnings")
     return "\n".join(lines)
+
+
+@click.command("doctor")
+@FORMAT
+@click.pass_context
+def doctor(ctx: click.Context, fmt: str) -> None:
+    """Check database, schema, index, broker, workers and run store; show settings (masked)."""
+    from workers.exit_codes import EXIT_UNHEALTHY
+
+    settings = load_settings(is_verbose(ctx))
+    data = report(run_checks(settings), settings)
+    echo_json(data) if fmt == "json" else click.echo(render(data))
+    if not data["healthy"]:
+        ctx.exit(EXIT_UNHEALTHY)

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import click
+
 from workers import cleanup
-from workers.cli_services import database, shared_run_store
+from workers.cli.base import FORMAT, echo_json, is_verbose, load_settings, record_json
+from workers.cli.services import database, shared_run_store
 from workers.exceptions import NotFound
 from workers.runs import RunRecord, RunRegistry
 from workers.settings import Settings, mask_url
@@ -44,7 +47,7 @@ def overview(settings: Settings, limit: int) -> tuple[dict[str, Any], list[RunRe
     records = registry.recent(limit)
     data = {
         "active_run_id": registry.active_run() or "",
-        "runs": [r.as_dict() for r in records],
+        "runs": [record_json(r) for r in records],
         "backlog": backlog(settings),
     }
     return data, records
@@ -53,3 +56,29 @@ def overview(settings: Settings, limit: int) -> tuple[dict[str, Any], list[RunRe
 def detail(settings: Settings, run_id: str) -> tuple[RunRegistry, RunRecord]:
     registry = shared_run_store(settings)
     return registry, find_run(settings, registry, run_id)
+
+
+@click.command()
+@click.argument("run_id", required=False)
+@click.option("--follow", is_flag=True, help="With RUN_ID: follow it to its end.")
+@click.option("--limit", type=click.IntRange(1, 200), default=10, show_default=True,
+              help="Recent runs to list.")
+@FORMAT
+@click.pass_context
+def status(ctx: click.Context, run_id: str | None, follow: bool, limit: int, fmt: str) -> None:
+    """The active and recent runs and the backlog of expired rows; or one run by RUN_ID."""
+    from workers.cli import render
+    from workers.cli.progress import ProgressBar, follow_run
+    from workers.exceptions import InvalidArgument
+
+    settings = load_settings(is_verbose(ctx))
+    if run_id is None:
+        if follow:
+            raise InvalidArgument("--follow needs a RUN_ID")
+        data, records = overview(settings, limit)
+        echo_json(data) if fmt == "json" else click.echo(render.status(data, records))
+        return
+    registry, record = detail(settings, run_id)
+    if follow and record.state not in ("finished", "failed"):
+        record = follow_run(registry, run_id, ProgressBar(f"run {run_id}"))
+    echo_json(record_json(record)) if fmt == "json" else click.echo(render.run_summary(record))

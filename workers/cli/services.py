@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from sqlalchemy import Engine
 
-from workers.exceptions import StatesweepError
+from workers.exceptions import SchemaError, StatesweepError
 from workers.runs import RunRegistry, registry_for
 from workers.schema import Tables, resolve_tables
 from workers.settings import Settings, is_redis, mask_url
@@ -33,22 +34,43 @@ class ServiceUnavailable(StatesweepError):
 
 @contextmanager
 def database(settings: Settings) -> Iterator[tuple[Engine, Tables]]:
-    """An engine with a short connect timeout and the resolved tables; disposed on exit."""
+    """An engine with a short connect timeout and the resolved tables; disposed on exit.
+
+    Errors name the database (masked) and where its URL came from. Every command using this
+    needs the tables to exist, so none creates a SQLite file that is not there (dry runs,
+    status and doctor only read; `db upgrade` and `seed` create on purpose, without this)."""
     from sqlalchemy.exc import OperationalError
 
     from workers.db import make_engine
 
+    refuse_missing_sqlite_file(settings)
     engine = make_engine(settings.database_url, **_connect_args(settings.database_url))
     try:
         try:
             tables = resolve_tables(engine, settings.table_naming)
         except OperationalError as exc:
             raise ServiceUnavailable(
-                f"the database STATESWEEP_DATABASE_URL={mask_url(settings.database_url)} "
-                "is unreachable") from (exc.orig or exc)
+                f"the database {settings.database_origin} is unreachable") from (exc.orig or exc)
+        except OSError as exc:  # e.g. the driver's TLS set-up: an ssl_ca file that is not there
+            raise ServiceUnavailable(
+                f"the database {settings.database_origin} cannot be reached") from exc
+        except SchemaError as exc:
+            raise SchemaError(f"{exc} (database {settings.database_origin})") from None
         yield engine, tables
     finally:
         engine.dispose()
+
+
+def refuse_missing_sqlite_file(settings: Settings) -> None:
+    """SQLite creates a missing file on connect; a command that only reads must not."""
+    from sqlalchemy.engine import make_url
+
+    from workers.db import normalise_url
+
+    url = make_url(normalise_url(settings.database_url))
+    if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).exists():
+        raise SchemaError(f"the SQLite database file {url.database} does not exist (database "
+                          f"{settings.database_origin}); nothing was created")
 
 
 def _connect_args(url: str) -> dict[str, Any]:

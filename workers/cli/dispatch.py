@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from workers import chunk, cleanup, coordinator
-from workers.cli_progress import FollowInterrupted, ProgressBar, Snapshot
-from workers.cli_services import (
+from workers.cli.progress import FollowInterrupted, ProgressBar, Snapshot
+from workers.cli.services import (
     ServiceUnavailable,
     check_broker,
     check_result_backend,
@@ -45,7 +45,7 @@ class Pickup:
     """What became of a dispatched coordinator: the run to follow, and how it got there."""
 
     run_id: str
-    status: str  # recorded | skipped | custom_backend | queued
+    status: str  # recorded | skipped | resumed | custom_backend | queued
 
 
 def note(message: str) -> None:
@@ -91,6 +91,14 @@ def await_pickup(registry: RunRegistry, run_id: str, result: AsyncResult, *,
                     note(f"another run is active ({active}); one run at a time, so this trigger "
                          "was skipped")
                     return Pickup(active, "skipped")
+                if status == "resumed":
+                    # A stalled run held the lock: the trigger re-sent its missing chunks
+                    # instead of starting this one, so the run to follow is that one.
+                    resumed = str(outcome.get("run_id") or outcome.get("active_run_id", ""))
+                    note(f"run {resumed} had stalled; this trigger resumed it (re-sent "
+                         f"{outcome.get('chunks', 0)} unfinished chunks) instead of starting "
+                         f"run {run_id}")
+                    return Pickup(resumed, "resumed")
                 if status == "custom_backend":
                     note("a custom STATESWEEP_STATE_BACKEND is configured: its cleanup() ran")
                     return Pickup(run_id, "custom_backend")

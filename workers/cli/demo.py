@@ -109,7 +109,7 @@ def _run_pipeline() -> tuple[dict[str, Any], dict[str, Any]]:
     from beat_schedule import build_beat_schedule
     from workers import tasks  # noqa: F401 - registers the tasks on the app
     from workers.celery_app import app, settings
-    from workers.cli_progress import ProgressBar, follow_run
+    from workers.cli.progress import ProgressBar, follow_run
     from workers.runs import registry_for
 
     # The in-memory transport polls; a short interval keeps the demo snappy.
@@ -173,3 +173,25 @@ def render(result: DemoResult) -> str:
         f"orphaned asset state left: {result.orphaned_asset_state_left}, "
         f"live asset state lost: {result.live_asset_state_lost}",
     ])
+
+
+@click.command("demo")
+@click.option("--rows", type=int, default=100_000, show_default=True,
+              help="Task state rows to seed.")
+@click.option("--db", "db_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path(DEFAULT_DB), show_default=True,
+              help="SQLite file, recreated each time.")
+@click.pass_context
+def demo(ctx: click.Context, rows: int, db_path: Path) -> None:
+    """The whole pipeline with no services: SQLite, an in-memory broker, an in-process worker."""
+    from workers.exceptions import InvalidArgument
+    from workers.exit_codes import EXIT_FAILURE
+    from workers.logs import configure_logging
+
+    if rows < 0:
+        raise InvalidArgument(f"--rows must be 0 or a positive number of rows, got {rows}")
+    configure_logging("console", "INFO", force=True)
+    result = run_demo(rows, db_path)
+    click.echo(render(result))
+    if not result.ok:
+        ctx.exit(EXIT_FAILURE)

@@ -13,9 +13,9 @@ import json
 import click
 from sqlalchemy import Engine, func, inspect, select
 
-from workers.exceptions import RefusedError
+from workers.cli.base import load_settings
+from workers.exceptions import InvalidArgument, RefusedError
 from workers.schema import Tables
-from workers.settings import Settings, mask_url
 
 
 def rows_present(engine: Engine, tables: Tables) -> dict[str, int]:
@@ -29,20 +29,32 @@ def rows_present(engine: Engine, tables: Tables) -> dict[str, int]:
     return counts
 
 
+def last_task_state_id(engine: Engine, tables: Tables) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(select(func.max(tables.task_state.c.id))).scalar_one() or 0)
+
+
 @click.command("seed")
-@click.option("--rows", type=click.IntRange(min=0), default=100_000, show_default=True,
+@click.option("--rows", type=int, default=100_000, show_default=True,
               help="Task state rows to write (about 55% expired, 10% never expiring).")
 @click.option("--if-empty", is_flag=True,
               help="Do nothing (exit 0) when the schema already holds data, "
                    "so a one-shot container can run again.")
-def seed_command(rows: int, if_empty: bool) -> None:
+@click.option("--add", is_flag=True,
+              help="Add the rows after those already there (a schema statesweep created "
+                   "and seeded), e.g. to give the next run more to delete.")
+def seed_command(rows: int, if_empty: bool, add: bool) -> None:
     """Fill the standalone schema with sample task and asset state."""
     from workers.db import db_now, make_engine
     from workers.schema import AIRFLOW_MARKERS, OWN_MARKER, resolve_tables
     from workers.seed import SeedSpec, seed
 
-    settings = Settings.from_env()
-    where = mask_url(settings.database_url)
+    if rows < 0:
+        raise InvalidArgument(f"--rows must be 0 or a positive number of rows, got {rows}")
+    if add and if_empty:
+        raise InvalidArgument("--add and --if-empty contradict each other; pass one")
+    settings = load_settings()
+    where = settings.database_origin
     engine = make_engine(settings.database_url)
     try:
         existing = set(inspect(engine).get_table_names())
@@ -55,21 +67,25 @@ def seed_command(rows: int, if_empty: bool) -> None:
                                "only a schema statesweep created is seeded")
         tables = resolve_tables(engine, settings.table_naming)
         present = rows_present(engine, tables)
-        if present:
+        first_row = 0
+        if present and add:
+            first_row = last_task_state_id(engine, tables)
+        elif present:
             held = ", ".join(f"{name}: {n} rows" for name, n in present.items())
             if if_empty:
                 click.echo(f"already seeded ({held}); nothing to do", err=True)
                 return
             raise RefusedError(f"refusing to seed {where}: it already holds data ({held}); "
-                               "pass --if-empty to skip quietly")
+                               "pass --if-empty to skip quietly, or --add to add rows")
         with engine.connect() as conn:
             now = db_now(conn)
-        counts = seed(engine, tables, SeedSpec(rows=rows), now)
+        counts = seed(engine, tables, SeedSpec(rows=rows, first_row=first_row), now)
     finally:
         engine.dispose()
-    click.echo(f"seeded {rows} task state rows into {where}", err=True)
+    added = f" after id {first_row}" if first_row else ""
+    click.echo(f"seeded {rows} task state rows into {where}{added}", err=True)
     click.echo(json.dumps({
-        "rows": rows, "expired": counts.expired, "never": counts.never,
+        "rows": rows, "first_id": first_row + 1, "expired": counts.expired, "never": counts.never,
         "future": counts.future, "asset_rows_live": counts.asset_rows_live,
         "asset_rows_orphaned": counts.asset_rows_orphaned,
     }, sort_keys=True))

@@ -1,0 +1,96 @@
+"""The ``statesweep`` command line, laid out like Celery's ``celery/bin/``: one module per
+command or command group over a shared :mod:`workers.cli.base`. Data goes to stdout; progress
+and logs go to stderr.
+
+- ``base``: settings loading, common options, JSON output, and the top-level handler that turns
+  a statesweep error into one message (its explaining causes) and a named exit code.
+- commands: ``cleanup`` (cleanup, cleanup-task-states, orphans), ``status``, ``doctor``,
+  ``seed``, ``db`` (db upgrade), ``demo``, ``flower`` (Flower, refusing to start without auth).
+- helpers beside them: ``dispatch`` (sending, following and running runs), ``services``
+  (reaching database, broker and run store with short timeouts), ``render`` (text on stdout),
+  ``progress`` (the progress bar on stderr).
+
+Imports go one way: the CLI imports the pipeline (``workers.coordinator``, ``workers.runs``, …),
+never the reverse.
+
+Adding a command: write ``workers/cli/<name>.py`` defining a click command (or group) that reads
+its settings with ``base.load_settings(is_verbose(ctx))`` inside the command, raises a
+``workers.exceptions`` error for bad input (the handler maps it to its exit code), and imports
+heavy modules (Celery, the database) inside the function so ``statesweep --help`` stays fast;
+then add its name to ``COMMANDS`` below. A new exit code goes in ``workers.exit_codes`` and its
+exception in ``base.EXIT_FOR``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from workers.cli.base import StatesweepGroup, exit_for, report, version
+from workers.exit_codes import (  # noqa: F401 - re-exported: the CLI exits with these
+    EXIT_BAD_ARGUMENT,
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_REFUSED,
+    EXIT_SCHEMA,
+    EXIT_SETTINGS,
+    EXIT_UNAVAILABLE,
+    EXIT_UNHEALTHY,
+    EXIT_USAGE,
+)
+
+# (module in workers.cli, attribute): each is a click command or group added to `statesweep`.
+COMMANDS = (
+    ("cleanup", "cleanup"),
+    ("cleanup", "cleanup_task_states"),
+    ("cleanup", "orphans"),
+    ("seed", "seed_command"),  # sample data: compose's demo-data profile
+    ("db", "db"),
+    ("status", "status"),
+    ("doctor", "doctor"),
+    ("demo", "demo"),
+    ("flower", "flower"),
+    ("exporter", "exporter_command"),  # long-running: Prometheus metrics
+)
+
+
+@click.group(cls=StatesweepGroup)
+@click.option("-v", "--verbose", is_flag=True, help="Log at STATESWEEP_LOG_LEVEL, not WARNING.")
+@click.version_option(version(), "--version", prog_name="statesweep",
+                      message="%(prog)s %(version)s")
+@click.pass_context
+def cli(ctx: click.Context, verbose: bool) -> None:
+    """statesweep: garbage-collect Airflow's task_state and asset_state tables."""
+    ctx.obj = {"verbose": verbose}
+
+
+for _module, _attr in COMMANDS:
+    cli.add_command(getattr(importlib.import_module(f"workers.cli.{_module}"), _attr))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: runs the CLI with statesweep's error handling."""
+    try:
+        rv = cli.main(args=argv, prog_name="statesweep", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except Exception as exc:
+        code = exit_for(exc)
+        if code is None:
+            raise
+        report(exc)
+        sys.exit(code)
+    sys.exit(rv if isinstance(rv, int) else EXIT_OK)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
