@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-import click
 import structlog
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -302,16 +301,3 @@ def serve(settings: Settings, host: str, port: int,
     stop.wait()
     server.shutdown()
     log.info("exporter_stopped")
-
-
-@click.command("exporter")
-@click.option("--host", default="0.0.0.0", show_default=True, help="Address to listen on.")
-@click.option("--port", type=click.IntRange(1, 65535), default=DEFAULT_PORT, show_default=True,
-              help="Port of /metrics.")
-def exporter_command(host: str, port: int) -> None:
-    """Serve Prometheus metrics: counters, backlog, last run, workers (long-running)."""
-    from workers.logs import configure_logging
-
-    settings = Settings.from_env()
-    configure_logging(settings.log_format, settings.log_level, force=True)
-    serve(settings, host, port)

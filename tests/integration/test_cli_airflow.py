@@ -21,9 +21,9 @@ from sqlalchemy.engine import make_url
 
 from tests.conftest import seed_postgres
 from tests.processes import child_env
+from workers.chunk import run_local
 from workers.cli import EXIT_BAD_ARGUMENT, EXIT_OK, EXIT_SCHEMA, EXIT_SETTINGS, cli
-from workers.coordinator import run_local
-from workers.runs import MemoryRunRegistry
+from workers.runs import registry_for
 from workers.schema import resolve_tables
 from workers.seed import row_count
 from workers.settings import Settings
@@ -116,7 +116,8 @@ def test_the_coordinator_skips_a_custom_airflow_backend_with_the_upstream_messag
     engine = make_engine(settings.database_url)
     try:
         with structlog.testing.capture_logs() as logs:
-            summary = run_local(settings, engine, resolve_tables(engine), MemoryRunRegistry())
+            summary = run_local(settings, engine, resolve_tables(engine),
+                                registry_for("memory://", "airflow-test"))
     finally:
         engine.dispose()
     assert summary.status == "custom_backend"

@@ -1,6 +1,23 @@
-"""``statesweep exporter``: the Prometheus exporter, a long-running command (workers.exporter
-holds the collector and the server; this is its place on the command line)."""
+"""``statesweep exporter``: the Prometheus exporter, a long-running command; the collector and
+the HTTP server are in workers.exporter."""
 
-from workers.exporter import exporter_command
+from __future__ import annotations
 
-__all__ = ["exporter_command"]
+import click
+
+from workers.exporter import DEFAULT_PORT
+
+
+@click.command("exporter")
+@click.option("--host", default="0.0.0.0", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(1, 65535), default=DEFAULT_PORT, show_default=True,
+              help="Port of /metrics.")
+def exporter_command(host: str, port: int) -> None:
+    """Serve Prometheus metrics: counters, backlog, last run, workers (long-running)."""
+    from workers.exporter import serve
+    from workers.logs import configure_logging
+    from workers.settings import Settings
+
+    settings = Settings.from_env()
+    configure_logging(settings.log_format, settings.log_level, force=True)
+    serve(settings, host, port)
