@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 
+from tests.brokers import broker  # noqa: F401 - the broker fixture, for every suite
 from tests.services import (
     REDIS_URL,
     fresh_mariadb_database,

@@ -23,6 +23,7 @@ from celery import Celery
 from celery.result import AsyncResult
 from sqlalchemy import Engine, inspect, select
 
+from tests.brokers import BROKERS, Broker
 from tests.conftest import create_schema, database_now
 from tests.processes import (
     CELERY,
@@ -66,6 +67,7 @@ class Pipeline:
     spec: SeedSpec
     counts: SeedCounts
     log_dir: Path
+    broker: Broker
 
     @property
     def registry(self) -> RunRegistry:
@@ -80,16 +82,15 @@ class Pipeline:
         return self.client.send_task(SWEEP_ORPHANS, queue=self.settings.control_queue)
 
     def queued(self, queue: str) -> int:
-        with redis.Redis.from_url(REDIS_URL) as r:
-            return int(r.llen(queue))  # type: ignore[arg-type]
+        return self.broker.ready(queue)
 
     def assert_exactly_expired_rows_gone(self) -> None:
         assert task_state_rows(self.engine, self.tables) == expected_survivors(self.spec)
 
 
 @pytest.fixture
-def make_pipeline(pg_url: str, redis_url: str, isolation: dict[str, str],
-                  tmp_path: Path) -> Iterator[Callable[..., Pipeline]]:
+def make_pipeline(pg_url: str, redis_url: str, isolation: dict[str, str], tmp_path: Path,
+                  broker: Broker) -> Iterator[Callable[..., Pipeline]]:
     """Builds the test's pipeline: schema in *naming*, seeded rows, worker environment."""
     made: list[Pipeline] = []
 
@@ -100,7 +101,7 @@ def make_pipeline(pg_url: str, redis_url: str, isolation: dict[str, str],
         counts = seed(engine, tables, spec, database_now(engine))
         env = {
             "STATESWEEP_DATABASE_URL": pg_url,
-            "STATESWEEP_BROKER_URL": redis_url,
+            "STATESWEEP_BROKER_URL": broker.url,
             "STATESWEEP_RESULT_BACKEND": redis_url,
             "STATESWEEP_RUN_STORE_URL": redis_url,
             "STATESWEEP_CLEANUP_BATCH_SIZE": str(batch),
@@ -110,7 +111,7 @@ def make_pipeline(pg_url: str, redis_url: str, isolation: dict[str, str],
         }
         settings = Settings.from_env(env)
         p = Pipeline(env, settings, build_app(settings, include_tasks=False), engine, tables,
-                     spec, counts, tmp_path)
+                     spec, counts, tmp_path, broker)
         made.append(p)
         return p
 
@@ -195,6 +196,7 @@ def refresh(p: Pipeline, row_ids: list[int]) -> set[tuple[int, str]]:
 # --- 1 and 7: the whole pipeline on two workers, in both namings -------------------------------
 
 
+@pytest.mark.parametrize("broker", BROKERS, indirect=True)
 @pytest.mark.parametrize("naming", ["seed", "airflow"])
 def test_two_workers_delete_exactly_expired_and_orphaned_rows(
         naming: str, make_pipeline: Callable[..., Pipeline]) -> None:
@@ -278,6 +280,7 @@ def test_rows_refreshed_after_planning_survive(make_pipeline: Callable[..., Pipe
 # --- 3: overlapping triggers make one run -------------------------------------------------------
 
 
+@pytest.mark.parametrize("broker", BROKERS, indirect=True)
 def test_three_overlapping_triggers_make_exactly_one_run(
         make_pipeline: Callable[..., Pipeline]) -> None:
     p = make_pipeline(rows=20_000, batch=1_000)
