@@ -63,31 +63,44 @@ class Broker:
     def is_amqp(self) -> bool:
         return self.name == "rabbitmq"
 
-    def counts(self, queue: str) -> tuple[int, int]:
-        """(messages ready, messages delivered and not yet acknowledged) of *queue*."""
+    def ready(self, queue: str) -> int:
+        """Messages waiting in *queue*. On RabbitMQ from a passive declare, which the queue's
+        leader answers exactly (``rabbitmqctl list_queues`` lags by a stats interval)."""
+        if not self.is_amqp:
+            import redis
+
+            with redis.Redis.from_url(self.url) as client:
+                return int(client.llen(queue))  # type: ignore[arg-type]
+        from amqp.exceptions import NotFound
+        from kombu import Connection
+
+        with Connection(self.url) as conn:
+            try:
+                _, count, _ = conn.channel().queue_declare(queue, passive=True)
+            except NotFound:
+                return 0
+        return int(count)
+
+    def unacked(self, queue: str, timeout: float = 15) -> int:
+        """Messages of *queue* delivered to a consumer and not yet acknowledged. RabbitMQ
+        publishes this count every few seconds: poll until one shows, bounded by *timeout*."""
         if not self.is_amqp:
             import json
 
             import redis
 
             with redis.Redis.from_url(self.url) as client:
-                ready = int(client.llen(queue))  # type: ignore[arg-type]
-                unacked = sum(1 for v in client.hvals("unacked")  # type: ignore[union-attr]
-                              if json.loads(v)[2] == queue)
-            return ready, unacked
-        out = self.rabbitmqctl("list_queues", "-p", self.vhost, "--quiet", "--no-table-headers",
-                               "name", "messages_ready", "messages_unacknowledged")
-        for line in out.splitlines():
-            cols = line.split()
-            if cols and cols[0] == queue:
-                return int(cols[1]), int(cols[2])
-        return 0, 0
-
-    def ready(self, queue: str) -> int:
-        return self.counts(queue)[0]
-
-    def unacked(self, queue: str) -> int:
-        return self.counts(queue)[1]
+                raw = client.hvals("unacked")
+            return sum(1 for v in raw if json.loads(v)[2] == queue)  # type: ignore[union-attr]
+        deadline = time.monotonic() + timeout
+        while True:
+            out = self.rabbitmqctl("list_queues", "-p", self.vhost, "--quiet",
+                                   "--no-table-headers", "name", "messages_unacknowledged")
+            count = sum(int(cols[1]) for cols in map(str.split, out.splitlines())
+                        if len(cols) == 2 and cols[0] == queue)
+            if count or time.monotonic() > deadline:
+                return count
+            time.sleep(1)
 
     def rabbitmqctl(self, *args: str) -> str:
         done = subprocess.run([*self.ctl, *args], capture_output=True, text=True, timeout=60,

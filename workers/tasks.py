@@ -118,10 +118,14 @@ def delete_chunk(self: Task, run_id: str, chunk: int, lo: int, hi: int, cutoff: 
 
 
 def _backoff(retries: int) -> float:
-    """Exponential backoff with full jitter, capped at a minute."""
+    """One second plus exponential backoff with full jitter, capped at a minute.
+
+    At least a second: with RabbitMQ quorum queues Celery sends a countdown through its delay
+    queues as int(countdown) seconds and refuses one under a second ("countdown must be a
+    positive number"), rejecting the retry and losing the chunk's message."""
     import random
 
-    return random.uniform(0, min(60.0, 0.5 * 2 ** retries))
+    return 1.0 + random.uniform(0, min(60.0, 0.5 * 2 ** retries))
 
 
 @app.task(name=SWEEP_ORPHANS, bind=True, max_retries=5)

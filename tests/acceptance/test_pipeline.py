@@ -364,6 +364,7 @@ def test_beat_triggers_the_coordinator_and_the_orphan_sweep(
 # --- a chunk that meets a lock retries with backoff and finishes --------------------------------
 
 
+@pytest.mark.parametrize("broker", BROKERS, indirect=True)
 def test_chunk_blocked_by_a_writer_retries_and_finishes(
         make_pipeline: Callable[..., Pipeline]) -> None:
     p = make_pipeline(rows=20_000, batch=1_000, lock_timeout_ms="200")
