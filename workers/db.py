@@ -130,6 +130,8 @@ def set_timeouts(conn: Connection, lock_timeout_ms: int, statement_timeout_ms: i
         # SET LOCAL lasts until the end of the current transaction only.
         conn.exec_driver_sql(f"SET LOCAL lock_timeout = {int(lock_timeout_ms)}")
         conn.exec_driver_sql(f"SET LOCAL statement_timeout = {int(statement_timeout_ms)}")
+        conn.exec_driver_sql(
+            f"SET LOCAL idle_in_transaction_session_timeout = {int(statement_timeout_ms)}")
     elif name in ("mysql", "mariadb"):
         seconds = max(1, int(lock_timeout_ms) // 1000)
         if getattr(conn.dialect, "is_mariadb", False):
@@ -188,9 +190,14 @@ def begin_chunk(conn: Connection, lock_timeout_ms: int, statement_timeout_ms: in
             func.set_config("lock_timeout", str(int(lock_timeout_ms)), True),
             func.set_config("statement_timeout", str(int(statement_timeout_ms)), True),
             func.set_config("synchronous_commit", "off", True),
+            # A client that vanishes mid-chunk (its host cut off the network, so no FIN ever
+            # arrives) leaves its transaction idle, holding row locks: PostgreSQL ends it, and
+            # rolls it back, after this long. TCP keepalives would take minutes to notice.
+            func.set_config("idle_in_transaction_session_timeout",
+                            str(int(statement_timeout_ms)), True),
             func.now(),
         )).one()
-        now: dt.datetime = row[3]
+        now: dt.datetime = row[4]
         return now.astimezone(dt.UTC)
     set_timeouts(conn, lock_timeout_ms, statement_timeout_ms)
     return db_now(conn)
