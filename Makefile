@@ -6,7 +6,11 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: demo test lint bench bench-quick clean
+.PHONY: demo test lint bench bench-quick clean system-deps
+
+# Binaries the test suite starts itself (binary:Debian package): network namespaces for the
+# worker-host tests, private redis-server and RabbitMQ nodes for the restart tests.
+SYSTEM_BINARIES := ip:iproute2 redis-server:redis-server rabbitmqctl:rabbitmq-server
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +25,18 @@ $(BENCH_STAMP): $(STAMP)
 demo: $(STAMP)
 	$(BIN)/statesweep demo
 
-test: $(STAMP)
+system-deps:
+	@missing=""; for pair in $(SYSTEM_BINARIES); do \
+	  PATH="$$PATH:/usr/sbin:/sbin" command -v "$${pair%%:*}" >/dev/null 2>&1 \
+	    || missing="$$missing $${pair#*:}"; done; \
+	if [ -n "$$missing" ]; then \
+	  sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
+	  echo "installing$$missing"; \
+	  $$sudo apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+test: $(STAMP) system-deps
 	$(BIN)/ruff check workers tests bench beat_schedule.py
 	$(BIN)/mypy workers beat_schedule.py
 	$(BIN)/python -m pytest
