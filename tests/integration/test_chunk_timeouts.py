@@ -6,11 +6,12 @@ the next chunk; none of them may inherit a chunk's one-second lock wait or its s
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import Engine, select, text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from tests.conftest import database_now
 from tests.reliability.faults import hold_row_lock
@@ -87,3 +88,32 @@ def test_mariadb_statement_limit_applies_inside_the_transaction(
     assert caught.value.orig.args[0] == 1969  # ER_STATEMENT_TIMEOUT
     _, _, statement_time = session(engine)
     assert statement_time == 0
+
+
+def test_postgres_ends_a_chunk_transaction_whose_client_went_silent(pg_url: str) -> None:
+    """A worker cut off the network mid-chunk never sends COMMIT, nor closes its socket: the
+    chunk's own idle_in_transaction_session_timeout makes PostgreSQL end and roll back the
+    transaction (tests/reliability/test_partition.py shows it with a real partition)."""
+    from workers.db import begin_chunk
+
+    engine, watcher = make_engine(pg_url), make_engine(pg_url)
+    try:
+        conn = engine.connect()
+        conn.begin()
+        begin_chunk(conn, lock_timeout_ms=1000, statement_timeout_ms=300)
+        pid = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        # The client now says nothing more, as a partitioned worker would.
+        alive = text("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid")
+        deadline = time.monotonic() + 30
+        while True:
+            with watcher.connect() as w:
+                if w.execute(alive, {"pid": pid}).scalar_one() == 0:
+                    break
+            assert time.monotonic() < deadline, "the idle chunk transaction was never ended"
+            time.sleep(0.1)
+        with pytest.raises(DBAPIError, match="idle-in-transaction timeout"):
+            conn.execute(text("SELECT 1"))
+        conn.invalidate()
+    finally:
+        engine.dispose()
+        watcher.dispose()
