@@ -102,6 +102,13 @@ class Broker:
                 return count
             time.sleep(1)
 
+    def queue_declarations(self) -> dict[str, str]:
+        """RabbitMQ: each queue of the vhost with its type and arguments, as one line."""
+        out = self.rabbitmqctl("list_queues", "-p", self.vhost, "--quiet", "--no-table-headers",
+                               "name", "type", "durable", "arguments")
+        return {cols[0]: " ".join(cols[1:]) for cols in map(str.split, out.splitlines())
+                if cols}
+
     def rabbitmqctl(self, *args: str) -> str:
         done = subprocess.run([*self.ctl, *args], capture_output=True, text=True, timeout=60,
                               env=self.ctl_env, check=False)

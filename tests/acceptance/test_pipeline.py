@@ -304,6 +304,12 @@ def test_three_overlapping_triggers_make_exactly_one_run(
     assert sorted(e["run_id"] for e in logged) == sorted(s["run_id"] for s in skipped)
     assert {e["active_run_id"] for e in logged} == {run_id}
     assert p.queued(p.settings.chunk_queue) == winner["chunks"] == 11
+    if p.broker.is_amqp:
+        declared = p.broker.queue_declarations()
+        for queue in (p.settings.control_queue, p.settings.chunk_queue):
+            # Durable quorum queues with a delivery limit, as workers/brokers.py declares them.
+            assert declared[queue].startswith("quorum true"), declared[queue]
+            assert '"x-delivery-limit",10' in declared[queue], declared[queue]
 
     with running(p.env, p.log_dir, "chunks", queues=p.settings.chunk_queue, concurrency=2):
         record = wait_for_run(p.env, run_id, timeout=60)
