@@ -117,3 +117,20 @@ def test_postgres_ends_a_chunk_transaction_whose_client_went_silent(pg_url: str)
     finally:
         engine.dispose()
         watcher.dispose()
+
+
+def test_mysql_branch_puts_the_session_lock_wait_back_at_checkin(
+        one_connection: tuple[Engine, Tables], monkeypatch: pytest.MonkeyPatch) -> None:
+    """MySQL proper has no SET STATEMENT: the chunk sets the session's lock wait and the pool
+    puts it back at check-in. No MySQL server runs here; MariaDB accepts the same statements,
+    so the MySQL branch runs against it with the dialect's MariaDB flag off."""
+    engine, tables = one_connection
+    before = session(engine)
+    monkeypatch.setattr(engine.dialect, "is_mariadb", False)
+    with engine.connect() as conn, conn.begin():
+        set_timeouts(conn, 2000, 2500)
+        during = int(conn.execute(text("SELECT @@SESSION.innodb_lock_wait_timeout"))
+                     .scalar_one())
+    monkeypatch.undo()
+    assert during == 2
+    assert session(engine) == before
