@@ -52,8 +52,14 @@ def test_worker_sigkilled_with_chunks_in_flight_loses_no_work(
             _, port = wait_for_lock_waiter(engine)
             victims = [w for w in started if owns_local_port(w.proc.pid, port)]
             assert len(victims) == 1, "the blocked chunk belongs to exactly one worker"
-            in_flight = fault_broker.unacked(p.settings.chunk_queue)
             at_kill = p.registry.get(run_id)
+            assert at_kill is not None
+            if fault_broker.is_amqp:
+                # Planned, neither finished nor waiting in the queue: held by the workers.
+                in_flight = (at_kill.chunks_planned - at_kill.chunks_done
+                             - fault_broker.ready(p.settings.chunk_queue))
+            else:
+                in_flight = fault_broker.unacked(p.settings.chunk_queue)
             victims[0].kill()
             killed_at = time.monotonic()
         assert at_kill is not None and at_kill.chunks_done < at_kill.chunks_planned
