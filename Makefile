@@ -6,12 +6,16 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: demo test lint bench bench-quick clean test-binaries prometheus-tools
+.PHONY: demo test lint bench bench-quick clean test-binaries prometheus-tools system-deps
 
 # apt-get install $(1) (as root, else through sudo): server binaries the tests start privately,
 # and Prometheus/promtool for the alert-rule and exporter tests; each only when missing.
 apt_install = { [ "$$(id -u)" = 0 ] && SUDO= || SUDO=sudo; $$SUDO apt-get update -qq && \
 	DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $(1); }
+
+# Binaries the test suite starts itself (binary:Debian package): network namespaces for the
+# worker-host tests, private redis-server and RabbitMQ nodes for the restart tests.
+SYSTEM_BINARIES := ip:iproute2 redis-server:redis-server rabbitmqctl:rabbitmq-server
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,7 +41,18 @@ prometheus-tools:
 	@command -v promtool >/dev/null && command -v prometheus >/dev/null || \
 		$(call apt_install,prometheus)
 
-test: $(STAMP) test-binaries prometheus-tools
+system-deps:
+	@missing=""; for pair in $(SYSTEM_BINARIES); do \
+	  PATH="$$PATH:/usr/sbin:/sbin" command -v "$${pair%%:*}" >/dev/null 2>&1 \
+	    || missing="$$missing $${pair#*:}"; done; \
+	if [ -n "$$missing" ]; then \
+	  sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
+	  echo "installing$$missing"; \
+	  $$sudo apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+test: $(STAMP) system-deps test-binaries prometheus-tools
 	$(BIN)/ruff check workers tests bench beat_schedule.py
 	$(BIN)/mypy workers beat_schedule.py
 	$(BIN)/python -m pytest

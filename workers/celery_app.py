@@ -13,9 +13,9 @@ from typing import Any
 
 import structlog
 from celery import Celery, signals
-from kombu import Exchange, Queue
 from sqlalchemy import Engine
 
+from workers.brokers import broker_config
 from workers.db import forget_engines_after_fork, get_engine
 from workers.exceptions import SettingsError
 from workers.exit_codes import EXIT_SETTINGS
@@ -38,8 +38,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings derived from statesweep's; also what the tests check."""
     from beat_schedule import build_beat_schedule
 
-    transport = {"visibility_timeout": settings.visibility_timeout}
     return {
+        **broker_config(settings),
         "broker_url": settings.broker_url,
         "result_backend": settings.result_backend,
         # A task is acknowledged after it ran, so a worker killed mid-chunk loses nothing: the
@@ -49,13 +49,6 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_prefetch_multiplier": 1,
         "task_soft_time_limit": settings.chunk_soft_time_limit,
         "task_time_limit": settings.chunk_time_limit,
-        # Redis redelivers unacknowledged messages after this; well above the hard limit so a
-        # running chunk is never handed to a second worker.
-        # kombu scans for unacknowledged messages past their visibility timeout only every
-        # unacked_restore_interval (10 s) x unacked_restore_throttle (10) by default; scanning
-        # every interval makes a killed worker's chunk come back ~90 s sooner.
-        "broker_transport_options": {**transport, "unacked_restore_throttle": 1},
-        "result_backend_transport_options": transport,
         "broker_connection_retry_on_startup": True,
         # A chunk running when the broker connection drops finishes its short transaction;
         # its redelivered copy then deletes nothing. Explicit, as Celery 6 changes the default.
@@ -75,11 +68,6 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "timezone": "UTC",
         "enable_utc": True,
         "worker_hijack_root_logger": False,
-        # Each queue has its own direct exchange and routing key. Left to Celery's defaults both
-        # would be bound to the default exchange under the control queue's routing key, so a
-        # message published by exchange and key would land in both queues.
-        "task_queues": tuple(Queue(q, Exchange(q, "direct"), routing_key=q)
-                             for q in (settings.control_queue, settings.chunk_queue)),
         "task_default_exchange": settings.control_queue,
         "task_default_routing_key": settings.control_queue,
         "task_default_queue": settings.control_queue,

@@ -111,6 +111,8 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         event.listen(engine, "connect", _sqlite_on_connect)
     elif backend in ("mysql", "mariadb"):
         event.listen(engine, "connect", _mysql_on_connect)
+        event.listen(engine, "before_cursor_execute", _mysql_statement_timeouts, retval=True)
+        event.listen(engine, "checkin", _mysql_restore_session)
     return engine
 
 
@@ -186,19 +188,60 @@ def plus(dialect: str, base: ColumnElement[Any], delta: dt.timedelta) -> ColumnE
 
 def set_timeouts(conn: Connection, lock_timeout_ms: int, statement_timeout_ms: int) -> None:
     """Bound how long this transaction may wait for locks and run; a chunk never blocks writers
-    for long, and a stuck chunk fails and retries rather than holding locks."""
+    for long, and a stuck chunk fails and retries rather than holding locks.
+
+    The bounds never outlive the transaction: a pooled connection carries later planning and
+    run-store statements that must not inherit a chunk's one-second lock wait.
+    """
     name = conn.dialect.name
     if name == "postgresql":
         # SET LOCAL lasts until the end of the current transaction only.
         conn.exec_driver_sql(f"SET LOCAL lock_timeout = {int(lock_timeout_ms)}")
         conn.exec_driver_sql(f"SET LOCAL statement_timeout = {int(statement_timeout_ms)}")
+        conn.exec_driver_sql(
+            f"SET LOCAL idle_in_transaction_session_timeout = {int(statement_timeout_ms)}")
     elif name in ("mysql", "mariadb"):
         seconds = max(1, int(lock_timeout_ms) // 1000)
-        conn.exec_driver_sql(f"SET SESSION innodb_lock_wait_timeout = {seconds}")
         if getattr(conn.dialect, "is_mariadb", False):
-            conn.exec_driver_sql(
-                f"SET SESSION max_statement_time = {int(statement_timeout_ms) / 1000:.3f}"
-            )
+            # MariaDB scopes variables to one statement (SET STATEMENT … FOR); the engine's
+            # before_cursor_execute hook prefixes each statement of this Connection with them.
+            conn.execution_options(**{_SCOPED: (
+                f"SET STATEMENT innodb_lock_wait_timeout={seconds},"
+                f" max_statement_time={int(statement_timeout_ms) / 1000:.3f} FOR ")})
+        else:
+            # MySQL has no SET STATEMENT, and its MAX_EXECUTION_TIME hint bounds SELECTs only,
+            # so a DELETE gets the lock wait bound alone (the chunk's hard time limit bounds
+            # the rest). The session value is put back when the connection returns to the pool.
+            dbapi_conn = conn.connection.dbapi_connection
+            cur = dbapi_conn.cursor()  # type: ignore[union-attr]
+            cur.execute("SELECT @@SESSION.innodb_lock_wait_timeout")
+            previous = int(cur.fetchone()[0])  # type: ignore[index]
+            cur.execute(f"SET SESSION innodb_lock_wait_timeout = {seconds}")
+            cur.close()
+            conn.connection.info.setdefault(_RESTORE, previous)
+
+
+# Connection execution option holding a MariaDB statement prefix, and connection-record info
+# key holding the MySQL session value to restore at check-in.
+_SCOPED = "statesweep_statement_prefix"
+_RESTORE = "statesweep_restore_lock_wait_timeout"
+
+
+def _mysql_statement_timeouts(conn: Connection, _cursor: Any, statement: str, parameters: Any,
+                              context: Any, _executemany: bool) -> tuple[str, Any]:
+    prefix = conn.get_execution_options().get(_SCOPED)
+    if prefix and statement.lstrip()[:6].upper() in ("SELECT", "DELETE", "UPDATE", "INSERT"):
+        statement = prefix + statement
+    return statement, parameters
+
+
+def _mysql_restore_session(dbapi_conn: Any, record: Any) -> None:
+    previous = record.info.pop(_RESTORE, None)
+    if previous is None or dbapi_conn is None:
+        return
+    cur = dbapi_conn.cursor()
+    cur.execute(f"SET SESSION innodb_lock_wait_timeout = {int(previous)}")
+    cur.close()
 
 
 def begin_chunk(conn: Connection, lock_timeout_ms: int, statement_timeout_ms: int) -> dt.datetime:
@@ -215,9 +258,14 @@ def begin_chunk(conn: Connection, lock_timeout_ms: int, statement_timeout_ms: in
             func.set_config("lock_timeout", str(int(lock_timeout_ms)), True),
             func.set_config("statement_timeout", str(int(statement_timeout_ms)), True),
             func.set_config("synchronous_commit", "off", True),
+            # A client that vanishes mid-chunk (its host cut off the network, so no FIN ever
+            # arrives) leaves its transaction idle, holding row locks: PostgreSQL ends it, and
+            # rolls it back, after this long. TCP keepalives would take minutes to notice.
+            func.set_config("idle_in_transaction_session_timeout",
+                            str(int(statement_timeout_ms)), True),
             func.now(),
         )).one()
-        now: dt.datetime = row[3]
+        now: dt.datetime = row[4]
         return now.astimezone(dt.UTC)
     set_timeouts(conn, lock_timeout_ms, statement_timeout_ms)
     return db_now(conn)

@@ -98,6 +98,16 @@ class UtcDateTime(TypeDecorator[dt.datetime]):
         return value.astimezone(dt.UTC)
 
 
+def _id_string(length: int = ID_LEN) -> String:
+    # MySQL's default collations (utf8mb4_general_ci, utf8mb4_0900_ai_ci) fold case and accents,
+    # so a unique key there would treat "offset"/"Offset" or "café"/"cafe" as one row and the
+    # upsert would overwrite one with the other. Airflow makes its id columns binary on MySQL
+    # ([database] sql_engine_collation_for_ids); so do we, matching PostgreSQL and SQLite.
+    return String(length).with_variant(
+        mysql.VARCHAR(length, charset="utf8mb4", collation="utf8mb4_bin"), "mysql", "mariadb"
+    )
+
+
 def _name_string(length: int = 1500) -> String:
     # MySQL indexes are limited to 3072 bytes; Airflow keeps asset name/uri latin1 there.
     return String(length).with_variant(
@@ -128,20 +138,20 @@ def build_tables(naming: str) -> Tables:
     dag_run = Table(
         "dag_run", md,
         Column("id", Integer, primary_key=True, autoincrement=True),
-        Column("dag_id", String(ID_LEN), nullable=False),
-        Column("run_id", String(ID_LEN), nullable=False),
+        Column("dag_id", _id_string(), nullable=False),
+        Column("run_id", _id_string(), nullable=False),
         UniqueConstraint("dag_id", "run_id", name="dag_run_dag_id_run_id_key"),
     )
     task_state = Table(
         task_name, md,
         Column("id", Integer, primary_key=True, autoincrement=True),
         Column("dag_run_id", Integer, nullable=False),
-        Column("task_id", String(ID_LEN), nullable=False),
+        Column("task_id", _id_string(), nullable=False),
         Column("map_index", Integer, nullable=False, server_default="-1"),
-        Column("key", String(ID_LEN), nullable=False),
+        Column("key", _id_string(), nullable=False),
         # Denormalised from dag_run so lookups by (dag_id, run_id) need no join.
-        Column("dag_id", String(ID_LEN), nullable=False),
-        Column("run_id", String(ID_LEN), nullable=False),
+        Column("dag_id", _id_string(), nullable=False),
+        Column("run_id", _id_string(), nullable=False),
         Column("value", Text, nullable=False),
         Column("updated_at", UtcDateTime, nullable=False),
         # NULL means "never expires"; retention cleanup never deletes those rows.
@@ -175,7 +185,7 @@ def build_tables(naming: str) -> Tables:
                ForeignKey("asset.id", ondelete="CASCADE",
                           name=f"{asset_state_name}_asset_id_fkey"),
                nullable=False),
-        Column("key", String(ID_LEN), nullable=False),
+        Column("key", _id_string(), nullable=False),
         Column("value", Text, nullable=False),
         Column("updated_at", UtcDateTime, nullable=False),
         PrimaryKeyConstraint("asset_id", "key", name=f"{asset_state_name}_pkey"),

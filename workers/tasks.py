@@ -145,8 +145,12 @@ def delete_chunk(self: Task, run_id: str, chunk: int, kind: str, lo: int, hi: in
 
 
 def _backoff(retries: int) -> float:
-    """Exponential backoff with full jitter, capped at a minute."""
-    return random.uniform(0, min(60.0, 0.5 * 2 ** retries))
+    """One second plus exponential backoff with full jitter, capped at a minute.
+
+    At least a second: with RabbitMQ quorum queues Celery sends a countdown through its delay
+    queues as int(countdown) seconds and refuses one under a second ("countdown must be a
+    positive number"), rejecting the retry and losing the chunk's message."""
+    return 1.0 + random.uniform(0, min(60.0, 0.5 * 2 ** retries))
 
 
 @app.task(name=PUMP, bind=True, soft_time_limit=60, time_limit=90)

@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from tests.brokers import BROKERS, Broker
 from tests.conftest import create_schema, database_now
 from tests.processes import CELERY, ROOT, child_env, start_worker, wait_for_run
 from tests.services import unique
@@ -134,12 +135,13 @@ def metric(metrics: str, name: str, **labels: str) -> float:
     return 0.0
 
 
+@pytest.mark.parametrize("broker", BROKERS, indirect=True)
 def test_cleanup_through_flower_api(pg_url: str, redis_url: str, isolation: dict[str, str],
-                                    tmp_path: Path) -> None:
+                                    tmp_path: Path, broker: Broker) -> None:
     engine, tables = create_schema(pg_url)
     spec = SeedSpec(rows=ROWS)
     counts = seed(engine, tables, spec, database_now(engine))
-    env = {"STATESWEEP_DATABASE_URL": pg_url, "STATESWEEP_BROKER_URL": redis_url,
+    env = {"STATESWEEP_DATABASE_URL": pg_url, "STATESWEEP_BROKER_URL": broker.url,
            "STATESWEEP_RESULT_BACKEND": redis_url, "STATESWEEP_CLEANUP_BATCH_SIZE": str(BATCH),
            **isolation}
     control, chunk_queue = (isolation["STATESWEEP_CONTROL_QUEUE"],

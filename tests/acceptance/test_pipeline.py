@@ -23,6 +23,7 @@ from celery import Celery
 from celery.result import AsyncResult
 from sqlalchemy import Engine, inspect, select
 
+from tests.brokers import BROKERS, Broker
 from tests.conftest import create_schema, database_now
 from tests.processes import (
     CELERY,
@@ -66,6 +67,7 @@ class Pipeline:
     spec: SeedSpec
     counts: SeedCounts
     log_dir: Path
+    broker: Broker
 
     @property
     def registry(self) -> RunRegistry:
@@ -80,16 +82,15 @@ class Pipeline:
         return self.client.send_task(SWEEP_ORPHANS, queue=self.settings.control_queue)
 
     def queued(self, queue: str) -> int:
-        with redis.Redis.from_url(REDIS_URL) as r:
-            return int(r.llen(queue))  # type: ignore[arg-type]
+        return self.broker.ready(queue)
 
     def assert_exactly_expired_rows_gone(self) -> None:
         assert task_state_rows(self.engine, self.tables) == expected_survivors(self.spec)
 
 
 @pytest.fixture
-def make_pipeline(pg_url: str, redis_url: str, isolation: dict[str, str],
-                  tmp_path: Path) -> Iterator[Callable[..., Pipeline]]:
+def make_pipeline(pg_url: str, redis_url: str, isolation: dict[str, str], tmp_path: Path,
+                  broker: Broker) -> Iterator[Callable[..., Pipeline]]:
     """Builds the test's pipeline: schema in *naming*, seeded rows, worker environment."""
     made: list[Pipeline] = []
 
@@ -101,7 +102,7 @@ def make_pipeline(pg_url: str, redis_url: str, isolation: dict[str, str],
         counts = seed(engine, tables, spec, database_now(engine))
         env = {
             "STATESWEEP_DATABASE_URL": url,
-            "STATESWEEP_BROKER_URL": redis_url,
+            "STATESWEEP_BROKER_URL": broker.url,
             "STATESWEEP_RESULT_BACKEND": redis_url,
             "STATESWEEP_RUN_STORE_URL": redis_url,
             "STATESWEEP_CLEANUP_BATCH_SIZE": str(batch),
@@ -111,7 +112,7 @@ def make_pipeline(pg_url: str, redis_url: str, isolation: dict[str, str],
         }
         settings = Settings.from_env(env)
         p = Pipeline(env, settings, build_app(settings, include_tasks=False), engine, tables,
-                     spec, counts, tmp_path)
+                     spec, counts, tmp_path, broker)
         made.append(p)
         return p
 
@@ -196,6 +197,7 @@ def refresh(p: Pipeline, row_ids: list[int]) -> set[tuple[int, str]]:
 # --- 1 and 7: the whole pipeline on two workers, in both namings -------------------------------
 
 
+@pytest.mark.parametrize("broker", BROKERS, indirect=True)
 @pytest.mark.parametrize(("naming", "planner"), [("seed", "blocks"), ("airflow", "blocks"),
                                                  ("seed", "walk")])
 def test_two_workers_delete_exactly_expired_and_orphaned_rows(
@@ -235,6 +237,10 @@ def test_two_workers_delete_exactly_expired_and_orphaned_rows(
     assert all(0 <= e["rows"] <= limit for e in deleted), max(e["rows"] for e in deleted)
     assert sum(e["rows"] for e in deleted) == expired
     assert all(e["kind"] == planner for e in deleted)
+
+    if p.broker.is_amqp:
+        # Quorum queues refuse a global QoS; Celery saw them and set a per-consumer prefetch.
+        assert all("Global QoS is disabled" in w.log() for w in (w1, w2))
 
     # JSON logs: every statesweep event carries the task name, task id and run id.
     events = json_events(w1) + json_events(w2)
@@ -281,6 +287,7 @@ def test_rows_refreshed_after_planning_survive(make_pipeline: Callable[..., Pipe
 # --- 3: overlapping triggers make one run -------------------------------------------------------
 
 
+@pytest.mark.parametrize("broker", BROKERS, indirect=True)
 def test_three_overlapping_triggers_make_exactly_one_run(
         make_pipeline: Callable[..., Pipeline]) -> None:
     p = make_pipeline(rows=20_000, batch=1_000)
@@ -300,6 +307,12 @@ def test_three_overlapping_triggers_make_exactly_one_run(
     assert sorted(e["run_id"] for e in logged) == sorted(s["run_id"] for s in skipped)
     assert {e["active_run_id"] for e in logged} == {run_id}
     assert p.queued(p.settings.chunk_queue) == winner["chunks"] > 0
+    if p.broker.is_amqp:
+        declared = p.broker.queue_declarations()
+        for queue in (p.settings.control_queue, p.settings.chunk_queue):
+            # Durable quorum queues with a delivery limit, as workers/brokers.py declares them.
+            assert declared[queue].startswith("quorum true"), declared[queue]
+            assert '"x-delivery-limit",10' in declared[queue], declared[queue]
 
     with running(p.env, p.log_dir, "chunks", queues=p.settings.chunk_queue, concurrency=2):
         record = wait_for_run(p.env, run_id, timeout=60)
@@ -364,6 +377,7 @@ def test_beat_triggers_the_coordinator_and_the_orphan_sweep(
 # --- a chunk that meets a lock retries with backoff and finishes --------------------------------
 
 
+@pytest.mark.parametrize("broker", BROKERS, indirect=True)
 def test_chunk_blocked_by_a_writer_retries_and_finishes(
         make_pipeline: Callable[..., Pipeline]) -> None:
     p = make_pipeline(rows=20_000, batch=1_000, lock_timeout_ms="200")

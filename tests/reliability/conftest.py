@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine
 
+from tests.brokers import Broker, machine_rabbitmq, rabbit_vhost
 from tests.reliability.faults import RedisServer, own_redis
 from tests.reliability.pipeline import Counts, seed_database
 from workers.schema import Tables
@@ -70,6 +71,18 @@ def redis_server() -> Iterator[RedisServer]:
     """A private redis-server for this test (broker, results and run store)."""
     with own_redis() as server:
         yield server
+
+
+@pytest.fixture
+def fault_broker(request: pytest.FixtureRequest, redis_server: RedisServer) -> Iterator[Broker]:
+    """The broker of a fault scenario, parametrised indirectly over BROKERS: the test's private
+    Redis (which is then broker, results and run store at once), or a vhost of its own on the
+    machine's RabbitMQ with the private Redis as results and run store."""
+    if getattr(request, "param", "redis") == "redis":
+        yield Broker("redis", redis_server.url)
+        return
+    with rabbit_vhost(machine_rabbitmq()) as broker:
+        yield broker
 
 
 Seeder = Callable[[SeedSpec], tuple[Engine, Tables]]

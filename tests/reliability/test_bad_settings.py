@@ -43,7 +43,7 @@ BAD_SETTINGS = [
     ("STATESWEEP_RUN_STORE_URL", "http://127.0.0.1:6379/0", "must be a redis://"),
     ("STATESWEEP_STATE_BACKEND", "no_such_module.Backend", "cannot be imported"),
     ("STATESWEEP_COORDINATOR_SCHEDULE", "every tuesday", "five-field crontab"),
-    ("STATESWEEP_VISIBILITY_TIMEOUT", "100", "at least twice"),
+    ("STATESWEEP_VISIBILITY_TIMEOUT", "50", "at least twice"),
     ("STATESWEEP_LOG_LEVEL", "LOUD", "must be one of"),
     ("AIRFLOW__STATE_STORE__STATE_CLEANUP_BATCH_SIZE", "1e3", "must be a whole number"),
     # Issue: these passed validation and `inf` crashed beat with an OverflowError.

@@ -45,7 +45,7 @@ def test_airflow_fallbacks_apply_only_when_statesweep_unset() -> None:
     ("STATESWEEP_COORDINATOR_SCHEDULE", "every now and then", "crontab"),
     ("STATESWEEP_ORPHAN_SCHEDULE", "-3", "positive"),
     ("STATESWEEP_CHUNK_QUEUE", "statesweep.control", "must differ"),
-    ("STATESWEEP_VISIBILITY_TIMEOUT", "100", "at least twice"),
+    ("STATESWEEP_VISIBILITY_TIMEOUT", "50", "at least twice"),
     ("STATESWEEP_LOG_FORMAT", "xml", "must be one of"),
     ("STATESWEEP_CHUNK_RATE_LIMIT", "fast", "must be a positive rate like 20/s"),
     ("STATESWEEP_CHUNK_RATE_LIMIT", "20/d", "must be a positive rate like 20/s"),
