@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 
-from tests.mariadb_replica import mariadb_replica  # noqa: F401 - private primary + replica
 from tests.brokers import broker  # noqa: F401 - the broker fixture, for every suite
+from tests.mariadb_replica import mariadb_replica  # noqa: F401 - private primary + replica
 from tests.services import (
     REDIS_URL,
     fresh_mariadb_database,
