@@ -90,6 +90,9 @@ class Settings:
     # MySQL/MariaDB replicas whose lag holds chunks (comma-separated URLs); PostgreSQL reads
     # its standbys' lag on the primary and needs none.
     replica_urls: str = ""
+    # Task events for chunk tasks, so Flower lists each chunk; off saves three event publishes
+    # per chunk in the worker (run progress stays in the run store, `status` and the exporter).
+    chunk_task_events: bool = True
     # The orphan sweep's own soft limit (its hard limit is 30 s more): batches commit on their
     # own, so a sweep cut short keeps its progress and the next one goes on.
     orphan_soft_time_limit: int = 600
@@ -368,6 +371,15 @@ def _parse_positive_seconds(raw: str) -> float:
     return value
 
 
+def _parse_bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
 def _parse_positive_int(raw: str) -> int:
     value = _parse_non_negative_int(raw)
     if value == 0:
@@ -391,6 +403,7 @@ _PARSERS = {
     "target_chunk_seconds": _parse_positive_seconds,
     "pump_interval_seconds": _parse_positive_seconds,
     "orphan_soft_time_limit": _parse_positive_int,
+    "chunk_task_events": _parse_bool,
     "database_url": _parse_database_url,
     "broker_url": _parse_broker_url,
     "result_backend": _parse_broker_url,

@@ -115,7 +115,8 @@ class ChunkTask(Task):
             coordinator.log_finished(window.finished)
 
 
-@app.task(name=DELETE_CHUNK, bind=True, base=ChunkTask, max_retries=10, ignore_result=True)
+@app.task(name=DELETE_CHUNK, bind=True, base=ChunkTask, max_retries=10, ignore_result=True,
+          send_events=settings.chunk_task_events)
 def delete_chunk(self: Task, run_id: str, chunk: int, kind: str, lo: int, hi: int | None,
                  cutoff: str, carried_rows: int = 0) -> dict[str, Any]:
     """Delete one range in its own transaction. Redelivery and retries are safe: the message
