@@ -369,8 +369,8 @@ class RunStore:
     # --- orphan sweeps ----------------------------------------------------------------------
 
     def record_sweep(self, sweep_id: str, state: str, **fields_: Any) -> None:
-        """Write (or update) orphan sweep *sweep_id*: state running | finished | cut_short |
-        retrying | failed, and rows, batches, seconds, error as given."""
+        """Write (or update) orphan sweep *sweep_id*: state queued | running | finished |
+        cut_short | retrying | failed, and rows, batches, seconds, error as given."""
         key = self._k("sweep", sweep_id)
         now = time.time()
         pipe = self.client.pipeline()

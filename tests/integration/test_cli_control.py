@@ -301,6 +301,11 @@ def test_a_dispatched_run_is_queued_at_once_and_wait_gives_up_when_no_worker_tak
         assert "is still queued after 1s: no worker has taken its coordinator" in waited.stderr
         bad = seeded.invoke("cleanup", "--wait", "--pickup-timeout", "soon")
         assert bad.exit_code == EXIT_BAD_ARGUMENT and "--pickup-timeout: 'soon'" in bad.stderr
+
+        swept = seeded.invoke("orphans")  # the id it prints is known to status at once, too
+        assert swept.exit_code == EXIT_OK, swept.stderr
+        sweep = as_json(seeded.invoke("status", swept.stdout.strip(), "--format", "json"))
+        assert sweep["state"] == "queued" and sweep["sweep_id"] == f"orphans-{swept.stdout.strip()}"
     finally:
         broker.delete(queue)
         broker.close()

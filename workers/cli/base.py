@@ -41,7 +41,7 @@ def record_json(record: RunRecord) -> dict[str, Any]:
     """A run as JSON: its times as ISO-8601 UTC (null when not reached yet)."""
     data = record.as_dict()
     for key, value in data.items():
-        if key.endswith("_at") and isinstance(value, int | float):
+        if key.endswith(("_at", "_since")) and isinstance(value, int | float):
             data[key] = iso_utc(float(value))
     return data
 

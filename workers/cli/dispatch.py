@@ -227,11 +227,19 @@ def orphans_local(settings: Settings, batch_size: int | None) -> dict[str, Any]:
 
 
 def dispatch_orphans(app: Celery, settings: Settings, batch_size: int | None) -> AsyncResult:
+    """Send the orphan sweep; with a shared run store it is recorded as queued first, so
+    `status <task id>` knows it before a worker takes it."""
+    import uuid
+
     from workers.celery_app import SWEEP_ORPHANS
+    from workers.settings import is_redis
 
     check_broker(app, settings)
     check_result_backend(settings)
-    return app.send_task(SWEEP_ORPHANS, queue=settings.control_queue,
+    task_id = str(uuid.uuid4())
+    if is_redis(settings.effective_run_store_url):
+        run_store(settings).record_sweep(f"orphans-{task_id}", "queued")
+    return app.send_task(SWEEP_ORPHANS, queue=settings.control_queue, task_id=task_id,
                          kwargs={"batch_size": batch_size})
 
 
