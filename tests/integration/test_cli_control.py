@@ -213,7 +213,8 @@ def test_status_reports_a_run_whose_worker_died_as_stalled_with_its_outstanding_
     detail = seeded.invoke("status", run_id)
     assert "STALLED: no chunk finished for" in detail.stdout
     assert f"outstanding   {len(sent)} chunks in flight" in detail.stdout
-    assert "re-sent by the first pump after" in detail.stdout
+    assert "due: the next pump or trigger re-sends it" in detail.stdout  # sent 300s ago
+    assert "no chunk finished yet (the first sent " in detail.stdout
     overview = seeded.invoke("status")
     assert f"active run: {run_id}" in overview.stdout and "STALLED" in overview.stdout
     assert "planner " in overview.stdout

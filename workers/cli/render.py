@@ -45,9 +45,7 @@ def run_detail(record: RunRecord, now: Condition) -> str:
     if now.note():
         lines.append(f"  now           {now.note()}")
     if now.state == "running":
-        lines.append(f"  last chunk    {now.idle_seconds:.0f}s ago"
-                     + (f" (finished at {_when(record.last_progress_at)})"
-                        if record.last_progress_at else ""))
+        lines.append(f"  progress      {_last_chunk(record.chunks_done, now.idle_seconds)}")
     if now.outstanding:
         shown = now.outstanding[:OUTSTANDING_SHOWN]
         lines.append(f"  outstanding   {len(now.outstanding)} chunks in flight:")
@@ -55,6 +53,13 @@ def run_detail(record: RunRecord, now: Condition) -> str:
         if len(now.outstanding) > len(shown):
             lines.append(f"    … and {len(now.outstanding) - len(shown)} more")
     return "\n".join(lines)
+
+
+def _last_chunk(done: int, idle: float) -> str:
+    """Progress time is the window's start until a chunk finishes."""
+    if done:
+        return f"last chunk finished {idle:.0f}s ago"
+    return f"no chunk finished yet (the first sent {idle:.0f}s ago)"
 
 
 def sweep(data: dict[str, Any]) -> str:
@@ -115,7 +120,8 @@ def status(data: dict[str, Any], records: list[RunRecord]) -> str:
         now = run["condition"]
         lines.append(f"  planner {run['planner'] or '-'}: {run['planner_reason'] or '-'}")
         lines.append(f"  progress {run['chunks_done']}/{run['estimated_chunks']} chunks, "
-                     f"{run['rows_deleted']:,} rows, last chunk {now['idle_seconds']:.0f}s ago")
+                     f"{run['rows_deleted']:,} rows; "
+                     f"{_last_chunk(run['chunks_done'], now['idle_seconds'])}")
         if now["held"]:
             lines.append(f"  held: {now['held']} since {now['held_since']}")
         if now["stalled"]:

@@ -57,13 +57,15 @@ class Outstanding:
                 "state": "parked" if self.parked else "sent", "sent_at": iso(self.sent_at),
                 "age_seconds": round(self.age, 1), "resend_at": iso(self.resend_at)}
 
-    def describe(self) -> str:
+    def describe(self, now: float | None = None) -> str:
         hi = "end" if self.hi is None else str(self.hi)
+        what = f"chunk {self.chunk} {self.kind} [{self.lo}, {hi})"
         if self.parked:
-            return f"chunk {self.chunk} {self.kind} [{self.lo}, {hi}) parked {self.age:.0f}s ago"
+            return f"{what} parked {self.age:.0f}s ago; sent again when the hold lifts"
+        if self.resend_at <= (time.time() if now is None else now):
+            return f"{what} sent {self.age:.0f}s ago; due: the next pump or trigger re-sends it"
         when = dt.datetime.fromtimestamp(self.resend_at, dt.UTC).strftime("%H:%M:%SZ")
-        return (f"chunk {self.chunk} {self.kind} [{self.lo}, {hi}) sent {self.age:.0f}s ago, "
-                f"re-sent by the first pump after {when}")
+        return f"{what} sent {self.age:.0f}s ago; re-sent by the first pump after {when}"
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,7 @@ class Condition:
             sent = [o for o in self.outstanding if not o.parked]
             return (f"STALLED: no chunk finished for {self.idle_seconds:.0f}s; "
                     f"{len(self.outstanding)} outstanding"
-                    + (f" ({sent[0].describe()})" if sent else ""))
+                    + (f", the oldest sent {max(o.age for o in sent):.0f}s ago" if sent else ""))
         return ""
 
 
