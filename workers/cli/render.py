@@ -101,9 +101,10 @@ def dry_run(data: dict[str, Any]) -> str:
 
 
 def status_table(records: list[RunRecord]) -> list[str]:
-    header = ("RUN ID", "STATE", "SOURCE", "CUTOFF", "CHUNKS", "ROWS", "ROWS/S", "DURATION")
+    header = ("RUN ID", "STATE", "SOURCE", "PLANNER", "CUTOFF", "CHUNKS", "ROWS", "ROWS/S",
+              "DURATION")
     rows = [header] + [(
-        r.run_id, r.state, r.source or "-", r.cutoff[:19] or "-",
+        r.run_id, r.state, r.source or "-", r.planner or "-", r.cutoff[:19] or "-",
         f"{r.chunks_done}/{r.chunks_planned}", f"{r.rows_deleted:,}",
         f"{r.rows_per_second:,.0f}", format_seconds(r.duration),
     ) for r in records]
