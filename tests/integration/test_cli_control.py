@@ -5,6 +5,7 @@ have taken them), and the CLI is driven with click's CliRunner or as the console
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import time
@@ -278,8 +279,12 @@ def test_follow_never_hangs_on_a_run_that_cannot_finish(seeded: Seeded,
         follow_run(store, "queued-forever", ProgressBar("t"), settings=settings, poll=0.05)
     run_id, _ = plan_run(seeded, store)
     age_run(store, run_id, 3600)  # stalled for longer than the pump needs to re-send
+    shown = io.StringIO()
     with pytest.raises(RunStuck, match=f"run {run_id} is stalled"):
-        follow_run(store, run_id, ProgressBar("t"), settings=settings, poll=0.05)
+        follow_run(store, run_id, ProgressBar("t", stream=shown), settings=settings, poll=0.05)
+    # The progress line says stalled where a frozen ETA stood.
+    assert "STALLED: no chunk finished for 3600s" in shown.getvalue()
+    assert "ETA" not in shown.getvalue()
 
 
 # --- cleanup: queued from the start, --wait ends --------------------------------------------
