@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,9 +13,9 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-from tests.acceptance.test_cli_worker import ROWS, Deployment
+from tests.acceptance.test_cli_worker import ROWS, Deployment, readme_command
 from tests.conftest import seed_postgres
-from tests.processes import workers
+from tests.processes import CELERY, ROOT, child_env, workers
 from tests.services import REDIS_URL
 from workers.cli import EXIT_FAILURE, EXIT_OK
 from workers.runs import RunStore, registry_for
@@ -93,3 +94,30 @@ def test_a_failed_trigger_and_a_failed_sweep_are_listed_by_status(deployment: De
     assert "failed triggers (newest first):" in shown.stdout and run_id in shown.stdout
     assert f"orphans-{task_id}  failed" in shown.stdout
     assert deployment.rows() == ROWS
+
+
+def test_readme_celery_call_forms_pause_and_resume_through_a_worker(
+        deployment: Deployment) -> None:
+    store = store_of(deployment)
+
+    def call(prefix: str) -> None:
+        argv = [CELERY if a == "celery" else a for a in readme_command(prefix)]
+        called = subprocess.run(argv, env=child_env(deployment.env), cwd=ROOT,
+                                capture_output=True, text=True, timeout=60, check=False)
+        assert called.returncode == 0, called.stderr
+
+    call("celery -A workers call statesweep.pause")
+    deadline = time.monotonic() + 60
+    while store.paused() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    paused = store.paused()
+    assert paused is not None and paused.reason == "incident" and paused.by == "celery"
+    assert 0 < paused.until - paused.at <= 600
+    shown = deployment.statesweep("status")
+    assert "PAUSED by celery" in shown.stdout
+
+    call("celery -A workers call statesweep.resume")
+    deadline = time.monotonic() + 60
+    while store.paused() is not None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert store.paused() is None
