@@ -55,6 +55,8 @@ def abort(registry: RunStore, run_id: Any, *, by: str) -> RunRecord:
     record = registry.get(run_id)
     if record is None:
         raise NotFound(f"unknown run id {run_id!r}: no such cleanup run is recorded")
+    if record.ended:  # the store's step answers 'aborted' for a run aborted before, too
+        raise RefusedError(f"run {run_id} has already ended ({record.state}); nothing to abort")
     outcome = registry.abort(run_id, f"aborted by {_text('by', by) or 'someone'}")
     if outcome != "aborted":
         raise RefusedError(f"run {run_id} has already ended ({outcome}); nothing to abort")

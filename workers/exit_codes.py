@@ -10,4 +10,7 @@ EXIT_REFUSED = 5  # statesweep refused to act (e.g. alter an Airflow database, o
 EXIT_BAD_ARGUMENT = 6  # an argument is invalid, or names a run that does not exist
 EXIT_UNHEALTHY = 7  # `doctor` found a problem
 EXIT_UNAVAILABLE = 8  # a database, broker or run store could not be reached
+EXIT_ABORTED = 9  # the followed run was aborted (`statesweep abort`) before it finished
+EXIT_STUCK = 10  # the followed run cannot finish as things stand: no worker took it, it stalled
+#                 past the pump's re-sends, or its record vanished (it may go on; say so)
 EXIT_INTERRUPTED = 130  # Ctrl-C: following stopped (a dispatched run goes on)

@@ -12,6 +12,10 @@ Keys (``<prefix>`` from STATESWEEP_KEY_PREFIX):
                                 the window; a chunk message must match its entry to delete
   <prefix>:runs                 sorted set of run ids by start time, for `status`
   <prefix>:triggers             hash: the last trigger of each outcome (for `doctor`)
+  <prefix>:triggers:failed      list: the latest failed triggers, newest first (for `status`)
+  <prefix>:triggers:beat        list: times of the latest beat triggers (a second beat shows)
+  <prefix>:sweep:<id>           hash: one orphan sweep (state, rows, batches, error, times)
+  <prefix>:sweeps               sorted set of sweep ids by start time
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from workers.planners.base import ChunkRange, Plan
 
 RUN_RETENTION_SECONDS = 7 * 24 * 3600
 RECENT_RUNS_KEPT = 200
+RECENT_TRIGGERS_KEPT = 20
 ENDED = ("finished", "failed", "aborted", "skipped")
 
 
@@ -334,9 +339,63 @@ class RunStore:
         return _pause(self.client.hgetall(self._k("pause")))
 
     def note_trigger(self, outcome: str, run_id: str, source: str, detail: str = "") -> None:
-        """Remember the last trigger of each outcome (started, skipped, paused, failed, …)."""
-        self.client.hset(self._k("triggers"), outcome,
-                         f"{time.time()}|{run_id}|{source}|{detail[:300]}")
+        """Remember the last trigger of each outcome (started, skipped, paused, failed, …),
+        the latest failures with their error, and when beat last triggered (one pipeline)."""
+        now = time.time()
+        entry = f"{now}|{run_id}|{source}|{detail[:300]}"
+        pipe = self.client.pipeline()
+        pipe.hset(self._k("triggers"), outcome, entry)
+        if outcome == "failed":
+            pipe.lpush(self._k("triggers", "failed"), entry)
+            pipe.ltrim(self._k("triggers", "failed"), 0, RECENT_TRIGGERS_KEPT - 1)
+        if source == "beat":
+            pipe.lpush(self._k("triggers", "beat"), now)
+            pipe.ltrim(self._k("triggers", "beat"), 0, RECENT_TRIGGERS_KEPT - 1)
+        pipe.execute()
+
+    def failed_triggers(self, limit: int = RECENT_TRIGGERS_KEPT) -> list[tuple[float, str, str,
+                                                                              str]]:
+        """(at, run_id, source, error) of the latest failed triggers, newest first."""
+        out = []
+        for v in self.client.lrange(self._k("triggers", "failed"), 0, limit - 1):
+            at, run_id, source, detail = v.split("|", 3)
+            out.append((float(at), run_id, source, detail))
+        return out
+
+    def beat_trigger_times(self) -> list[float]:
+        """When beat's latest coordinator triggers arrived, newest first."""
+        return [float(v) for v in self.client.lrange(self._k("triggers", "beat"), 0, -1)]
+
+    # --- orphan sweeps ----------------------------------------------------------------------
+
+    def record_sweep(self, sweep_id: str, state: str, **fields_: Any) -> None:
+        """Write (or update) orphan sweep *sweep_id*: state queued | running | finished |
+        cut_short | retrying | failed, and rows, batches, seconds, error as given."""
+        key = self._k("sweep", sweep_id)
+        now = time.time()
+        pipe = self.client.pipeline()
+        pipe.hsetnx(key, "started_at", now)
+        pipe.hset(key, mapping={"sweep_id": sweep_id, "state": state, "updated_at": now,
+                                **{k: str(v)[:500] for k, v in fields_.items()}})
+        pipe.expire(key, RUN_RETENTION_SECONDS)
+        pipe.zadd(self._k("sweeps"), {sweep_id: now}, nx=True)
+        pipe.zremrangebyrank(self._k("sweeps"), 0, -RECENT_RUNS_KEPT - 1)
+        pipe.execute()
+
+    def get_sweep(self, sweep_id: str) -> dict[str, Any] | None:
+        h = self.client.hgetall(self._k("sweep", sweep_id))
+        if not h:
+            return None
+        out: dict[str, Any] = dict(h)
+        for name in ("rows", "batches"):
+            out[name] = int(h.get(name) or 0)
+        for name in ("seconds", "started_at", "updated_at"):
+            out[name] = float(h.get(name) or 0)
+        return out
+
+    def recent_sweeps(self, limit: int = 5) -> list[dict[str, Any]]:
+        ids = self.client.zrevrange(self._k("sweeps"), 0, limit - 1)
+        return [s for s in (self.get_sweep(i) for i in ids) if s is not None]
 
     def triggers(self) -> dict[str, tuple[float, str, str, str]]:
         out = {}

@@ -82,10 +82,32 @@ def coordinate(self: Task, batch_size: int | None = None, source: str = "beat",
         raise InvalidArgument(f"source must be a string, got {source!r}")
     run_id = coordinator.check_run_id(run_id if run_id is not None else self.request.id)
     structlog.contextvars.bind_contextvars(run_id=run_id)
-    r = resources()
+    try:
+        r = resources()
+    except Exception as exc:  # the database went away: coordinate() never ran to record it
+        _note_failed_trigger(run_id, source, exc)
+        raise
     summary = coordinator.coordinate(r.settings, r.engine, r.tables, r.registry, send_chunk,
                                      run_id=run_id, batch_size=batch_size, source=source)
     return summary.as_dict()
+
+
+def _note_failed_trigger(run_id: str, source: str, exc: Exception) -> None:
+    """Record a trigger that failed before planning (so `status` lists it), if the run store
+    answers; it is Redis, not the database, so it usually does."""
+    from workers.runs import registry_for
+    from workers.settings import mask_secrets
+
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    error = mask_secrets(f"{type(exc).__name__}: {text}")
+    try:
+        registry = registry_for(settings.effective_run_store_url, settings.key_prefix)
+        registry.fail(run_id, error)
+        registry.note_trigger("failed", run_id, source, error)
+    except Exception as record_exc:
+        log.warning("failed_trigger_not_recorded", run_id=run_id,
+                    error=type(record_exc).__name__)
+    log.error("cleanup_run_failed", run_id=run_id, error=error)
 
 
 class ChunkTask(Task):
@@ -209,9 +231,14 @@ def sweep_orphaned_asset_state(self: Task, batch_size: int | None = None) -> dic
     # Not a cleanup run, but its lines carry a run id like every task's; stable across retries.
     run_id = f"orphans-{self.request.id}"
     structlog.contextvars.bind_contextvars(run_id=run_id)
-    r = resources()
+    try:
+        r = resources()
+    except Exception as exc:
+        _record_sweep_failure(run_id, exc)
+        raise
     t0 = time.perf_counter()
     done = cleanup.OrphanSweep()
+    r.registry.record_sweep(run_id, "running", table=r.tables.asset_state.name)
 
     def on_batch(rows: int, ms: float) -> None:
         metrics.count_orphans_deleted(r.registry, r.tables.asset_state.name, rows)
@@ -229,12 +256,36 @@ def sweep_orphaned_asset_state(self: Task, batch_size: int | None = None) -> dic
         log.warning("orphan_sweep_cut_short", rows=done.rows, batches=done.batches,
                     limit=settings.orphan_soft_time_limit)
     except TRANSIENT as exc:
-        if not is_transient(exc):
+        if not is_transient(exc) or self.request.retries >= self.max_retries:
+            _record_sweep_failure(run_id, exc, done, time.perf_counter() - t0)
             raise
         log.warning("orphan_sweep_retry", error=type(exc).__name__, retries=self.request.retries)
+        _record_sweep_failure(run_id, exc, done, time.perf_counter() - t0, state="retrying")
         raise self.retry(exc=exc, countdown=_backoff(self.request.retries)) from exc
+    except Exception as exc:
+        _record_sweep_failure(run_id, exc, done, time.perf_counter() - t0)
+        raise
     seconds = time.perf_counter() - t0
+    r.registry.record_sweep(run_id, "finished" if complete else "cut_short", rows=done.rows,
+                            batches=done.batches, seconds=round(seconds, 3), error="")
     log.info("orphaned_asset_state_swept", rows=done.rows, batches=done.batches,
              seconds=round(seconds, 3), table=r.tables.asset_state.name, complete=complete)
     return {"run_id": run_id, "rows": done.rows, "batches": done.batches,
             "seconds": round(seconds, 3), "complete": complete}
+
+
+def _record_sweep_failure(run_id: str, exc: BaseException, done: cleanup.OrphanSweep | None = None,
+                          seconds: float = 0.0, *, state: str = "failed") -> None:
+    """Record a failed (or retrying) sweep with its error, so `status` lists it; a run store
+    that is down too only costs the record (the task's own failure is still logged)."""
+    from workers.runs import registry_for
+    from workers.settings import mask_secrets
+
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    try:
+        registry = registry_for(settings.effective_run_store_url, settings.key_prefix)
+        registry.record_sweep(run_id, state, rows=done.rows if done else 0,
+                              batches=done.batches if done else 0, seconds=round(seconds, 3),
+                              error=mask_secrets(f"{type(exc).__name__}: {text}"))
+    except Exception as record_exc:
+        log.warning("orphan_sweep_not_recorded", error=type(record_exc).__name__)

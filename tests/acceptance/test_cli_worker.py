@@ -172,21 +172,23 @@ def _registry(deployment: Deployment):  # type: ignore[no-untyped-def]
 def test_cleanup_reports_a_resumed_stalled_run_and_follows_it(deployment: Deployment) -> None:
     """Issue: the coordinator's `resumed` reply (a stalled run's chunks sent again) made the
     CLI exit 1 with "… is not in the run store"; it must say so and follow that run."""
-    from tests.conftest import database_now
+    from tests.cleanup_runs import Outbox
+    from workers import coordinator
+    from workers.window import resend_after
 
     registry = _registry(deployment)
-    stalled = "20260101T000000Z-5ta11ed0"
-    assert registry.acquire(stalled, 3600) is None
-    registry.start(stalled, cutoff=database_now(deployment.engine).isoformat(), batch_size=0,
-                   source="beat")
-    registry.add_chunk(stalled, deployment.counts.expired, (1, 1, ROWS))
-    registry.finish_planning(stalled)
-    record = registry.get(stalled)
-    assert record is not None and record.state == "running"
-    # Its one chunk was lost long ago: planned, and quiet for longer than any redelivery.
-    long_ago = time.time() - 10 * Settings.from_env(deployment.env).stall_after_seconds
-    registry.client.hset(registry._k("run", stalled),  # type: ignore[attr-defined]
-                         mapping={"planned_at": long_ago, "started_at": long_ago})
+    settings = Settings.from_env(deployment.env)
+    # Planned in this process, its first window "sent" to a worker that died with it: the
+    # messages are lost, and were sent longer ago than any redelivery.
+    summary = coordinator.coordinate(settings, deployment.engine, deployment.tables, registry,
+                                     Outbox(), batch_size=2000, source="beat")
+    stalled = summary.run_id
+    assert summary.status == "started"
+    inflight = f"{registry.prefix}:run:{stalled}:inflight"
+    long_ago = time.time() - 2 * resend_after(settings)
+    for number, value in registry.client.hgetall(inflight).items():
+        rng, _sent, st = value.split("|")
+        registry.client.hset(inflight, number, f"{rng}|{long_ago}|{st}")
 
     done = deployment.statesweep("cleanup", "--wait", "--format", "json")
     assert done.returncode == EXIT_OK, done.stderr

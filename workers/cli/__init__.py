@@ -4,11 +4,12 @@ and logs go to stderr.
 
 - ``base``: settings loading, common options, JSON output, and the top-level handler that turns
   a statesweep error into one message (its explaining causes) and a named exit code.
-- commands: ``cleanup`` (cleanup, cleanup-task-states, orphans), ``status``, ``doctor``,
+- commands: ``cleanup`` (cleanup, cleanup-task-states, orphans), ``status``, ``control``
+  (pause, resume, abort), ``doctor``,
   ``seed``, ``db`` (db upgrade), ``demo``, ``flower`` (Flower, refusing to start without auth).
 - helpers beside them: ``dispatch`` (sending, following and running runs), ``services``
   (reaching database, broker and run store with short timeouts), ``render`` (text on stdout),
-  ``progress`` (the progress bar on stderr).
+  ``progress`` (the progress bar on stderr), ``stalls`` (queued, held or stalled runs).
 
 Imports go one way: the CLI imports the pipeline (``workers.coordinator``, ``workers.runs``, …),
 never the reverse.
@@ -30,6 +31,7 @@ import click
 
 from workers.cli.base import StatesweepGroup, exit_for, report, version
 from workers.exit_codes import (  # noqa: F401 - re-exported: the CLI exits with these
+    EXIT_ABORTED,
     EXIT_BAD_ARGUMENT,
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
@@ -37,6 +39,7 @@ from workers.exit_codes import (  # noqa: F401 - re-exported: the CLI exits with
     EXIT_REFUSED,
     EXIT_SCHEMA,
     EXIT_SETTINGS,
+    EXIT_STUCK,
     EXIT_UNAVAILABLE,
     EXIT_UNHEALTHY,
     EXIT_USAGE,
@@ -50,6 +53,9 @@ COMMANDS = (
     ("seed", "seed_command"),  # sample data: compose's demo-data profile
     ("db", "db"),
     ("status", "status"),
+    ("control", "pause"),  # pause / resume / abort: the operator's controls
+    ("control", "resume"),
+    ("control", "abort"),
     ("doctor", "doctor"),
     ("demo", "demo"),
     ("flower", "flower"),

@@ -41,7 +41,7 @@ def record_json(record: RunRecord) -> dict[str, Any]:
     """A run as JSON: its times as ISO-8601 UTC (null when not reached yet)."""
     data = record.as_dict()
     for key, value in data.items():
-        if key.endswith("_at") and isinstance(value, int | float):
+        if key.endswith(("_at", "_since")) and isinstance(value, int | float):
             data[key] = iso_utc(float(value))
     return data
 
@@ -85,17 +85,19 @@ def exit_for(exc: BaseException) -> int | None:
     from sqlalchemy.exc import OperationalError
 
     from workers.cli.demo import DemoError
-    from workers.cli.dispatch import RunFailed
-    from workers.cli.progress import FollowInterrupted
+    from workers.cli.dispatch import RunAborted, RunFailed
+    from workers.cli.progress import FollowInterrupted, RunStuck
     from workers.cli.services import ServiceUnavailable
     from workers.exceptions import NotFound, RefusedError, SchemaError, SettingsError
     from workers.exit_codes import (
+        EXIT_ABORTED,
         EXIT_BAD_ARGUMENT,
         EXIT_FAILURE,
         EXIT_INTERRUPTED,
         EXIT_REFUSED,
         EXIT_SCHEMA,
         EXIT_SETTINGS,
+        EXIT_STUCK,
         EXIT_UNAVAILABLE,
     )
 
@@ -105,7 +107,8 @@ def exit_for(exc: BaseException) -> int | None:
         (ServiceUnavailable, EXIT_UNAVAILABLE), (OperationalError, EXIT_UNAVAILABLE),
         (KombuOperationalError, EXIT_UNAVAILABLE), (RedisConnectionError, EXIT_UNAVAILABLE),
         (RedisTimeoutError, EXIT_UNAVAILABLE), (FollowInterrupted, EXIT_INTERRUPTED),
-        (RunFailed, EXIT_FAILURE), (DemoError, EXIT_FAILURE),
+        (RunFailed, EXIT_FAILURE), (DemoError, EXIT_FAILURE), (RunAborted, EXIT_ABORTED),
+        (RunStuck, EXIT_STUCK),
     ):
         if isinstance(exc, kind):
             return code

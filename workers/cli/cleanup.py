@@ -16,6 +16,7 @@ from workers.cli.base import (
     record_json,
 )
 from workers.exceptions import RefusedError
+from workers.runs import RunRecord
 from workers.settings import Settings
 
 
@@ -25,12 +26,15 @@ from workers.settings import Settings
               help="Follow the run to its end with a progress bar on stderr.")
 @BATCH
 @click.option("--local", is_flag=True, help="Plan and delete in this process; no broker.")
+@click.option("--pickup-timeout", default="120s", show_default=True, metavar="DURATION",
+              help="With --wait: give up (exit 10) if no worker takes the run by then.")
 @FORMAT
 @click.pass_context
 def cleanup(ctx: click.Context, dry_run: bool, wait: bool, batch_size: int | None, local: bool,
-            fmt: str) -> None:
+            pickup_timeout: str, fmt: str) -> None:
     """Run a cleanup of expired task state now (dispatched to the workers by default)."""
-    _cleanup(ctx, dry_run=dry_run, wait=wait, batch_size=batch_size, local=local, fmt=fmt)
+    _cleanup(ctx, dry_run=dry_run, wait=wait, batch_size=batch_size, local=local, fmt=fmt,
+             pickup_timeout=pickup_timeout)
 
 
 @click.command("cleanup-task-states")
@@ -45,12 +49,14 @@ def cleanup_task_states(ctx: click.Context, dry_run: bool, verbose: bool) -> Non
 
 
 def _cleanup(ctx: click.Context, *, dry_run: bool, wait: bool, batch_size: int | None,
-             local: bool, fmt: str) -> None:
+             local: bool, fmt: str, pickup_timeout: str = "120s") -> None:
     from workers.cli import dispatch, render
+    from workers.cli.control import duration_option
     from workers.cli.progress import ProgressBar, follow_run
     from workers.cli.services import client_app, shared_run_store
 
     check_batch_option(batch_size)
+    pickup_seconds = duration_option("--pickup-timeout", pickup_timeout)
     settings = load_settings(is_verbose(ctx))
     if settings.airflow_custom_backend:
         skip_custom_backend(settings, fmt)
@@ -64,12 +70,20 @@ def _cleanup(ctx: click.Context, *, dry_run: bool, wait: bool, batch_size: int |
     else:
         registry = shared_run_store(settings)
         with client_app(settings) as app:
-            run_id, result = dispatch.dispatch_cleanup(app, settings, batch_size, source="cli")
+            run_id, result = dispatch.dispatch_cleanup(app, settings, registry, batch_size,
+                                                       source="cli")
             click.echo(f"dispatched run {run_id} (coordinator task {result.id}) to "
-                       f"{settings.control_queue}", err=True)
+                       f"{settings.control_queue}; recorded as queued", err=True)
             pickup = dispatch.await_pickup(
                 registry, run_id, result, queue=settings.control_queue,
-                timeout=None if wait else dispatch.NO_WAIT_PICKUP_SECONDS)
+                timeout=pickup_seconds if wait else dispatch.NO_WAIT_PICKUP_SECONDS)
+        if pickup.status == "queued" and wait:
+            from workers.cli.progress import RunStuck
+
+            raise RunStuck(f"run {run_id} is still queued after {pickup_seconds:.0f}s: no worker "
+                           f"has taken its coordinator from {settings.control_queue} "
+                           "(`statesweep doctor` lists workers). It runs when one does; drop it "
+                           f"with: statesweep abort {run_id}")
         if pickup.status == "queued":
             click.echo(f"no worker has taken it yet; it runs when a worker consumes "
                        f"{settings.control_queue} (`statesweep doctor` lists workers)", err=True)
@@ -81,16 +95,36 @@ def _cleanup(ctx: click.Context, *, dry_run: bool, wait: bool, batch_size: int |
                            "active_run_id": pickup.run_id})
             raise RefusedError(f"skipped: run {pickup.run_id} is active; one run at a time. "
                                f"Follow it with: statesweep status {pickup.run_id} --follow")
+        if pickup.status in dispatch.NOT_STARTED:
+            if fmt == "json":
+                echo_json({"run_id": run_id, "task_id": result.id, "status": pickup.status,
+                           "reason": pickup.reason})
+            raise RefusedError(f"{pickup.status.replace('_', ' ')}: {pickup.reason}; run "
+                               f"{run_id} was not started (recorded as skipped)")
         if not wait or pickup.status == "custom_backend":
             if fmt == "json":
                 echo_json({"run_id": pickup.run_id, "task_id": result.id, "status": pickup.status})
             else:
                 click.echo(pickup.run_id)
             return
-        record = follow_run(registry, pickup.run_id, ProgressBar(f"run {pickup.run_id}"))
+        record = follow_run(registry, pickup.run_id, ProgressBar(f"run {pickup.run_id}"),
+                            settings=settings, pickup_timeout=pickup_seconds)
     echo_json(record_json(record)) if fmt == "json" else click.echo(render.run_summary(record))
+    raise_unless_finished(record)
+
+
+def raise_unless_finished(record: RunRecord) -> None:
+    """A followed run that ended other than 'finished' is the command's failure, named."""
+    from workers.cli import dispatch
+
     if record.state == "failed":
         raise dispatch.RunFailed(f"run {record.run_id} failed: {record.error}")
+    if record.state == "aborted":
+        raise dispatch.RunAborted(f"run {record.run_id} was aborted before it finished "
+                                  f"({record.error or 'aborted'}); {record.rows_deleted:,} rows "
+                                  "deleted, the rest wait for the next run")
+    if record.state == "skipped":
+        raise RefusedError(f"run {record.run_id} was skipped: {record.error or 'not started'}")
 
 
 @click.command()

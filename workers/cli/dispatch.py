@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from workers import chunk, cleanup, coordinator
-from workers.cli.progress import FollowInterrupted, ProgressBar, Snapshot
+from workers import chunk, cleanup, coordinator, planners
+from workers.cli.progress import FollowInterrupted, ProgressBar, RunStuck, Snapshot
 from workers.cli.services import (
     ServiceUnavailable,
     check_broker,
@@ -40,28 +40,42 @@ class RunFailed(StatesweepError):
     """The coordinator, a run or a task failed; the message carries its error."""
 
 
+class RunAborted(StatesweepError):
+    """The followed run was aborted (`statesweep abort`) before it finished."""
+
+
 @dataclass(frozen=True)
 class Pickup:
     """What became of a dispatched coordinator: the run to follow, and how it got there."""
 
     run_id: str
-    status: str  # recorded | skipped | resumed | custom_backend | queued
+    status: str  # recorded | skipped | paused | outside_active_hours | resumed | custom_backend
+    #              | queued
+    reason: str = ""
 
 
 def note(message: str) -> None:
     click.echo(message, err=True)
 
 
-def dispatch_cleanup(app: Celery, settings: Settings, batch_size: int | None,
-                     source: str) -> tuple[str, AsyncResult]:
-    """Send the coordinator to the control queue, as beat does, with a run id chosen here."""
+def dispatch_cleanup(app: Celery, settings: Settings, registry: RunRegistry,
+                     batch_size: int | None, source: str) -> tuple[str, AsyncResult]:
+    """Send the coordinator to the control queue, as beat does, with a run id chosen here and
+    recorded as ``queued`` first, so `status <id>` knows the run from the moment it is sent."""
     from workers.celery_app import COORDINATE
 
     check_broker(app, settings)
     check_result_backend(settings)
     run_id = coordinator.new_run_id()
-    result = app.send_task(COORDINATE, queue=settings.control_queue,
-                           kwargs={"batch_size": batch_size, "source": source, "run_id": run_id})
+    if not registry.enqueue(run_id, source):
+        raise RefusedError(f"run id {run_id} is already recorded; try again")
+    try:
+        result = app.send_task(COORDINATE, queue=settings.control_queue,
+                               kwargs={"batch_size": batch_size, "source": source,
+                                       "run_id": run_id})
+    except BaseException:
+        registry.close_queued(run_id, "the coordinator could not be sent")
+        raise
     return run_id, result
 
 
@@ -74,40 +88,28 @@ def coordinator_outcome(result: AsyncResult) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+#: Coordinator outcomes that start no run (the queued record ends 'skipped', saying why).
+NOT_STARTED = ("skipped", "paused", "outside_active_hours")
+
+
 def await_pickup(registry: RunRegistry, run_id: str, result: AsyncResult, *,
-                 queue: str, timeout: float | None = None) -> Pickup:
-    """Wait until a worker has recorded the run or answered for the coordinator."""
+                 queue: str, timeout: float) -> Pickup:
+    """Wait until a worker has started the run or answered for the coordinator; 'queued' if
+    none has after *timeout* seconds."""
     start = time.monotonic()
     noted = False
     try:
         while True:
-            if registry.get(run_id) is not None:
+            record = registry.get(run_id)
+            if record is not None and record.state not in ("queued", "skipped"):
                 return Pickup(run_id, "recorded")
             if result.ready():
-                outcome = coordinator_outcome(result)
-                status = str(outcome.get("status", ""))
-                if status == "skipped":
-                    active = str(outcome.get("active_run_id", ""))
-                    note(f"another run is active ({active}); one run at a time, so this trigger "
-                         "was skipped")
-                    return Pickup(active, "skipped")
-                if status == "resumed":
-                    # A stalled run held the lock: the trigger re-sent its missing chunks
-                    # instead of starting this one, so the run to follow is that one.
-                    resumed = str(outcome.get("run_id") or outcome.get("active_run_id", ""))
-                    note(f"run {resumed} had stalled; this trigger resumed it (re-sent "
-                         f"{outcome.get('chunks', 0)} unfinished chunks) instead of starting "
-                         f"run {run_id}")
-                    return Pickup(resumed, "resumed")
-                if status == "custom_backend":
-                    note("a custom STATESWEEP_STATE_BACKEND is configured: its cleanup() ran")
-                    return Pickup(run_id, "custom_backend")
-                if registry.get(run_id) is not None:
-                    return Pickup(run_id, "recorded")
-                raise RunFailed(f"the coordinator returned {outcome!r} but run {run_id} "
-                                "is not in the run store")
+                return _outcome_pickup(registry, run_id, coordinator_outcome(result))
+            if record is None:
+                raise RunStuck(f"run {run_id} was recorded as queued but is no longer in the "
+                               "run store (removed or expired); nothing will report on it")
             waited = time.monotonic() - start
-            if timeout is not None and waited >= timeout:
+            if waited >= timeout:
                 return Pickup(run_id, "queued")
             if not noted and waited >= PICKUP_NOTE_SECONDS:
                 note(f"waiting for a worker to take the coordinator from queue {queue} "
@@ -119,6 +121,30 @@ def await_pickup(registry: RunRegistry, run_id: str, result: AsyncResult, *,
             f"stopped waiting; the coordinator stays queued on {queue} and runs as {run_id} "
             f"when a worker takes it. Follow it with: statesweep status {run_id} --follow"
         ) from None
+
+
+def _outcome_pickup(registry: RunRegistry, run_id: str, outcome: dict[str, Any]) -> Pickup:
+    status = str(outcome.get("status", ""))
+    if status in NOT_STARTED:
+        active = str(outcome.get("active_run_id", ""))
+        why = str(outcome.get("reason", "")) or f"run {active} is active"
+        note(f"this trigger was {status.replace('_', ' ')}: {why}")
+        return Pickup(active if status == "skipped" else run_id, status, why)
+    if status == "resumed":
+        # A stalled run held the lock: the trigger re-sent its missing chunks instead of
+        # starting this one, so the run to follow is that one.
+        resumed = str(outcome.get("run_id") or outcome.get("active_run_id", ""))
+        note(f"run {resumed} had stalled; this trigger resumed it (re-sent "
+             f"{outcome.get('chunks', 0)} unfinished chunks) instead of starting run {run_id}")
+        return Pickup(resumed, "resumed")
+    if status == "custom_backend":
+        note("a custom STATESWEEP_STATE_BACKEND is configured: its cleanup() ran")
+        registry.close_queued(run_id, "custom state backend: its own cleanup() ran")
+        return Pickup(run_id, "custom_backend")
+    record = registry.get(run_id)
+    if record is not None and record.state != "queued":
+        return Pickup(run_id, "recorded")
+    raise RunFailed(f"the coordinator returned {outcome!r} but run {run_id} was not started")
 
 
 def run_local(settings: Settings, batch_size: int | None) -> RunRecord:
@@ -168,9 +194,15 @@ def dry_run(settings: Settings, batch_size: int | None) -> dict[str, Any]:
         cutoff = cleanup.read_cutoff(engine)
         summary = cleanup.summarise_expired(engine, tables, cutoff, batch)
         table = tables.task_state.name
+        # The planner a run would use, chosen as the coordinator does: probes, no row reads.
+        with engine.connect() as conn:
+            conn.execution_options(isolation_level="AUTOCOMMIT")
+            plan = planners.choose(conn, tables, cutoff, batch, settings.planner)
     return {
         "dry_run": True, "table": table, "cutoff": summary.cutoff.isoformat(),
         "expired_rows": summary.expired_rows, "batch_size": batch, "chunks": summary.chunks,
+        "planner": plan.planner, "planner_reason": plan.reason,
+        "estimated_chunks": plan.estimated_chunks, "estimated_rows": plan.expected_rows,
         "top_dag_ids": [{"dag_id": d, "rows": n} for d, n in summary.top_dags],
         "sample": [{k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items()}
                    for row in summary.sample],
@@ -195,11 +227,19 @@ def orphans_local(settings: Settings, batch_size: int | None) -> dict[str, Any]:
 
 
 def dispatch_orphans(app: Celery, settings: Settings, batch_size: int | None) -> AsyncResult:
+    """Send the orphan sweep; with a shared run store it is recorded as queued first, so
+    `status <task id>` knows it before a worker takes it."""
+    import uuid
+
     from workers.celery_app import SWEEP_ORPHANS
+    from workers.settings import is_redis
 
     check_broker(app, settings)
     check_result_backend(settings)
-    return app.send_task(SWEEP_ORPHANS, queue=settings.control_queue,
+    task_id = str(uuid.uuid4())
+    if is_redis(settings.effective_run_store_url):
+        run_store(settings).record_sweep(f"orphans-{task_id}", "queued")
+    return app.send_task(SWEEP_ORPHANS, queue=settings.control_queue, task_id=task_id,
                          kwargs={"batch_size": batch_size})
 
 

@@ -138,10 +138,22 @@ def run_checks(settings: Settings) -> list[Check]:
         if is_redis(settings.result_backend) and (
                 settings.result_backend != settings.effective_run_store_url):
             checks += _guarded("result backend", lambda: _ping_backend(settings))
-        checks.append(run_store_check(settings))
+        store = run_store_check(settings)
+        checks.append(store)
+        if store.status == "ok":
+            checks += _guarded("beat", lambda: trigger_checks(settings))
     finally:
         app.close()
     return checks
+
+
+def trigger_checks(settings: Settings) -> list[Check]:
+    """Beat triggering recently (and only one beat), the last triggers, the pause."""
+    from workers.cli.beat_checks import beat_checks
+    from workers.runs import registry_for
+
+    registry = registry_for(settings.effective_run_store_url, settings.key_prefix)
+    return [Check(*c) for c in beat_checks(settings, registry)]
 
 
 def _ping_backend(settings: Settings) -> list[Check]:

@@ -13,6 +13,7 @@ from typing import IO
 
 from workers.exceptions import StatesweepError
 from workers.runs import RunRecord, RunRegistry
+from workers.settings import Settings
 
 BAR_WIDTH = 24
 POLL_SECONDS = 0.5
@@ -29,6 +30,15 @@ class FollowInterrupted(StatesweepError):
                    f"Follow it again with: statesweep status {run_id} --follow")
 
 
+class RunStuck(StatesweepError):
+    """A followed run cannot finish as things stand (no worker takes it, its chunks stay
+    outstanding, or its record is gone): following stops, saying so, rather than hang."""
+
+
+#: How long following waits for a worker to take a queued run's coordinator.
+PICKUP_TIMEOUT_SECONDS = 120.0
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """Progress of a run at one moment; totals may be estimates while it is still planning."""
@@ -39,12 +49,13 @@ class Snapshot:
     rows_expected: int
     seconds: float
     planning: bool = False
+    note: str = ""  # queued, held or stalled: said instead of an ETA that stands still
 
     @classmethod
-    def of(cls, record: RunRecord) -> Snapshot:
-        return cls(record.chunks_done, record.chunks_planned, record.rows_deleted,
+    def of(cls, record: RunRecord, note: str = "") -> Snapshot:
+        return cls(record.chunks_done, record.estimated_chunks, record.rows_deleted,
                    record.expected_rows, record.duration,
-                   planning=record.state == "planning")
+                   planning=record.state == "running" and not record.planning_done, note=note)
 
     @property
     def rate(self) -> float:
@@ -79,8 +90,8 @@ def render(snap: Snapshot) -> str:
     return (f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] "
             f"{snap.chunks_done}/{total}{plus} chunks  "
             f"{snap.rows_deleted:,} rows  {snap.rate:,.0f} rows/s  "
-            f"ETA {format_seconds(snap.eta)}"
-            + ("  (planning)" if snap.planning else ""))
+            + (snap.note if snap.note else f"ETA {format_seconds(snap.eta)}"
+               + ("  (planning)" if snap.planning else "")))
 
 
 class ProgressBar:
@@ -120,20 +131,48 @@ class ProgressBar:
 
 
 def follow_run(registry: RunRegistry, run_id: str, bar: ProgressBar,
-               *, poll: float = POLL_SECONDS) -> RunRecord:
-    """Poll the run store until *run_id* is finished or failed, drawing progress as it goes.
+               *, settings: Settings | None = None, poll: float = POLL_SECONDS,
+               pickup_timeout: float = PICKUP_TIMEOUT_SECONDS) -> RunRecord:
+    """Poll the run store until *run_id* has ended (finished, failed, aborted, skipped),
+    drawing progress as it goes; with *settings*, a queued, held or stalled run says so.
 
-    Ctrl-C raises FollowInterrupted; the run itself is not touched.
+    Never hangs on a run that cannot finish: RunStuck when its record disappears, when it stays
+    queued past *pickup_timeout*, or when it stays stalled past the time the pump needs to have
+    re-sent its chunks. Ctrl-C raises FollowInterrupted; the run itself is not touched.
     """
+    from workers.cli import stalls
+
     try:
         while True:
             record = registry.get(run_id)
             if record is None:
-                raise StatesweepError(f"run {run_id} vanished from the run store")
-            if record.state in ("finished", "failed"):
+                raise RunStuck(f"run {run_id} is no longer in the run store (expired or "
+                               "removed), so nothing will report its end; `statesweep status` "
+                               "lists the runs it has")
+            if record.ended:
                 bar.close(Snapshot.of(record))
                 return record
-            bar.update(Snapshot.of(record))
+            note = ""
+            if settings is not None:
+                now = stalls.condition(settings, registry, record)
+                note = now.note()
+                if now.state == "queued" and now.queued_seconds >= pickup_timeout:
+                    bar.close()
+                    raise RunStuck(
+                        f"run {run_id} is still queued after {now.queued_seconds:.0f}s: no "
+                        f"worker has taken its coordinator from {settings.control_queue} "
+                        "(`statesweep doctor` lists workers). It runs when one does; drop it "
+                        f"with: statesweep abort {run_id}")
+                if now.stalled and now.idle_seconds >= stalls.give_up_after(settings):
+                    bar.close(Snapshot.of(record, note))
+                    raise RunStuck(
+                        f"run {run_id} is stalled: no chunk finished for "
+                        f"{now.idle_seconds:.0f}s, {len(now.outstanding)} outstanding, and "
+                        "the pump's re-sends were not taken (are workers consuming "
+                        f"{settings.chunk_queue}? `statesweep doctor`). It goes on if workers "
+                        f"return; `statesweep status {run_id}` shows it, "
+                        f"`statesweep abort {run_id}` ends it")
+            bar.update(Snapshot.of(record, note))
             time.sleep(poll)
     except KeyboardInterrupt:
         bar.close()

@@ -1,5 +1,6 @@
-"""What `statesweep status` reports: the active run, recent runs and the backlog of expired
-rows. Runs come from the shared run store; the backlog is one indexed count on the database."""
+"""What `statesweep status` reports: the active run (planner, progress, held, stalled), the
+pause, recent runs, orphan sweeps and failed triggers, and the backlog of expired rows. All but
+the backlog come from the shared run store; the backlog is one indexed count on the database."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 import click
 
 from workers import cleanup
-from workers.cli.base import FORMAT, echo_json, is_verbose, load_settings, record_json
+from workers.cli.base import FORMAT, echo_json, is_verbose, iso_utc, load_settings, record_json
 from workers.cli.services import database, shared_run_store
 from workers.exceptions import NotFound
 from workers.runs import RunRecord, RunRegistry
@@ -43,42 +44,83 @@ def backlog(settings: Settings) -> dict[str, Any]:
 
 
 def overview(settings: Settings, limit: int) -> tuple[dict[str, Any], list[RunRecord]]:
+    from workers.cli import stalls
+
     registry = shared_run_store(settings)
     records = registry.recent(limit)
+    active_id = registry.active_run() or ""
+    active = registry.get(active_id) if active_id else None
+    paused = registry.paused()
     data = {
-        "active_run_id": registry.active_run() or "",
+        "active_run_id": active_id,
+        "active_run": None if active is None else {
+            **record_json(active),
+            "condition": stalls.condition(settings, registry, active).as_dict()},
+        "paused": None if paused is None else {
+            "by": paused.by, "reason": paused.reason, "at": iso_utc(paused.at),
+            "until": iso_utc(paused.until)},
         "runs": [record_json(r) for r in records],
+        "sweeps": [sweep_json(s) for s in registry.recent_sweeps(5)],
+        "failed_triggers": [{"at": iso_utc(at), "run_id": run_id, "source": source,
+                             "error": error}
+                            for at, run_id, source, error in registry.failed_triggers(5)],
         "backlog": backlog(settings),
     }
     return data, records
 
 
-def detail(settings: Settings, run_id: str) -> tuple[RunRegistry, RunRecord]:
-    registry = shared_run_store(settings)
-    return registry, find_run(settings, registry, run_id)
+def sweep_json(sweep: dict[str, Any]) -> dict[str, Any]:
+    return {**sweep, "started_at": iso_utc(sweep["started_at"]),
+            "updated_at": iso_utc(sweep["updated_at"])}
+
+
+def find_sweep(registry: RunRegistry, sweep_id: str) -> dict[str, Any] | None:
+    """An orphan sweep by the task id `statesweep orphans` printed, or by its run id."""
+    for candidate in (sweep_id, f"orphans-{sweep_id}"):
+        sweep = registry.get_sweep(candidate)
+        if sweep is not None:
+            return sweep
+    return None
 
 
 @click.command()
 @click.argument("run_id", required=False)
-@click.option("--follow", is_flag=True, help="With RUN_ID: follow it to its end.")
+@click.option("--follow", is_flag=True,
+              help="Follow RUN_ID (or, without it, the active run) to its end.")
 @click.option("--limit", type=click.IntRange(1, 200), default=10, show_default=True,
               help="Recent runs to list.")
 @FORMAT
 @click.pass_context
 def status(ctx: click.Context, run_id: str | None, follow: bool, limit: int, fmt: str) -> None:
-    """The active and recent runs and the backlog of expired rows; or one run by RUN_ID."""
-    from workers.cli import render
+    """The active and recent runs, pause, recent orphan sweeps and failed triggers, and the
+    backlog of expired rows; or one run (or orphan sweep) by RUN_ID."""
+    from workers.cli import render, stalls
     from workers.cli.progress import ProgressBar, follow_run
-    from workers.exceptions import InvalidArgument
 
     settings = load_settings(is_verbose(ctx))
-    if run_id is None:
-        if follow:
-            raise InvalidArgument("--follow needs a RUN_ID")
+    if run_id is None and not follow:
         data, records = overview(settings, limit)
         echo_json(data) if fmt == "json" else click.echo(render.status(data, records))
         return
-    registry, record = detail(settings, run_id)
-    if follow and record.state not in ("finished", "failed"):
-        record = follow_run(registry, run_id, ProgressBar(f"run {run_id}"))
-    echo_json(record_json(record)) if fmt == "json" else click.echo(render.run_summary(record))
+    registry = shared_run_store(settings)
+    if run_id is None:
+        run_id = registry.active_run()
+        if run_id is None:
+            raise NotFound("--follow without a RUN_ID follows the active run, and no run is "
+                           "active (`statesweep status` lists recent runs)")
+        click.echo(f"following the active run {run_id}", err=True)
+    record = registry.get(run_id)
+    if record is None:
+        sweep = find_sweep(registry, run_id)
+        if sweep is None:
+            find_run(settings, registry, run_id)  # raises NotFound, naming the id
+        assert sweep is not None
+        echo_json(sweep_json(sweep)) if fmt == "json" else click.echo(render.sweep(sweep))
+        return
+    if follow and not record.ended:
+        record = follow_run(registry, run_id, ProgressBar(f"run {run_id}"), settings=settings)
+    now = stalls.condition(settings, registry, record)
+    if fmt == "json":
+        echo_json({**record_json(record), "condition": now.as_dict()})
+    else:
+        click.echo(render.run_detail(record, now))
