@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from workers.cli import render as cli_render
 from workers.cli.demo import DemoResult, render
 
 
@@ -24,9 +23,3 @@ def test_several_are_plural() -> None:
     assert " deleted in 6 chunks, " in lines[0]
     assert lines[1] == "orphaned asset state: 170 rows deleted in 2 batches"
 
-
-def test_the_orphans_command_says_batch_and_batches() -> None:
-    one = cli_render.orphans({"rows": 170, "batches": 1, "seconds": 0.01})
-    two = cli_render.orphans({"rows": 170, "batches": 2, "seconds": 0.01})
-    assert one.endswith("170 rows in 1 batch, 0.01s")
-    assert two.endswith("170 rows in 2 batches, 0.01s")

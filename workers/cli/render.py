@@ -88,5 +88,4 @@ def orphans(data: dict[str, Any]) -> str:
         return (f"dry run: nothing was deleted\n  table          {data['table']}\n"
                 f"  orphaned rows  {data['orphaned_rows']:,}")
     return (f"orphaned asset state swept: {data.get('rows', 0):,} rows in "
-            f"{data.get('batches', 0)} batch{'' if data.get('batches', 0) == 1 else 'es'}, "
-            f"{data.get('seconds', 0)}s")
+            f"{data.get('batches', 0)} batches, {data.get('seconds', 0)}s")
