@@ -15,7 +15,7 @@ from workers.settings import PREFIX, setting_fields
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
 DESIGN = (ROOT / "docs" / "design.md").read_text()
-# A row of the settings table: | `STATESWEEP_A` / `STATESWEEP_B` | `1` / `2` | meaning |
+# A row of the settings table: one or two `…` variable names, then their defaults, then a meaning.
 ROW = re.compile(r"^\| (`STATESWEEP_\w+`(?: / `STATESWEEP_\w+`)*) \| ([^|]+) \|", re.M)
 
 
