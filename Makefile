@@ -17,14 +17,18 @@ apt_install = { [ "$$(id -u)" = 0 ] && SUDO= || SUDO=sudo; $$SUDO apt-get update
 # worker-host tests, private redis-server and RabbitMQ nodes for the restart tests.
 SYSTEM_BINARIES := ip:iproute2 redis-server:redis-server rabbitmqctl:rabbitmq-server
 
+# setuptools reports every editable install with an "Editable installation" notice (a warning
+# of its InformationOnly kind, nothing to act on); it would be the only output of a quiet install.
+PIP_EDITABLE := PYTHONWARNINGS='ignore:Editable installation' $(BIN)/python -m pip install --quiet -e
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,mysql]'
+	$(PIP_EDITABLE) '.[dev,mysql]'
 	touch $@
 
 $(BENCH_STAMP): $(STAMP)
-	$(BIN)/python -m pip install --quiet -e '.[dev,mysql,bench]'
+	$(PIP_EDITABLE) '.[dev,mysql,bench]'
 	touch $@
 
 demo: $(STAMP)

@@ -161,14 +161,19 @@ def _verify(engine: Engine, tables: Tables, spec: SeedSpec, run: dict[str, Any],
     )
 
 
+def counted(n: int, singular: str, plural: str) -> str:
+    """``1 batch``, ``3 batches``: the demo's lines read as sentences."""
+    return f"{n:,} {singular if n == 1 else plural}"
+
+
 def render(result: DemoResult) -> str:
     run = result.run
     return "\n".join([
         f"run {run['run_id']} {run['state']}: {run['rows_deleted']:,} expired rows deleted in "
-        f"{run['chunks_done']} chunks, {run['duration']:.2f}s "
+        f"{counted(run['chunks_done'], 'chunk', 'chunks')}, {run['duration']:.2f}s "
         f"({run['rows_per_second']:,.0f} rows/s), cutoff {run['cutoff']}",
         f"orphaned asset state: {result.orphans.get('rows', 0):,} rows deleted in "
-        f"{result.orphans.get('batches', 0)} batches",
+        f"{counted(result.orphans.get('batches', 0), 'batch', 'batches')}",
         f"expired left: {result.expired_left}, live rows lost: {result.live_rows_lost}",
         f"orphaned asset state left: {result.orphaned_asset_state_left}, "
         f"live asset state lost: {result.live_asset_state_lost}",
