@@ -203,6 +203,17 @@ class Settings:
                 not re.fullmatch(r"\d+(\.\d+)?/[smh]", self.chunk_rate_limit)
                 or float(self.chunk_rate_limit.partition("/")[0]) <= 0):
             bad("chunk_rate_limit", "must be a positive rate like 20/s, 600/m or 1000/h")
+        # A chunk waits for its rate-limit slot inside its task: with a full window waiting,
+        # the last waits window/rate seconds, which must stay well inside the soft time limit.
+        if self.chunk_rate_limit and re.fullmatch(r"\d+(\.\d+)?/[smh]", self.chunk_rate_limit) \
+                and float(self.chunk_rate_limit.partition("/")[0]) > 0 \
+                and self.max_chunks_in_flight / self.chunk_rate_per_second \
+                > self.chunk_soft_time_limit / 2:
+            bad("chunk_rate_limit", f"with STATESWEEP_MAX_CHUNKS_IN_FLIGHT="
+                f"{self.max_chunks_in_flight} a chunk could wait "
+                f"{self.max_chunks_in_flight / self.chunk_rate_per_second:.0f} s for its slot, "
+                f"past half the {self.chunk_soft_time_limit} s soft time limit; raise the rate, "
+                "lower the window or raise STATESWEEP_CHUNK_SOFT_TIME_LIMIT")
         if self.planner not in PLANNER_CHOICES:
             bad("planner", f"must be one of {', '.join(PLANNER_CHOICES)}")
         if self.max_chunks_in_flight < 1:

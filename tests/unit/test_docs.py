@@ -35,7 +35,7 @@ def code_default(name: str) -> str:
     for f in setting_fields():
         if PREFIX + f.name.upper() == name:
             assert f.default is not MISSING
-            return str(f.default)
+            return str(f.default).lower() if isinstance(f.default, bool) else str(f.default)
     raise KeyError(name)
 
 

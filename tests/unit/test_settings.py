@@ -154,3 +154,16 @@ def test_every_statesweep_name_the_repository_sets_is_a_setting_or_allowed() -> 
     unknown = {n for n in names if n not in ENV_VARS
                and not any(p.fullmatch(n) for p in NON_SETTING_PATTERNS)}
     assert len(names) > 20 and unknown == set()
+
+
+def test_a_rate_limit_the_window_cannot_wait_out_inside_the_soft_limit_is_refused() -> None:
+    """A chunk waits for its rate-limit slot inside its task: a full window at 1/s would make
+    the 64th chunk wait 64 s and hit the 25 s soft time limit, failing instead of running."""
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({"STATESWEEP_CHUNK_RATE_LIMIT": "1/s",
+                           "STATESWEEP_MAX_CHUNKS_IN_FLIGHT": "64"})
+    assert "STATESWEEP_CHUNK_RATE_LIMIT='1/s'" in str(info.value)
+    assert "could wait 64 s" in str(info.value)
+    ok = Settings.from_env({"STATESWEEP_CHUNK_RATE_LIMIT": "1/s",
+                            "STATESWEEP_MAX_CHUNKS_IN_FLIGHT": "8"})
+    assert ok.chunk_rate_per_second == 1.0
