@@ -15,12 +15,15 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from tests.conftest import database_now
 from tests.reliability.faults import hold_row_lock
-from workers.cleanup import delete_chunk, sweep_orphaned_asset_state
+from workers.cleanup import delete_range, sweep_orphaned_asset_state
 from workers.db import make_engine, set_timeouts
+from workers.planners import ChunkRange
 from workers.schema import Tables, build_tables, upgrade
 from workers.seed import SeedSpec, kind_of, seed
 
 pytestmark = pytest.mark.integration
+
+WHOLE = ChunkRange("ids", 1, 10**9)  # every id: one chunk over the whole table
 
 SESSION = text("SELECT CONNECTION_ID(), @@SESSION.innodb_lock_wait_timeout,"
                " @@SESSION.max_statement_time")
@@ -48,7 +51,7 @@ def test_defect_mariadb_chunk_timeouts_do_not_outlive_the_transaction(
         one_connection: tuple[Engine, Tables]) -> None:
     engine, tables = one_connection
     before = session(engine)
-    deleted = delete_chunk(engine, tables, 1, SPEC.rows, database_now(engine),
+    deleted = delete_range(engine, tables, WHOLE, database_now(engine),
                            lock_timeout_ms=1000, statement_timeout_ms=2500)
     after_chunk = session(engine)
     sweep_orphaned_asset_state(engine, tables, 10, lock_timeout_ms=1000,
@@ -69,7 +72,7 @@ def test_mariadb_chunk_still_gives_up_on_a_held_row_lock(
         with hold_row_lock(other, tables.task_state.name, first_expired):
             # The server default lock wait is 50 s; the chunk's own 1 s bound must apply.
             with pytest.raises(OperationalError) as caught:
-                delete_chunk(engine, tables, 1, SPEC.rows, database_now(engine),
+                delete_range(engine, tables, WHOLE, database_now(engine),
                              lock_timeout_ms=1000, statement_timeout_ms=2500)
     finally:
         other.dispose()
