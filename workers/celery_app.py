@@ -54,9 +54,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # its redelivered copy then deletes nothing. Explicit, as Celery 6 changes the default.
         "worker_cancel_long_running_tasks_on_connection_loss": False,
         "worker_send_task_events": True,
-        # No task-sent events: each chunk a finishing chunk sends would cost an extra publish
-        # (a third of sending it); Flower still sees every task received, started and done.
-        "task_send_sent_event": False,
+        # Clients (CLI, Flower, beat) announce what they send; workers do not (worker_init
+        # below): each chunk a finishing chunk sends would cost an extra publish, a third of
+        # sending it, and Flower still sees every chunk received, started and done.
+        "task_send_sent_event": True,
         "task_track_started": True,
         # Chunk tasks store no result (Flower follows them through events, progress lives in
         # the run store): a result write per chunk was a large share of a chunk's overhead.
@@ -107,6 +108,11 @@ app = build_app(settings)
 def _setup_logging(**_: Any) -> None:
     # Connecting here stops Celery from configuring the root logger itself.
     configure_logging(settings.log_format, settings.log_level)
+
+
+@signals.worker_init.connect
+def _no_sent_events_from_workers(**_: Any) -> None:
+    app.conf.task_send_sent_event = False
 
 
 @signals.worker_init.connect

@@ -86,7 +86,7 @@ def test_celery_config_survives_a_killed_worker(settings: Settings) -> None:
 def test_celery_config_is_observable_and_leaves_logging_to_us(settings: Settings) -> None:
     conf = celery_config(settings)
     assert conf["worker_send_task_events"] is True
-    assert conf["task_send_sent_event"] is False
+    assert conf["task_send_sent_event"] is True
     assert conf["worker_hijack_root_logger"] is False
     assert conf["task_serializer"] == "json"
     assert conf["accept_content"] == ["json"]
