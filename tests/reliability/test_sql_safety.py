@@ -39,10 +39,6 @@ ALLOWED: dict[tuple[str, str, str, tuple[str, ...]], str] = {
     ("db.py", "plus", "literal_column", ()): STATIC + " (the MICROSECOND unit keyword)",
     ("db.py", "set_timeouts", "exec_driver_sql", ("int(lock_timeout_ms)",)): TIMEOUTS,
     ("db.py", "set_timeouts", "exec_driver_sql", ("int(statement_timeout_ms)",)): TIMEOUTS,
-    ("db.py", "set_timeouts", "exec_driver_sql", ("seconds",)):
-        TIMEOUTS + " (seconds = max(1, int(lock_timeout_ms) // 1000))",
-    ("db.py", "set_timeouts", "exec_driver_sql", ("int(statement_timeout_ms) / 1000",)):
-        TIMEOUTS + " (formatted as a number with :.3f)",
     ("cleanup.py", "range_condition", "text", ()):
         STATIC + " (the ctid bounds are bound parameters, cast to tid by the server)",
     ("planners/blocks.py", "check", "text", ()): STATIC + " (the table name is bound)",
@@ -58,9 +54,18 @@ ALLOWED: dict[tuple[str, str, str, tuple[str, ...]], str] = {
     ("seed.py", "seed", "text", ("ts.name",)): TABLE_NAME,
     ("seed.py", "_seed_assets", "text", ("table=a.name",)): TABLE_NAME + " (asset)",
     ("seed.py", "_seed_task_state_pg", "text",
-     ("ts", "ROWS_PER_RUN", "ROWS_PER_RUN", "DAGS", "ROWS_PER_RUN", "e", "e + n")):
-        TABLE_NAME + "; module constants; e and n are SeedSpec int fields (the CLI only sets "
-        "rows, which is a bound parameter)",
+     ("ts", "ROWS_PER_RUN", "ROWS_PER_RUN", "DAGS", "ROWS_PER_RUN", "period", "e", "period",
+      "e + n")):
+        TABLE_NAME + "; module constants; period, e and n are SeedSpec int fields (the CLI only "
+        "sets rows, which is a bound parameter)",
+    ("db.py", "set_timeouts", "execute", ()): STATIC + " (reads the session lock wait back)",
+    ("db.py", "set_timeouts", "execute", ("seconds",)):
+        TIMEOUTS + " (seconds = max(1, int(lock_timeout_ms) // 1000))",
+    ("db.py", "_mysql_restore_session", "execute", ("int(previous)",)):
+        TIMEOUTS + " (int() of the value the server itself reported)",
+    ("exporter.py", "estimate_expired", "literal_column", ()): STATIC + " (SELECT 1)",
+    ("exporter.py", "estimate_expired", "exec_driver_sql", ("'EXPLAIN (FORMAT JSON) ' + sql",)):
+        "a statement SQLAlchemy compiled from the Table object, with no value from input",
 }
 
 
