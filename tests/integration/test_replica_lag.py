@@ -105,10 +105,15 @@ def test_lag_rises_while_replay_is_paused_and_falls_after_resume(
 
 def test_a_standby_that_falls_silent_reads_ever_older(standby: StandbyPair,
                                                      primary: Engine) -> None:
-    def lag_cleared() -> bool:  # idle and caught up: PostgreSQL has set replay_lag to NULL
+    def lag_cleared() -> bool:
+        # Idle and caught up: the standby has replied with a replay position at the primary's
+        # WAL end, and PostgreSQL has set replay_lag to NULL. A freshly started standby also
+        # shows a NULL replay_lag before its first reply, with no replay_lsn: not this state.
         with primary.connect() as conn:
             return conn.execute(text(
-                "SELECT replay_lag IS NULL FROM pg_stat_replication")).scalar() is True
+                "SELECT replay_lag IS NULL AND replay_lsn IS NOT NULL"
+                "       AND replay_lsn >= pg_current_wal_lsn()"
+                " FROM pg_stat_replication")).scalar() is True
 
     receiver = standby.walreceiver_pid()
     for _ in range(10):
