@@ -13,8 +13,8 @@ from typing import Any
 
 import psutil
 
-from bench import data
-from bench.methods import MethodResult, run_single, run_upstream
+from bench import data, names
+from bench.methods import MethodResult, run_single, run_sql_chunks, run_upstream
 from bench.names import Method
 from bench.observe import TransactionSampler, percentile
 from bench.sweep import SWEEP_APPS, Fleet, worker_env
@@ -65,6 +65,9 @@ def run_baseline(name: str, args: argparse.Namespace, url: str) -> MethodResult:
         return run_single(url, build_tables("seed"))
     if name == "upstream":
         return run_upstream(url, build_tables("seed"), args.batch)
+    threads = names.sql_chunk_threads(name)
+    if threads:
+        return run_sql_chunks(url, build_tables("seed"), args.batch, threads)
     raise ValueError(name)
 
 
@@ -83,7 +86,7 @@ def measure(args: argparse.Namespace, method: Method, keys: list[Key], tmp: Path
             # Workers are long-lived in production: warm them up (engine, tables, broker
             # connections) with a run on a small copy, then swap the real data in under them.
             data.clone(args.pg_url, args.database, "warm")
-            fleet = Fleet.start(env, tmp, tag, method.workers)
+            fleet = Fleet.start(env, tmp, tag, method.workers, method.pool)
             warm = fleet.run(f"{tag}_warmup", data.WARM_ROWS // 20, args.timeout)
             cold = {"warmup_chunks": warm.detail["chunks_per_worker"],
                     "first_task_ms_max": warm.detail["task_ms_max"]}

@@ -1,20 +1,28 @@
-"""The two baselines statesweep is measured against, run from this process.
+"""The baselines statesweep is measured against, run from this process.
 
-``single``    one ``DELETE … WHERE expires_at < now()``: the fastest way to delete, and one
-              transaction as long as the whole job.
-``upstream``  the AIP-103 loop: ``SELECT id … WHERE expires_at < now() LIMIT B``, then
-              ``DELETE … WHERE id IN (…)``, commit, repeat until the SELECT finds nothing.
+``single``        one ``DELETE … WHERE expires_at < now()``: the fastest way to delete, and one
+                  transaction as long as the whole job.
+``upstream``      the AIP-103 loop: ``SELECT id … WHERE expires_at < now() LIMIT B``, then
+                  ``DELETE … WHERE id IN (…)``, commit, repeat until the SELECT finds nothing.
+``sql_chunks_Nt`` statesweep's own plan and chunk transactions (the blocks planner, then
+                  ``workers.cleanup.delete_range`` per chunk) on N threads of this process, with
+                  no Celery, broker or run store: what PostgreSQL allows for chunked deletes on
+                  this machine, so the distance to a statesweep run is the cost of the pipeline.
 """
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import delete, func, select
 
+from workers import cleanup, planners
 from workers.db import make_engine
+from workers.planners import BLOCKS, ChunkRange, Plan
 from workers.schema import Tables
 
 
@@ -94,4 +102,63 @@ def run_upstream(url: str, tables: Tables, batch: int) -> MethodResult:
         "select_ms_max": round(max(select_ms, default=0.0), 1),
         "delete_ms_max": round(max(delete_ms, default=0.0), 1),
     }
+    return result
+
+
+def plan_ranges(plan: Plan) -> Iterator[ChunkRange]:
+    """A blocks plan's chunks at its first size, the last one open-ended, as the run store cuts
+    them before any resize."""
+    lo = plan.start
+    while lo < plan.end:
+        hi = lo + plan.size
+        yield ChunkRange(BLOCKS, lo, hi if hi < plan.end else None)
+        lo = hi
+
+
+def run_sql_chunks(url: str, tables: Tables, batch: int, threads: int) -> MethodResult:
+    """The blocks plan deleted chunk by chunk on *threads* threads, each chunk in its own
+    transaction through the statement statesweep's chunk task runs; planning is timed too."""
+    name = f"sql_chunks_{threads}t"
+    engine = make_engine(url, connect_args={"application_name": "bench_sql_chunks"},
+                         pool_size=threads)
+    result = MethodResult(name, started_wall=time.time())
+    lock = threading.Lock()
+    failures: list[BaseException] = []
+    t0 = time.perf_counter()
+    try:
+        cutoff = cleanup.read_cutoff(engine)
+        with engine.connect() as conn:
+            plan = planners.choose(conn, tables, cutoff, batch, "blocks")
+        ranges = plan_ranges(plan)
+
+        def work() -> None:
+            try:
+                while True:
+                    with lock:
+                        rng = next(ranges, None)
+                    if rng is None:
+                        return
+                    began = time.perf_counter()
+                    rows = cleanup.delete_range(engine, tables, rng, cutoff)
+                    with lock:
+                        result.rows += rows
+                        result.txn_ms.append((time.perf_counter() - began) * 1000)
+            except BaseException as exc:  # noqa: BLE001 - re-raised below, in the bench thread
+                failures.append(exc)
+
+        pool = [threading.Thread(target=work, name=f"{name}-{i}") for i in range(threads)]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+        if failures:
+            raise RuntimeError(f"{name}: a chunk failed: {failures[0]!r}")
+    finally:
+        engine.dispose()
+    result.seconds = time.perf_counter() - t0
+    result.ended_wall = time.time()
+    result.longest_txn_ms = max(result.txn_ms, default=0.0)
+    result.longest_txn_source = "each chunk's transaction, timed in the client"
+    result.detail = {"chunks": len(result.txn_ms), "threads": threads,
+                     "planner_reason": plan.reason}
     return result

@@ -1,8 +1,11 @@
 """What a method's name asks for, and the data mix an --expired-percent asks for.
 
 ``single`` / ``upstream``              the baselines (bench.methods)
+``sql_chunks_<n>t``                    statesweep's plan and chunk statements on n threads of
+                                       the bench process, no Celery/broker/run store
 ``statesweep_<n>w``                    statesweep on n chunk workers, STATESWEEP_PLANNER=auto
 ``statesweep_<planner>_<n>w``          the same with the planner forced (blocks, ids, walk)
+``statesweep_solo_<n>w``               auto, the chunk workers on ``-P solo`` (no pool process)
 ``statesweep_throttled_<n>w``          auto, with STATESWEEP_TARGET_CHUNK_SECONDS and
                                        STATESWEEP_MAX_CHUNKS_IN_FLIGHT from one --throttle
                                        TARGET:WINDOW each; named ``…[TARGET:WINDOW]`` in results
@@ -20,6 +23,13 @@ BASELINES = ("single", "upstream")
 DEFAULT_METHODS = ("single", "upstream", "statesweep_1w", "statesweep_2w", "statesweep_walk_2w")
 DEFAULT_THROTTLE = "0.05:2"
 _SWEEP = re.compile(r"statesweep_(?:(?P<mode>[a-z]+)_)?(?P<workers>[1-9][0-9]?)w")
+_SQL_CHUNKS = re.compile(r"sql_chunks_(?P<threads>[1-9][0-9]?)t")
+
+
+def sql_chunk_threads(name: str) -> int:
+    """Threads of a ``sql_chunks_<n>t`` baseline; 0 for any other name."""
+    m = _SQL_CHUNKS.fullmatch(name)
+    return int(m.group("threads")) if m else 0
 
 #: --expired-percent -> (period, expired per period, never per period); None = the seed's mix
 EXPIRED_MIXES: dict[int, tuple[int, int, int]] = {
@@ -33,6 +43,8 @@ class Method:
     planner: str = "auto"
     #: (STATESWEEP_TARGET_CHUNK_SECONDS, STATESWEEP_MAX_CHUNKS_IN_FLIGHT) of a throttled method
     throttle: tuple[float, int] | None = None
+    #: the chunk workers' Celery pool (``-P``)
+    pool: str = "prefork"
 
     @property
     def is_sweep(self) -> bool:
@@ -69,19 +81,22 @@ def parse_methods(names: list[str], throttles: list[str]) -> list[Method]:
         names = [*names, "statesweep_throttled_2w"]
     out: list[Method] = []
     for name in names:
-        if name in BASELINES:
+        if name in BASELINES or sql_chunk_threads(name):
             out.append(Method(name))
             continue
         m = _SWEEP.fullmatch(name)
         mode = m.group("mode") if m else None
-        if m is None or (mode is not None and mode != "throttled" and mode not in PLANNERS):
+        if m is None or (mode is not None and mode not in ("throttled", "solo")
+                         and mode not in PLANNERS):
             raise ValueError(
-                f"--methods: unknown method {name!r}; use single, upstream, statesweep_<n>w, "
-                f"statesweep_<planner>_<n>w (planner: {', '.join(PLANNERS)}) or "
-                f"statesweep_throttled_<n>w")
+                f"--methods: unknown method {name!r}; use single, upstream, sql_chunks_<n>t, "
+                f"statesweep_<n>w, statesweep_<planner>_<n>w (planner: {', '.join(PLANNERS)}), "
+                f"statesweep_solo_<n>w or statesweep_throttled_<n>w")
         workers = int(m.group("workers"))
         if mode == "throttled":
             out += [Method(f"{name}[{t:g}:{w}]", workers, throttle=(t, w)) for t, w in settings]
+        elif mode == "solo":
+            out.append(Method(name, workers, pool="solo"))
         else:
             out.append(Method(name, workers, mode or "auto"))
     seen = [m.name for m in out]

@@ -55,7 +55,8 @@ class Fleet:
     chunk_workers: list[WorkerProcess]
 
     @classmethod
-    def start(cls, env: dict[str, str], log_dir: Path, name: str, workers: int) -> Fleet:
+    def start(cls, env: dict[str, str], log_dir: Path, name: str, workers: int,
+              pool: str = "prefork") -> Fleet:
         started: list[WorkerProcess] = []
         try:
             # PGAPPNAME tags each process's connections in pg_stat_activity.
@@ -66,7 +67,7 @@ class Fleet:
             for i in range(workers):
                 started.append(start_worker(
                     {**env, "PGAPPNAME": SWEEP_APPS[1]}, log_dir, f"{name}-chunks{i + 1}",
-                    pool="prefork", concurrency=1, queues=env["STATESWEEP_CHUNK_QUEUE"]))
+                    pool=pool, concurrency=1, queues=env["STATESWEEP_CHUNK_QUEUE"]))
         except BaseException:
             for w in started:
                 w.stop()

@@ -7,9 +7,18 @@ from typing import Any
 
 import pytest
 
-from bench.names import EXPIRED_MIXES, parse_methods, parse_throttle, results_stem, seed_spec
+from bench.methods import plan_ranges
+from bench.names import (
+    EXPIRED_MIXES,
+    parse_methods,
+    parse_throttle,
+    results_stem,
+    seed_spec,
+    sql_chunk_threads,
+)
 from bench.rate import buckets, summarise
 from bench.targets import add_ratios, check_targets
+from workers.planners import ChunkRange, Plan
 from workers.seed import kind_of
 
 
@@ -27,13 +36,31 @@ def test_method_names_parse_to_planner_workers_and_throttle() -> None:
                                 "STATESWEEP_MAX_CHUNKS_IN_FLIGHT": "2"}
 
 
+def test_sql_chunks_baseline_and_solo_pool_parse() -> None:
+    methods = parse_methods(["sql_chunks_2t", "statesweep_solo_2w", "statesweep_1w"], [])
+    assert [(m.name, m.workers, m.pool, m.is_sweep) for m in methods] == [
+        ("sql_chunks_2t", 0, "prefork", False), ("statesweep_solo_2w", 2, "solo", True),
+        ("statesweep_1w", 1, "prefork", True)]
+    assert sql_chunk_threads("sql_chunks_12t") == 12
+    assert sql_chunk_threads("sql_chunks_0t") == sql_chunk_threads("single") == 0
+
+
+def test_sql_chunks_plan_ranges_cover_the_plan_once_and_leave_the_last_open() -> None:
+    plan = Plan("blocks", "blocks", 0, 10, 4, 0, "")
+    assert list(plan_ranges(plan)) == [ChunkRange("blocks", 0, 4), ChunkRange("blocks", 4, 8),
+                                       ChunkRange("blocks", 8, None)]
+    assert list(plan_ranges(Plan("blocks", "blocks", 0, 8, 4, 0, ""))) == [
+        ChunkRange("blocks", 0, 4), ChunkRange("blocks", 4, None)]
+    assert list(plan_ranges(Plan("blocks", "blocks", 0, 0, 4, 0, ""))) == []
+
+
 def test_throttle_alone_adds_the_throttled_method() -> None:
     assert [m.name for m in parse_methods(["single"], ["0.1:3"])] == [
         "single", "statesweep_throttled_2w[0.1:3]"]
 
 
 @pytest.mark.parametrize("names", [["statesweep_bogus_2w"], ["statesweep_0w"], ["fast"],
-                                   ["single", "single"]])
+                                   ["single", "single"], ["sql_chunks_0t"], ["sql_chunks_2w"]])
 def test_bad_method_names_are_named(names: list[str]) -> None:
     with pytest.raises(ValueError, match=repr(names[-1])):
         parse_methods(names, [])

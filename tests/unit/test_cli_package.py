@@ -57,3 +57,17 @@ def test_the_console_script_is_the_package_main() -> None:
     assert done.stdout.startswith("statesweep ")
     pyproject = (WORKERS.parent / "pyproject.toml").read_text()
     assert 'statesweep = "workers.cli:main"' in pyproject
+
+
+def test_following_polls_soon_then_backs_off_to_the_interval() -> None:
+    """A small run ends within tens of milliseconds of its pickup: the first polls come fast,
+    then the delay grows 1.5x a step and settles at the poll interval."""
+    from itertools import islice
+
+    from workers.cli.progress import FIRST_POLL_SECONDS, poll_delays
+
+    delays = list(islice(poll_delays(0.5), 12))
+    assert delays[0] == FIRST_POLL_SECONDS == 0.01
+    assert all(b == min(0.5, a * 1.5) for a, b in zip(delays, delays[1:], strict=False))
+    assert delays[-1] == 0.5 and max(delays) == 0.5
+    assert list(islice(poll_delays(0.005), 3)) == [0.005] * 3  # a cap under the first delay

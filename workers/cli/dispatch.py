@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from workers import chunk, cleanup, coordinator, planners
-from workers.cli.progress import FollowInterrupted, ProgressBar, RunStuck, Snapshot
+from workers.cli.progress import FollowInterrupted, ProgressBar, RunStuck, Snapshot, poll_delays
 from workers.cli.services import (
     ServiceUnavailable,
     check_broker,
@@ -33,6 +33,7 @@ if TYPE_CHECKING:  # Celery is imported only by the commands that send tasks
     from celery.result import AsyncResult
 
 PICKUP_NOTE_SECONDS = 10.0
+PICKUP_POLL_SECONDS = 0.2
 NO_WAIT_PICKUP_SECONDS = 5.0
 
 
@@ -98,6 +99,7 @@ def await_pickup(registry: RunRegistry, run_id: str, result: AsyncResult, *,
     none has after *timeout* seconds."""
     start = time.monotonic()
     noted = False
+    delays = poll_delays(PICKUP_POLL_SECONDS)
     try:
         while True:
             record = registry.get(run_id)
@@ -115,7 +117,7 @@ def await_pickup(registry: RunRegistry, run_id: str, result: AsyncResult, *,
                 note(f"waiting for a worker to take the coordinator from queue {queue} "
                      "(is a worker consuming it? `statesweep doctor` checks)")
                 noted = True
-            time.sleep(0.2)
+            time.sleep(next(delays))
     except KeyboardInterrupt:
         raise FollowInterrupted(
             f"stopped waiting; the coordinator stays queued on {queue} and runs as {run_id} "
@@ -247,13 +249,14 @@ def wait_for_task(result: AsyncResult, what: str) -> dict[str, Any]:
     """Poll a task's result (Ctrl-C stops waiting, not the task); RunFailed if it failed."""
     start = time.monotonic()
     last = 0.0
+    delays = poll_delays(PICKUP_POLL_SECONDS)
     try:
         while not result.ready():
             waited = time.monotonic() - start
             if waited - last >= 5:
                 note(f"{what} {result.id}: {result.state.lower()} after {waited:.0f}s")
                 last = waited
-            time.sleep(0.2)
+            time.sleep(next(delays))
     except KeyboardInterrupt:
         raise FollowInterrupted(
             f"stopped waiting for {what} {result.id}; it goes on in the workers") from None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO
 
@@ -17,8 +18,20 @@ from workers.settings import Settings
 
 BAR_WIDTH = 24
 POLL_SECONDS = 0.5
+#: The first poll waits this long; each next one 1.5 times longer, up to the poll interval. A
+#: small run ends within tens of milliseconds of its pickup, and a fixed 0.5 s sleep was most of
+#: an empty `cleanup --wait`; a long run settles at the interval after a dozen cheap reads.
+FIRST_POLL_SECONDS = 0.01
 TTY_REDRAW_SECONDS = 0.1
 LOG_LINE_SECONDS = 5.0
+
+
+def poll_delays(cap: float, first: float = FIRST_POLL_SECONDS) -> Iterator[float]:
+    """Sleeps between polls: *first*, then 1.5 times the last, never over *cap*."""
+    delay = min(first, cap)
+    while True:
+        yield delay
+        delay = min(cap, delay * 1.5)
 
 
 class FollowInterrupted(StatesweepError):
@@ -142,6 +155,7 @@ def follow_run(registry: RunRegistry, run_id: str, bar: ProgressBar,
     """
     from workers.cli import stalls
 
+    delays = poll_delays(poll)
     try:
         while True:
             record = registry.get(run_id)
@@ -173,7 +187,7 @@ def follow_run(registry: RunRegistry, run_id: str, bar: ProgressBar,
                         f"return; `statesweep status {run_id}` shows it, "
                         f"`statesweep abort {run_id}` ends it")
             bar.update(Snapshot.of(record, note))
-            time.sleep(poll)
+            time.sleep(next(delays))
     except KeyboardInterrupt:
         bar.close()
         raise FollowInterrupted.run(run_id) from None
