@@ -65,6 +65,12 @@ def normalise_url(url: str) -> str:
     return u.set(drivername=driver).render_as_string(hide_password=False)
 
 
+_MISSING_DRIVER = {
+    "pymysql": "needs PyMySQL, statesweep's MySQL driver: pip install 'statesweep[mysql]'",
+    "psycopg": "needs psycopg 3, statesweep's PostgreSQL driver: pip install statesweep",
+}
+
+
 def check_connect_options(url: str) -> None:
     """ValueError if the driver for *url* is not installed or would reject one of its query
     options: checked when settings load, so a worker fails at start-up with one line, not at
@@ -72,12 +78,20 @@ def check_connect_options(url: str) -> None:
     u = make_url(normalise_url(url))
     if u.get_backend_name() == "sqlite":
         return
+    if not u.query:
+        # Nothing for the driver to reject: only whether it is installed, found without
+        # importing it (psycopg alone is a sixth of the CLI's start-up).
+        import importlib.util
+
+        if importlib.util.find_spec(u.get_driver_name()) is None:
+            raise ValueError(_MISSING_DRIVER.get(u.get_driver_name(),
+                                                 f"needs the {u.get_driver_name()} driver"))
+        return
     dialect_cls = u.get_dialect()
     try:
         dbapi = dialect_cls.import_dbapi()
     except ImportError:
-        raise ValueError("needs PyMySQL, statesweep's MySQL driver: "
-                         "pip install 'statesweep[mysql]'") from None
+        raise ValueError(_MISSING_DRIVER["pymysql"]) from None
     _, params = dialect_cls(dbapi=dbapi).create_connect_args(u)  # type: ignore[call-arg]
     if u.get_backend_name() == "postgresql":
         from psycopg import ProgrammingError

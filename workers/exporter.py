@@ -33,7 +33,7 @@ from workers.settings import Settings, is_redis, mask_url, parse_schedule
 
 log = structlog.get_logger("statesweep.exporter")
 
-DEFAULT_PORT = 9808  # in the Prometheus exporters' range (9100-9999), not a well-known one
+DEFAULT_PORT = metrics.EXPORTER_PORT
 PARTS = ("run_store", "database", "workers")
 RUN_STATES = ("planning", "running", "finished", "failed")
 BACKLOG_COUNTS = ("exact", "estimate")

@@ -19,9 +19,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import structlog
+#: The exporter's port: in the Prometheus exporters' range (9100-9999), not a well-known one.
+#: Here, not in workers.exporter, so the CLI can show it without importing prometheus_client.
+EXPORTER_PORT = 9808
 
-log = structlog.get_logger("statesweep.metrics")
+
+def _log() -> Any:
+    # structlog (and the asyncio it imports) only when a count fails: the CLI imports this
+    # module through the run store, and its start-up is most of an empty `cleanup --wait`.
+    import structlog
+
+    return structlog.get_logger("statesweep.metrics")
 
 # Chunk durations: Prometheus's default buckets, stretched to the chunk hard limit (300 s).
 CHUNK_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -114,7 +122,7 @@ def count_retry(registry: Any) -> None:
     try:
         _incr(registry, "chunks_retried", 1)
     except Exception as exc:
-        log.warning("retry_not_counted", error=type(exc).__name__)
+        _log().warning("retry_not_counted", error=type(exc).__name__)
 
 
 def count_orphans_deleted(registry: Any, table_name: str, rows: int) -> None:
@@ -123,4 +131,4 @@ def count_orphans_deleted(registry: Any, table_name: str, rows: int) -> None:
     try:
         _incr(registry, f"rows_deleted:{table_name}", rows)
     except Exception as exc:
-        log.warning("orphan_rows_not_counted", rows=rows, error=type(exc).__name__)
+        _log().warning("orphan_rows_not_counted", rows=rows, error=type(exc).__name__)

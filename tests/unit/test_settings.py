@@ -167,3 +167,25 @@ def test_a_rate_limit_the_window_cannot_wait_out_inside_the_soft_limit_is_refuse
     ok = Settings.from_env({"STATESWEEP_CHUNK_RATE_LIMIT": "1/s",
                             "STATESWEEP_MAX_CHUNKS_IN_FLIGHT": "8"})
     assert ok.chunk_rate_per_second == 1.0
+
+
+@pytest.mark.parametrize("query", ["", "?connect_timeout=5"])
+def test_a_missing_database_driver_is_named_with_its_install_line(
+        query: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without query options the driver is only looked up (not imported: the CLI starts
+    faster); with them it is imported to check them. Either way a missing one is named."""
+    import importlib.util
+    import sys
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "pymysql" else real(name, *a))
+    monkeypatch.setitem(sys.modules, "pymysql", None)  # importing it raises ImportError
+    url = f"mysql+pymysql://u:secret@db/airflow{query}"
+    with pytest.raises(SettingsError) as err:
+        Settings.from_env({"STATESWEEP_DATABASE_URL": url})
+    assert "STATESWEEP_DATABASE_URL" in str(err.value)
+    assert "needs PyMySQL" in str(err.value) and "pip install 'statesweep[mysql]'" in str(err.value)
+    assert "secret" not in str(err.value)
+    # An installed driver passes the same check.
+    assert Settings.from_env({"STATESWEEP_DATABASE_URL": f"postgresql://u@db/airflow{query}"})

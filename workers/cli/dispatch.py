@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from workers import chunk, cleanup, coordinator, planners
+# The pipeline's modules (chunk, cleanup, coordinator, planners) are imported by the commands
+# that run it here (--local, --dry-run): dispatching to the workers needs none of them, and an
+# empty `cleanup --wait` is mostly process start and imports.
 from workers.cli.progress import FollowInterrupted, ProgressBar, RunStuck, Snapshot, poll_delays
 from workers.cli.services import (
     ServiceUnavailable,
@@ -64,10 +66,11 @@ def dispatch_cleanup(app: Celery, settings: Settings, registry: RunRegistry,
     """Send the coordinator to the control queue, as beat does, with a run id chosen here and
     recorded as ``queued`` first, so `status <id>` knows the run from the moment it is sent."""
     from workers.celery_app import COORDINATE
+    from workers.coordinator import new_run_id
 
     check_broker(app, settings)
     check_result_backend(settings)
-    run_id = coordinator.new_run_id()
+    run_id = new_run_id()
     if not registry.enqueue(run_id, source):
         raise RefusedError(f"run id {run_id} is already recorded; try again")
     try:
@@ -152,6 +155,8 @@ def _outcome_pickup(registry: RunRegistry, run_id: str, outcome: dict[str, Any])
 def run_local(settings: Settings, batch_size: int | None) -> RunRecord:
     """Plan and delete in this process, chunk by chunk; the lock lives in the shared run store
     (Redis when configured), so a local run and the workers still run one at a time."""
+    from workers import chunk, cleanup, coordinator
+
     try:
         registry = run_store(settings)
     except ServiceUnavailable as exc:
@@ -191,6 +196,8 @@ def run_local(settings: Settings, batch_size: int | None) -> RunRecord:
 
 def dry_run(settings: Settings, batch_size: int | None) -> dict[str, Any]:
     """What a run now would delete: counts, chunks, top dag_ids, a sample. Deletes nothing."""
+    from workers import cleanup, coordinator, planners
+
     batch = coordinator.batch_size_for(settings, batch_size)
     with database(settings) as (engine, tables):
         cutoff = cleanup.read_cutoff(engine)
@@ -212,12 +219,16 @@ def dry_run(settings: Settings, batch_size: int | None) -> dict[str, Any]:
 
 
 def orphans_dry_run(settings: Settings) -> dict[str, Any]:
+    from workers import cleanup
+
     with database(settings) as (engine, tables), engine.connect() as conn:
         count = cleanup.count_orphaned_asset_state(conn, tables)
         return {"dry_run": True, "table": tables.asset_state.name, "orphaned_rows": count}
 
 
 def orphans_local(settings: Settings, batch_size: int | None) -> dict[str, Any]:
+    from workers import cleanup, coordinator
+
     batch = coordinator.batch_size_for(settings, batch_size)
     t0 = time.perf_counter()
     with database(settings) as (engine, tables):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from workers.exporter import DEFAULT_PORT
+from workers.metrics import EXPORTER_PORT as DEFAULT_PORT
 
 
 @click.command("exporter")
