@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import data
-from bench.measure import load, progress
+from bench.measure import add_service_args, load, progress
 from bench.sweep import worker_env
 from bench.worker_logs import forget_redis_keys
 from tests.processes import child_env, start_worker
@@ -47,12 +47,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.fixed_cost", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=10, help="timed runs of each (>= 3)")
-    p.add_argument("--pg-url", default=os.environ.get(
-        "STATESWEEP_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/test"))
-    p.add_argument("--redis-url", default=os.environ.get(
-        "STATESWEEP_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0"))
-    p.add_argument("--database", default="statesweep_bench_fixed", help="scratch database name")
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    add_service_args(p, "statesweep_bench_fixed")
     args = p.parse_args(argv)
     if args.repeats < 3:
         p.error(f"--repeats must be at least 3, got {args.repeats}")

@@ -22,6 +22,20 @@ from bench.worker_logs import forget_redis_keys
 from bench.writer import Key, Writer, start_writer
 from workers.schema import build_tables
 
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def add_service_args(p: argparse.ArgumentParser, database: str) -> None:
+    """--pg-url, --redis-url, --database (scratch, default *database*) and --out: the options
+    every bench command shares."""
+    p.add_argument("--pg-url", default=os.environ.get(
+        "STATESWEEP_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/test"),
+        help="an existing database on the server; the bench creates its own beside it")
+    p.add_argument("--redis-url", default=os.environ.get(
+        "STATESWEEP_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0"))
+    p.add_argument("--database", default=database, help="scratch database name")
+    p.add_argument("--out", type=Path, default=RESULTS)
+
 
 def progress(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)

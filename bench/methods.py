@@ -45,6 +45,14 @@ class MethodResult:
         return self.rows / self.seconds if self.seconds > 0 else 0.0
 
 
+def _ended(result: MethodResult, t0: float, txn_source: str) -> None:
+    """Close a method timed from *t0* whose transactions are in ``txn_ms``."""
+    result.seconds = time.perf_counter() - t0
+    result.ended_wall = time.time()
+    result.longest_txn_ms = max(result.txn_ms, default=0.0)
+    result.longest_txn_source = txn_source
+
+
 def run_single(url: str, tables: Tables) -> MethodResult:
     t = tables.task_state
     engine = make_engine(url, connect_args={"application_name": "bench_single"})
@@ -89,10 +97,7 @@ def run_upstream(url: str, tables: Tables, batch: int) -> MethodResult:
             delete_ms.append((deleted - selected) * 1000)
     finally:
         engine.dispose()
-    result.seconds = time.perf_counter() - t0
-    result.ended_wall = time.time()
-    result.longest_txn_ms = max(result.txn_ms, default=0.0)
-    result.longest_txn_source = "each SELECT+DELETE+COMMIT, timed in the client"
+    _ended(result, t0, "each SELECT+DELETE+COMMIT, timed in the client")
     result.detail = {
         "iterations": len(result.txn_ms),
         "select_ms_total": round(sum(select_ms), 1),
@@ -155,10 +160,7 @@ def run_sql_chunks(url: str, tables: Tables, batch: int, threads: int) -> Method
             raise RuntimeError(f"{name}: a chunk failed: {failures[0]!r}")
     finally:
         engine.dispose()
-    result.seconds = time.perf_counter() - t0
-    result.ended_wall = time.time()
-    result.longest_txn_ms = max(result.txn_ms, default=0.0)
-    result.longest_txn_source = "each chunk's transaction, timed in the client"
+    _ended(result, t0, "each chunk's transaction, timed in the client")
     result.detail = {"chunks": len(result.txn_ms), "threads": threads,
                      "planner_reason": plan.reason}
     return result

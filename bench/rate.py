@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import data, names
-from bench.measure import load, progress
+from bench.measure import add_service_args, load, progress
 from bench.sweep import worker_env
 from bench.worker_logs import chunk_starts, forget_redis_keys, log_events
 from tests.processes import start_worker
@@ -33,7 +33,6 @@ from workers.runs import registry_for
 from workers.schema import build_tables
 from workers.settings import Settings
 
-ROOT = Path(__file__).resolve().parent.parent
 BUCKET_SECONDS = 5.0
 EXPIRED_PERCENT = 90  # most rows expired: the fewest rows to seed for the chunks needed
 
@@ -45,12 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=40, help="run length to aim for, >= 30")
     p.add_argument("--batch", type=int, default=1000, help="rows per chunk")
     p.add_argument("--concurrency", type=int, default=2, help="the worker's -c")
-    p.add_argument("--pg-url", default=os.environ.get(
-        "STATESWEEP_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/test"))
-    p.add_argument("--redis-url", default=os.environ.get(
-        "STATESWEEP_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0"))
-    p.add_argument("--database", default="statesweep_bench_rate", help="scratch database name")
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    add_service_args(p, "statesweep_bench_rate")
     args = p.parse_args(argv)
     try:
         args.per_second = Settings.from_env(

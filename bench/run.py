@@ -33,14 +33,12 @@ from pathlib import Path
 from typing import Any
 
 from bench import data, names, plan_experiment, profile, report
-from bench.measure import load, measure, progress, writer_stats
+from bench.measure import add_service_args, load, measure, progress, writer_stats
 from bench.observe import TransactionSampler
 from bench.sweep import worker_env
 from workers.db import db_now, make_engine
 from workers.schema import build_tables
 from workers.seed import SeedSpec
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -59,13 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--chunk-rate-limit", default="",
                    help="STATESWEEP_CHUNK_RATE_LIMIT for the statesweep workers, e.g. 20/s")
     p.add_argument("--quick", action="store_true", help="shorter idle windows, for development")
-    p.add_argument("--pg-url", default=os.environ.get(
-        "STATESWEEP_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/test"),
-        help="an existing database on the server; the bench creates its own beside it")
-    p.add_argument("--redis-url", default=os.environ.get(
-        "STATESWEEP_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0"))
-    p.add_argument("--database", default="statesweep_bench", help="scratch database name")
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    add_service_args(p, "statesweep_bench")
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per method")
     p.add_argument("--keep", action="store_true", help="keep the scratch databases")
     p.add_argument("--py-spy", action="store_true",
