@@ -71,3 +71,16 @@ def test_following_polls_soon_then_backs_off_to_the_interval() -> None:
     assert all(b == min(0.5, a * 1.5) for a, b in zip(delays, delays[1:], strict=False))
     assert delays[-1] == 0.5 and max(delays) == 0.5
     assert list(islice(poll_delays(0.005), 3)) == [0.005] * 3  # a cap under the first delay
+
+
+def test_starting_the_cli_leaves_the_pipeline_and_heavy_libraries_unimported() -> None:
+    """An empty `cleanup --wait` is mostly process start and imports: the CLI's top level loads
+    neither the pipeline it dispatches to nor the database driver, Celery, structlog or the
+    exporter's prometheus_client (each command imports what it uses)."""
+    heavy = ("workers.chunk", "workers.coordinator", "workers.window", "workers.exporter",
+             "workers.celery_app", "psycopg", "celery", "structlog", "prometheus_client")
+    code = ("import sys, workers.cli; "
+            f"print(','.join(m for m in {heavy!r} if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True, timeout=60)
+    assert done.stdout.strip() == "", f"imported at CLI start: {done.stdout.strip()}"
