@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.processes import CELERY, ROOT, WorkerProcess, child_env
+from tests.processes import WorkerProcess, start_worker
 from tests.services import CI
 
 IP = shutil.which("ip")
@@ -238,20 +238,5 @@ def redis_on(addresses: tuple[str, ...]) -> Iterator[int]:
 def start_host_worker(host: Host, env: Mapping[str, str], log_dir: Path, name: str, *,
                       concurrency: int = 1, ready_timeout: float = 60) -> WorkerProcess:
     """A real ``celery worker`` inside *host*'s namespace; returns once it is ready."""
-    log_path = log_dir / f"{name}.log"
-    cmd = host.command([CELERY, "-A", "workers", "worker", "-n", f"{name}@%h", "-c",
-                        str(concurrency), "-P", "prefork", "-l", "INFO", "--without-gossip",
-                        "--without-mingle"])
-    with open(log_path, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(env), stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    worker = WorkerProcess(name, proc, log_path)
-    deadline = time.monotonic() + ready_timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"worker {name} exited with {proc.returncode}:\n{worker.log()}")
-        if "ready." in worker.log():
-            return worker
-        time.sleep(0.2)
-    worker.stop()
-    raise RuntimeError(f"worker {name} not ready in {ready_timeout}s:\n{worker.log()}")
+    return start_worker(env, log_dir, name, concurrency=concurrency, ready_timeout=ready_timeout,
+                        wrap=host.command)

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,14 +59,17 @@ class WorkerProcess:
 
 
 def start_worker(env: Mapping[str, str], log_dir: Path, name: str, *, concurrency: int = 2,
-                 pool: str = "prefork", queues: str | None = None,
-                 ready_timeout: float = 30) -> WorkerProcess:
-    """Start a worker and wait until it logs that it is ready."""
+                 pool: str = "prefork", queues: str | None = None, ready_timeout: float = 30,
+                 wrap: Callable[[list[str]], list[str]] | None = None) -> WorkerProcess:
+    """Start a worker and wait until it logs that it is ready. *wrap* turns the command into
+    the one to run (a network namespace's ``ip netns exec``)."""
     log_path = log_dir / f"{name}.log"
     cmd = [CELERY, "-A", "workers", "worker", "-n", f"{name}@%h", "-c", str(concurrency),
            "-P", pool, "-l", "INFO", "--without-gossip", "--without-mingle"]
     if queues:
         cmd += ["-Q", queues]
+    if wrap is not None:
+        cmd = wrap(cmd)
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(env), stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
