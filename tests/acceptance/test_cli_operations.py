@@ -6,31 +6,18 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import text
 
 from tests.acceptance.test_cli_worker import ROWS, Deployment, readme_command
-from tests.conftest import seed_postgres
-from tests.processes import CELERY, ROOT, child_env, workers
+from tests.processes import CELERY, ROOT, child_env
 from tests.services import REDIS_URL
 from workers.cli import EXIT_FAILURE, EXIT_OK
 from workers.runs import RunStore, registry_for
 
 pytestmark = pytest.mark.acceptance
-
-
-@pytest.fixture
-def deployment(pg_url: str, isolation: dict[str, str], tmp_path: Path) -> Iterator[Deployment]:
-    db = seed_postgres(pg_url, isolation, ROWS)
-    try:
-        with workers(db.env, tmp_path, count=1, concurrency=2):
-            yield Deployment(db.env, db.engine, db.tables, db.spec, db.counts)
-    finally:
-        db.engine.dispose()
 
 
 def store_of(deployment: Deployment) -> RunStore:
