@@ -1,4 +1,5 @@
-"""Fixtures for the integration tests: the run store on real Redis and on memory://."""
+"""Fixtures for the integration tests: the run store on real Redis and on memory://, and the
+CLI's seeded PostgreSQL (tests/integration/test_cli.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import redis
 
 from tests.cleanup_runs import memory_store
+from tests.integration.test_cli import seeded  # noqa: F401 - a fixture
 from tests.services import REDIS_URL, require
 from workers.runs import RunStore
 

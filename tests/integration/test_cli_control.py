@@ -17,7 +17,6 @@ import redis
 from sqlalchemy import text
 
 from tests.cleanup_runs import Outbox, deliver
-from tests.conftest import seed_postgres
 from tests.integration.test_cli import (  # noqa: F401 - restore_logging: autouse fixture
     ROWS,
     STATESWEEP,
@@ -35,15 +34,6 @@ from workers.settings import Settings
 from workers.window import resend_after
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def seeded(pg_url: str, isolation: dict[str, str]) -> Iterator[Seeded]:
-    db = seed_postgres(pg_url, isolation, ROWS)
-    try:
-        yield Seeded(db.env, db.engine, db.tables, db.spec, db.counts)
-    finally:
-        db.engine.dispose()
 
 
 @pytest.fixture
