@@ -67,6 +67,12 @@ def naming(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
+@pytest.fixture(params=["3.3", "3.4"])
+def layout(request: pytest.FixtureRequest) -> str:
+    """Airflow's task-state layout: 3.3 (map_index) or 3.4 (region_index + region_id)."""
+    return str(request.param)
+
+
 @pytest.fixture
 def redis_url() -> str:
     require("Redis", "127.0.0.1", 6379)
@@ -93,10 +99,10 @@ def isolation() -> dict[str, str]:
     }
 
 
-def create_schema(url: str, naming: str = "seed") -> tuple[Engine, Tables]:
+def create_schema(url: str, naming: str = "seed", layout: str = "3.3") -> tuple[Engine, Tables]:
     engine = make_engine(url)
-    upgrade(engine, naming)
-    return engine, build_tables(naming)
+    upgrade(engine, naming, layout)
+    return engine, build_tables(naming, layout)
 
 
 def database_now(engine: Engine) -> dt.datetime:

@@ -183,8 +183,9 @@ def summarise_expired(engine: Engine, tables: Tables, cutoff: dt.datetime, batch
             .group_by(t.c.dag_id).order_by(func.count().desc(), t.c.dag_id).limit(top)
         ).all()
         sample_rows = conn.execute(
-            select(t.c.id, t.c.dag_id, t.c.run_id, t.c.task_id, t.c.map_index, t.c.key,
-                   t.c.expires_at).where(expired).order_by(t.c.id).limit(sample)
+            select(t.c.id, t.c.dag_id, t.c.run_id, t.c.task_id,
+                   tables.index_column.label("map_index"), t.c.key, t.c.expires_at)
+            .where(expired).order_by(t.c.id).limit(sample)
         ).mappings().all()
     chunks = 0 if count == 0 else (1 if batch_size == 0 else -(-count // batch_size))
     return ExpiredSummary(

@@ -1,8 +1,15 @@
-"""The tables statesweep reads and writes, in SQLAlchemy 2 Core, in both namings.
+"""The tables statesweep reads and writes, in SQLAlchemy 2 Core, in both namings and layouts.
 
+Naming (which tables):
 ``seed``    task_state / asset_state, as in the AIP-103 commit.
 ``airflow`` task_state_store / asset_state_store, as released in Airflow 3.3, with Airflow's
             naming convention for indexes and constraints.
+
+Layout (which columns of task state; read from the live table, never guessed):
+``3.3``     ``map_index`` in the unique key (dag_run_id, task_id, map_index, key).
+``3.4``     ``map_index`` renamed ``region_index``, and ``region_id`` (a UUID; all zeros is the
+            legacy namespace) added to the unique key (dag_run_id, task_id, region_id,
+            region_index, key).
 
 statesweep only ever creates these tables on a database it owns (``statesweep db upgrade`` on an
 empty database). On an Airflow database it reads the live schema's names and never alters it.
@@ -11,6 +18,7 @@ empty database). On an Airflow database it reads the live schema's names and nev
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +32,7 @@ from sqlalchemy import (
     ForeignKeyConstraint,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     PrimaryKeyConstraint,
     String,
@@ -33,7 +42,7 @@ from sqlalchemy import (
     UniqueConstraint,
     inspect,
 )
-from sqlalchemy.dialects import mysql
+from sqlalchemy.dialects import mysql, postgresql
 
 from workers.exceptions import RefusedError, SchemaError
 
@@ -51,9 +60,16 @@ TABLE_NAMES = {
     "airflow": ("task_state_store", "asset_state_store"),
 }
 
-#: Columns statesweep relies on, per logical table; checked on every database it opens.
+#: The task-state columns that tell the layouts apart, and the Airflow release of each.
+LAYOUT_COLUMNS = {"3.3": ("map_index",), "3.4": ("region_index", "region_id")}
+LAYOUTS = tuple(LAYOUT_COLUMNS)
+#: region_id of state written outside any region (every row Airflow 3.3 wrote, migrated).
+LEGACY_REGION = uuid.UUID(int=0)
+
+#: Columns statesweep relies on, per logical table; checked on every database it opens (the
+#: task_state columns of the layout come on top, from LAYOUT_COLUMNS).
 REQUIRED_COLUMNS = {
-    "task_state": ("id", "dag_run_id", "task_id", "map_index", "key", "value", "expires_at"),
+    "task_state": ("id", "dag_run_id", "task_id", "key", "value", "expires_at"),
     "asset_state": ("asset_id", "key", "value"),
     "asset": ("id", "name", "uri"),
     "asset_active": ("name", "uri"),
@@ -115,9 +131,38 @@ def _name_string(length: int = 1500) -> String:
     )
 
 
+class RegionId(TypeDecorator[uuid.UUID]):
+    """Airflow 3.4's region_id: ``uuid`` on PostgreSQL, 16 raw bytes (BINARY(16)) elsewhere,
+    as Airflow stores it. Values are :class:`uuid.UUID` on every dialect."""
+
+    impl = LargeBinary(16)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> Any:
+        if dialect.name == "postgresql":
+            return dialect.type_descriptor(postgresql.UUID(as_uuid=True))
+        if dialect.name in ("mysql", "mariadb"):
+            return dialect.type_descriptor(mysql.BINARY(16))
+        return dialect.type_descriptor(LargeBinary(16))
+
+    def process_bind_param(self, value: uuid.UUID | None, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if not isinstance(value, uuid.UUID):
+            raise ValueError(f"region_id must be a uuid.UUID, got {value!r}")
+        return value if dialect.name == "postgresql" else value.bytes
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> uuid.UUID | None:
+        if value is None or isinstance(value, uuid.UUID):
+            return value
+        if isinstance(value, str):
+            return uuid.UUID(value)
+        return uuid.UUID(bytes=bytes(value))
+
+
 @dataclass(frozen=True)
 class Tables:
-    """The five tables of one naming, bound to one MetaData."""
+    """The five tables of one naming and layout, bound to one MetaData."""
 
     naming: str
     metadata: MetaData
@@ -126,12 +171,40 @@ class Tables:
     asset: Table
     asset_active: Table
     asset_state: Table
+    layout: str = "3.3"
+
+    @property
+    def index_column(self) -> Column[int]:
+        """The task's map index: ``map_index`` (3.3), ``region_index`` (3.4)."""
+        c = self.task_state.c
+        return c.region_index if self.layout == "3.4" else c.map_index  # type: ignore[no-any-return]
+
+    @property
+    def task_key(self) -> tuple[str, ...]:
+        """The unique key of one task-state row, by column name."""
+        if self.layout == "3.4":
+            return ("dag_run_id", "task_id", "region_id", "region_index", "key")
+        return ("dag_run_id", "task_id", "map_index", "key")
+
+    def scope_columns(self, map_index: int, region_id: uuid.UUID | None) -> dict[str, Any]:
+        """The layout's columns for a task's map index (and 3.4's region): what a writer puts
+        in a row beside dag_run_id, task_id and key. A region on 3.3 is an error: 3.3 has no
+        place for it, and dropping it would merge two regions' state into one row."""
+        if self.layout == "3.4":
+            return {"region_index": map_index, "region_id": region_id or LEGACY_REGION}
+        if region_id is not None and region_id != LEGACY_REGION:
+            raise ValueError(f"region_id {region_id} needs Airflow 3.4's task state layout; "
+                             f"{self.task_state.name} has Airflow 3.3's (map_index)")
+        return {"map_index": map_index}
 
 
-def build_tables(naming: str) -> Tables:
-    """Table objects for *naming* (``seed`` or ``airflow``); pure, no database access."""
+def build_tables(naming: str, layout: str = "3.3") -> Tables:
+    """Table objects for *naming* (``seed`` or ``airflow``) and *layout* (``3.3`` or ``3.4``);
+    pure, no database access."""
     if naming not in TABLE_NAMES:
         raise ValueError(f"naming must be 'seed' or 'airflow', not {naming!r}")
+    if layout not in LAYOUT_COLUMNS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
     task_name, asset_state_name = TABLE_NAMES[naming]
     md = MetaData(naming_convention=AIRFLOW_CONVENTION if naming == "airflow" else {})
 
@@ -142,12 +215,16 @@ def build_tables(naming: str) -> Tables:
         Column("run_id", _id_string(), nullable=False),
         UniqueConstraint("dag_id", "run_id", name="dag_run_dag_id_run_id_key"),
     )
+    index_name = "region_index" if layout == "3.4" else "map_index"
+    region = ([Column("region_id", RegionId, nullable=False,
+                      default=LEGACY_REGION)] if layout == "3.4" else [])
     task_state = Table(
         task_name, md,
         Column("id", Integer, primary_key=True, autoincrement=True),
         Column("dag_run_id", Integer, nullable=False),
         Column("task_id", _id_string(), nullable=False),
-        Column("map_index", Integer, nullable=False, server_default="-1"),
+        *region,
+        Column(index_name, Integer, nullable=False, server_default="-1"),
         Column("key", _id_string(), nullable=False),
         # Denormalised from dag_run so lookups by (dag_id, run_id) need no join.
         Column("dag_id", _id_string(), nullable=False),
@@ -161,9 +238,10 @@ def build_tables(naming: str) -> Tables:
             name=f"{task_name}_dag_run_id_fkey",
         ),
         UniqueConstraint(
-            "dag_run_id", "task_id", "map_index", "key", name=f"{task_name}_dag_run_id_uq"
-        ),
-        Index(f"idx_{task_name}_lookup", "dag_id", "run_id", "task_id", "map_index"),
+            *(("dag_run_id", "task_id", "region_id", "region_index", "key") if layout == "3.4"
+              else ("dag_run_id", "task_id", "map_index", "key")),
+            name=f"{task_name}_dag_run_id_uq"),
+        Index(f"idx_{task_name}_lookup", "dag_id", "run_id", "task_id", index_name),
         Index(f"idx_{task_name}_expires_at", "expires_at"),
     )
     asset = Table(
@@ -190,7 +268,7 @@ def build_tables(naming: str) -> Tables:
         Column("updated_at", UtcDateTime, nullable=False),
         PrimaryKeyConstraint("asset_id", "key", name=f"{asset_state_name}_pkey"),
     )
-    return Tables(naming, md, dag_run, task_state, asset, asset_active, asset_state)
+    return Tables(naming, md, dag_run, task_state, asset, asset_active, asset_state, layout)
 
 
 def detect_naming(bind: Engine | Connection) -> str:
@@ -214,10 +292,28 @@ def detect_naming(bind: Engine | Connection) -> str:
     )
 
 
+def detect_layout(bind: Engine | Connection, naming: str) -> str:
+    """Which task-state layout the live table has (3.3 or 3.4), read from its columns; an
+    unknown layout (a future Airflow) is a SchemaError naming what was found."""
+    name = TABLE_NAMES[naming][0]
+    insp = inspect(bind)
+    if name not in set(insp.get_table_names()):
+        return "3.3"  # verify_columns names the missing table
+    have = {c["name"] for c in insp.get_columns(name)}
+    for layout, columns in LAYOUT_COLUMNS.items():
+        if have.issuperset(columns):
+            return layout
+    raise SchemaError(
+        f"{name} has a layout statesweep does not know (columns: {', '.join(sorted(have))}); "
+        "it knows Airflow 3.3's (map_index) and 3.4's (region_index, region_id): "
+        "upgrade statesweep for this Airflow version")
+
+
 def resolve_tables(bind: Engine | Connection, naming: str = "auto") -> Tables:
-    """Tables for the configured naming (``auto`` inspects), after checking the live columns."""
+    """Tables for the configured naming (``auto`` inspects) and the live layout, after checking
+    the live columns."""
     chosen = detect_naming(bind) if naming == "auto" else naming
-    tables = build_tables(chosen)
+    tables = build_tables(chosen, detect_layout(bind, chosen))
     verify_columns(bind, tables)
     return tables
 
@@ -236,7 +332,8 @@ def verify_columns(bind: Engine | Connection, tables: Tables) -> None:
             problems.append(f"table {table.name!r} is missing")
             continue
         have = {c["name"] for c in insp.get_columns(table.name)}
-        for column in REQUIRED_COLUMNS[key]:
+        extra = LAYOUT_COLUMNS[tables.layout] if key == "task_state" else ()
+        for column in (*REQUIRED_COLUMNS[key], *extra):
             if column not in have:
                 problems.append(f"column {table.name}.{column} is missing")
     if problems:
@@ -252,14 +349,14 @@ OWN_MARKER = "statesweep_schema"
 SCHEMA_VERSION = 1
 
 
-def upgrade(engine: Engine, naming: str = "seed") -> list[str]:
+def upgrade(engine: Engine, naming: str = "seed", layout: str = "3.3") -> list[str]:
     """Create the standalone schema on a database statesweep owns; returns the tables created.
 
     This is statesweep's documented equivalent of an Alembic migration: one versioned step,
     recorded in the ``statesweep_schema`` table, re-runnable (a second call creates nothing).
     It refuses to touch a database that holds an Airflow schema or tables it did not create.
     """
-    tables = build_tables(naming)
+    tables = build_tables(naming, layout)
     existing = set(inspect(engine).get_table_names())
     airflow_tables = sorted(existing & set(AIRFLOW_MARKERS))
     if airflow_tables:

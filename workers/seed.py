@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Engine, func, insert, select, text
 
-from workers.schema import Tables
+from workers.schema import LEGACY_REGION, Tables
 
 ROWS_PER_RUN = 100
 DAGS = 50
@@ -75,7 +75,8 @@ def seed(engine: Engine, tables: Tables, spec: SeedSpec, now: dt.datetime,
         _seed_task_state_pg(engine, tables, spec, now)
     else:
         for start in range(first, end, batch):
-            rows = [_task_row(i, spec, now) for i in range(start, min(end, start + batch))]
+            rows = [{**_task_row(i, spec, now), **tables.scope_columns(-1, None)}
+                    for i in range(start, min(end, start + batch))]
             with engine.begin() as conn:
                 conn.execute(insert(ts), rows)
     live, orphaned = _seed_assets(engine, tables, spec, now) if first == 0 else (0, 0)
@@ -107,8 +108,8 @@ def _task_row(i: int, spec: SeedSpec, now: dt.datetime) -> dict[str, object]:
     else:
         expires = now + dt.timedelta(days=1 + i % 30)
     return {
-        "id": i + 1, "dag_run_id": r + 1, "task_id": f"task_{(i // 10) % 10}", "map_index": -1,
-        "key": f"key_{i}", "dag_id": f"dag_{r % DAGS}", "run_id": f"run_{r}",
+        "id": i + 1, "dag_run_id": r + 1, "task_id": f"task_{(i // 10) % 10}", "key": f"key_{i}",
+        "dag_id": f"dag_{r % DAGS}", "run_id": f"run_{r}",
         "value": f"value_{i}", "updated_at": now - dt.timedelta(days=40), "expires_at": expires,
     }
 
@@ -117,11 +118,15 @@ def _seed_task_state_pg(engine: Engine, tables: Tables, spec: SeedSpec, now: dt.
     """The same rows as _task_row, generated on the server: millions of rows in seconds."""
     ts = tables.task_state.name
     e, n, period = spec.expired_per_period, spec.never_per_period, spec.period
-    # The table name comes from build_tables and the counts are ints; values are bound.
+    # 3.4's region: every seeded row is in the legacy (all-zero) one.
+    index, region, zero = ((tables.index_column.name, "", "") if tables.layout == "3.3" else
+                           (tables.index_column.name, "region_id, ", f"'{LEGACY_REGION}', "))
+    # The table and column names come from build_tables and the counts are ints; values are
+    # bound.
     sql = text(f"""
-        INSERT INTO {ts} (id, dag_run_id, task_id, map_index, key, dag_id, run_id, value,
+        INSERT INTO {ts} (id, dag_run_id, task_id, {region}{index}, key, dag_id, run_id, value,
                           updated_at, expires_at)
-        SELECT i + 1, i / {ROWS_PER_RUN} + 1, 'task_' || ((i / 10) % 10), -1, 'key_' || i,
+        SELECT i + 1, i / {ROWS_PER_RUN} + 1, 'task_' || ((i / 10) % 10), {zero}-1, 'key_' || i,
                'dag_' || ((i / {ROWS_PER_RUN}) % {DAGS}), 'run_' || (i / {ROWS_PER_RUN}),
                'value_' || i, :now - interval '40 days',
                CASE WHEN i % {period} < {e} THEN :now - (1 + i % 1000) * interval '1 minute'

@@ -8,6 +8,7 @@ cleanup has removed it.
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -41,12 +42,22 @@ Retention = dt.timedelta | _Never | None
 
 @dataclass(frozen=True)
 class TaskScope:
-    """State of one task instance (a map index of it) in one dag run."""
+    """State of one task instance (a map index of it) in one dag run.
+
+    ``map_index`` is Airflow 3.3's name and 3.4's compatibility name for ``region_index``;
+    ``region_id`` (3.4 only) names the region, None being the legacy all-zero region, the one
+    every 3.3 row and every unregioned 3.4 write lands in.
+    """
 
     dag_id: str
     run_id: str
     task_id: str
     map_index: int = -1
+    region_id: uuid.UUID | None = None
+
+    @property
+    def region_index(self) -> int:
+        return self.map_index
 
 
 @dataclass(frozen=True)
@@ -155,6 +166,17 @@ class MetastoreStateBackend(BaseStateBackend):
         t = self.tables.task_state
         return [t.c.dag_run_id == self._dag_run_id(conn, scope), t.c.task_id == scope.task_id]
 
+    def _index_where(self, scope: TaskScope) -> list[ColumnElement[bool]]:
+        """One map index (one region's, on 3.4) of the task's state."""
+        cols = self._scope_columns(scope)
+        return [self.tables.task_state.c[name] == value for name, value in cols.items()]
+
+    def _scope_columns(self, scope: TaskScope) -> dict[str, Any]:
+        try:
+            return self.tables.scope_columns(scope.map_index, scope.region_id)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
+
     # --- API -----------------------------------------------------------------------------------
 
     def set(self, scope: Scope, key: str, value: str, *, retention: Retention = None) -> None:
@@ -166,11 +188,11 @@ class MetastoreStateBackend(BaseStateBackend):
                 t = self.tables.task_state
                 row = {
                     "dag_run_id": self._dag_run_id(conn, scope), "task_id": scope.task_id,
-                    "map_index": scope.map_index, "key": key, "dag_id": scope.dag_id,
+                    **self._scope_columns(scope), "key": key, "dag_id": scope.dag_id,
                     "run_id": scope.run_id, "value": value, "updated_at": self._now(),
                     "expires_at": expires,
                 }
-                conn.execute(self._upsert(t, row, ("dag_run_id", "task_id", "map_index", "key"),
+                conn.execute(self._upsert(t, row, self.tables.task_key,
                                           ("value", "updated_at", "expires_at")))
             else:
                 if retention is not None:
@@ -201,8 +223,7 @@ class MetastoreStateBackend(BaseStateBackend):
                 t = self.tables.task_state
                 now = self._now()
                 stmt = select(t.c.value).where(
-                    *self._task_where(conn, scope), t.c.map_index == scope.map_index,
-                    t.c.key == key,
+                    *self._task_where(conn, scope), *self._index_where(scope), t.c.key == key,
                     # Expired means expires_at < now, the same predicate the cleanup uses.
                     or_(t.c.expires_at.is_(None), t.c.expires_at >= now),
                 )
@@ -219,8 +240,7 @@ class MetastoreStateBackend(BaseStateBackend):
             if isinstance(scope, TaskScope):
                 t = self.tables.task_state
                 conn.execute(delete(t).where(
-                    *self._task_where(conn, scope), t.c.map_index == scope.map_index,
-                    t.c.key == key,
+                    *self._task_where(conn, scope), *self._index_where(scope), t.c.key == key,
                 ))
             else:
                 a = self.tables.asset_state
@@ -234,7 +254,7 @@ class MetastoreStateBackend(BaseStateBackend):
                 t = self.tables.task_state
                 where = self._task_where(conn, scope)
                 if not all_map_indices:
-                    where.append(t.c.map_index == scope.map_index)
+                    where.extend(self._index_where(scope))
                 conn.execute(delete(t).where(*where))
             else:
                 a = self.tables.asset_state

@@ -42,7 +42,8 @@ class Db:
         """Insert one row per expiry (keys k0, k1, ...) in id order; returns their ids."""
         t = self.tables.task_state
         start = len(self.task_rows())
-        rows = [{"dag_run_id": 1, "task_id": "t", "map_index": -1, "key": f"k{start + i}",
+        rows = [{"dag_run_id": 1, "task_id": "t", **self.tables.scope_columns(-1, None),
+                 "key": f"k{start + i}",
                  "dag_id": "d", "run_id": "r", "value": f"v{start + i}",
                  "updated_at": self.now, "expires_at": e} for i, e in enumerate(expiries)]
         with self.engine.begin() as conn:
@@ -85,8 +86,8 @@ class Db:
 
 
 @pytest.fixture
-def db(db_url: str, naming: str) -> Iterator[Db]:
-    engine, tables = create_schema(db_url, naming)
+def db(db_url: str, naming: str, layout: str) -> Iterator[Db]:
+    engine, tables = create_schema(db_url, naming, layout)
     with engine.begin() as conn:
         conn.execute(insert(tables.dag_run), [{"id": 1, "dag_id": "d", "run_id": "r"}])
     yield Db(engine, tables, database_now(engine))

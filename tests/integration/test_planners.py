@@ -67,8 +67,9 @@ class Table:
 
 
 @pytest.fixture
-def table(db_url: str, naming: str, make_settings: Callable[..., Settings]) -> Iterator[Table]:
-    engine, tables = create_schema(db_url, naming)
+def table(db_url: str, naming: str, layout: str,
+          make_settings: Callable[..., Settings]) -> Iterator[Table]:
+    engine, tables = create_schema(db_url, naming, layout)
     settings = make_settings(database_url=db_url, run_store_url="memory://",
                              cleanup_batch_size=BATCH, max_chunks_in_flight=3)
     yield Table(db_url, engine, tables, settings)

@@ -29,6 +29,7 @@ from workers.schema import (
     TABLE_NAMES,
     Tables,
     build_tables,
+    detect_layout,
     detect_naming,
     resolve_tables,
     upgrade,
@@ -124,6 +125,32 @@ def test_detect_naming_and_resolve_tables(db_url: str, naming: str) -> None:
     missing = TABLE_NAMES[OTHER[naming]][0]
     with pytest.raises(SchemaError, match=f"'{missing}' is missing"):
         resolve_tables(engine, OTHER[naming])
+    engine.dispose()
+
+
+def test_layout_is_read_from_the_live_columns(db_url: str, naming: str, layout: str) -> None:
+    """3.3 (map_index) and 3.4 (region_index + region_id) are told apart by the columns the
+    live table has; nothing in the configuration says which."""
+    engine, _ = create_schema(db_url, naming, layout)
+    assert detect_layout(engine, naming) == layout
+    tables = resolve_tables(engine, "auto")
+    assert tables.layout == layout
+    assert tables.index_column.name == ("region_index" if layout == "3.4" else "map_index")
+    assert ("region_id" in tables.task_state.c) == (layout == "3.4")
+    engine.dispose()
+
+
+def test_an_unknown_layout_is_one_clear_error(db_url: str) -> None:
+    """A future Airflow whose task state has neither layout's columns: one SchemaError that
+    names the table, what it has, and what statesweep knows, before anything runs."""
+    engine, _ = create_schema(db_url, "airflow", "3.3")
+    with engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE task_state_store RENAME COLUMN map_index TO slot_index")
+    with pytest.raises(SchemaError) as err:
+        resolve_tables(engine, "auto")
+    message = str(err.value)
+    assert "task_state_store has a layout statesweep does not know" in message
+    assert "slot_index" in message and "region_index, region_id" in message
     engine.dispose()
 
 

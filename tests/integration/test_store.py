@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +15,7 @@ from sqlalchemy import Engine, func, insert, select, update
 
 from tests.conftest import create_schema, database_now
 from workers.exceptions import InvalidArgument, NotFound
-from workers.schema import Tables
+from workers.schema import LEGACY_REGION, Tables
 from workers.settings import Settings
 from workers.store import (
     NEVER,
@@ -47,7 +48,7 @@ class Store:
             return conn.execute(
                 select(t.c.id, t.c.value, t.c.expires_at, t.c.updated_at).where(
                     t.c.dag_id == scope.dag_id, t.c.run_id == scope.run_id,
-                    t.c.task_id == scope.task_id, t.c.map_index == scope.map_index,
+                    t.c.task_id == scope.task_id, self.tables.index_column == scope.map_index,
                     t.c.key == key)
             ).one_or_none()
 
@@ -61,8 +62,9 @@ class Store:
 
 
 @pytest.fixture
-def store(db_url: str, naming: str, make_settings: Callable[..., Settings]) -> Iterator[Store]:
-    engine, tables = create_schema(db_url, naming)
+def store(db_url: str, naming: str, layout: str,
+          make_settings: Callable[..., Settings]) -> Iterator[Store]:
+    engine, tables = create_schema(db_url, naming, layout)
     with engine.begin() as conn:
         conn.execute(insert(tables.dag_run), [{"dag_id": "etl", "run_id": "run_1"},
                                               {"dag_id": "etl", "run_id": "run_2"}])
@@ -164,6 +166,34 @@ def test_map_indices_are_separate_rows(store: Store) -> None:
         backend.set(scope, "k", f"v{scope.map_index}")
     assert [backend.get(s, "k") for s in mapped] == ["v-1", "v0", "v1"]
     assert store.count() == 3
+
+
+def test_regions_are_separate_rows_on_3_4_and_refused_on_3_3(store: Store) -> None:
+    """3.4 keys state by region too: the same task, map index and key in two regions are two
+    rows, and the legacy region is the all-zero UUID Airflow migrated 3.3's rows into. 3.3 has
+    no region column, so a region there is refused, not silently merged into one row."""
+    backend = store.make()
+    region = uuid.UUID("0b7c3a4e-9d21-4c55-8f0e-3f4a5b6c7d8e")
+    regional = TaskScope("etl", "run_1", "extract", map_index=2, region_id=region)
+    legacy = TaskScope("etl", "run_1", "extract", map_index=2)
+    if store.tables.layout == "3.3":
+        with pytest.raises(InvalidArgument, match="region_id .* needs Airflow 3.4"):
+            backend.set(regional, "k", "v")
+        assert store.count() == 0
+        # The legacy region is 3.3's only one: naming it explicitly is the same row.
+        backend.set(TaskScope("etl", "run_1", "extract", 2, LEGACY_REGION), "k", "v")
+        assert backend.get(legacy, "k") == "v"
+        return
+    backend.set(regional, "k", "in region")
+    backend.set(legacy, "k", "legacy")
+    assert (backend.get(regional, "k"), backend.get(legacy, "k")) == ("in region", "legacy")
+    assert regional.region_index == 2
+    t = store.tables.task_state
+    with store.engine.connect() as conn:
+        stored = {r[0]: r[1] for r in conn.execute(select(t.c.value, t.c.region_id))}
+    assert stored == {"in region": region, "legacy": LEGACY_REGION}
+    backend.clear(regional)
+    assert (backend.get(regional, "k"), backend.get(legacy, "k")) == (None, "legacy")
 
 
 def test_delete_removes_one_key(store: Store) -> None:
