@@ -4,7 +4,7 @@ walk pays later.
 For ``blocks`` and ``ids`` the plan is all the planning there is; the question is how good its
 estimates are (expected rows and chunks against the true expired count), since chunk sizes come
 from them. ``walk`` plans in two probes but pays one index walk per chunk as the window has room
-(workers.window.Sender.cut_walk): the first ``CUTS`` cuts are timed here (read-only, nothing is
+(workers.window.Sender.cut_more): the first ``CUTS`` cuts are timed here (read-only, nothing is
 deleted, so later cuts walk the same dense prefix) and extrapolated to the run's chunk count.
 """
 

@@ -19,7 +19,7 @@ from workers import cleanup
 from workers.coordinator import RunSummary, check_run_id, coordinate, log_finished
 from workers.exceptions import InvalidArgument, NotFound
 from workers.flow.sizing import ChunkTiming, SizingPolicy
-from workers.planners import BLOCKS, KINDS, WALK, ChunkRange
+from workers.planners import BLOCKS, CUT_KINDS, EXPIRY, KINDS, ChunkRange
 from workers.planners.blocks import MAX_PAGES_PER_CHUNK
 from workers.planners.ids import MAX_BATCHES_PER_CHUNK
 from workers.runs import RunStore
@@ -48,17 +48,28 @@ def _whole(name: str, value: Any, *, minimum: int) -> int:
 
 
 def check_chunk_args(run_id: Any, chunk: Any, kind: Any, lo: Any, hi: Any,
-                     cutoff: Any) -> ChunkArgs:
+                     cutoff: Any, lo_id: Any = 0, hi_id: Any = 0) -> ChunkArgs:
     """Validate a chunk message before touching the database; raises InvalidArgument."""
     check_run_id(run_id)
     _whole("chunk", chunk, minimum=1)
     if kind not in KINDS:
         raise InvalidArgument(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
-    _whole("lo", lo, minimum=0)
-    if hi is not None and _whole("hi", hi, minimum=0) <= lo:
-        raise InvalidArgument(f"hi must be above lo, got lo={lo} hi={hi}")
-    if hi is None and kind != BLOCKS:
-        raise InvalidArgument(f"only a blocks range may be open-ended (hi null), got {kind!r}")
+    if kind == EXPIRY:
+        # Keys: expires_at in microseconds since the epoch (any whole number), and an id.
+        _whole("lo", lo, minimum=-(2 ** 62))
+        _whole("lo_id", lo_id, minimum=0)
+        _whole("hi_id", hi_id, minimum=0)
+        if hi is not None and (_whole("hi", hi, minimum=-(2 ** 62)), hi_id) <= (lo, lo_id):
+            raise InvalidArgument(f"hi must be above lo, got lo={lo}.{lo_id} hi={hi}.{hi_id}")
+    else:
+        _whole("lo", lo, minimum=0)
+        if hi is not None and _whole("hi", hi, minimum=0) <= lo:
+            raise InvalidArgument(f"hi must be above lo, got lo={lo} hi={hi}")
+        if lo_id or hi_id:
+            raise InvalidArgument(f"lo_id and hi_id belong to expiry ranges, not {kind!r}")
+    if hi is None and kind not in (BLOCKS, EXPIRY):
+        raise InvalidArgument(
+            f"only a blocks or expiry range may be open-ended (hi null), got {kind!r}")
     if not isinstance(cutoff, str):
         raise InvalidArgument(f"cutoff must be an ISO-8601 string, got {cutoff!r}")
     try:
@@ -67,7 +78,8 @@ def check_chunk_args(run_id: Any, chunk: Any, kind: Any, lo: Any, hi: Any,
         raise InvalidArgument(f"cutoff is not an ISO-8601 timestamp: {cutoff!r}") from None
     if when.tzinfo is None:
         raise InvalidArgument(f"cutoff must carry a UTC offset, got {cutoff!r}")
-    return ChunkArgs(run_id, chunk, ChunkRange(kind, lo, hi), when.astimezone(dt.UTC), cutoff)
+    return ChunkArgs(run_id, chunk, ChunkRange(kind, lo, hi, lo_id, hi_id),
+                     when.astimezone(dt.UTC), cutoff)
 
 
 class ProgressNotRecorded(Exception):
@@ -86,16 +98,20 @@ class ChunkResult:
 
 
 def next_size(settings: Settings, kind: str, size: int, batch: int, rows: int, units: int,
-              seconds: float) -> int:
+              seconds: float, max_size: int = 0) -> int:
     """Units (pages or ids) for the chunks cut next, from what this one measured; 0 = keep.
 
     With STATESWEEP_TARGET_CHUNK_SECONDS, sized to take about that long; otherwise so that a
     chunk deletes about ``batch`` rows where this one found ``rows`` in ``units``. Growth is at
-    most 1.2x a step; the planner's cap bounds a chunk's scan where expired rows are sparse.
+    most 1.2x a step; the planner's cap bounds a chunk's scan where expired rows are sparse, and
+    *max_size* (the plan's) its rows where they are dense: a run of empty chunks (a previous
+    run's empty pages) cannot grow the next one past twice the batch.
     """
-    if kind == WALK or batch == 0 or size <= 0:
+    if kind in CUT_KINDS or batch == 0 or size <= 0:
         return 0
     cap = MAX_PAGES_PER_CHUNK if kind == BLOCKS else max(1000, batch * MAX_BATCHES_PER_CHUNK)
+    if max_size > 0:
+        cap = min(cap, max_size)
     if settings.target_chunk_seconds:
         # Bounds in the plan's own unit (pages or ids): at least one, at most the planner's
         # cap, which keeps any one chunk's scan short wherever expired rows are sparse.
@@ -138,6 +154,7 @@ def run_chunk(settings: Settings, engine: Engine, tables: Tables, registry: RunS
             on_held(reason)
         return ChunkResult(carried_rows, "held")
     cutoff_text, size, batch = str(detail[0]), int(detail[1]), int(detail[2])
+    max_size = int(detail[3] or 0) if len(detail) > 3 else 0
     if dt.datetime.fromisoformat(cutoff_text) != args.cutoff:
         raise InvalidArgument(
             f"cutoff {args.cutoff.isoformat()} is not run {args.run_id}'s cutoff {cutoff_text}")
@@ -157,8 +174,11 @@ def run_chunk(settings: Settings, engine: Engine, tables: Tables, registry: RunS
             on_held(reason)
         return ChunkResult(carried_rows, "held")
     seconds = time.perf_counter() - t0
-    units = size if args.range.hi is None else args.range.hi - args.range.lo
-    resize = next_size(settings, args.range.kind, size, batch, rows, units, seconds)
+    # Units the chunk spanned, for sizing arithmetic chunks; a cut kind's chunk is sized in
+    # rows by its cut.
+    units = (rows if args.range.kind in CUT_KINDS else size if args.range.hi is None
+             else args.range.hi - args.range.lo)
+    resize = next_size(settings, args.range.kind, size, batch, rows, units, seconds, max_size)
     rows += carried_rows
     try:
         counted, window = registry.finish_chunk(
@@ -168,7 +188,7 @@ def run_chunk(settings: Settings, engine: Engine, tables: Tables, registry: RunS
             table=tables.task_state.name)
     except Exception as exc:
         raise ProgressNotRecorded(rows) from exc
-    bound.info("chunk_deleted", kind=args.range.kind, lo=args.range.lo, hi=args.range.hi,
+    bound.info("chunk_deleted", kind=args.range.kind, range=args.range.encode(),
                rows=rows, ms=round(seconds * 1000, 1), counted=counted)
     Sender(settings, engine, tables, registry, dispatch).send(
         args.run_id, args.cutoff_text, window, args.range.kind)
@@ -191,7 +211,8 @@ def run_local(settings: Settings, engine: Engine, tables: Tables, registry: RunS
                          source=source)
     while queue:
         run_id, number, rng, cutoff = queue.popleft()
-        args = check_chunk_args(run_id, number, rng.kind, rng.lo, rng.hi, cutoff)
+        args = check_chunk_args(run_id, number, rng.kind, rng.lo, rng.hi, cutoff, rng.lo_id,
+                                rng.hi_id)
         result = run_chunk(settings, engine, tables, registry, dispatch, args)
         if on_chunk is not None and result.status == "deleted":
             on_chunk(number, rng, result.rows)

@@ -21,7 +21,8 @@ from sqlalchemy import Connection, Delete, Engine, and_, delete, exists, func, s
 
 from workers.db import begin_chunk, db_now, set_timeouts
 from workers.exceptions import InvalidArgument
-from workers.planners.base import BLOCKS, ChunkRange
+from workers.planners import expiry
+from workers.planners.base import BLOCKS, EXPIRY, ChunkRange
 from workers.schema import Tables
 
 
@@ -36,9 +37,16 @@ def read_cutoff(engine: Engine) -> dt.datetime:
 
 def range_condition(tables: Tables, rng: ChunkRange) -> list[Any]:
     """The chunk's range as SQL: heap pages for ``blocks`` (a Tid Range Scan on PostgreSQL
-    >= 14), primary-key values otherwise. Half-open; ``hi`` None runs to the end of the table."""
+    >= 14), (expires_at, id) keys for ``expiry``, primary-key values otherwise. Half-open;
+    ``hi`` None runs to the end of the table (for expiry: to the cutoff)."""
     t = tables.task_state
     cond: list[Any]
+    if rng.kind == EXPIRY:
+        # An interval of the expires_at index: an index range scan, whatever the table's size.
+        cond = expiry.at_or_after(tables, (rng.lo, rng.lo_id))
+        if rng.hi is not None:
+            cond += expiry.before(tables, (rng.hi, rng.hi_id))
+        return cond
     if rng.kind == BLOCKS:
         cond = [text("ctid >= CAST(:ctid_lo AS tid)").bindparams(ctid_lo=f"({rng.lo},0)")]
         if rng.hi is not None:

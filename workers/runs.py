@@ -26,7 +26,7 @@ from typing import Any
 
 from workers import runs_lua
 from workers.metrics import metrics_key
-from workers.planners.base import ChunkRange, Plan
+from workers.planners.base import EXPIRY, ChunkRange, Plan
 
 RUN_RETENTION_SECONDS = 7 * 24 * 3600
 RECENT_RUNS_KEPT = 200
@@ -45,8 +45,10 @@ class RunRecord:
     planner_reason: str = ""
     kind: str = ""
     start: int = 0
-    end: int = 0
-    cursor: int = 0
+    # Where the plan ends and where the next chunk is cut from: units as text, or a cut
+    # kind's key (an expiry key is "micros.id"; "" = open).
+    end: str = ""
+    cursor: str = ""
     size: int = 0
     chunks_planned: int = 0
     chunks_done: int = 0
@@ -78,7 +80,9 @@ class RunRecord:
         """Chunks cut so far plus those the rest of the plan would make at the current size."""
         if self.planning_done or self.size <= 0:
             return self.chunks_planned
-        return self.chunks_planned + max(1, -(-(self.end - self.cursor) // self.size))
+        if self.kind == EXPIRY:
+            return max(self.chunks_planned + 1, -(-self.expected_rows // self.size))
+        return self.chunks_planned + max(1, -(-(int(self.end) - int(self.cursor)) // self.size))
 
     @property
     def ended(self) -> bool:
@@ -106,10 +110,11 @@ class RunRecord:
 @dataclass(frozen=True)
 class Window:
     """What a step that may top up the window returns: the chunks to send now, the room the
-    caller must fill by cutting walk chunks, and why the run is held (empty = not held)."""
+    caller must fill by cutting walk or expiry chunks, and why the run is held (empty = not
+    held)."""
 
     chunks: list[tuple[int, ChunkRange]] = field(default_factory=list)
-    walk_room: int = 0
+    cut_room: int = 0
     held: str = ""
     new_hold: bool = False  # this step started a hold episode: log it, once
     finished: RunRecord | None = None
@@ -193,12 +198,14 @@ class RunStore:
               window: int, lock_ttl: int, resend_after: float, gate: Gate) -> Window | str:
         """Write the plan and cut the first window, atomically, while holding the lock.
         Returns the window, or the state of a run that already has this id."""
+        # A cut kind's plan starts at a key and has no numeric end: the last cut ends it.
+        start, end = (plan.cursor, "") if plan.cursor else (plan.start, plan.end)
         r = self._call("START", [*self._run_keys(run_id), self._k("lock"), self._k("pause"),
                                  self._k("runs")],
                        [run_id, time.time(), cutoff, batch_size, source, plan.planner,
-                        plan.reason[:500], plan.kind, plan.start, plan.end, max(1, plan.size),
+                        plan.reason[:500], plan.kind, start, end, max(1, plan.size),
                         plan.expected_rows, window, lock_ttl, resend_after, gate.external,
-                        gate.max_run_seconds, RUN_RETENTION_SECONDS])
+                        gate.max_run_seconds, RUN_RETENTION_SECONDS, plan.max_size])
         if r[0] == "lost":
             return "lock lost"
         if r[0] == "exists":
@@ -216,8 +223,8 @@ class RunStore:
     def begin_chunk(self, run_id: str, chunk: int, rng: ChunkRange,
                     gate: Gate) -> tuple[str, list[Any]]:
         """Check a chunk message against the run's window before its DELETE. Returns (status,
-        details): ok [cutoff, size], held [reason, new_episode], duplicate, ended [state],
-        unknown, forged [planned range]."""
+        details): ok [cutoff, size, batch, max_size], held [reason, new_episode], duplicate,
+        ended [state], unknown, forged [planned range]."""
         r = self._call("BEGIN", [*self._run_keys(run_id), self._k("pause")],
                        [chunk, rng.encode(), time.time(), gate.external, gate.max_run_seconds,
                         rng.kind])
@@ -252,13 +259,14 @@ class RunStore:
             return None
         return self._window(run_id, kind, r[1:])
 
-    def cut(self, run_id: str, cursor: int, rng: ChunkRange, next_lo: int | None,
+    def cut(self, run_id: str, cursor: str, rng: ChunkRange, next_cursor: str | None,
             window: int) -> int:
-        """Claim the walk chunk *rng* cut at *cursor*; 0 if another process cut there first,
-        -1 if *window* chunks are in flight already."""
+        """Claim the chunk *rng* cut at *cursor* (a walk or expiry chunk); 0 if another process
+        cut there first, -1 if *window* chunks are in flight already. *next_cursor* None:
+        *rng* was the plan's last chunk."""
         return int(self._call("CUT", self._run_keys(run_id), [
-            cursor, rng.lo, "" if rng.hi is None else rng.hi,
-            "" if next_lo is None else next_lo, time.time(), window]))
+            cursor, rng.encode(), "" if next_cursor is None else next_cursor, time.time(),
+            window]))
 
     def abort(self, run_id: str, why: str) -> str:
         """End a queued or running run now: 'aborted', or the state it had already ended in."""

@@ -70,7 +70,7 @@ local function top_up(R, F, now, window, resend_after, out)
   local room = tonumber(window) - redis.call('HLEN', F)
   if redis.call('HGET', R, 'planning_done') == '1' or room <= 0 then return 0 end
   local kind = redis.call('HGET', R, 'kind')
-  if kind == 'walk' then return room end
+  if kind == 'walk' or kind == 'expiry' then return room end
   while room > 0 and redis.call('HGET', R, 'planning_done') ~= '1' do
     local h = redis.call('HMGET', R, 'cursor', 'end', 'size')
     local lo, e, size = tonumber(h[1]), tonumber(h[2]), tonumber(h[3])
@@ -100,7 +100,7 @@ end
 """
 
 # KEYS R F L P RUNS; ARGV run_id now cutoff batch source planner reason kind start end size
-# expected window lock_ttl resend_after external max_run keep
+# expected window lock_ttl resend_after external max_run keep max_size
 START = _PRELUDE + r"""
 local R, F, L, P, RUNS = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local run_id, now = ARGV[1], ARGV[2]
@@ -109,13 +109,15 @@ local state = redis.call('HGET', R, 'state')
 if state and state ~= 'queued' then return {'exists', state} end
 local started = redis.call('HGET', R, 'started_at') or now
 local done = '0'
-if tonumber(ARGV[10]) <= tonumber(ARGV[9]) then done = '1' end
+-- A cut kind's plan that starts at a key has no end ('') until its last cut.
+if ARGV[10] ~= '' and tonumber(ARGV[10]) <= tonumber(ARGV[9]) then done = '1' end
 redis.call('HSET', R, 'run_id', run_id, 'state', 'running', 'cutoff', ARGV[3],
   'batch_size', ARGV[4], 'source', ARGV[5], 'planner', ARGV[6], 'planner_reason', ARGV[7],
   'kind', ARGV[8], 'cursor', ARGV[9], 'start', ARGV[9], 'end', ARGV[10], 'size', ARGV[11],
   'expected_rows', ARGV[12], 'chunks_planned', 0, 'chunks_done', 0, 'rows_deleted', 0,
   'chunks_failed', 0, 'planning_done', done, 'started_at', started, 'planned_at', now,
-  'window_started_at', now, 'last_progress_at', now, 'held', '', 'holds', 0)
+  'window_started_at', now, 'last_progress_at', now, 'held', '', 'holds', 0,
+  'max_size', ARGV[19])
 redis.call('EXPIRE', R, ARGV[18])
 redis.call('EXPIRE', F, ARGV[18])
 redis.call('ZADD', RUNS, started, run_id)
@@ -131,7 +133,7 @@ BEGIN = _PRELUDE + r"""
 local R, F, P = KEYS[1], KEYS[2], KEYS[3]
 local chunk, rng, now = ARGV[1], ARGV[2], ARGV[3]
 local h = redis.call('HMGET', R, 'state', 'chunks_planned', 'cutoff', 'size', 'batch_size',
-  'kind')
+  'kind', 'max_size')
 if not h[1] then return {'unknown'} end
 if h[1] ~= 'running' then return {'ended', h[1]} end
 local entry = redis.call('HGET', F, chunk)
@@ -147,7 +149,7 @@ if reason ~= '' then
   redis.call('HSET', F, chunk, planned .. '|' .. now .. '|p')
   return {'held', reason, note_hold(R, reason, now)}
 end
-return {'ok', h[3], h[4], h[5]}
+return {'ok', h[3], h[4], h[5], h[7] or '0'}
 """
 
 # KEYS R F; ARGV chunk reason now  (the chunk stopped before its DELETE: replica lag)
@@ -212,20 +214,21 @@ local fin = finish_if_complete(R, F, L, run_id, now)
 return {'ok', fin, g[1], g[2], g[3], unpack(out)}
 """
 
-# KEYS R F; ARGV expected_cursor lo hi next now window -> the new chunk's number, 0 if another
-# process cut from this cursor first (compare-and-set: a walk cut needs a query in between), or
-# -1 if the window is full: two finishers each handed the room they saw must not both fill it.
+# KEYS R F; ARGV expected_cursor range next now window -> the new chunk's number, 0 if another
+# process cut from this cursor first (compare-and-set: a walk or expiry cut needs a query in
+# between), or -1 if the window is full: two finishers each handed the room they saw must not
+# both fill it. Cursors and ranges are opaque text here (ids, or expiry keys).
 CUT = r"""
 local R, F = KEYS[1], KEYS[2]
 local h = redis.call('HMGET', R, 'cursor', 'state', 'planning_done', 'end')
 if h[1] ~= ARGV[1] or h[2] ~= 'running' or h[3] == '1' then return 0 end
-if redis.call('HLEN', F) >= tonumber(ARGV[6]) then return -1 end
+if redis.call('HLEN', F) >= tonumber(ARGV[5]) then return -1 end
 local n = redis.call('HINCRBY', R, 'chunks_planned', 1)
-redis.call('HSET', F, n, ARGV[2] .. ':' .. ARGV[3] .. '|' .. ARGV[5] .. '|s')
-if ARGV[4] == '' then
-  redis.call('HSET', R, 'cursor', h[4], 'planning_done', '1', 'planned_at', ARGV[5])
+redis.call('HSET', F, n, ARGV[2] .. '|' .. ARGV[4] .. '|s')
+if ARGV[3] == '' then
+  redis.call('HSET', R, 'cursor', h[4], 'planning_done', '1', 'planned_at', ARGV[4])
 else
-  redis.call('HSET', R, 'cursor', ARGV[4])
+  redis.call('HSET', R, 'cursor', ARGV[3])
 end
 return n
 """

@@ -28,7 +28,7 @@ from workers.celery_app import (
     settings,
 )
 from workers.exceptions import InvalidArgument, NotFound
-from workers.planners import ChunkRange
+from workers.planners import EXPIRY, ChunkRange
 from workers.window import Sender, gate, wait_out_lag
 
 log = structlog.get_logger("statesweep.tasks")
@@ -49,7 +49,8 @@ def is_transient(exc: BaseException) -> bool:
 def send_chunk(run_id: str, number: int, rng: ChunkRange, cutoff: str) -> None:
     delete_chunk.apply_async(
         kwargs={"run_id": run_id, "chunk": number, "kind": rng.kind, "lo": rng.lo,
-                "hi": rng.hi, "cutoff": cutoff},
+                "hi": rng.hi, "cutoff": cutoff,
+                **({"lo_id": rng.lo_id, "hi_id": rng.hi_id} if rng.kind == EXPIRY else {})},
         queue=settings.chunk_queue)
 
 
@@ -140,11 +141,12 @@ class ChunkTask(Task):
 @app.task(name=DELETE_CHUNK, bind=True, base=ChunkTask, max_retries=10, ignore_result=True,
           send_events=settings.chunk_task_events)
 def delete_chunk(self: Task, run_id: str, chunk: int, kind: str, lo: int, hi: int | None,
-                 cutoff: str, carried_rows: int = 0) -> dict[str, Any]:
+                 cutoff: str, carried_rows: int = 0, lo_id: int = 0,
+                 hi_id: int = 0) -> dict[str, Any]:
     """Delete one range in its own transaction. Redelivery and retries are safe: the message
     must match its run's window, the DELETE re-checks expires_at < cutoff, and the run counts
-    each chunk number once."""
-    args = chunks.check_chunk_args(run_id, chunk, kind, lo, hi, cutoff)
+    each chunk number once. An expiry range's keys carry ids too (lo_id, hi_id)."""
+    args = chunks.check_chunk_args(run_id, chunk, kind, lo, hi, cutoff, lo_id, hi_id)
     structlog.contextvars.bind_contextvars(run_id=run_id)
     r = resources()
     try:

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import structlog
 from sqlalchemy import Connection, Engine
 
-from workers.planners import WALK, walk
-from workers.planners.base import ChunkRange
+from workers.planners import WALK, expiry, walk
+from workers.planners.base import CUT_KINDS, EXPIRY, ChunkRange
 from workers.runs import Gate, RunRecord, RunStore, Window
 from workers.schema import Tables
 from workers.settings import Settings
@@ -103,15 +103,15 @@ class Sender:
         for number, rng in window.chunks:
             self.dispatch(run_id, number, rng, cutoff)
         sent = len(window.chunks)
-        if window.walk_room and kind == WALK:
-            sent += self.cut_walk(run_id, cutoff, window.walk_room)
+        if window.cut_room and kind in CUT_KINDS:
+            sent += self.cut_more(run_id, cutoff, window.cut_room)
         if window.new_hold:
             log.warning("cleanup_run_held", run_id=run_id, reason=window.held)
         return sent
 
-    def cut_walk(self, run_id: str, cutoff: str, room: int) -> int:
-        """Cut up to *room* walk chunks from the run's cursor and send each (compare-and-set
-        on the cursor, so racing processes never cut the same range twice)."""
+    def cut_more(self, run_id: str, cutoff: str, room: int) -> int:
+        """Cut up to *room* walk or expiry chunks from the run's cursor and send each
+        (compare-and-set on the cursor, so racing processes never cut the same range twice)."""
         sent = 0
         when = dt.datetime.fromisoformat(cutoff)
         with self.engine.connect() as conn:
@@ -122,10 +122,8 @@ class Sender:
                 record = self.registry.get(run_id)
                 if record is None or record.state != "running" or record.planning_done:
                     break
-                hi, next_lo = walk.cut(conn, self.tables, when, record.cursor, record.end,
-                                       record.batch_size)
-                rng = ChunkRange(WALK, record.cursor, hi)
-                number = self.registry.cut(run_id, record.cursor, rng, next_lo,
+                rng, next_cursor = cut_next(conn, self.tables, when, record)
+                number = self.registry.cut(run_id, record.cursor, rng, next_cursor,
                                            self.settings.max_chunks_in_flight)
                 if number < 0:
                     break  # the window filled meanwhile (another finisher cut into it)
@@ -149,6 +147,21 @@ class Sender:
         if window.finished is not None:
             return window.finished, window
         return record, window
+
+
+def cut_next(conn: Connection, tables: Tables, cutoff: dt.datetime,
+             record: RunRecord) -> tuple[ChunkRange, str | None]:
+    """The next chunk of a cut kind's run at its cursor, and the cursor after it (None: that
+    was the last chunk). An expiry chunk holds at most the run's chunk size, which a lock
+    timeout halves; a walk chunk holds the batch size."""
+    if record.kind == EXPIRY:
+        lo = expiry.decode_key(record.cursor)
+        size = 0 if record.batch_size == 0 else record.size
+        hi = expiry.cut(conn, tables, cutoff, lo, size)
+        return expiry.chunk_range(lo, hi), None if hi is None else expiry.encode_key(hi)
+    lo_id = int(record.cursor)
+    hi_id, next_lo = walk.cut(conn, tables, cutoff, lo_id, int(record.end), record.batch_size)
+    return ChunkRange(WALK, lo_id, hi_id), None if next_lo is None else str(next_lo)
 
 
 def resend_after(settings: Settings) -> float:

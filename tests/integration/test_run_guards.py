@@ -157,11 +157,11 @@ def test_walk_cuts_by_racing_finishers_never_overfill_the_window(run: Run) -> No
         _, window = run.store.finish_chunk(
             summary.run_id, m.number, "walk", rows, 0, lock_ttl=3600, window=2,
             resend_after=3600.0, gate=Gate())
-        rooms.append(window.walk_room)
+        rooms.append(window.cut_room)
     assert rooms == [1, 2]
     sender = Sender(settings, run.engine, run.tables, run.store, outbox)
     for room in rooms:
-        sender.cut_walk(summary.run_id, summary.cutoff, room)
+        sender.cut_more(summary.run_id, summary.cutoff, room)
     assert len(run.store.inflight(summary.run_id)) <= 2
     deliver(settings, run.engine, run.tables, run.store, outbox)
     record = run.store.get(summary.run_id)

@@ -79,7 +79,7 @@ def test_run_local_deletes_exactly_the_expired_rows_and_logs_each_chunk(db: Db) 
     assert (finished["rows"], finished["chunks"]) == (EXPIRED, record.chunks_done)
     [started] = events(logs, "cleanup_run_started")
     assert (started["cutoff"], started["planner"]) == (summary.cutoff, "ids")
-    assert started["reason"].startswith("auto: sqlite")
+    assert started["reason"].startswith("auto: backlog: ")
     assert db.store.active_run() is None
 
 
@@ -261,10 +261,14 @@ def test_a_chunk_that_failed_for_good_ends_the_run_failed_and_frees_the_lock(db:
     (("r", 1, "ids", 5, 2, "2020-01-01T00:00:00+00:00"), "hi must be above lo"),
     (("r", 1, "ids", -1, 2, "2020-01-01T00:00:00+00:00"), "lo must be at least 0"),
     (("r", 1, "ids", 1, True, "2020-01-01T00:00:00+00:00"), "hi"),
-    (("r", 1, "ids", 1, None, "2020-01-01T00:00:00+00:00"), "only a blocks range"),
+    (("r", 1, "ids", 1, None, "2020-01-01T00:00:00+00:00"), "only a blocks or expiry range"),
     (("r", 1, "ids", 1, 2, "yesterday"), "ISO-8601"),
     (("r", 1, "ids", 1, 2, "2020-01-01T00:00:00"), "UTC offset"),
     (("r", 1, "ids", 1, 2, 1577836800), "ISO-8601"),
+    (("r", 1, "ids", 1, 2, "2020-01-01T00:00:00+00:00", 3, 0), "lo_id and hi_id belong to"),
+    (("r", 1, "expiry", 5, 5, "2020-01-01T00:00:00+00:00", 7, 7), "hi must be above lo"),
+    (("r", 1, "expiry", 5, 9, "2020-01-01T00:00:00+00:00", -1, 0), "lo_id must be at least 0"),
+    (("r", 1, "expiry", 5, 9, "2020-01-01T00:00:00+00:00", 0, "2"), "hi_id must be a whole"),
 ])
 def test_bad_chunk_arguments_are_refused(args: tuple[Any, ...], needle: str) -> None:
     with pytest.raises(InvalidArgument, match=needle):

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from workers.planners.base import EXPIRY, ChunkRange
 from workers.runs import RunRecord, RunStore
 from workers.settings import Settings
 from workers.window import resend_after
@@ -45,8 +46,8 @@ class Outstanding:
 
     chunk: int
     kind: str
-    lo: int
-    hi: int | None
+    lo: int | str
+    hi: int | str | None
     sent_at: float
     parked: bool
     age: float
@@ -102,6 +103,16 @@ class Condition:
         return ""
 
 
+def _bounds(rng: ChunkRange) -> tuple[int | str, int | str | None]:
+    """A range's bounds as an operator reads them: an expiry key as its timestamp and id."""
+    if rng.kind != EXPIRY:
+        return rng.lo, rng.hi
+    from workers.planners.expiry import describe_key
+
+    return (describe_key(rng.lo, rng.lo_id),
+            None if rng.hi is None else describe_key(rng.hi, rng.hi_id))
+
+
 def condition(settings: Settings, registry: RunStore, record: RunRecord,
               now: float | None = None) -> Condition:
     now = time.time() if now is None else now
@@ -110,7 +121,7 @@ def condition(settings: Settings, registry: RunStore, record: RunRecord,
     if record.state != "running":
         return Condition(record.state)
     again = resend_after(settings)
-    outstanding = [Outstanding(n, rng.kind, rng.lo, rng.hi, sent, parked, max(0.0, now - sent),
+    outstanding = [Outstanding(n, rng.kind, *_bounds(rng), sent, parked, max(0.0, now - sent),
                                0.0 if parked else sent + again)
                    for n, rng, sent, parked in registry.inflight(record.run_id)]
     last = (record.last_progress_at or record.window_started_at or record.planned_at

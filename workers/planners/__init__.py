@@ -5,11 +5,15 @@ name       chunks are                                  serves
 =========  ==========================================  =====================================
 blocks     heap page (ctid) ranges, last open-ended    PostgreSQL >= 14, heap tables
 ids        primary-key ranges by arithmetic            InnoDB and SQLite (rows cluster by id)
-walk       id ranges of exactly B expired rows, cut    any database; sparse expired rows
+walk       id ranges of exactly B expired rows, cut    any database (superseded by expiry)
            by an index walk as the window has room
+expiry     (expires_at, id) intervals of the expiry    any database; the steady state,
+           index, at most B rows each, cut by index    where a small share of the table
+           probes as the window has room               has expired
 =========  ==========================================  =====================================
 
-``STATESWEEP_PLANNER=auto`` picks one from a fixed-cost estimate and says why; a planner forced
+``STATESWEEP_PLANNER=auto`` picks by regime from a fixed-cost estimate and says why: physical
+ranges (blocks, ids) for a backlog, the expiry index for the steady state; a planner forced
 by name that this database cannot serve is a settings error before anything is deleted.
 Correctness never rests on the plan: every DELETE re-checks ``expires_at < cutoff``, so a stale
 or approximate plan can leave rows for the next run but never deletes a live one.
@@ -23,26 +27,38 @@ from dataclasses import replace
 from sqlalchemy import Connection
 
 from workers.exceptions import SettingsError
-from workers.planners import blocks
-from workers.planners.base import BLOCKS, IDS, KINDS, WALK, ChunkRange, Plan, Planner, Unsupported
+from workers.planners import blocks, expiry
+from workers.planners.base import (
+    BLOCKS,
+    CUT_KINDS,
+    EXPIRY,
+    IDS,
+    KINDS,
+    WALK,
+    ChunkRange,
+    Plan,
+    Planner,
+    Unsupported,
+)
 from workers.planners.blocks import BlocksPlanner
+from workers.planners.expiry import ExpiryPlanner
 from workers.planners.ids import IdsPlanner
 from workers.planners.walk import WalkPlanner
 from workers.schema import Tables
 
-__all__ = ["BLOCKS", "IDS", "KINDS", "PLANNERS", "WALK", "ChunkRange", "Plan", "Planner",
-           "choose"]
+__all__ = ["BLOCKS", "CUT_KINDS", "EXPIRY", "IDS", "KINDS", "PLANNERS", "WALK", "ChunkRange",
+           "Plan", "Planner", "choose"]
 
 PLANNERS: dict[str, Planner] = {p.name: p for p in (BlocksPlanner(), IdsPlanner(),
-                                                     WalkPlanner())}
+                                                     WalkPlanner(), ExpiryPlanner())}
 CHOICES = ("auto", *PLANNERS)
-#: Below this expired fraction `auto` walks the index rather than scan every page. Measured with
-#: `python -m bench.run --rows 5000000 --expired-percent 1` (bench/results/): at 1% expired,
-#: block ranges still ran 2.1x faster than the walk (34k against 16k rows/s, 2 workers) and held
-#: no long transaction (the walk's id ranges each read ~1M index entries: 674 ms), so the
-#: crossover lies below 1%; 0.2% keeps the walk for the sparse tables where a scan of every
-#: page is clearly the larger cost.
-SPARSE_FRACTION = 0.002
+#: At or above this expired fraction `auto` cuts physical ranges (blocks, ids); below it, the
+#: expiry index. Derived from the crossover measured by `python -m bench.crossover`
+#: (bench/results/crossover.md): see the comment there for the runs it rests on.
+BACKLOG_FRACTION = 0.10
+#: An ids plan that would cut this many times more chunks than the expired rows fill is sparse
+#: in id space (an outlying id, ids reused far apart): `auto` takes the expiry index instead.
+SPARSE_IDS_FACTOR = 4
 CLUSTERED_BY_ID = ("mysql", "mariadb", "sqlite")
 
 
@@ -62,20 +78,40 @@ def choose(conn: Connection, tables: Tables, cutoff: dt.datetime, batch_size: in
         try:
             blocks.check(conn, tables)
         except Unsupported as exc:
-            return _auto(WalkPlanner().plan(conn, tables, cutoff, batch_size),
-                         f"blocks unavailable ({exc})")
+            return _steady(conn, tables, cutoff, batch_size, f"blocks unavailable ({exc})")
         found = blocks.sample(conn, tables, cutoff)
-        if found.pages and found.expired_fraction < SPARSE_FRACTION:
-            return _auto(WalkPlanner().plan(conn, tables, cutoff, batch_size),
-                         f"about {found.expired_fraction:.1%} of rows expired (under "
-                         f"{SPARSE_FRACTION:.1%}): the index finds them for less than a scan "
-                         f"of {found.pages} pages")
+        if found.pages and found.expired_fraction < BACKLOG_FRACTION:
+            return _steady(conn, tables, cutoff, batch_size,
+                           f"about {found.expired_fraction:.1%} of rows expired in a "
+                           f"{blocks.SAMPLE_PAGES}-page sample (under {BACKLOG_FRACTION:.0%})")
         return _auto(BlocksPlanner().plan(conn, tables, cutoff, batch_size, found=found),
-                     "PostgreSQL heap table")
+                     f"backlog: about {found.expired_fraction:.0%} of rows expired "
+                     f"(at least {BACKLOG_FRACTION:.0%}), PostgreSQL heap table")
     if conn.dialect.name in CLUSTERED_BY_ID:
-        return _auto(IdsPlanner().plan(conn, tables, cutoff, batch_size),
-                     f"{conn.dialect.name} stores rows in primary-key order")
-    return _auto(WalkPlanner().plan(conn, tables, cutoff, batch_size), "no physical layout known")
+        rows = expiry.table_rows(conn, tables)
+        cap = max(1, int(rows * BACKLOG_FRACTION))
+        expired = expiry.count_expired(conn, tables, cutoff, cap=cap)
+        if expired < cap:
+            return _steady(conn, tables, cutoff, batch_size,
+                           f"{expired} expired of about {rows} rows (under "
+                           f"{BACKLOG_FRACTION:.0%})")
+        plan = IdsPlanner().plan(conn, tables, cutoff, batch_size)
+        # The table's rows bound the expired ones, whatever the density windows extrapolate
+        # over a gap in the ids.
+        fill = -(-min(plan.expected_rows, rows) // max(1, batch_size)) if batch_size else 1
+        if plan.estimated_chunks > SPARSE_IDS_FACTOR * fill + 8:
+            return _steady(conn, tables, cutoff, batch_size,
+                           f"ids {plan.start}..{plan.end - 1} would cut "
+                           f"{plan.estimated_chunks} chunks for at most {rows} rows "
+                           f"(sparse ids)")
+        return _auto(plan, f"backlog: at least {BACKLOG_FRACTION:.0%} of about {rows} rows "
+                           f"expired; {conn.dialect.name} stores rows in primary-key order")
+    return _steady(conn, tables, cutoff, batch_size, "no physical layout known")
+
+
+def _steady(conn: Connection, tables: Tables, cutoff: dt.datetime, batch_size: int,
+            why: str) -> Plan:
+    return _auto(ExpiryPlanner().plan(conn, tables, cutoff, batch_size), why)
 
 
 def _auto(plan: Plan, why: str) -> Plan:

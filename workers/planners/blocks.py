@@ -34,6 +34,7 @@ class Sample:
     pages: int            # heap pages now (pg_relation_size / block_size)
     rows_per_page: float  # live rows per sampled page
     expired_fraction: float
+    most_per_page: int = 0  # live rows on the fullest sampled page
 
     @property
     def expected_rows(self) -> int:
@@ -70,11 +71,12 @@ def sample(conn: Connection, tables: Tables, cutoff: dt.datetime) -> Sample:
     percent = min(100.0, 100.0 * SAMPLE_PAGES / pages)
     # REPEATABLE: the same pages for the same table, so a dry run and the run agree.
     row = conn.execute(text(
-        f"SELECT count(*), count(*) FILTER (WHERE expires_at < :cutoff), "  # noqa: S608
-        f"count(DISTINCT (ctid::text::point)[0]) "
-        f"FROM {name} TABLESAMPLE SYSTEM (:pct) REPEATABLE (7)"),
+        f"SELECT coalesce(sum(n), 0), coalesce(sum(e), 0), count(*), coalesce(max(n), 0) "  # noqa: S608
+        f"FROM (SELECT count(*) AS n, count(*) FILTER (WHERE expires_at < :cutoff) AS e "
+        f"FROM {name} TABLESAMPLE SYSTEM (:pct) REPEATABLE (7) "
+        f"GROUP BY (ctid::text::point)[0]) AS per_page"),
         {"cutoff": cutoff, "pct": percent}).one()
-    rows, expired, seen = int(row[0]), int(row[1]), int(row[2])
+    rows, expired, seen, most = int(row[0]), int(row[1]), int(row[2]), int(row[3])
     if rows == 0:
         # Sampled pages empty (all dead, or an unlucky draw on a tiny table): use the
         # statistics, and if the table was never analysed, assume every row is expired so
@@ -83,8 +85,16 @@ def sample(conn: Connection, tables: Tables, cutoff: dt.datetime) -> Sample:
             "SELECT reltuples, relpages FROM pg_class WHERE oid = CAST(:t AS regclass)"),
             {"t": name}).one()
         per_page = float(stats[0]) / stats[1] if stats[1] > 0 and stats[0] > 0 else 1.0
-        return Sample(pages, per_page, 1.0)
-    return Sample(pages, rows / max(1, seen), expired / rows)
+        return Sample(pages, per_page, 1.0, math.ceil(per_page))
+    return Sample(pages, rows / max(1, seen), expired / rows, most)
+
+
+def most_pages(batch_size: int, most_per_page: int) -> int:
+    """The most pages a chunk may span: twice the batch even if every row on them expired
+    (expired rows cluster: a backlog's oldest pages are all expired, the newest all live)."""
+    # Pages fill unevenly: a margin of a quarter over the fullest page the sample saw.
+    per_page = max(1, math.ceil(most_per_page * 1.25))
+    return max(1, min(MAX_PAGES_PER_CHUNK, 2 * batch_size // per_page))
 
 
 def pages_for(batch_size: int, rows_per_page: float, expired_fraction: float) -> int:
@@ -106,9 +116,12 @@ class BlocksPlanner:
         s = found or sample(conn, tables, cutoff)
         if s.pages == 0:
             return Plan(self.name, BLOCKS, 0, 0, 1, 0, "the table has no pages")
-        size = s.pages if batch_size == 0 else pages_for(batch_size, s.rows_per_page,
-                                                          s.expired_fraction)
+        if batch_size == 0:
+            return Plan(self.name, BLOCKS, 0, s.pages, s.pages, s.expected_rows,
+                        f"{s.pages} heap pages in one chunk (no batching)")
+        most = most_pages(batch_size, s.most_per_page)
+        size = min(most, pages_for(batch_size, s.rows_per_page, s.expired_fraction))
         return Plan(self.name, BLOCKS, 0, s.pages, size, s.expected_rows,
                     f"{s.pages} heap pages, about {s.rows_per_page:.0f} rows a page, "
                     f"{s.expired_fraction:.0%} expired in a {SAMPLE_PAGES}-page sample: "
-                    f"{size} pages a chunk")
+                    f"{size} pages a chunk, at most {most}", max_size=most)

@@ -1,9 +1,9 @@
 """Tables clustered by their integer primary key (InnoDB, SQLite's rowid): chunks are id ranges.
 
 Where rows are stored in primary-key order, an id range is a physical range, and a DELETE over
-it is a clustered-index range scan. Planning is two index probes (the first and last expired id,
-read in primary-key order so each stops at the first match) and a few fixed-size id windows
-counted to estimate how densely expired rows sit between them; no row walk.
+it is a clustered-index range scan. Planning reads the first and last expired id from the
+expires_at index and counts a few fixed-size id windows to estimate how densely expired rows sit
+between them; no walk of live rows.
 """
 
 from __future__ import annotations
@@ -25,14 +25,17 @@ MAX_BATCHES_PER_CHUNK = 20
 
 
 def bounds(conn: Connection, tables: Tables, cutoff: dt.datetime) -> tuple[int, int] | None:
-    """(first, last) expired id, or None when nothing has expired."""
+    """(first, last) expired id, or None when nothing has expired.
+
+    Read from the expires_at index, which holds the expired rows together (and, on InnoDB, their
+    ids with them): never a walk of live rows in id order, which after a big run, or where the
+    newest rows are live, reads most of the table before it meets an expired row."""
     t = tables.task_state
-    expired = t.c.expires_at < cutoff
-    first = conn.execute(select(t.c.id).where(expired).order_by(t.c.id).limit(1)).scalar()
+    first, last = conn.execute(
+        select(func.min(t.c.id), func.max(t.c.id)).where(t.c.expires_at < cutoff)).one()
     if first is None:
         return None
-    last = conn.execute(select(t.c.id).where(expired).order_by(t.c.id.desc()).limit(1)).scalar()
-    return int(first), int(last if last is not None else first)
+    return int(first), int(last)
 
 
 def density(conn: Connection, tables: Tables, cutoff: dt.datetime, first: int,
@@ -67,10 +70,11 @@ class IdsPlanner:
         span = last - first + 1
         per_id = density(conn, tables, cutoff, first, last)
         if batch_size == 0:
-            size = span
-        else:
-            cap = max(1000, batch_size * MAX_BATCHES_PER_CHUNK)
-            size = cap if per_id <= 0 else max(1, min(cap, math.ceil(batch_size / per_id)))
+            return Plan(self.name, IDS, first, last + 1, span, int(per_id * span),
+                        f"expired ids {first}..{last} in one chunk (no batching)")
+        # An id is one row at most: 2B ids hold at most twice the batch, however dense.
+        most = 2 * batch_size
+        size = most if per_id <= 0 else max(1, min(most, math.ceil(batch_size / per_id)))
         return Plan(self.name, IDS, first, last + 1, size, int(per_id * span),
                     f"expired ids {first}..{last}, about {per_id:.0%} of ids expired: "
-                    f"{size} ids a chunk")
+                    f"{size} ids a chunk", max_size=most)
