@@ -165,7 +165,8 @@ def run_chunk(settings: Settings, engine: Engine, tables: Tables, registry: RunS
             engine, tables, args.range, args.cutoff, lock_timeout_ms=settings.lock_timeout_ms,
             statement_timeout_ms=settings.statement_timeout_ms,
             max_lag_seconds=settings.max_replica_lag_seconds or None,
-            read_lag=lag_reader(settings) if settings.max_replica_lag_seconds else None)
+            read_lag=lag_reader(settings) if settings.max_replica_lag_seconds else None,
+            protect=settings.protect_unfinished_dag_runs)
     except cleanup.ReplicaLagging as exc:
         reason = lag_reason(exc.lag, settings.max_replica_lag_seconds)
         if registry.park(args.run_id, args.chunk, reason):

@@ -58,12 +58,31 @@ def range_condition(tables: Tables, rng: ChunkRange) -> list[Any]:
     return cond
 
 
-def delete_statement(tables: Tables, rng: ChunkRange, cutoff: dt.datetime) -> Delete:
+#: Airflow's DagRunState values of a dag run whose tasks may still read their state.
+UNFINISHED_DAG_RUN_STATES = ("queued", "running")
+
+
+def unfinished_run(tables: Tables) -> Any:
+    """The row's dag run is queued or running (by dag_run's primary key). Retries of a task
+    share its state, and retention counts from the last write, so a long retry delay or a run
+    queued for days lets state expire while its task still needs it."""
+    t, dr = tables.task_state, tables.dag_run
+    return exists().where(dr.c.id == t.c.dag_run_id,
+                          dr.c.state.in_(UNFINISHED_DAG_RUN_STATES))
+
+
+def delete_statement(tables: Tables, rng: ChunkRange, cutoff: dt.datetime, *,
+                     protect: bool = True) -> Delete:
     """DELETE one chunk's rows that are still expired at *cutoff*. The predicate is repeated
     here, whatever the plan said: a row refreshed after planning has a new expires_at and
-    survives; NULL never compares below the cutoff, so never-expiring rows stay."""
+    survives; NULL never compares below the cutoff, so never-expiring rows stay. With
+    *protect* (and Airflow's dag_run.state), a row whose dag run is queued or running stays,
+    judged at the DELETE as the expiry is."""
     t = tables.task_state
-    return delete(t).where(*range_condition(tables, rng), t.c.expires_at < cutoff)
+    cond = [*range_condition(tables, rng), t.c.expires_at < cutoff]
+    if protect and tables.has_run_state:
+        cond.append(~unfinished_run(tables))
+    return delete(t).where(*cond)
 
 
 LagReader = Callable[[Connection], "float | None"]
@@ -71,7 +90,8 @@ LagReader = Callable[[Connection], "float | None"]
 
 def delete_range(engine: Engine, tables: Tables, rng: ChunkRange, cutoff: dt.datetime,
                  *, lock_timeout_ms: int = 5000, statement_timeout_ms: int = 120000,
-                 max_lag_seconds: float | None = None, read_lag: LagReader | None = None) -> int:
+                 max_lag_seconds: float | None = None, read_lag: LagReader | None = None,
+                 protect: bool = True) -> int:
     """Delete one chunk in its own transaction; commit; return rows deleted.
 
     Running it twice deletes nothing the second time (idempotent). With *max_lag_seconds*, the
@@ -91,7 +111,8 @@ def delete_range(engine: Engine, tables: Tables, rng: ChunkRange, cutoff: dt.dat
             lag = read_lag(conn)
             if lag is not None and lag > max_lag_seconds:
                 raise ReplicaLagging(lag)
-        return int(conn.execute(delete_statement(tables, rng, cutoff)).rowcount)
+        return int(conn.execute(delete_statement(tables, rng, cutoff,
+                                                 protect=protect)).rowcount)
 
 
 class ReplicaLagging(Exception):
@@ -201,6 +222,31 @@ def summarise_expired(engine: Engine, tables: Tables, cutoff: dt.datetime, batch
         top_dags=[(str(r.dag_id), int(r.n)) for r in top_rows],
         sample=[dict(r) for r in sample_rows],
     )
+
+
+@dataclass(frozen=True)
+class Protected:
+    """Expired rows kept because their dag run is unfinished, and the oldest one's expiry."""
+
+    rows: int
+    oldest: dt.datetime | None
+
+
+def count_protected(conn: Connection, tables: Tables, cutoff: dt.datetime) -> Protected:
+    """Expired rows of queued or running dag runs: found from the unfinished dag runs (few)
+    into task state by dag_run_id, the unique key's first column; nothing read on a schema
+    without dag_run.state."""
+    if not tables.has_run_state:
+        return Protected(0, None)
+    t, dr = tables.task_state, tables.dag_run
+    row = conn.execute(
+        select(func.count(), func.min(t.c.expires_at)).select_from(
+            t.join(dr, dr.c.id == t.c.dag_run_id))
+        .where(dr.c.state.in_(UNFINISHED_DAG_RUN_STATES), t.c.expires_at < cutoff)).one()
+    oldest = row[1]
+    if oldest is not None and oldest.tzinfo is None:
+        oldest = oldest.replace(tzinfo=dt.UTC)
+    return Protected(int(row[0]), oldest)
 
 
 def count_expired(engine: Engine, tables: Tables, cutoff: dt.datetime) -> int:

@@ -174,6 +174,11 @@ class Tables:
     layout: str = "3.3"
 
     @property
+    def has_run_state(self) -> bool:
+        """Whether dag_run has Airflow's ``state`` (which protects state of unfinished runs)."""
+        return "state" in self.dag_run.c
+
+    @property
     def index_column(self) -> Column[int]:
         """The task's map index: ``map_index`` (3.3), ``region_index`` (3.4)."""
         c = self.task_state.c
@@ -198,9 +203,9 @@ class Tables:
         return {"map_index": map_index}
 
 
-def build_tables(naming: str, layout: str = "3.3") -> Tables:
-    """Table objects for *naming* (``seed`` or ``airflow``) and *layout* (``3.3`` or ``3.4``);
-    pure, no database access."""
+def build_tables(naming: str, layout: str = "3.3", *, run_state: bool = False) -> Tables:
+    """Table objects for *naming* (``seed`` or ``airflow``) and *layout* (``3.3`` or ``3.4``),
+    with Airflow's ``dag_run.state`` where *run_state*; pure, no database access."""
     if naming not in TABLE_NAMES:
         raise ValueError(f"naming must be 'seed' or 'airflow', not {naming!r}")
     if layout not in LAYOUT_COLUMNS:
@@ -213,6 +218,8 @@ def build_tables(naming: str, layout: str = "3.3") -> Tables:
         Column("id", Integer, primary_key=True, autoincrement=True),
         Column("dag_id", _id_string(), nullable=False),
         Column("run_id", _id_string(), nullable=False),
+        # Airflow's, read (never written) to protect state of unfinished dag runs.
+        *([Column("state", String(50), nullable=True)] if run_state else []),
         UniqueConstraint("dag_id", "run_id", name="dag_run_dag_id_run_id_key"),
     )
     index_name = "region_index" if layout == "3.4" else "map_index"
@@ -313,7 +320,10 @@ def resolve_tables(bind: Engine | Connection, naming: str = "auto") -> Tables:
     """Tables for the configured naming (``auto`` inspects) and the live layout, after checking
     the live columns."""
     chosen = detect_naming(bind) if naming == "auto" else naming
-    tables = build_tables(chosen, detect_layout(bind, chosen))
+    insp = inspect(bind)
+    run_state = ("dag_run" in insp.get_table_names()
+                 and "state" in {c["name"] for c in insp.get_columns("dag_run")})
+    tables = build_tables(chosen, detect_layout(bind, chosen), run_state=run_state)
     verify_columns(bind, tables)
     return tables
 

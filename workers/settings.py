@@ -93,6 +93,10 @@ class Settings:
     # Task events for chunk tasks, so Flower lists each chunk; off saves three event publishes
     # per chunk in the worker (run progress stays in the run store, `status` and the exporter).
     chunk_task_events: bool = True
+    # Expired state of a dag run that is queued or running is kept until the run finishes
+    # (retries share their task's state; Airflow's own cleanup deletes it anyway). Needs
+    # Airflow's dag_run.state; statesweep's standalone schema has no such column.
+    protect_unfinished_dag_runs: bool = True
     # The orphan sweep's own soft limit (its hard limit is 30 s more): batches commit on their
     # own, so a sweep cut short keeps its progress and the next one goes on.
     orphan_soft_time_limit: int = 600
@@ -404,7 +408,7 @@ def parse_active_hours(text: str) -> Any:
     return parse(text)
 
 
-PLANNER_CHOICES = ("auto", "blocks", "ids", "walk")
+PLANNER_CHOICES = ("auto", "blocks", "ids", "walk", "expiry")
 
 _PARSERS = {
     "planner": _parse_lower,
@@ -415,6 +419,7 @@ _PARSERS = {
     "pump_interval_seconds": _parse_positive_seconds,
     "orphan_soft_time_limit": _parse_positive_int,
     "chunk_task_events": _parse_bool,
+    "protect_unfinished_dag_runs": _parse_bool,
     "database_url": _parse_database_url,
     "broker_url": _parse_broker_url,
     "result_backend": _parse_broker_url,

@@ -23,9 +23,10 @@ from tests.airflow_db import (
 from tests.cleanup_runs import memory_store
 from tests.conftest import database_now
 from workers.chunk import run_local
-from workers.cleanup import sweep_orphaned_asset_state
+from workers.cleanup import count_protected, delete_range, sweep_orphaned_asset_state
 from workers.db import make_engine
 from workers.exceptions import NotFound, RefusedError, SchemaError
+from workers.planners import ChunkRange
 from workers.schema import detect_naming, resolve_tables, upgrade
 from workers.seed import (
     SeedSpec,
@@ -204,7 +205,8 @@ def test_session_time_zone_does_not_shift_expiry(
 
 def _check_time_zone_independence(dialect: str, url: str, airflow: Engine, sweeper: Engine,
                                   make_settings: Callable[..., Settings]) -> None:
-    run_pk = add_dag_run(airflow, "tz", "run")
+    # A finished run: state of a running one is protected, which is not what this test is about.
+    run_pk = add_dag_run(airflow, "tz", "run", state="success")
     hour = "INTERVAL '1 hour'" if dialect == "postgresql" else "INTERVAL 1 HOUR"
     now = "now()" if dialect == "postgresql" else "UTC_TIMESTAMP(6)"
     key_column = "`key`" if dialect == "mariadb" else "key"
@@ -241,3 +243,64 @@ def _check_time_zone_independence(dialect: str, url: str, airflow: Engine, sweep
         assert 115 <= left_minutes <= 120
         total = conn.execute(select(func.count()).select_from(tables.task_state)).scalar_one()
     assert total == 2
+
+
+def _expired_state(engine: Engine, dag_id: str, run_id: str, state: str, keys: int) -> int:
+    """A dag run in *state* with *keys* rows of task state that expired an hour ago."""
+    pk = add_dag_run(engine, dag_id, run_id, state=state)
+    tables = resolve_tables(engine)
+    hour_ago = database_now(engine) - dt.timedelta(hours=1)
+    with engine.begin() as conn:
+        conn.execute(tables.task_state.insert(), [
+            {"dag_run_id": pk, "task_id": "t", **tables.scope_columns(-1, None),
+             "key": f"k{i}", "dag_id": dag_id, "run_id": run_id, "value": "v",
+             "updated_at": hour_ago, "expires_at": hour_ago} for i in range(keys)])
+    return pk
+
+
+def _keys_by_run(engine: Engine) -> dict[str, int]:
+    t = resolve_tables(engine).task_state
+    with engine.connect() as conn:
+        return {str(r[0]): int(r[1]) for r in conn.execute(
+            select(t.c.run_id, func.count()).group_by(t.c.run_id))}
+
+
+def test_state_of_a_queued_or_running_dag_run_is_kept_until_it_finishes(
+        engine: Engine, make_settings: Callable[..., Settings]) -> None:
+    """Invariant 14: expired state of a queued or running dag run survives a run (its task may
+    retry and read it); the first run after the dag run finishes deletes it. The check is in
+    each chunk's DELETE, so a dag run that starts between planning and the DELETE is honoured
+    too; and the protection can be turned off."""
+    for run_id, state in (("queued", "queued"), ("running", "running"), ("done", "success"),
+                          ("failed", "failed")):
+        _expired_state(engine, "etl", run_id, state, 25)
+    settings = make_settings(database_url="sqlite:///unused.db", run_store_url="memory://")
+    tables = resolve_tables(engine)
+    assert tables.has_run_state
+    store = memory_store()
+    summary = run_local(settings, engine, tables, store, batch_size=10)
+    assert _keys_by_run(engine) == {"queued": 25, "running": 25}
+    assert store.get(summary.run_id).rows_deleted == 50  # type: ignore[union-attr]
+    with engine.connect() as conn:
+        protected = count_protected(conn, tables, database_now(engine))
+    assert protected.rows == 50 and protected.oldest is not None
+    assert database_now(engine) - protected.oldest > dt.timedelta(minutes=59)
+
+    with engine.begin() as conn:  # the running one finishes; the queued one starts
+        conn.execute(text("UPDATE dag_run SET state = 'success' WHERE run_id = 'running'"))
+    run_local(settings, engine, tables, memory_store(), batch_size=10)
+    assert _keys_by_run(engine) == {"queued": 25}
+
+    # A dag run that is re-run (cleared) between the plan and the DELETE keeps its state.
+    _expired_state(engine, "etl", "cleared", "success", 5)
+    cutoff = database_now(engine)
+    rng = ChunkRange("ids", 0, 10 ** 9)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE dag_run SET state = 'running' WHERE run_id = 'cleared'"))
+    assert delete_range(engine, tables, rng, cutoff) == 0
+    assert _keys_by_run(engine) == {"queued": 25, "cleared": 5}
+
+    off = make_settings(database_url="sqlite:///unused.db", run_store_url="memory://",
+                        protect_unfinished_dag_runs=False)
+    run_local(off, engine, tables, memory_store(), batch_size=10)
+    assert _keys_by_run(engine) == {}
