@@ -69,7 +69,11 @@ def naming(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture(params=["3.3", "3.4"])
 def layout(request: pytest.FixtureRequest) -> str:
-    """Airflow's task-state layout: 3.3 (map_index) or 3.4 (region_index + region_id)."""
+    """Airflow's task-state layout: 3.3 (map_index) or 3.4 (region_index + region_id). Only
+    Airflow's tables come in 3.4's; statesweep's own (seed) schema is 3.3's alone."""
+    if request.param == "3.4" and "naming" in request.fixturenames \
+            and request.getfixturevalue("naming") == "seed":
+        pytest.skip("statesweep's own schema has the 3.3 layout only")
     return str(request.param)
 
 
