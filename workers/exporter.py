@@ -76,15 +76,18 @@ class Backlog:
     oldest_expired_age_seconds: float
     asset_table: str
     orphaned_rows: int
+    # Expired rows kept because their dag run is queued or running, and the oldest one's age.
+    protected_rows: int = 0
+    protected_oldest_age_seconds: float = 0.0
 
 
 def read_backlog(engine: Engine, naming: str, timeout_ms: int,
-                 count: str = "exact") -> Backlog:
+                 count: str = "exact", protect: bool = True) -> Backlog:
     """The three backlog numbers in one short transaction, each statement bounded by
     *timeout_ms*. The count and the min() are served by the expires_at index; the orphan count
     is an anti-join over asset state, which is small next to task state. *count* "estimate"
     takes the planner's estimate instead of counting (PostgreSQL; elsewhere it counts)."""
-    from workers.cleanup import count_orphaned_asset_state
+    from workers.cleanup import Protected, count_orphaned_asset_state, count_protected
     from workers.db import db_now, set_timeouts
     from workers.schema import resolve_tables
 
@@ -106,11 +109,17 @@ def read_backlog(engine: Engine, naming: str, timeout_ms: int,
             expired = conn.execute(
                 select(func.count()).select_from(t).where(t.c.expires_at < now)).scalar_one()
         orphaned = count_orphaned_asset_state(conn, tables)
-    age = 0.0
-    if oldest is not None:
-        oldest = oldest if oldest.tzinfo else oldest.replace(tzinfo=dt.UTC)
-        age = max(0.0, (now - oldest).total_seconds())
-    return Backlog(t.name, int(expired), age, tables.asset_state.name, int(orphaned))
+        protected = (count_protected(conn, tables, now) if protect and oldest is not None
+                     else Protected(0, None))
+    return Backlog(t.name, int(expired), _age(now, oldest), tables.asset_state.name,
+                   int(orphaned), protected.rows, _age(now, protected.oldest))
+
+
+def _age(now: dt.datetime, then: dt.datetime | None) -> float:
+    if then is None:
+        return 0.0
+    then = then if then.tzinfo else then.replace(tzinfo=dt.UTC)
+    return max(0.0, (now - then).total_seconds())
 
 
 def estimate_expired(conn: Connection, t: Table) -> int:
@@ -142,7 +151,7 @@ class StatesweepCollector(Collector):
         ttl = settings.exporter_cache_seconds
         self.backlog = TimedCache(ttl, lambda: read_backlog(
             self.engine, settings.table_naming, settings.exporter_query_timeout_ms,
-            settings.exporter_backlog_count))
+            settings.exporter_backlog_count, settings.protect_unfinished_dag_runs))
         self.consumers = TimedCache(ttl, self._read_consumers)
         self._app: Any = None
 
@@ -216,6 +225,11 @@ class StatesweepCollector(Collector):
              "Age of the oldest expired task state row (0 when none)"),
             ("orphaned_rows", b.asset_table, b.orphaned_rows,
              "Asset state rows of inactive assets"),
+            ("protected_rows", b.task_table, b.protected_rows,
+             "Expired task state rows kept because their dag run is queued or running"),
+            ("protected_oldest_age_seconds", b.task_table, b.protected_oldest_age_seconds,
+             "How long ago the oldest protected row expired (0 when none): a dag run stuck "
+             "in queued or running"),
         ):
             g = GaugeMetricFamily(f"statesweep_backlog_{name}", doc, labels=["table"])
             g.add_metric([table], value)

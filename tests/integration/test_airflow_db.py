@@ -26,6 +26,7 @@ from workers.chunk import run_local
 from workers.cleanup import count_protected, delete_range, sweep_orphaned_asset_state
 from workers.db import make_engine
 from workers.exceptions import NotFound, RefusedError, SchemaError
+from workers.exporter import read_backlog
 from workers.planners import ChunkRange
 from workers.schema import detect_naming, resolve_tables, upgrade
 from workers.seed import (
@@ -304,3 +305,16 @@ def test_state_of_a_queued_or_running_dag_run_is_kept_until_it_finishes(
                         protect_unfinished_dag_runs=False)
     run_local(off, engine, tables, memory_store(), batch_size=10)
     assert _keys_by_run(engine) == {}
+
+
+def test_the_exporter_reports_protected_rows_and_their_age(engine: Engine) -> None:
+    """The backlog says how many expired rows are kept for unfinished dag runs and how long
+    ago the oldest expired (what the StatesweepProtectedStateTooOld alert reads); with the
+    protection off there is nothing protected to report."""
+    _expired_state(engine, "etl", "running", "running", 7)
+    _expired_state(engine, "etl", "done", "success", 3)
+    backlog = read_backlog(engine, "auto", 5000)
+    assert (backlog.expired_rows, backlog.protected_rows) == (10, 7)
+    assert 3590 < backlog.protected_oldest_age_seconds <= backlog.oldest_expired_age_seconds
+    off = read_backlog(engine, "auto", 5000, protect=False)
+    assert (off.protected_rows, off.protected_oldest_age_seconds) == (0, 0.0)

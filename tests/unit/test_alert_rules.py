@@ -23,7 +23,7 @@ def promtool(*args: str, cwd: Path = RULES_DIR) -> subprocess.CompletedProcess[s
 def test_promtool_check_rules() -> None:
     proc = promtool("check", "rules", str(ALERTS))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "SUCCESS: 6 rules found" in proc.stdout
+    assert "SUCCESS: 7 rules found" in proc.stdout
 
 
 def test_promtool_test_rules() -> None:
@@ -36,7 +36,8 @@ def test_every_alert_is_tested_firing_and_quiet() -> None:
     cases = [c for t in yaml.safe_load(TESTS.read_text())["tests"] for c in t["alert_rule_test"]]
     assert alerts == {"StatesweepNoFinishedRun", "StatesweepBacklogGrowing",
                       "StatesweepOldestExpiredRowTooOld", "StatesweepLastRunFailed",
-                      "StatesweepNoChunkWorker", "StatesweepExporterPartDown"}
+                      "StatesweepNoChunkWorker", "StatesweepExporterPartDown",
+                      "StatesweepProtectedStateTooOld"}
     for alert in alerts:
         outcomes = {bool(c["exp_alerts"]) for c in cases if c["alertname"] == alert}
         assert outcomes == {True, False}, alert
