@@ -16,6 +16,7 @@ import structlog
 from sqlalchemy import Engine
 
 from workers import cleanup
+from workers.cleanup import EVERYTHING
 from workers.coordinator import RunSummary, check_run_id, coordinate, log_finished
 from workers.exceptions import InvalidArgument, NotFound
 from workers.flow.sizing import ChunkTiming, SizingPolicy
@@ -24,6 +25,7 @@ from workers.planners.blocks import MAX_PAGES_PER_CHUNK
 from workers.planners.ids import MAX_BATCHES_PER_CHUNK
 from workers.runs import RunStore
 from workers.schema import Tables
+from workers.selection import Selection
 from workers.settings import Settings
 from workers.window import Dispatch, Sender, gate, lag_reader, lag_reason, resend_after
 
@@ -155,6 +157,7 @@ def run_chunk(settings: Settings, engine: Engine, tables: Tables, registry: RunS
         return ChunkResult(carried_rows, "held")
     cutoff_text, size, batch = str(detail[0]), int(detail[1]), int(detail[2])
     max_size = int(detail[3] or 0) if len(detail) > 3 else 0
+    selection = Selection.decode(str(detail[4])) if len(detail) > 4 else EVERYTHING
     if dt.datetime.fromisoformat(cutoff_text) != args.cutoff:
         raise InvalidArgument(
             f"cutoff {args.cutoff.isoformat()} is not run {args.run_id}'s cutoff {cutoff_text}")
@@ -166,7 +169,7 @@ def run_chunk(settings: Settings, engine: Engine, tables: Tables, registry: RunS
             statement_timeout_ms=settings.statement_timeout_ms,
             max_lag_seconds=settings.max_replica_lag_seconds or None,
             read_lag=lag_reader(settings) if settings.max_replica_lag_seconds else None,
-            protect=settings.protect_unfinished_dag_runs)
+            protect=settings.protect_unfinished_dag_runs, selection=selection)
     except cleanup.ReplicaLagging as exc:
         reason = lag_reason(exc.lag, settings.max_replica_lag_seconds)
         if registry.park(args.run_id, args.chunk, reason):
@@ -200,6 +203,7 @@ def run_chunk(settings: Settings, engine: Engine, tables: Tables, registry: RunS
 
 def run_local(settings: Settings, engine: Engine, tables: Tables, registry: RunStore, *,
               batch_size: int | None = None, source: str = "local",
+              selection: Selection = EVERYTHING,
               on_chunk: Callable[[int, ChunkRange, int], None] | None = None) -> RunSummary:
     """Plan and delete in this process, chunk by chunk, each committed on its own (for cron
     users and small databases: no broker needed). The window's sends go to a local queue."""
@@ -209,7 +213,7 @@ def run_local(settings: Settings, engine: Engine, tables: Tables, registry: RunS
         queue.append((run_id, number, rng, cutoff))
 
     summary = coordinate(settings, engine, tables, registry, dispatch, batch_size=batch_size,
-                         source=source)
+                         source=source, selection=selection)
     while queue:
         run_id, number, rng, cutoff = queue.popleft()
         args = check_chunk_args(run_id, number, rng.kind, rng.lo, rng.hi, cutoff, rng.lo_id,

@@ -24,6 +24,9 @@ from workers.exceptions import InvalidArgument
 from workers.planners import expiry
 from workers.planners.base import BLOCKS, EXPIRY, ChunkRange
 from workers.schema import Tables
+from workers.selection import Selection
+
+EVERYTHING = Selection()
 
 
 def read_cutoff(engine: Engine) -> dt.datetime:
@@ -72,14 +75,14 @@ def unfinished_run(tables: Tables) -> Any:
 
 
 def delete_statement(tables: Tables, rng: ChunkRange, cutoff: dt.datetime, *,
-                     protect: bool = True) -> Delete:
+                     protect: bool = True, selection: Selection = EVERYTHING) -> Delete:
     """DELETE one chunk's rows that are still expired at *cutoff*. The predicate is repeated
     here, whatever the plan said: a row refreshed after planning has a new expires_at and
     survives; NULL never compares below the cutoff, so never-expiring rows stay. With
     *protect* (and Airflow's dag_run.state), a row whose dag run is queued or running stays,
-    judged at the DELETE as the expiry is."""
+    judged at the DELETE as the expiry is. A *selection* narrows it to some dag ids."""
     t = tables.task_state
-    cond = [*range_condition(tables, rng), t.c.expires_at < cutoff]
+    cond = [*range_condition(tables, rng), t.c.expires_at < cutoff, *selection.conditions(tables)]
     if protect and tables.has_run_state:
         cond.append(~unfinished_run(tables))
     return delete(t).where(*cond)
@@ -91,7 +94,7 @@ LagReader = Callable[[Connection], "float | None"]
 def delete_range(engine: Engine, tables: Tables, rng: ChunkRange, cutoff: dt.datetime,
                  *, lock_timeout_ms: int = 5000, statement_timeout_ms: int = 120000,
                  max_lag_seconds: float | None = None, read_lag: LagReader | None = None,
-                 protect: bool = True) -> int:
+                 protect: bool = True, selection: Selection = EVERYTHING) -> int:
     """Delete one chunk in its own transaction; commit; return rows deleted.
 
     Running it twice deletes nothing the second time (idempotent). With *max_lag_seconds*, the
@@ -111,8 +114,8 @@ def delete_range(engine: Engine, tables: Tables, rng: ChunkRange, cutoff: dt.dat
             lag = read_lag(conn)
             if lag is not None and lag > max_lag_seconds:
                 raise ReplicaLagging(lag)
-        return int(conn.execute(delete_statement(tables, rng, cutoff,
-                                                 protect=protect)).rowcount)
+        return int(conn.execute(delete_statement(tables, rng, cutoff, protect=protect,
+                                                 selection=selection)).rowcount)
 
 
 class ReplicaLagging(Exception):

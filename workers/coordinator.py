@@ -21,9 +21,11 @@ import structlog
 from sqlalchemy import Engine
 
 from workers import cleanup, planners
+from workers.cleanup import EVERYTHING
 from workers.exceptions import InvalidArgument, StatesweepError
 from workers.runs import Gate, RunRecord, RunStore
 from workers.schema import Tables
+from workers.selection import Selection
 from workers.settings import Settings
 from workers.store import load_backend
 from workers.window import Dispatch, Sender, gate, resend_after
@@ -81,8 +83,9 @@ class LockLost(StatesweepError):
 
 def coordinate(settings: Settings, engine: Engine, tables: Tables, registry: RunStore,
                dispatch: Dispatch, *, run_id: str | None = None, batch_size: int | None = None,
-               source: str = "beat") -> RunSummary:
-    """Plan one cleanup run and send its first window; at most one run is active at a time."""
+               source: str = "beat", selection: Selection = EVERYTHING) -> RunSummary:
+    """Plan one cleanup run and send its first window; at most one run is active at a time.
+    A *selection* narrows the run to some dag ids and an earlier cutoff."""
     batch = batch_size_for(settings, batch_size)
     run_id = check_run_id(run_id or new_run_id())
     bound = log.bind(run_id=run_id, source=source)
@@ -121,7 +124,7 @@ def coordinate(settings: Settings, engine: Engine, tables: Tables, registry: Run
 
     try:
         t0 = time.perf_counter()
-        cutoff = cleanup.read_cutoff(engine)
+        cutoff = selection.cutoff(cleanup.read_cutoff(engine))
         cutoff_iso = cutoff.isoformat()
         with engine.connect() as conn:
             conn.execution_options(isolation_level="AUTOCOMMIT")
@@ -130,13 +133,15 @@ def coordinate(settings: Settings, engine: Engine, tables: Tables, registry: Run
         result = registry.start(
             run_id, plan, cutoff=cutoff_iso, batch_size=batch, source=source,
             window=settings.max_chunks_in_flight, lock_ttl=settings.run_timeout_seconds,
-            resend_after=resend_after(settings), gate=Gate("", settings.max_run_seconds))
+            resend_after=resend_after(settings), gate=Gate("", settings.max_run_seconds),
+            selection=selection.encode())
         if isinstance(result, str):
             raise LockLost(f"run {run_id} could not start: {result}")
         bound.info("cleanup_run_started", cutoff=cutoff_iso, batch_size=batch,
                    table=tables.task_state.name, planner=plan.planner, reason=plan.reason,
                    estimated_chunks=plan.estimated_chunks, expected_rows=plan.expected_rows,
-                   plan_ms=round(planned_ms, 1))
+                   plan_ms=round(planned_ms, 1),
+                   **({"selection": selection.describe()} if not selection.empty else {}))
         sent = sender.send(run_id, cutoff_iso, result, plan.kind)
         registry.note_trigger("started", run_id, source)
         bound.info("cleanup_run_dispatched", chunks=sent,

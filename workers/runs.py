@@ -56,6 +56,8 @@ class RunRecord:
     rows_deleted: int = 0
     chunks_failed: int = 0
     planning_done: bool = False
+    # What the run is narrowed to (workers.selection, encoded; "" = everything expired).
+    selection: str = ""
     held: str = ""
     held_since: float = 0.0
     holds: int = 0
@@ -195,7 +197,8 @@ class RunStore:
                                [run_id, time.time(), source, RUN_RETENTION_SECONDS]))
 
     def start(self, run_id: str, plan: Plan, *, cutoff: str, batch_size: int, source: str,
-              window: int, lock_ttl: int, resend_after: float, gate: Gate) -> Window | str:
+              window: int, lock_ttl: int, resend_after: float, gate: Gate,
+              selection: str = "") -> Window | str:
         """Write the plan and cut the first window, atomically, while holding the lock.
         Returns the window, or the state of a run that already has this id."""
         # A cut kind's plan starts at a key and has no numeric end: the last cut ends it.
@@ -205,7 +208,8 @@ class RunStore:
                        [run_id, time.time(), cutoff, batch_size, source, plan.planner,
                         plan.reason[:500], plan.kind, start, end, max(1, plan.size),
                         plan.expected_rows, window, lock_ttl, resend_after, gate.external,
-                        gate.max_run_seconds, RUN_RETENTION_SECONDS, plan.max_size])
+                        gate.max_run_seconds, RUN_RETENTION_SECONDS, plan.max_size,
+                        selection])
         if r[0] == "lost":
             return "lock lost"
         if r[0] == "exists":
@@ -223,8 +227,8 @@ class RunStore:
     def begin_chunk(self, run_id: str, chunk: int, rng: ChunkRange,
                     gate: Gate) -> tuple[str, list[Any]]:
         """Check a chunk message against the run's window before its DELETE. Returns (status,
-        details): ok [cutoff, size, batch, max_size], held [reason, new_episode], duplicate,
-        ended [state], unknown, forged [planned range]."""
+        details): ok [cutoff, size, batch, max_size, selection], held [reason, new_episode],
+        duplicate, ended [state], unknown, forged [planned range]."""
         r = self._call("BEGIN", [*self._run_keys(run_id), self._k("pause")],
                        [chunk, rng.encode(), time.time(), gate.external, gate.max_run_seconds,
                         rng.kind])

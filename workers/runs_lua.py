@@ -100,7 +100,7 @@ end
 """
 
 # KEYS R F L P RUNS; ARGV run_id now cutoff batch source planner reason kind start end size
-# expected window lock_ttl resend_after external max_run keep max_size
+# expected window lock_ttl resend_after external max_run keep max_size selection
 START = _PRELUDE + r"""
 local R, F, L, P, RUNS = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local run_id, now = ARGV[1], ARGV[2]
@@ -117,7 +117,7 @@ redis.call('HSET', R, 'run_id', run_id, 'state', 'running', 'cutoff', ARGV[3],
   'expected_rows', ARGV[12], 'chunks_planned', 0, 'chunks_done', 0, 'rows_deleted', 0,
   'chunks_failed', 0, 'planning_done', done, 'started_at', started, 'planned_at', now,
   'window_started_at', now, 'last_progress_at', now, 'held', '', 'holds', 0,
-  'max_size', ARGV[19])
+  'max_size', ARGV[19], 'selection', ARGV[20])
 redis.call('EXPIRE', R, ARGV[18])
 redis.call('EXPIRE', F, ARGV[18])
 redis.call('ZADD', RUNS, started, run_id)
@@ -133,7 +133,7 @@ BEGIN = _PRELUDE + r"""
 local R, F, P = KEYS[1], KEYS[2], KEYS[3]
 local chunk, rng, now = ARGV[1], ARGV[2], ARGV[3]
 local h = redis.call('HMGET', R, 'state', 'chunks_planned', 'cutoff', 'size', 'batch_size',
-  'kind', 'max_size')
+  'kind', 'max_size', 'selection')
 if not h[1] then return {'unknown'} end
 if h[1] ~= 'running' then return {'ended', h[1]} end
 local entry = redis.call('HGET', F, chunk)
@@ -149,7 +149,7 @@ if reason ~= '' then
   redis.call('HSET', F, chunk, planned .. '|' .. now .. '|p')
   return {'held', reason, note_hold(R, reason, now)}
 end
-return {'ok', h[3], h[4], h[5], h[7] or '0'}
+return {'ok', h[3], h[4], h[5], h[7] or '0', h[8] or ''}
 """
 
 # KEYS R F; ARGV chunk reason now  (the chunk stopped before its DELETE: replica lag)

@@ -29,6 +29,7 @@ from workers.celery_app import (
 )
 from workers.exceptions import InvalidArgument, NotFound
 from workers.planners import EXPIRY, ChunkRange
+from workers.selection import Selection
 from workers.window import Sender, gate, wait_out_lag
 
 log = structlog.get_logger("statesweep.tasks")
@@ -73,12 +74,16 @@ def _on_held(run_id: str) -> Any:
           soft_time_limit=max(1, settings.lock_ttl_seconds - 5),
           time_limit=settings.lock_ttl_seconds)
 def coordinate(self: Task, batch_size: int | None = None, source: str = "beat",
-               run_id: str | None = None) -> dict[str, Any]:
+               run_id: str | None = None, dag_ids: Any = None, exclude_dag_ids: Any = None,
+               clean_before_timestamp: Any = None) -> dict[str, Any]:
     """Plan a cleanup run and send its first window. Planning takes milliseconds, so the task
     is acknowledged late: a coordinator killed mid-plan is redelivered, and its run id (the
-    caller's, else this task's id) makes the redelivered copy resume rather than plan twice."""
+    caller's, else this task's id) makes the redelivered copy resume rather than plan twice.
+    ``dag_ids``, ``exclude_dag_ids`` (comma-separated or lists) and ``clean_before_timestamp``
+    (ISO-8601) narrow the run as ``airflow db clean`` does."""
     if batch_size is not None:
         coordinator.check_batch_size(batch_size)
+    selection = Selection.from_args(dag_ids, exclude_dag_ids, clean_before_timestamp)
     if not isinstance(source, str):
         raise InvalidArgument(f"source must be a string, got {source!r}")
     run_id = coordinator.check_run_id(run_id if run_id is not None else self.request.id)
@@ -89,7 +94,8 @@ def coordinate(self: Task, batch_size: int | None = None, source: str = "beat",
         _note_failed_trigger(run_id, source, exc)
         raise
     summary = coordinator.coordinate(r.settings, r.engine, r.tables, r.registry, send_chunk,
-                                     run_id=run_id, batch_size=batch_size, source=source)
+                                     run_id=run_id, batch_size=batch_size, source=source,
+                                     selection=selection)
     return summary.as_dict()
 
 
