@@ -53,6 +53,13 @@ local function finish_if_complete(R, F, L, run_id, now)
   return 0
 end
 
+-- The window lives as long as its run's record: a window hash made after the record's EXPIRE
+-- (the first chunk written into it) gets the record's TTL, so it never outlives the run.
+local function keep_with(R, F)
+  local ttl = redis.call('TTL', R)
+  if ttl > 0 and redis.call('TTL', F) == -1 then redis.call('EXPIRE', F, ttl) end
+end
+
 -- Tops up the window: parked chunks and chunks sent longer than resend_after ago are sent
 -- again (a lost message, a dead publisher), then new chunks are cut from the cursor until
 -- the window is full. Appends number, range pairs to out. Returns the room left for chunks
@@ -88,6 +95,7 @@ local function top_up(R, F, now, window, resend_after, out)
     table.insert(out, d(n)); table.insert(out, rng)
     room = room - 1
   end
+  keep_with(R, F)
   return 0
 end
 
@@ -218,7 +226,7 @@ return {'ok', fin, g[1], g[2], g[3], unpack(out)}
 # process cut from this cursor first (compare-and-set: a walk or expiry cut needs a query in
 # between), or -1 if the window is full: two finishers each handed the room they saw must not
 # both fill it. Cursors and ranges are opaque text here (ids, or expiry keys).
-CUT = r"""
+CUT = _PRELUDE + r"""
 local R, F = KEYS[1], KEYS[2]
 local h = redis.call('HMGET', R, 'cursor', 'state', 'planning_done', 'end')
 if h[1] ~= ARGV[1] or h[2] ~= 'running' or h[3] == '1' then return 0 end
@@ -230,6 +238,7 @@ if ARGV[3] == '' then
 else
   redis.call('HSET', R, 'cursor', ARGV[3])
 end
+keep_with(R, F)
 return n
 """
 

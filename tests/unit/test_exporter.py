@@ -81,3 +81,19 @@ def test_exporter_names_a_port_already_taken(taken_port: int,
         main(["exporter", "--host", "127.0.0.1", "--port", str(taken_port)])
     assert exit_info.value.code == EXIT_REFUSED
     assert f"cannot listen on 127.0.0.1:{taken_port} (--host/--port)" in capsys.readouterr().err
+
+
+def test_exporter_listens_on_loopback_unless_told(taken_port: int,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """/metrics has no authentication: with no --host it binds 127.0.0.1 (the port taken on
+    loopback is what stops it), and compose passes --host=0.0.0.0 inside its own network."""
+    from pathlib import Path
+
+    import yaml
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["exporter", "--port", str(taken_port)])
+    assert exit_info.value.code == EXIT_REFUSED
+    assert f"cannot listen on 127.0.0.1:{taken_port}" in capsys.readouterr().err
+    compose = yaml.safe_load((Path(__file__).parents[2] / "docker-compose.yml").read_text())
+    assert "--host=0.0.0.0" in compose["services"]["exporter"]["command"]

@@ -9,7 +9,9 @@ from workers.metrics import EXPORTER_PORT as DEFAULT_PORT
 
 
 @click.command("exporter")
-@click.option("--host", default="0.0.0.0", show_default=True, help="Address to listen on.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (loopback by default: /metrics has no authentication; "
+                   "in a container, --host=0.0.0.0 and a network only Prometheus reaches).")
 @click.option("--port", type=click.IntRange(1, 65535), default=DEFAULT_PORT, show_default=True,
               help="Port of /metrics.")
 def exporter_command(host: str, port: int) -> None:
