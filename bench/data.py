@@ -79,6 +79,18 @@ def scratch_databases(admin_url: str, name: str, *, keep: bool = False) -> Itera
         admin.dispose()
 
 
+def recreate(admin_url: str, name: str) -> str:
+    """``<name>`` dropped (its sessions ended) and created empty; returns its URL."""
+    admin = autocommit(admin_url)
+    try:
+        _drop(admin, name)
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}" TEMPLATE template0'))
+    finally:
+        admin.dispose()
+    return database_url(admin_url, name)
+
+
 def clone(admin_url: str, name: str, source: str = "template") -> tuple[str, float]:
     """Recreate ``<name>`` as a file copy of ``<name>_<source>``; returns (url, seconds).
     FILE_COPY copies the data files as they are (after a checkpoint) instead of WAL-logging

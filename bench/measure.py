@@ -16,7 +16,7 @@ import psutil
 from bench import data, names
 from bench.methods import MethodResult, run_single, run_sql_chunks, run_upstream
 from bench.names import Method
-from bench.observe import TransactionSampler, percentile
+from bench.observe import TransactionSampler, percentile, postgres_cpu_seconds
 from bench.sweep import SWEEP_APPS, Fleet, worker_env
 from bench.worker_logs import forget_redis_keys
 from bench.writer import Key, Writer, start_writer
@@ -85,6 +85,33 @@ def run_baseline(name: str, args: argparse.Namespace, url: str) -> MethodResult:
     raise ValueError(name)
 
 
+def warm_fleet(args: argparse.Namespace, method: Method, env: dict[str, str],
+               tmp: Path) -> tuple[Fleet, dict[str, Any]]:
+    """A statesweep method's workers, started and warmed up. Workers are long-lived in
+    production: warm them up (engine, tables, broker connections) with a run on a small copy
+    of ``<database>``; the caller swaps the real data in under them and reconnects them."""
+    tag = tag_of(method.name)
+    data.clone(args.pg_url, args.database, "warm")
+    fleet = Fleet.start(env, tmp, tag, method.workers, method.pool)
+    try:
+        warm = fleet.run(f"{tag}_warmup", data.WARM_ROWS // 20, args.timeout)
+    except BaseException:
+        fleet.stop()
+        raise
+    return fleet, {"warmup_chunks": warm.detail["chunks_per_worker"],
+                   "first_task_ms_max": warm.detail["task_ms_max"]}
+
+
+def stop(args: argparse.Namespace, env: dict[str, str], fleet: Fleet | None,
+         writer: Writer | None) -> None:
+    """Stop what a method started and forget its Redis keys."""
+    if fleet is not None:
+        fleet.stop()
+        forget_redis_keys(args.redis_url, env)
+    if writer is not None:
+        writer.stop()
+
+
 def measure(args: argparse.Namespace, method: Method, keys: list[Key], tmp: Path,
             dataset: data.Dataset) -> tuple[dict[str, Any], list[float]]:
     """One method on a fresh clone of the template, with a writer beside it."""
@@ -97,13 +124,7 @@ def measure(args: argparse.Namespace, method: Method, keys: list[Key], tmp: Path
     cold: dict[str, Any] = {}
     try:
         if method.is_sweep:
-            # Workers are long-lived in production: warm them up (engine, tables, broker
-            # connections) with a run on a small copy, then swap the real data in under them.
-            data.clone(args.pg_url, args.database, "warm")
-            fleet = Fleet.start(env, tmp, tag, method.workers, method.pool)
-            warm = fleet.run(f"{tag}_warmup", data.WARM_ROWS // 20, args.timeout)
-            cold = {"warmup_chunks": warm.detail["chunks_per_worker"],
-                    "first_task_ms_max": warm.detail["task_ms_max"]}
+            fleet, cold = warm_fleet(args, method, env, tmp)
         progress(f"{name}: cloning the template database")
         url, clone_s = data.clone(args.pg_url, args.database)
         if fleet is not None:
@@ -117,20 +138,17 @@ def measure(args: argparse.Namespace, method: Method, keys: list[Key], tmp: Path
         with TransactionSampler(url, clients + (fleet.processes() if fleet else [])) as sampler:
             # Read at the method's edges, not from the sampler's 0.4 s ticks: a 2 s DELETE
             # would be off by a fifth.
-            cpu_before = machine_cpu_seconds()
+            cpu_before, pg_before = machine_cpu_seconds(), postgres_cpu_seconds()
             if fleet is not None:
                 spy = tmp if args.py_spy and name == "statesweep_1w" else None
                 result = fleet.run(tag, args.batch, args.timeout, profile_dir=spy)
             else:
                 result = run_baseline(name, args, url)
             machine = machine_cpu_seconds() - cpu_before
+            postgres = postgres_cpu_seconds() - pg_before
         lat = writer.latencies(result.started_wall, result.ended_wall)
     finally:
-        if fleet is not None:
-            fleet.stop()
-            forget_redis_keys(args.redis_url, env)
-        if writer is not None:
-            writer.stop()
+        stop(args, env, fleet, writer)
     state, left = data.end_state(url, tables)
     verified = state == dataset.survivors and left == 0
     apps = SWEEP_APPS if fleet is not None else (f"bench_{name}",)
@@ -148,6 +166,8 @@ def measure(args: argparse.Namespace, method: Method, keys: list[Key], tmp: Path
         "sampled_longest_ms": round(sampled, 1),
         "sampled": {a: vars(v) for a, v in sampler.by_app.items()},
         "cpu_seconds": cpu, "machine_cpu_seconds": round(machine, 2),
+        # Every PostgreSQL process (autovacuum, walwriter, … and the writer's backend too).
+        "postgres_cpu_seconds": round(postgres, 2),
         # Every process on the machine over the method's window, per million rows deleted: the
         # figure that carries to a bigger machine (other helpers' load included, say so).
         "cpu_s_per_million": round(machine / result.rows * 1e6, 2) if result.rows else None,

@@ -4,7 +4,8 @@
 ``sql_chunks_<n>t``                    statesweep's plan and chunk statements on n threads of
                                        the bench process, no Celery/broker/run store
 ``statesweep_<n>w``                    statesweep on n chunk workers, STATESWEEP_PLANNER=auto
-``statesweep_<planner>_<n>w``          the same with the planner forced (blocks, ids, walk)
+``statesweep_<planner>_<n>w``          the same with the planner forced (blocks, ids, walk,
+                                       expiry)
 ``statesweep_solo_<n>w``               auto, the chunk workers on ``-P solo`` (no pool process)
 ``statesweep_throttled_<n>w``          auto, with STATESWEEP_TARGET_CHUNK_SECONDS and
                                        STATESWEEP_MAX_CHUNKS_IN_FLIGHT from one --throttle
@@ -31,9 +32,11 @@ def sql_chunk_threads(name: str) -> int:
     m = _SQL_CHUNKS.fullmatch(name)
     return int(m.group("threads")) if m else 0
 
-#: --expired-percent -> (period, expired per period, never per period); None = the seed's mix
-EXPIRED_MIXES: dict[int, tuple[int, int, int]] = {
-    1: (100, 1, 10), 10: (20, 2, 2), 50: (20, 10, 2), 90: (20, 18, 1)}
+#: --expired-percent -> (period, expired per period, never per period); None = the seed's mix.
+#: 0.1 to 50 are the expired fractions bench.crossover measures the planners at.
+EXPIRED_MIXES: dict[float, tuple[int, int, int]] = {
+    0.1: (1000, 1, 100), 1: (100, 1, 10), 5: (20, 1, 2), 10: (20, 2, 2), 25: (20, 5, 2),
+    50: (20, 10, 2), 90: (20, 18, 1)}
 
 
 @dataclass(frozen=True)
@@ -106,7 +109,7 @@ def parse_methods(names: list[str], throttles: list[str]) -> list[Method]:
     return out
 
 
-def seed_spec(rows: int, expired_percent: int | None) -> SeedSpec:
+def seed_spec(rows: int, expired_percent: float | None) -> SeedSpec:
     if expired_percent is None:
         return SeedSpec(rows=rows)
     period, expired, never = EXPIRED_MIXES[expired_percent]
@@ -114,10 +117,10 @@ def seed_spec(rows: int, expired_percent: int | None) -> SeedSpec:
                     never_per_period=never)
 
 
-def results_stem(rows: int, batch: int, expired_percent: int | None,
+def results_stem(rows: int, batch: int, expired_percent: float | None,
                  chunk_rate_limit: str = "") -> str:
     """rows_<N>[_batch_<B>][_exp_<P>][_rate_<R>]: each part only when not the default."""
     rate = chunk_rate_limit.replace("/", "") if chunk_rate_limit else ""
     return (f"rows_{rows}" + ("" if batch == 10_000 else f"_batch_{batch}")
-            + ("" if expired_percent is None else f"_exp_{expired_percent}")
+            + ("" if expired_percent is None else f"_exp_{expired_percent:g}")
             + (f"_rate_{rate}" if rate else ""))

@@ -188,3 +188,25 @@ class RssSampler(_Sampler):
             return
         self.samples.append(mib)
         self.peak_mib = max(self.peak_mib, mib)
+
+
+def postgres_cpu_seconds() -> float:
+    """CPU seconds (user + system) the whole PostgreSQL server on this machine has used: the
+    postmaster, its live children (backends, autovacuum, walwriter, checkpointer …) and, through
+    the postmaster's cutime/cstime, every child that has exited and been reaped. Exact over a
+    window as a difference of two readings, a backend that ends inside the window included (the
+    upstream loop's does); 0.0 if no local postmaster is found."""
+    postmaster = next((p for p in psutil.process_iter(["name", "ppid"])
+                       if p.info["name"] == "postgres"
+                       and psutil.Process(p.info["ppid"]).name() != "postgres"), None)
+    if postmaster is None:
+        return 0.0
+    t = postmaster.cpu_times()
+    total = t.user + t.system + t.children_user + t.children_system
+    for child in postmaster.children():
+        try:
+            c = child.cpu_times()
+        except psutil.Error:
+            continue
+        total += c.user + c.system
+    return float(total)

@@ -12,7 +12,7 @@ if it has any and warm them up on a small copy, clone the template afresh (same 
 physical state), start a writer, measure the writer idle, run the method to completion while
 sampling pg_stat_activity, then check the end state (count and sum(id) of survivors).
 Methods: single, upstream, statesweep_<n>w (planner auto), statesweep_<planner>_<n>w (blocks,
-ids, walk forced), statesweep_throttled_<n>w (one per --throttle TARGET:WINDOW).
+ids, walk, expiry forced), statesweep_throttled_<n>w (one per --throttle TARGET:WINDOW).
 Outputs go to bench/results/ as latest.{json,md,png} and
 rows_<N>[_batch_<B>][_exp_<P>][_rate_<R>].{json,md,png}; `python -m bench.compare` puts
 several side by side.
@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=10_000, help="rows per chunk / per loop step")
     p.add_argument("--methods", default=",".join(names.DEFAULT_METHODS),
                    help="comma-separated; see above")
-    p.add_argument("--expired-percent", type=int, choices=sorted(names.EXPIRED_MIXES),
+    p.add_argument("--expired-percent", type=float, choices=sorted(names.EXPIRED_MIXES),
                    help="share of rows expired (default: the seed's mix, 55%%)")
     p.add_argument("--throttle", action="append", default=[], metavar="TARGET:WINDOW",
                    help="a throttled method: STATESWEEP_TARGET_CHUNK_SECONDS:"
