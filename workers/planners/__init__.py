@@ -74,27 +74,27 @@ def choose(conn: Connection, tables: Tables, cutoff: dt.datetime, batch_size: in
                                 f"it: {exc}; use auto, or one of {', '.join(PLANNERS)}") from None
         plan = planner.plan(conn, tables, cutoff, batch_size)
         return replace(plan, reason=f"set by STATESWEEP_PLANNER; {plan.reason}")
+    # The regime, from the index: expired rows counted up to BACKLOG_FRACTION of the catalog's
+    # row estimate. In the steady state that count is the run's own rows (and the plan's
+    # estimate); only a backlog stops at the cap and goes on to a physical plan.
+    rows = expiry.table_rows(conn, tables)
+    cap = max(1, int(rows * BACKLOG_FRACTION))
+    expired = expiry.count_expired(conn, tables, cutoff, cap=cap)
+    if expired < cap:
+        return _steady(conn, tables, cutoff, batch_size,
+                       f"{expired} expired of about {rows} rows (under "
+                       f"{BACKLOG_FRACTION:.0%})", counted=expired)
     if conn.dialect.name == "postgresql":
         try:
             blocks.check(conn, tables)
         except Unsupported as exc:
             return _steady(conn, tables, cutoff, batch_size, f"blocks unavailable ({exc})")
         found = blocks.sample(conn, tables, cutoff)
-        if found.pages and found.expired_fraction < BACKLOG_FRACTION:
-            return _steady(conn, tables, cutoff, batch_size,
-                           f"about {found.expired_fraction:.1%} of rows expired in a "
-                           f"{blocks.SAMPLE_PAGES}-page sample (under {BACKLOG_FRACTION:.0%})")
         return _auto(BlocksPlanner().plan(conn, tables, cutoff, batch_size, found=found),
-                     f"backlog: about {found.expired_fraction:.0%} of rows expired "
-                     f"(at least {BACKLOG_FRACTION:.0%}), PostgreSQL heap table")
+                     f"backlog: at least {BACKLOG_FRACTION:.0%} of about {rows} rows expired "
+                     f"(about {found.expired_fraction:.0%} in a {blocks.SAMPLE_PAGES}-page "
+                     f"sample), PostgreSQL heap table")
     if conn.dialect.name in CLUSTERED_BY_ID:
-        rows = expiry.table_rows(conn, tables)
-        cap = max(1, int(rows * BACKLOG_FRACTION))
-        expired = expiry.count_expired(conn, tables, cutoff, cap=cap)
-        if expired < cap:
-            return _steady(conn, tables, cutoff, batch_size,
-                           f"{expired} expired of about {rows} rows (under "
-                           f"{BACKLOG_FRACTION:.0%})")
         plan = IdsPlanner().plan(conn, tables, cutoff, batch_size)
         # The table's rows bound the expired ones, whatever the density windows extrapolate
         # over a gap in the ids.
@@ -110,8 +110,8 @@ def choose(conn: Connection, tables: Tables, cutoff: dt.datetime, batch_size: in
 
 
 def _steady(conn: Connection, tables: Tables, cutoff: dt.datetime, batch_size: int,
-            why: str) -> Plan:
-    return _auto(ExpiryPlanner().plan(conn, tables, cutoff, batch_size), why)
+            why: str, counted: int | None = None) -> Plan:
+    return _auto(ExpiryPlanner().plan(conn, tables, cutoff, batch_size, counted=counted), why)
 
 
 def _auto(plan: Plan, why: str) -> Plan:
