@@ -6,11 +6,13 @@
 Rows expire continuously, about 1% of the table per interval (bench.steady_data), a writer
 upserts beside the runs, and every interval one cleanup runs: ``upstream`` (Airflow's loop:
 select ids limit B; delete; commit) and ``single`` (one DELETE) from this process, statesweep
-as an operator runs it, ``statesweep cleanup --wait`` against its running workers. Methods run
-one after the other, each on its own database built from the same recipe with its own anchor
-(the moment its rows start expiring), so each finds the same rows expired at the same cycle;
-the starting pages are listed per method to show they match. No VACUUM after the build: only
-autovacuum, as in production.
+as an operator runs it, ``statesweep cleanup --wait`` against its running workers. Airflow's
+loop reads its cutoff once per run here, as statesweep does: with ``now()`` per SELECT it chases
+the rows expiring while it runs and, at 3M rows, never ended (bench.methods.run_upstream).
+Methods run one after the other, each on its own database built from the same recipe with its
+own anchor (the moment its rows start expiring), so each finds the same rows expired at the
+same cycle; the starting pages are listed per method to show they match. No VACUUM after the
+build: only autovacuum, as in production.
 
 Per run: wall (statesweep: the CLI's, and the run record's), CPU of every PostgreSQL process
 (bench.observe.postgres_cpu_seconds, exact across backends that end), rows read per row deleted
@@ -50,6 +52,7 @@ from bench.measure import (
     warm_fleet,
     writer_stats,
 )
+from bench.methods import run_upstream
 from bench.names import Method
 from bench.observe import postgres_cpu_seconds
 from bench.sweep import Fleet, worker_env
@@ -114,7 +117,8 @@ def one_run(args: argparse.Namespace, method: Method, url: str, fleet: Fleet | N
     if fleet is not None:
         run = run_statesweep(fleet, args.timeout)
     else:
-        result = run_baseline(method.name, args, url)
+        result = (run_upstream(url, build_tables("seed"), args.batch, fixed_cutoff=True)
+                  if method.name == "upstream" else run_baseline(method.name, args, url))
         run = {"rows": result.rows, "chunks": len(result.txn_ms)}
     wall = time.perf_counter() - t0
     pg, machine, ended = postgres_cpu_seconds() - pg0, machine_cpu_seconds() - machine0, time.time()
