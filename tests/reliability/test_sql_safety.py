@@ -54,10 +54,13 @@ ALLOWED: dict[tuple[str, str, str, tuple[str, ...]], str] = {
     ("seed.py", "seed", "text", ("ts.name",)): TABLE_NAME,
     ("seed.py", "_seed_assets", "text", ("table=a.name",)): TABLE_NAME + " (asset)",
     ("seed.py", "_seed_task_state_pg", "text",
-     ("ts", "ROWS_PER_RUN", "ROWS_PER_RUN", "DAGS", "ROWS_PER_RUN", "period", "e", "period",
-      "e + n")):
-        TABLE_NAME + "; module constants; period, e and n are SeedSpec int fields (the CLI only "
-        "sets rows, which is a bound parameter)",
+     ("ts", "region", "index", "ROWS_PER_RUN", "zero", "ROWS_PER_RUN", "DAGS", "ROWS_PER_RUN",
+      "period", "e", "period", "e + n")):
+        TABLE_NAME + "; region, index and zero are column names from build_tables and the "
+        "constant all-zero UUID (the layout's, never input); module constants; period, e and "
+        "n are SeedSpec int fields (the CLI only sets rows, which is a bound parameter)",
+    ("planners/expiry.py", "table_rows", "text", ()):
+        STATIC + " (catalog row estimates; the table name is bound)",
     ("db.py", "set_timeouts", "execute", ()): STATIC + " (reads the session lock wait back)",
     ("db.py", "set_timeouts", "execute", ("seconds",)):
         TIMEOUTS + " (seconds = max(1, int(lock_timeout_ms) // 1000))",

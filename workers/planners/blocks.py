@@ -92,9 +92,9 @@ def sample(conn: Connection, tables: Tables, cutoff: dt.datetime) -> Sample:
 def most_pages(batch_size: int, most_per_page: int) -> int:
     """The most pages a chunk may span: twice the batch even if every row on them expired
     (expired rows cluster: a backlog's oldest pages are all expired, the newest all live)."""
-    # Pages fill unevenly: a margin of a quarter over the fullest page the sample saw.
-    per_page = max(1, math.ceil(most_per_page * 1.25))
-    return max(1, min(MAX_PAGES_PER_CHUNK, 2 * batch_size // per_page))
+    # A heap page holds at most what fits in 8 KiB, so the fullest of 256 sampled pages is
+    # close to the most any page holds.
+    return max(1, min(MAX_PAGES_PER_CHUNK, 2 * batch_size // max(1, most_per_page)))
 
 
 def pages_for(batch_size: int, rows_per_page: float, expired_fraction: float) -> int:
