@@ -122,6 +122,7 @@ def coordinate(settings: Settings, engine: Engine, tables: Tables, registry: Run
         bound.info("coordinator_held", status=status, reason=why)
         return RunSummary(run_id, status, reason=why)
 
+    started = False
     try:
         t0 = time.perf_counter()
         cutoff = selection.cutoff(cleanup.read_cutoff(engine))
@@ -135,8 +136,16 @@ def coordinate(settings: Settings, engine: Engine, tables: Tables, registry: Run
             window=settings.max_chunks_in_flight, lock_ttl=settings.run_timeout_seconds,
             resend_after=resend_after(settings), gate=Gate("", settings.max_run_seconds),
             selection=selection.encode())
+        if isinstance(result, str) and result != "lock lost":
+            # Another delivery of this coordinator (the same run id) started the run first:
+            # it is that copy's run; this one leaves it alone.
+            bound.warning("coordinator_duplicate", state=result)
+            registry.note_trigger("skipped", run_id, source, f"run {run_id} is {result}")
+            return RunSummary(run_id, "skipped", cutoff_iso, active_run_id=run_id,
+                              reason=f"a duplicate delivery: run {run_id} is {result}")
         if isinstance(result, str):
             raise LockLost(f"run {run_id} could not start: {result}")
+        started = True
         bound.info("cleanup_run_started", cutoff=cutoff_iso, batch_size=batch,
                    table=tables.task_state.name, planner=plan.planner, reason=plan.reason,
                    estimated_chunks=plan.estimated_chunks, expected_rows=plan.expected_rows,
@@ -154,9 +163,12 @@ def coordinate(settings: Settings, engine: Engine, tables: Tables, registry: Run
                           planner=plan.planner, reason=plan.reason)
     except BaseException as exc:
         error = f"{type(exc).__name__}: {exc}"
-        registry.fail(run_id, error)
+        state = registry.fail(run_id, error, started=started)
         registry.note_trigger("failed", run_id, source, error)
-        bound.error("cleanup_run_failed", error=error)
+        if state != "failed":  # a run this process does not own: never touched
+            bound.warning("cleanup_run_fail_refused", state=state, error=error)
+        else:
+            bound.error("cleanup_run_failed", error=error)
         raise
 
 

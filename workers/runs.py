@@ -150,7 +150,7 @@ class RunStore:
         self.prefix = prefix
         self._scripts = {name: client.register_script(getattr(runs_lua, name)) for name in (
             "START", "BEGIN", "PARK", "FINISH", "PUMP", "CUT", "ABORT", "ENQUEUE", "RENEW",
-            "RELEASE", "CLOSE_QUEUED", "SHRINK", "RATE")}
+            "RELEASE", "CLOSE_QUEUED", "SHRINK", "RATE", "FAIL")}
 
     # --- keys -----------------------------------------------------------------------------
 
@@ -287,18 +287,15 @@ class RunStore:
         """Halve the run's chunk size for the chunks cut from now on."""
         self._call("SHRINK", [self._k("run", run_id)], [])
 
-    def fail(self, run_id: str, error: str) -> None:
-        """Mark a run failed before or while it was planned, and free its lock."""
-        key = self._k("run", run_id)
-        pipe = self.client.pipeline()
+    def fail(self, run_id: str, error: str, *, started: bool = False) -> str:
+        """Mark a run failed before or while it was planned, and free its lock, in one
+        compare-and-set step: a queued (or unrecorded) run fails; a running one only when the
+        caller *started* it and its lock still names it. Returns the run's state afterwards
+        ('failed', or the state that refused the change)."""
         # run_id too: a run can fail before its plan was written (the database was down).
-        pipe.hset(key, mapping={"run_id": run_id, "state": "failed", "error": error[:500],
-                                "finished_at": time.time()})
-        pipe.hsetnx(key, "started_at", time.time())
-        pipe.expire(key, RUN_RETENTION_SECONDS)
-        pipe.zadd(self._k("runs"), {run_id: time.time()}, nx=True)
-        pipe.execute()
-        self.release(run_id)
+        return str(self._call("FAIL", [self._k("run", run_id), self._k("lock"), self._k("runs")],
+                              [run_id, error[:500], time.time(), RUN_RETENTION_SECONDS,
+                               "1" if started else "0"]))
 
     # --- reading ------------------------------------------------------------------------------
 

@@ -301,3 +301,24 @@ RELEASE = r"""
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+
+# KEYS R L RUNS; ARGV run_id error now keep started -> the state the run is in afterwards.
+# Compare-and-set: a run that is queued (or was never recorded) fails; a running run fails
+# only for the process that started it (started = 1) while its lock names it. A duplicate
+# delivery of a coordinator, which lost the race to START, never fails the winner's run.
+FAIL = r"""
+local R, L, RUNS = KEYS[1], KEYS[2], KEYS[3]
+local run_id, now = ARGV[1], ARGV[3]
+local state = redis.call('HGET', R, 'state')
+if state == 'running' then
+  if ARGV[5] ~= '1' or redis.call('GET', L) ~= run_id then return state end
+elseif state and state ~= 'queued' then
+  return state
+end
+redis.call('HSET', R, 'run_id', run_id, 'state', 'failed', 'error', ARGV[2], 'finished_at', now)
+redis.call('HSETNX', R, 'started_at', now)
+redis.call('EXPIRE', R, ARGV[4])
+redis.call('ZADD', RUNS, 'NX', now, run_id)
+if redis.call('GET', L) == run_id then redis.call('DEL', L) end
+return 'failed'
+"""

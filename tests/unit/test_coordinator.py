@@ -178,6 +178,53 @@ def test_a_redelivered_coordinator_resumes_its_run_instead_of_planning_twice(db:
     assert done is not None and (done.state, done.rows_deleted) == ("finished", EXPIRED)
 
 
+def test_a_duplicate_delivery_that_loses_the_race_to_start_leaves_the_run_alone(
+        db: Db) -> None:
+    """Issue 21, reproduction 1: two deliveries of one coordinator message (a broker
+    redelivery) both pass the lock (same run id) and both plan; the second's START finds the
+    run running. It used to fail that run (and free its lock), leaving every expired row; now
+    it reports a duplicate and the run finishes with all its rows."""
+    first_outbox = Outbox()
+    real_start = db.store.start
+
+    def start_after_the_other_copy(run_id: str, *args: Any, **kwargs: Any) -> Any:
+        db.store.start = real_start  # type: ignore[method-assign]
+        # The other delivery gets there first and starts the run.
+        won = db.coordinate(first_outbox, run_id=run_id)
+        assert won.status == "started"
+        return real_start(run_id, *args, **kwargs)
+
+    db.store.start = start_after_the_other_copy  # type: ignore[method-assign]
+    db.store.enqueue("dup-run", "test")
+    with capture_logs() as logs:
+        lost = db.coordinate(Outbox(), run_id="dup-run")
+    assert (lost.status, lost.active_run_id) == ("skipped", "dup-run")
+    assert events(logs, "coordinator_duplicate") and not events(logs, "cleanup_run_failed")
+    record = db.store.get("dup-run")
+    assert record is not None and record.state == "running"
+    assert db.store.active_run() == "dup-run"
+    db.deliver(first_outbox)
+    done = db.store.get("dup-run")
+    assert done is not None and (done.state, done.rows_deleted) == ("finished", EXPIRED)
+
+
+def test_fail_changes_only_a_run_the_caller_owns(db: Db) -> None:
+    """fail() is compare-and-set: a running run fails only for the process that started it
+    while its lock names it; an ended run never changes."""
+    outbox = Outbox()
+    db.coordinate(outbox, run_id="owned")
+    assert db.store.fail("owned", "someone else's error") == "running"
+    assert db.store.active_run() == "owned"
+    db.store.release("owned")
+    assert db.store.fail("owned", "lost its lock", started=True) == "running"
+    assert db.store.acquire("owned", 60) is None
+    assert db.store.fail("owned", "its own error", started=True) == "failed"
+    assert db.store.active_run() is None
+    assert db.store.fail("owned", "again", started=True) == "failed"
+    record = db.store.get("owned")
+    assert record is not None and record.error == "its own error"
+
+
 def test_a_coordinator_killed_before_its_plan_was_written_is_redone_by_its_redelivery(
         db: Db) -> None:
     # It took the lock and died before START: the lock names it, no plan was written.
