@@ -138,8 +138,16 @@ class Settings:
             if found is None:
                 sources[f.name] = DEFAULT_SOURCE
                 continue
-            sources[f.name] = found.source
             raw = found.raw
+            if (f.name == "cleanup_batch_size" and name not in env
+                    and raw.strip() in ("0", "+0", "00")):
+                # Airflow ships state_cleanup_batch_size = 0 ("no batching") in every generated
+                # airflow.cfg: its default, not a choice. statesweep exists to batch; one
+                # unbounded transaction is only ever an explicit STATESWEEP_CLEANUP_BATCH_SIZE=0.
+                sources[f.name] = f"{DEFAULT_SOURCE} ({found.source}=0 means no batching in " \
+                                  "Airflow; statesweep batches)"
+                continue
+            sources[f.name] = found.source
             if f.name == "state_backend" and airflow_config.is_metastore(raw):
                 raw = METASTORE_BACKEND  # Airflow's name for the tables statesweep cleans
             try:
@@ -409,6 +417,16 @@ def parse_active_hours(text: str) -> Any:
 
 
 PLANNER_CHOICES = ("auto", "blocks", "ids", "walk", "expiry")
+#: The largest batch: a chunk's row bound is a LIMIT/OFFSET the databases take as a 32-bit
+#: integer, and a million rows in one transaction is already far past a short one.
+MAX_BATCH_SIZE = 10_000_000
+
+
+def _parse_batch_size(raw: str) -> int:
+    value = _parse_non_negative_int(raw)
+    if value > MAX_BATCH_SIZE:
+        raise ValueError(f"must be 0 (one chunk) or a number of rows up to {MAX_BATCH_SIZE:,}")
+    return value
 
 _PARSERS = {
     "planner": _parse_lower,
@@ -425,7 +443,7 @@ _PARSERS = {
     "result_backend": _parse_broker_url,
     "run_store_url": _parse_run_store_url,
     "default_retention_days": _parse_non_negative_int,
-    "cleanup_batch_size": _parse_non_negative_int,
+    "cleanup_batch_size": _parse_batch_size,
     "lock_ttl_seconds": _parse_non_negative_int,
     "run_timeout_seconds": _parse_non_negative_int,
     "chunk_soft_time_limit": _parse_non_negative_int,

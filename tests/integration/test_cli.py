@@ -170,13 +170,16 @@ def test_status_of_an_unknown_run_fails(seeded: Seeded) -> None:
     ("cleanup", "--local", "--batch-size", "-5"),
     ("cleanup", "--wait", "--batch-size", "-5"),
     ("orphans", "--local", "--batch-size", "-5"),
+    ("cleanup", "--local", "--batch-size", str(10 ** 20)),
+    ("cleanup", "--batch-size", "10000001"),
 ])
 def test_negative_batch_size_is_refused_and_nothing_is_deleted(seeded: Seeded,
                                                                args: tuple[str, ...]) -> None:
     tasks, assets = seeded.task_rows(), seeded.asset_rows()
     result = seeded.invoke(*args)
     assert result.exit_code == EXIT_BAD_ARGUMENT
-    assert "--batch-size" in result.stderr and "-5" in result.stderr
+    assert "--batch-size" in result.stderr and args[-1] in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert (seeded.task_rows(), seeded.asset_rows()) == (tasks, assets)
 
 

@@ -67,10 +67,13 @@ def test_bad_task_arguments_fail_clearly_and_delete_nothing(
         ({"run_id": "known-run", "chunk": 1}, "missing"),
     ]
     control_cases: list[tuple[str, dict[str, Any], str]] = [
-        ("coordinate", {"batch_size": -5}, "batch_size must not be negative, got -5"),
+        ("coordinate", {"batch_size": -5}, "batch_size must be 0 (one chunk) or a number of "
+         "rows up to 10,000,000, got -5"),
+        ("coordinate", {"batch_size": 10 ** 20}, "up to 10,000,000, got 1000000000000000000"),
         ("coordinate", {"batch_size": "100"}, "batch_size must be a whole number, got '100'"),
         ("coordinate", {"source": 5}, "source must be a string"),
-        ("orphans", {"batch_size": -1}, "batch_size must not be negative, got -1"),
+        ("orphans", {"batch_size": -1}, "batch_size must be 0 (one chunk) or a number of rows "
+         "up to 10,000,000, got -1"),
     ]
     before = p.counts()
     assets_before = _asset_rows(p)

@@ -53,6 +53,35 @@ def test_each_key_is_read_from_airflow_cfg(home: Path) -> None:
     assert s.source_of("log_level") == "default"
 
 
+def test_airflows_shipped_batch_size_zero_is_not_adopted(home: Path) -> None:
+    """Issue 22, item 1: `airflow db migrate` writes state_cleanup_batch_size = 0 (Airflow's
+    "no batching") into every airflow.cfg. statesweep keeps its own batch and says why; only
+    its own STATESWEEP_CLEANUP_BATCH_SIZE=0 asks for one unbounded transaction."""
+    write_cfg(home / "airflow.cfg", state_store={"state_cleanup_batch_size": "0"})
+    where = f"airflow.cfg {home / 'airflow.cfg'}"
+    from_cfg = Settings.from_env({"AIRFLOW_HOME": str(home)})
+    assert from_cfg.cleanup_batch_size == Settings().cleanup_batch_size == 10000
+    assert from_cfg.source_of("cleanup_batch_size") == (
+        f"default ({where} [state_store] state_cleanup_batch_size=0 means no batching in "
+        "Airflow; statesweep batches)")
+    from_env = Settings.from_env({"AIRFLOW_HOME": str(home),
+                                  "AIRFLOW__STATE_STORE__STATE_CLEANUP_BATCH_SIZE": "0"})
+    assert from_env.cleanup_batch_size == 10000
+    assert "AIRFLOW__STATE_STORE__STATE_CLEANUP_BATCH_SIZE=0 means no batching" in (
+        from_env.source_of("cleanup_batch_size"))
+    own = Settings.from_env({"AIRFLOW_HOME": str(home), "STATESWEEP_CLEANUP_BATCH_SIZE": "0"})
+    assert (own.cleanup_batch_size, own.source_of("cleanup_batch_size")) == (
+        0, "STATESWEEP_CLEANUP_BATCH_SIZE")
+
+
+def test_a_batch_size_past_the_maximum_is_refused(home: Path) -> None:
+    """Issue 22, item 5: a batch of 10**20 was accepted and overflowed in the worker."""
+    for env in ({"STATESWEEP_CLEANUP_BATCH_SIZE": str(10 ** 20)},
+                {"AIRFLOW__STATE_STORE__STATE_CLEANUP_BATCH_SIZE": "20000000"}):
+        with pytest.raises(SettingsError, match="up to 10,000,000"):
+            Settings.from_env({"AIRFLOW_HOME": str(home), **env})
+
+
 def test_interpolation_is_off_as_airflow_reads_these_keys(home: Path) -> None:
     url = "postgresql://airflow:p%25w%(x)s@db/airflow"
     write_cfg(home / "airflow.cfg", database={"sql_alchemy_conn": url})

@@ -47,9 +47,12 @@ def record_json(record: RunRecord) -> dict[str, Any]:
 
 
 def check_batch_option(batch_size: int | None) -> int | None:
-    if batch_size is not None and batch_size < 0:
+    from workers.settings import MAX_BATCH_SIZE
+
+    if batch_size is not None and not 0 <= batch_size <= MAX_BATCH_SIZE:
         raise InvalidArgument(
-            f"--batch-size must be 0 (one chunk) or a positive number of rows, got {batch_size}")
+            f"--batch-size must be 0 (one chunk) or a number of rows up to {MAX_BATCH_SIZE:,}, "
+            f"got {batch_size}")
     return batch_size
 
 
