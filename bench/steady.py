@@ -134,7 +134,8 @@ def reads(before: dict[str, int], after: dict[str, int], writer_per_s: dict[str,
     """One window's counters, less the writer's share, per row deleted."""
     d = {k: after[k] - before[k] - writer_per_s.get(k, 0.0) * seconds
          for k in ("rows_read", "heap_blocks", "index_blocks")}
-    return {"rows_read_per_deleted": round(d["rows_read"] / rows, 2) if rows else None,
+    return {"rows_read": round(d["rows_read"]),
+            "rows_read_per_deleted": round(d["rows_read"] / rows, 2) if rows else None,
             "heap_blocks_per_deleted": round(d["heap_blocks"] / rows, 3) if rows else None,
             "index_blocks_per_deleted": round(d["index_blocks"] / rows, 3) if rows else None,
             "stats_coverage": round((after["deleted"] - before["deleted"]) / rows, 3)

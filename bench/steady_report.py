@@ -30,6 +30,12 @@ def summarise(results: dict[str, Any]) -> None:
         m["mean"] = {k: _mean(cycles, k) for k in FIELDS}
         m["mean_after_first"] = {k: _mean(cycles[1:], k) for k in FIELDS}
         m["first"] = {k: cycles[0].get(k) for k in FIELDS}
+        # Pooled over the cycles: a run whose statistics land in the next window (a backend
+        # flushes them up to 10 s late) moves reads between two cycles, not out of the sum.
+        read = sum(c.get("rows_read", (c["rows_read_per_deleted"] or 0) * c["rows"])
+                   for c in cycles)
+        m["rows_read_per_deleted_pooled"] = round(read / max(1, sum(c["rows"] for c in cycles)),
+                                                  3)
         m["writer_p99_ms_max"] = max(c["writer"]["p99_ms"] for c in cycles)
         m["pages"] = {"start": m["built"]["pages"], "end": cycles[-1]["pages"],
                       "growth": round(cycles[-1]["pages"] / m["built"]["pages"] - 1, 4)}
@@ -37,8 +43,12 @@ def summarise(results: dict[str, Any]) -> None:
     base = next((m for m in results["methods"] if m["name"] == "upstream"), None)
     for m in results["methods"]:
         m["vs_upstream"] = {
-            part: {k: _ratio(m[part][k], base[part][k]) if base else None
-                   for k in ("wall_s", "pg_cpu_s")}
+            part: {"wall_s": _ratio(m[part]["wall_s"], base[part]["wall_s"]) if base else None,
+                   # statesweep's run record (trigger to last chunk, no CLI) to the loop's wall
+                   "record_seconds": _ratio(m[part]["record_seconds"], base[part]["wall_s"])
+                   if base else None,
+                   "pg_cpu_s": _ratio(m[part]["pg_cpu_s"], base[part]["pg_cpu_s"])
+                   if base else None}
             for part in ("mean", "mean_after_first", "first")}
     results["targets"] = targets(results)
 
@@ -54,7 +64,8 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             ("wall per run <= 0.5x Airflow's loop", m["vs_upstream"]["mean"]["wall_s"], 0.5),
             ("PostgreSQL CPU per run <= 0.25x Airflow's", m["vs_upstream"]["mean"]["pg_cpu_s"],
              0.25),
-            ("rows read per row deleted <= 1.5", m["mean"]["rows_read_per_deleted"], 1.5),
+            ("rows read per row deleted <= 1.5 (pooled over cycles)",
+             m["rows_read_per_deleted_pooled"], 1.5),
             ("plan <= 20 ms (max over cycles)", max(plan) if plan else None, 20.0),
             ("table pages grow < 10%", m["pages"]["growth"], 0.10),
         ]
@@ -83,9 +94,10 @@ def markdown(results: dict[str, Any]) -> str:
         "this same run. Wall of statesweep is the `statesweep cleanup --wait` process's (CLI "
         "start-up included); `run s` is the run record's (trigger to last chunk).",
         "",
-        "| method | part | wall s | × upstream | run s | PG CPU s | × upstream | machine CPU s "
+        "| method | part | wall s | × upstream | run s | × upstream wall | PG CPU s | × upstream "
+        "| machine CPU s "
         "| rows deleted | rows read / deleted | heap blocks / deleted | expired left | plan ms |",
-        "| --- | --- |" + " ---: |" * 11,
+        "| --- | --- |" + " ---: |" * 12,
     ]
     for m in results["methods"]:
         for part, label in (("mean", "mean"), ("first", "cycle 1"),
@@ -93,15 +105,18 @@ def markdown(results: dict[str, Any]) -> str:
             s, r = m[part], m["vs_upstream"][part]
             lines.append(
                 f"| {m['name']} | {label} | {_f(s['wall_s'])} | {_f(r['wall_s'])} | "
-                f"{_f(s['record_seconds'])} | {_f(s['pg_cpu_s'])} | {_f(r['pg_cpu_s'])} | "
+                f"{_f(s['record_seconds'])} | {_f(r['record_seconds'])} | {_f(s['pg_cpu_s'])} | "
+                f"{_f(r['pg_cpu_s'])} | "
                 f"{_f(s['machine_cpu_s'])} | {_f(s['rows'], 0)} | "
                 f"{_f(s['rows_read_per_deleted'])} | {_f(s['heap_blocks_per_deleted'], 3)} | "
                 f"{_f(s['expired_left'], 0)} | {_f(s['plan_ms'], 1)} |")
-    lines += ["", "| method | pages at start → end (growth) | writer p99 ms alone / max over "
-              "runs | planners chosen |", "| --- | --- | --- | --- |"]
+    lines += ["", "| method | pages at start → end (growth) | rows read / deleted, pooled | "
+              "writer p99 ms alone / max over runs | planners chosen |",
+              "| --- | --- | ---: | --- | --- |"]
     for m in results["methods"]:
         p = m["pages"]
         lines.append(f"| {m['name']} | {p['start']:,} → {p['end']:,} ({p['growth']:+.1%}) | "
+                     f"{m['rows_read_per_deleted_pooled']:.2f} | "
                      f"{m['writer_alone']['p99_ms']:.1f} / {m['writer_p99_ms_max']:.1f} | "
                      f"{', '.join(m['planners']) or '-'} |")
     lines += ["", "## Targets (issue 20)", "", "| method | target | measured | |",
@@ -129,3 +144,19 @@ def write_outputs(results: dict[str, Any], out_dir: Path, stem: str) -> list[Pat
     paths[0].write_text(json.dumps(results, indent=2, default=str) + "\n")
     paths[1].write_text(markdown(results))
     return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.steady_report RESULTS.json``: summarise and write its .md again."""
+    import sys
+
+    path = Path((argv if argv is not None else sys.argv[1:])[0])
+    results = json.loads(path.read_text())
+    summarise(results)
+    write_outputs(results, path.parent, path.stem)
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
