@@ -6,7 +6,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: demo test lint bench bench-quick clean test-binaries prometheus-tools system-deps
+.PHONY: demo test lint bench bench-quick clean test-binaries prometheus-tools system-deps \
+	airflow-schemas
 
 # apt-get install $(1) (as root, else through sudo): server binaries the tests start privately,
 # and Prometheus/promtool for the alert-rule and exporter tests; each only when missing.
@@ -70,6 +71,14 @@ bench: $(BENCH_STAMP)
 
 bench-quick: $(BENCH_STAMP)
 	$(BIN)/python -m bench.run --rows 100000 --quick
+
+# Regenerate tests/airflow_schemas/ from real Airflows (each in a virtualenv of its own under
+# /opt, never statesweep's): `airflow db migrate` on fresh PostgreSQL and MariaDB databases,
+# dumped by the servers' tools. Not on `make test`'s path: the dumps are committed.
+airflow-schemas: $(STAMP)
+	@command -v pkg-config >/dev/null && test -e /usr/include/mysql/mysql.h || \
+		$(call apt_install,default-libmysqlclient-dev pkg-config)
+	$(BIN)/python -m tests.airflow_schemas.generate
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache statesweep.db*
