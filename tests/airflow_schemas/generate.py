@@ -1,9 +1,10 @@
 """Regenerate the schema dumps from a real Airflow: ``make airflow-schemas``.
 
 For each Airflow version: install ``apache-airflow-core`` into a virtualenv of its own (never
-statesweep's; mysqlclient there needs Debian's default-libmysqlclient-dev and pkg-config), run ``airflow db migrate`` on a fresh PostgreSQL and a fresh MariaDB database,
-and dump the schema with the servers' own tools, plus the alembic_version row. The dumps are
-cleaned of client meta-commands so that psql and the mariadb client load them as they are.
+statesweep's; mysqlclient there needs Debian's default-libmysqlclient-dev and pkg-config), run
+``airflow db migrate`` on a fresh PostgreSQL and a fresh MariaDB database, and dump the schema
+with the servers' own tools, plus the alembic_version row. The dumps are cleaned of client
+meta-commands so that psql and the mariadb client load them as they are.
 
     python -m tests.airflow_schemas.generate [--version 3.4.0b2] [--venvs /opt]
 """
