@@ -203,11 +203,13 @@ class ExpiredSummary:
 
 
 def summarise_expired(engine: Engine, tables: Tables, cutoff: dt.datetime, batch_size: int,
-                      *, top: int = 10, sample: int = 10) -> ExpiredSummary:
+                      *, top: int = 10, sample: int = 10,
+                      selection: Selection = EVERYTHING) -> ExpiredSummary:
     """What a run at *cutoff* would delete, in bounded output: a count (served by the
-    expires_at index), the chunks it would make, the top dag_ids, and a small sample."""
+    expires_at index), the chunks it would make, the top dag_ids, and a small sample; within
+    *selection*'s dag ids."""
     t = tables.task_state
-    expired = t.c.expires_at < cutoff
+    expired = and_(t.c.expires_at < cutoff, *selection.conditions(tables))
     with engine.connect() as conn:
         count = int(conn.execute(select(func.count()).select_from(t).where(expired)).scalar_one())
         top_rows = conn.execute(

@@ -304,3 +304,48 @@ def test_ctrl_c_stops_following_and_says_how_to_resume(seeded: Seeded) -> None:
     assert f"statesweep status {run_id} --follow" in err
     assert "Traceback" not in err and out == ""
     assert seeded.task_rows() == ROWS
+
+
+def _expired_by_dag(seeded: Seeded) -> dict[str, int]:
+    t = seeded.tables.task_state
+    with seeded.engine.connect() as conn:
+        return {str(d): int(n) for d, n in conn.execute(
+            select(t.c.dag_id, func.count()).where(t.c.expires_at < func.now())
+            .group_by(t.c.dag_id))}
+
+
+def test_cleanup_takes_airflow_db_cleans_selection(seeded: Seeded) -> None:
+    """--dag-ids, --exclude-dag-ids and --clean-before-timestamp, as `airflow db clean` spells
+    them: the dry run counts what the run then deletes, per dag id, and nothing else goes."""
+    before = _expired_by_dag(seeded)
+    dry = seeded.invoke("cleanup", "--dry-run", "--dag-ids", "dag_1,dag_2", "--top", "5",
+                        "--format", "json")
+    assert dry.exit_code == EXIT_OK, dry.stderr
+    data = json.loads(dry.stdout)
+    assert data["expired_rows"] == before["dag_1"] + before["dag_2"]
+    assert {d["dag_id"] for d in data["top_dag_ids"]} == {"dag_1", "dag_2"}
+    assert data["selection"] == "dag ids dag_1, dag_2"
+    assert _expired_by_dag(seeded) == before  # a dry run deletes nothing
+    run = seeded.invoke("cleanup", "--local", "--dag-ids", "dag_1,dag_2", "--format", "json")
+    assert run.exit_code == EXIT_OK, run.stderr
+    assert json.loads(run.stdout)["rows_deleted"] == data["expired_rows"]
+    assert _expired_by_dag(seeded) == {d: n for d, n in before.items()
+                                       if d not in ("dag_1", "dag_2")}
+    keep = [d for d in before if d not in ("dag_1", "dag_2")][:3]
+    rest = seeded.invoke("cleanup", "--local", "--exclude-dag-ids", ",".join(keep))
+    assert rest.exit_code == EXIT_OK, rest.stderr
+    assert _expired_by_dag(seeded) == {d: before[d] for d in keep}
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (("--clean-before-timestamp", "yesterday"), "--clean-before-timestamp is not an ISO-8601"),
+    (("--dag-ids", "a,,b"), "--dag-ids must name dag ids"),
+])
+def test_a_bad_selection_is_one_line_and_deletes_nothing(seeded: Seeded, args: tuple[str, ...],
+                                                        needle: str) -> None:
+    rows = seeded.task_rows()
+    for mode in ("--local", "--dry-run", "--wait"):
+        result = seeded.invoke("cleanup", mode, *args)
+        assert result.exit_code == EXIT_BAD_ARGUMENT, (mode, result.stderr)
+        assert needle in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert seeded.task_rows() == rows

@@ -28,13 +28,41 @@ from workers.settings import Settings
 @click.option("--local", is_flag=True, help="Plan and delete in this process; no broker.")
 @click.option("--pickup-timeout", default="120s", show_default=True, metavar="DURATION",
               help="With --wait: give up (exit 10) if no worker takes the run by then.")
+@click.option("--dag-ids", default=None, metavar="IDS",
+              help="Only state of these dag ids (comma-separated), as airflow db clean.")
+@click.option("--exclude-dag-ids", default=None, metavar="IDS",
+              help="Not state of these dag ids (comma-separated).")
+@click.option("--clean-before-timestamp", default=None, metavar="TIMESTAMP",
+              help="Only state that expired before this ISO-8601 time (UTC if no offset): a "
+                   "grace period. Never later than the database's now.")
+@click.option("--top", default=10, show_default=True, type=click.IntRange(1, 1000),
+              help="With --dry-run: how many dag ids to list by expired rows.")
 @FORMAT
 @click.pass_context
 def cleanup(ctx: click.Context, dry_run: bool, wait: bool, batch_size: int | None, local: bool,
-            pickup_timeout: str, fmt: str) -> None:
+            pickup_timeout: str, dag_ids: str | None, exclude_dag_ids: str | None,
+            clean_before_timestamp: str | None, top: int, fmt: str) -> None:
     """Run a cleanup of expired task state now (dispatched to the workers by default)."""
     _cleanup(ctx, dry_run=dry_run, wait=wait, batch_size=batch_size, local=local, fmt=fmt,
-             pickup_timeout=pickup_timeout)
+             pickup_timeout=pickup_timeout, top=top,
+             selection=_selection(dag_ids, exclude_dag_ids, clean_before_timestamp))
+
+
+def _selection(dag_ids: str | None, exclude_dag_ids: str | None,
+               before: str | None) -> dict[str, str]:
+    """The selection options as the coordinator task takes them, checked here first: a bad
+    one is one line naming the option, before anything is sent."""
+    from workers.exceptions import InvalidArgument
+    from workers.selection import Selection
+
+    given = {k: v for k, v in (("dag_ids", dag_ids), ("exclude_dag_ids", exclude_dag_ids),
+                               ("clean_before_timestamp", before)) if v is not None}
+    try:
+        Selection.from_args(**given)
+    except InvalidArgument as exc:
+        name = str(exc).split(" ", 1)[0].rstrip(":")
+        raise InvalidArgument(str(exc).replace(name, "--" + name.replace("_", "-"), 1)) from None
+    return given
 
 
 @click.command("cleanup-task-states")
@@ -49,7 +77,8 @@ def cleanup_task_states(ctx: click.Context, dry_run: bool, verbose: bool) -> Non
 
 
 def _cleanup(ctx: click.Context, *, dry_run: bool, wait: bool, batch_size: int | None,
-             local: bool, fmt: str, pickup_timeout: str = "120s") -> None:
+             local: bool, fmt: str, pickup_timeout: str = "120s", top: int = 10,
+             selection: dict[str, str] | None = None) -> None:
     from workers.cli import dispatch, render
     from workers.cli.control import duration_option
     from workers.cli.progress import ProgressBar, follow_run
@@ -61,17 +90,20 @@ def _cleanup(ctx: click.Context, *, dry_run: bool, wait: bool, batch_size: int |
     if settings.airflow_custom_backend:
         skip_custom_backend(settings, fmt)
         return
+    from workers.selection import Selection
+
+    chosen = Selection.from_args(**(selection or {}))
     if dry_run:
-        data = dispatch.dry_run(settings, batch_size)
+        data = dispatch.dry_run(settings, batch_size, chosen, top=top)
         echo_json(data) if fmt == "json" else click.echo(render.dry_run(data))
         return
     if local:
-        record = dispatch.run_local(settings, batch_size)
+        record = dispatch.run_local(settings, batch_size, chosen)
     else:
         registry = shared_run_store(settings)
         with client_app(settings) as app:
             run_id, result = dispatch.dispatch_cleanup(app, settings, registry, batch_size,
-                                                       source="cli")
+                                                       source="cli", selection=selection)
             click.echo(f"dispatched run {run_id} (coordinator task {result.id}) to "
                        f"{settings.control_queue}; recorded as queued", err=True)
             pickup = dispatch.await_pickup(

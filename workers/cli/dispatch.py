@@ -15,9 +15,6 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-# The pipeline's modules (chunk, cleanup, coordinator, planners) are imported by the commands
-# that run it here (--local, --dry-run): dispatching to the workers needs none of them, and an
-# empty `cleanup --wait` is mostly process start and imports.
 from workers.cli.progress import FollowInterrupted, ProgressBar, RunStuck, Snapshot, poll_delays
 from workers.cli.services import (
     ServiceUnavailable,
@@ -28,6 +25,11 @@ from workers.cli.services import (
 )
 from workers.exceptions import RefusedError, StatesweepError
 from workers.runs import RunRecord, RunRegistry
+
+# The pipeline's modules (chunk, cleanup, coordinator, planners) are imported by the commands
+# that run it here (--local, --dry-run): dispatching to the workers needs none of them, and an
+# empty `cleanup --wait` is mostly process start and imports.
+from workers.selection import Selection
 from workers.settings import Settings
 
 if TYPE_CHECKING:  # Celery is imported only by the commands that send tasks
@@ -62,7 +64,8 @@ def note(message: str) -> None:
 
 
 def dispatch_cleanup(app: Celery, settings: Settings, registry: RunRegistry,
-                     batch_size: int | None, source: str) -> tuple[str, AsyncResult]:
+                     batch_size: int | None, source: str,
+                     selection: dict[str, Any] | None = None) -> tuple[str, AsyncResult]:
     """Send the coordinator to the control queue, as beat does, with a run id chosen here and
     recorded as ``queued`` first, so `status <id>` knows the run from the moment it is sent."""
     from workers.celery_app import COORDINATE
@@ -76,7 +79,7 @@ def dispatch_cleanup(app: Celery, settings: Settings, registry: RunRegistry,
     try:
         result = app.send_task(COORDINATE, queue=settings.control_queue,
                                kwargs={"batch_size": batch_size, "source": source,
-                                       "run_id": run_id})
+                                       "run_id": run_id, **(selection or {})})
     except BaseException:
         registry.close_queued(run_id, "the coordinator could not be sent")
         raise
@@ -152,7 +155,8 @@ def _outcome_pickup(registry: RunRegistry, run_id: str, outcome: dict[str, Any])
     raise RunFailed(f"the coordinator returned {outcome!r} but run {run_id} was not started")
 
 
-def run_local(settings: Settings, batch_size: int | None) -> RunRecord:
+def run_local(settings: Settings, batch_size: int | None,
+              selection: Selection | None = None) -> RunRecord:
     """Plan and delete in this process, chunk by chunk; the lock lives in the shared run store
     (Redis when configured), so a local run and the workers still run one at a time."""
     from workers import chunk, cleanup, coordinator
@@ -180,8 +184,8 @@ def run_local(settings: Settings, batch_size: int | None) -> RunRecord:
 
         try:
             summary = chunk.run_local(settings, engine, tables, registry,
-                                            batch_size=batch, source="cli-local",
-                                            on_chunk=on_chunk)
+                                      batch_size=batch, source="cli-local",
+                                      on_chunk=on_chunk, selection=selection or Selection())
         finally:
             bar.close()
     if summary.status == "skipped":
@@ -194,14 +198,22 @@ def run_local(settings: Settings, batch_size: int | None) -> RunRecord:
     return record
 
 
-def dry_run(settings: Settings, batch_size: int | None) -> dict[str, Any]:
-    """What a run now would delete: counts, chunks, top dag_ids, a sample. Deletes nothing."""
+def dry_run(settings: Settings, batch_size: int | None,
+            selection: Selection | None = None, top: int = 10) -> dict[str, Any]:
+    """What a run now would delete: counts, chunks, the top dag_ids, a sample, and the rows
+    kept for unfinished dag runs. Deletes nothing."""
     from workers import cleanup, coordinator, planners
 
+    selection = selection or Selection()
     batch = coordinator.batch_size_for(settings, batch_size)
     with database(settings) as (engine, tables):
-        cutoff = cleanup.read_cutoff(engine)
-        summary = cleanup.summarise_expired(engine, tables, cutoff, batch)
+        cutoff = selection.cutoff(cleanup.read_cutoff(engine))
+        summary = cleanup.summarise_expired(engine, tables, cutoff, batch, top=top,
+                                            selection=selection)
+        protected = cleanup.Protected(0, None)
+        if settings.protect_unfinished_dag_runs:
+            with engine.connect() as conn:
+                protected = cleanup.count_protected(conn, tables, cutoff)
         table = tables.task_state.name
         # The planner a run would use, chosen as the coordinator does: probes, no row reads.
         with engine.connect() as conn:
@@ -212,6 +224,9 @@ def dry_run(settings: Settings, batch_size: int | None) -> dict[str, Any]:
         "expired_rows": summary.expired_rows, "batch_size": batch, "chunks": summary.chunks,
         "planner": plan.planner, "planner_reason": plan.reason,
         "estimated_chunks": plan.estimated_chunks, "estimated_rows": plan.expected_rows,
+        "selection": selection.describe(),
+        "protected_rows": protected.rows,
+        "protected_oldest": protected.oldest.isoformat() if protected.oldest else None,
         "top_dag_ids": [{"dag_id": d, "rows": n} for d, n in summary.top_dags],
         "sample": [{k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items()}
                    for row in summary.sample],

@@ -87,6 +87,11 @@ def dry_run(data: dict[str, Any]) -> str:
         + (" (one chunk)" if not data["batch_size"] else ""),
         f"  chunks        {data['chunks']:,}",
     ]
+    if data.get("selection") and data["selection"] != "everything expired":
+        lines.append(f"  selection     {data['selection']}")
+    if data.get("protected_rows"):
+        lines.append(f"  kept          {data['protected_rows']:,} expired rows of queued or "
+                     f"running dag runs (oldest expired {data['protected_oldest']})")
     if data.get("planner"):
         lines += [f"  planner       {data['planner']} (about {data['estimated_chunks']:,} chunks)",
                   f"  because       {data['planner_reason']}"]
