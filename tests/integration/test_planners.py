@@ -186,7 +186,7 @@ def test_auto_reads_the_expiry_index_in_the_steady_state(table: Table) -> None:
     record, chunks = table.run("auto")
     assert record.planner == "expiry", record.planner_reason
     assert record.planner_reason.startswith("auto: ")
-    assert f"(under {planners.BACKLOG_FRACTION:.0%})" in record.planner_reason
+    assert f"(under {planners.backlog_fraction(table.dialect):.0%})" in record.planner_reason
     assert task_state_rows(table.engine, table.tables) == expected
     assert {c.kind for c in chunks} == {"expiry"}
 

@@ -53,9 +53,16 @@ PLANNERS: dict[str, Planner] = {p.name: p for p in (BlocksPlanner(), IdsPlanner(
                                                      WalkPlanner(), ExpiryPlanner())}
 CHOICES = ("auto", *PLANNERS)
 #: At or above this expired fraction `auto` cuts physical ranges (blocks, ids); below it, the
-#: expiry index. Derived from the crossover measured by `python -m bench.crossover`
-#: (bench/results/crossover.md): see the comment there for the runs it rests on.
-BACKLOG_FRACTION = 0.10
+#: expiry index. From the crossover `python -m bench.crossover` measured (bench/results/
+#: crossover.md, expired rows interleaved, 2 workers): on PostgreSQL the expiry index used less
+#: CPU than block ranges up to 20.7% expired (wall: 25%), on MariaDB up to 10.9% (wall: 11.7%).
+#: Each threshold sits at or under its database's crossover.
+BACKLOG_FRACTIONS = {"postgresql": 0.20, "mysql": 0.10, "mariadb": 0.10}
+BACKLOG_FRACTION = 0.10  # any other database (SQLite)
+
+
+def backlog_fraction(dialect: str) -> float:
+    return BACKLOG_FRACTIONS.get(dialect, BACKLOG_FRACTION)
 #: An ids plan that would cut this many times more chunks than the expired rows fill is sparse
 #: in id space (an outlying id, ids reused far apart): `auto` takes the expiry index instead.
 SPARSE_IDS_FACTOR = 4
@@ -77,13 +84,14 @@ def choose(conn: Connection, tables: Tables, cutoff: dt.datetime, batch_size: in
     # The regime, from the index: expired rows counted up to BACKLOG_FRACTION of the catalog's
     # row estimate. In the steady state that count is the run's own rows (and the plan's
     # estimate); only a backlog stops at the cap and goes on to a physical plan.
+    fraction = backlog_fraction(conn.dialect.name)
     rows = expiry.table_rows(conn, tables)
-    cap = max(1, int(rows * BACKLOG_FRACTION))
+    cap = max(1, int(rows * fraction))
     expired = expiry.count_expired(conn, tables, cutoff, cap=cap)
     if expired < cap:
         return _steady(conn, tables, cutoff, batch_size,
-                       f"{expired} expired of about {rows} rows (under "
-                       f"{BACKLOG_FRACTION:.0%})", counted=expired)
+                       f"{expired} expired of about {rows} rows (under {fraction:.0%})",
+                       counted=expired)
     if conn.dialect.name == "postgresql":
         try:
             blocks.check(conn, tables)
@@ -91,7 +99,7 @@ def choose(conn: Connection, tables: Tables, cutoff: dt.datetime, batch_size: in
             return _steady(conn, tables, cutoff, batch_size, f"blocks unavailable ({exc})")
         found = blocks.sample(conn, tables, cutoff)
         return _auto(BlocksPlanner().plan(conn, tables, cutoff, batch_size, found=found),
-                     f"backlog: at least {BACKLOG_FRACTION:.0%} of about {rows} rows expired "
+                     f"backlog: at least {fraction:.0%} of about {rows} rows expired "
                      f"(about {found.expired_fraction:.0%} in a {blocks.SAMPLE_PAGES}-page "
                      f"sample), PostgreSQL heap table")
     if conn.dialect.name in CLUSTERED_BY_ID:
@@ -104,7 +112,7 @@ def choose(conn: Connection, tables: Tables, cutoff: dt.datetime, batch_size: in
                            f"ids {plan.start}..{plan.end - 1} would cut "
                            f"{plan.estimated_chunks} chunks for at most {rows} rows "
                            f"(sparse ids)")
-        return _auto(plan, f"backlog: at least {BACKLOG_FRACTION:.0%} of about {rows} rows "
+        return _auto(plan, f"backlog: at least {fraction:.0%} of about {rows} rows "
                            f"expired; {conn.dialect.name} stores rows in primary-key order")
     return _steady(conn, tables, cutoff, batch_size, "no physical layout known")
 
