@@ -8,6 +8,7 @@ into a fresh database and run statesweep against Airflow's exact tables, indexes
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -43,24 +44,35 @@ def _client(*names: str) -> str:
 
 
 def load(url: str, version: str) -> None:
-    """Execute the dump of *version* into the empty database at *url*."""
+    """Execute the dump of *version* into the empty database at *url* with the server's own
+    client (psql, or the mariadb/mysql client); a failure raises with the client's stderr."""
     u = make_url(url)
     dialect = "postgresql" if u.get_backend_name() == "postgresql" else "mysql"
-    sql = dump_path(dialect, version).read_text()
+    path = dump_path(dialect, version)
+    env = dict(os.environ)
     if dialect == "postgresql":
         cmd = [_client("psql"), "-v", "ON_ERROR_STOP=1", "-q", "-X", "-h", u.host or "127.0.0.1",
-               "-p", str(u.port or 5432), "-U", u.username or "postgres", "-d", str(u.database)]
+               "-p", str(u.port or 5432), "-U", u.username or "postgres", "-d", str(u.database),
+               "-f", str(path)]
+        stdin = None
+        if u.password:
+            env["PGPASSWORD"] = u.password
     else:
         cmd = [_client("mariadb", "mysql"), "--protocol=TCP", "-h", u.host or "127.0.0.1",
                "-P", str(u.port or 3306), "-u", u.username or "root", str(u.database)]
-    proc = subprocess.run(cmd, input=sql, capture_output=True, text=True, check=False)
+        stdin = path.read_text()
+        if u.password:
+            env["MYSQL_PWD"] = u.password
+    proc = subprocess.run(cmd, input=stdin, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
-        raise RuntimeError(f"loading {dump_path(dialect, version).name} failed: {proc.stderr}")
+        raise RuntimeError(f"loading {path.name} into {u.database} failed "
+                           f"(exit {proc.returncode}): {proc.stderr.strip()}")
 
 
 @contextmanager
 def airflow_schema_database(dialect: str, version: str) -> Iterator[str]:
-    """A fresh database (``postgresql`` or ``mariadb``) holding Airflow *version*'s schema."""
+    """A fresh database (``postgresql``, or ``mysql``/``mariadb``: the MariaDB server) holding
+    Airflow *version*'s schema; dropped afterwards."""
     fresh = fresh_postgres_database if dialect == "postgresql" else fresh_mariadb_database
     with fresh() as url:
         load(url, version)

@@ -1,5 +1,4 @@
 -- Airflow 3.3.2 metadata schema (mysql), made by `airflow db migrate` and dumped by python -m tests.airflow_schemas.generate.
-/*M!999999\- enable the sandbox mode */ 
 
 /*!40101 SET @OLD_CHARACTER_SET_CLIENT=@@CHARACTER_SET_CLIENT */;
 /*!40101 SET @OLD_CHARACTER_SET_RESULTS=@@CHARACTER_SET_RESULTS */;
@@ -38,8 +37,8 @@ CREATE TABLE `asset_active` (
   `name` varchar(1500) CHARACTER SET latin1 COLLATE latin1_general_cs NOT NULL,
   `uri` varchar(1500) CHARACTER SET latin1 COLLATE latin1_general_cs NOT NULL,
   PRIMARY KEY (`name`,`uri`),
-  UNIQUE KEY `idx_asset_active_uri_unique` (`uri`),
   UNIQUE KEY `idx_asset_active_name_unique` (`name`),
+  UNIQUE KEY `idx_asset_active_uri_unique` (`uri`),
   CONSTRAINT `asset_active_asset_name_uri_fkey` FOREIGN KEY (`name`, `uri`) REFERENCES `asset` (`name`, `uri`) ON DELETE CASCADE
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
 /*!40101 SET character_set_client = @saved_cs_client */;
@@ -71,8 +70,8 @@ CREATE TABLE `asset_alias_asset_event` (
   `alias_id` int(11) NOT NULL,
   `event_id` int(11) NOT NULL,
   PRIMARY KEY (`alias_id`,`event_id`),
-  KEY `idx_asset_alias_asset_event_event_id` (`event_id`),
   KEY `idx_asset_alias_asset_event_alias_id` (`alias_id`),
+  KEY `idx_asset_alias_asset_event_event_id` (`event_id`),
   CONSTRAINT `asset_alias_asset_event_alias_id_fkey` FOREIGN KEY (`alias_id`) REFERENCES `asset_alias` (`id`) ON DELETE CASCADE,
   CONSTRAINT `asset_alias_asset_event_event_id_fkey` FOREIGN KEY (`event_id`) REFERENCES `asset_event` (`id`) ON DELETE CASCADE
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
@@ -400,16 +399,16 @@ CREATE TABLE `dag_run` (
   `partition_key` varchar(250) CHARACTER SET utf8mb3 COLLATE utf8mb3_bin DEFAULT NULL,
   `partition_date` timestamp(6) NULL DEFAULT NULL,
   PRIMARY KEY (`id`),
-  UNIQUE KEY `dag_run_dag_id_run_id_key` (`dag_id`,`run_id`),
   UNIQUE KEY `dag_run_dag_id_logical_date_key` (`dag_id`,`logical_date`),
-  KEY `task_instance_log_template_id_fkey` (`log_template_id`),
-  KEY `dag_run_backfill_id_fkey` (`backfill_id`),
-  KEY `idx_dag_run_queued_dags` (`state`,`dag_id`),
-  KEY `idx_dag_run_running_dags` (`state`,`dag_id`),
+  UNIQUE KEY `dag_run_dag_id_run_id_key` (`dag_id`,`run_id`),
   KEY `dag_id_state` (`dag_id`,`state`),
+  KEY `dag_run_backfill_id_fkey` (`backfill_id`),
   KEY `idx_dag_run_created_dag_version_id` (`created_dag_version_id`),
-  KEY `idx_dag_run_run_after` (`run_after`),
   KEY `idx_dag_run_dag_id` (`dag_id`),
+  KEY `idx_dag_run_queued_dags` (`state`,`dag_id`),
+  KEY `idx_dag_run_run_after` (`run_after`),
+  KEY `idx_dag_run_running_dags` (`state`,`dag_id`),
+  KEY `task_instance_log_template_id_fkey` (`log_template_id`),
   CONSTRAINT `created_dag_version_id_fkey` FOREIGN KEY (`created_dag_version_id`) REFERENCES `dag_version` (`id`) ON DELETE SET NULL,
   CONSTRAINT `dag_run_backfill_id_fkey` FOREIGN KEY (`backfill_id`) REFERENCES `backfill` (`id`),
   CONSTRAINT `task_instance_log_template_id_fkey` FOREIGN KEY (`log_template_id`) REFERENCES `log_template` (`id`) ON DELETE NO ACTION
@@ -521,8 +520,8 @@ CREATE TABLE `dagrun_asset_event` (
   `dag_run_id` int(11) NOT NULL,
   `event_id` int(11) NOT NULL,
   PRIMARY KEY (`dag_run_id`,`event_id`),
-  KEY `idx_dagrun_asset_events_event_id` (`event_id`),
   KEY `idx_dagrun_asset_events_dag_run_id` (`dag_run_id`),
+  KEY `idx_dagrun_asset_events_event_id` (`event_id`),
   CONSTRAINT `dagrun_asset_event_dag_run_id_fkey` FOREIGN KEY (`dag_run_id`) REFERENCES `dag_run` (`id`) ON DELETE CASCADE,
   CONSTRAINT `dagrun_asset_event_event_id_fkey` FOREIGN KEY (`event_id`) REFERENCES `asset_event` (`id`) ON DELETE CASCADE
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
@@ -539,10 +538,10 @@ CREATE TABLE `deadline` (
   `callback_id` uuid NOT NULL,
   `deadline_alert_id` uuid DEFAULT NULL,
   PRIMARY KEY (`id`),
+  KEY `deadline_callback_id_idx` (`callback_id`),
   KEY `deadline_dagrun_id_fkey` (`dagrun_id`),
   KEY `deadline_deadline_alert_id_fkey` (`deadline_alert_id`),
   KEY `deadline_missed_deadline_time_idx` (`missed`,`deadline_time`),
-  KEY `deadline_callback_id_idx` (`callback_id`),
   CONSTRAINT `deadline_callback_id_fkey` FOREIGN KEY (`callback_id`) REFERENCES `callback` (`id`) ON DELETE CASCADE,
   CONSTRAINT `deadline_dagrun_id_fkey` FOREIGN KEY (`dagrun_id`) REFERENCES `dag_run` (`id`) ON DELETE CASCADE,
   CONSTRAINT `deadline_deadline_alert_id_fkey` FOREIGN KEY (`deadline_alert_id`) REFERENCES `deadline_alert` (`id`) ON DELETE SET NULL
@@ -629,9 +628,9 @@ CREATE TABLE `job` (
   `hostname` varchar(500) DEFAULT NULL,
   `unixname` varchar(1000) DEFAULT NULL,
   PRIMARY KEY (`id`),
-  KEY `job_type_heart` (`job_type`,`latest_heartbeat`),
+  KEY `idx_job_dag_id` (`dag_id`),
   KEY `idx_job_state_heartbeat` (`state`,`latest_heartbeat`),
-  KEY `idx_job_dag_id` (`dag_id`)
+  KEY `job_type_heart` (`job_type`,`latest_heartbeat`)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
 /*!40101 SET character_set_client = @saved_cs_client */;
 /*!40101 SET @saved_cs_client     = @@character_set_client */;
@@ -650,8 +649,8 @@ CREATE TABLE `log` (
   `extra` text DEFAULT NULL,
   `try_number` int(11) DEFAULT NULL,
   PRIMARY KEY (`id`),
-  KEY `idx_log_event` (`event`),
   KEY `idx_log_dttm` (`dttm`),
+  KEY `idx_log_event` (`event`),
   KEY `idx_log_task_instance` (`dag_id`,`task_id`,`run_id`,`map_index`,`try_number`)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
 /*!40101 SET character_set_client = @saved_cs_client */;
@@ -791,14 +790,14 @@ CREATE TABLE `task_instance` (
   `retry_reason` varchar(500) DEFAULT NULL,
   PRIMARY KEY (`id`),
   UNIQUE KEY `task_instance_composite_key` (`dag_id`,`task_id`,`run_id`,`map_index`),
-  KEY `ti_state` (`state`),
-  KEY `ti_trigger_id` (`trigger_id`),
-  KEY `ti_pool` (`pool`,`state`,`priority_weight`),
   KEY `ti_dag_run` (`dag_id`,`run_id`),
-  KEY `ti_state_lkp` (`dag_id`,`task_id`,`run_id`,`state`),
+  KEY `ti_dag_state` (`dag_id`,`state`),
   KEY `ti_dag_version_id` (`dag_version_id`),
   KEY `ti_heartbeat` (`last_heartbeat_at`),
-  KEY `ti_dag_state` (`dag_id`,`state`),
+  KEY `ti_pool` (`pool`,`state`,`priority_weight`),
+  KEY `ti_state_lkp` (`dag_id`,`task_id`,`run_id`,`state`),
+  KEY `ti_state` (`state`),
+  KEY `ti_trigger_id` (`trigger_id`),
   CONSTRAINT `task_instance_dag_run_fkey` FOREIGN KEY (`dag_id`, `run_id`) REFERENCES `dag_run` (`dag_id`, `run_id`) ON DELETE CASCADE,
   CONSTRAINT `task_instance_dag_version_id_fkey` FOREIGN KEY (`dag_version_id`) REFERENCES `dag_version` (`id`),
   CONSTRAINT `task_instance_trigger_id_fkey` FOREIGN KEY (`trigger_id`) REFERENCES `trigger` (`id`) ON DELETE CASCADE
@@ -873,8 +872,8 @@ CREATE TABLE `task_map` (
   `length` int(11) NOT NULL,
   `keys` longtext CHARACTER SET utf8mb4 COLLATE utf8mb4_bin DEFAULT NULL CHECK (json_valid(`keys`)),
   PRIMARY KEY (`dag_id`,`task_id`,`run_id`,`map_index`),
-  CONSTRAINT `task_map_task_instance_fkey` FOREIGN KEY (`dag_id`, `task_id`, `run_id`, `map_index`) REFERENCES `task_instance` (`dag_id`, `task_id`, `run_id`, `map_index`) ON DELETE CASCADE ON UPDATE CASCADE,
-  CONSTRAINT `ck_task_map_task_map_length_not_negative` CHECK (`length` >= 0)
+  CONSTRAINT `ck_task_map_task_map_length_not_negative` CHECK (`length` >= 0),
+  CONSTRAINT `task_map_task_instance_fkey` FOREIGN KEY (`dag_id`, `task_id`, `run_id`, `map_index`) REFERENCES `task_instance` (`dag_id`, `task_id`, `run_id`, `map_index`) ON DELETE CASCADE ON UPDATE CASCADE
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
 /*!40101 SET character_set_client = @saved_cs_client */;
 /*!40101 SET @saved_cs_client     = @@character_set_client */;
@@ -922,8 +921,8 @@ CREATE TABLE `task_state_store` (
   `expires_at` timestamp(6) NULL DEFAULT NULL,
   PRIMARY KEY (`id`),
   UNIQUE KEY `task_state_store_uq` (`dag_run_id`,`task_id`,`map_index`,`key`),
-  KEY `idx_task_state_store_lookup` (`dag_id`,`run_id`,`task_id`,`map_index`),
   KEY `idx_task_state_store_expires_at` (`expires_at`),
+  KEY `idx_task_state_store_lookup` (`dag_id`,`run_id`,`task_id`,`map_index`),
   CONSTRAINT `task_state_store_dag_run_fkey` FOREIGN KEY (`dag_run_id`) REFERENCES `dag_run` (`id`) ON DELETE CASCADE
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
 /*!40101 SET character_set_client = @saved_cs_client */;
@@ -977,8 +976,8 @@ CREATE TABLE `xcom` (
   `value` longtext CHARACTER SET utf8mb4 COLLATE utf8mb4_bin DEFAULT NULL CHECK (json_valid(`value`)),
   `timestamp` timestamp(6) NOT NULL,
   PRIMARY KEY (`dag_run_id`,`task_id`,`map_index`,`key`),
-  KEY `idx_xcom_task_instance` (`dag_id`,`task_id`,`run_id`,`map_index`),
   KEY `idx_xcom_key` (`key`),
+  KEY `idx_xcom_task_instance` (`dag_id`,`task_id`,`run_id`,`map_index`),
   CONSTRAINT `xcom_task_instance_fkey` FOREIGN KEY (`dag_id`, `task_id`, `run_id`, `map_index`) REFERENCES `task_instance` (`dag_id`, `task_id`, `run_id`, `map_index`) ON DELETE CASCADE
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
 /*!40101 SET character_set_client = @saved_cs_client */;
@@ -992,7 +991,6 @@ CREATE TABLE `xcom` (
 /*!40101 SET COLLATION_CONNECTION=@OLD_COLLATION_CONNECTION */;
 /*!40111 SET SQL_NOTES=@OLD_SQL_NOTES */;
 
-/*M!999999\- enable the sandbox mode */ 
 
 /*!40101 SET @OLD_CHARACTER_SET_CLIENT=@@CHARACTER_SET_CLIENT */;
 /*!40101 SET @OLD_CHARACTER_SET_RESULTS=@@CHARACTER_SET_RESULTS */;

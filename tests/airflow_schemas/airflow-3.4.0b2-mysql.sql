@@ -1,5 +1,4 @@
 -- Airflow 3.4.0b2 metadata schema (mysql), made by `airflow db migrate` and dumped by python -m tests.airflow_schemas.generate.
-/*M!999999\- enable the sandbox mode */ 
 
 /*!40101 SET @OLD_CHARACTER_SET_CLIENT=@@CHARACTER_SET_CLIENT */;
 /*!40101 SET @OLD_CHARACTER_SET_RESULTS=@@CHARACTER_SET_RESULTS */;
@@ -39,8 +38,8 @@ CREATE TABLE `asset_active` (
   `name` varchar(1500) CHARACTER SET latin1 COLLATE latin1_general_cs NOT NULL,
   `uri` varchar(1500) CHARACTER SET latin1 COLLATE latin1_general_cs NOT NULL,
   PRIMARY KEY (`name`,`uri`),
-  UNIQUE KEY `idx_asset_active_uri_unique` (`uri`),
   UNIQUE KEY `idx_asset_active_name_unique` (`name`),
+  UNIQUE KEY `idx_asset_active_uri_unique` (`uri`),
   CONSTRAINT `asset_active_asset_name_uri_fkey` FOREIGN KEY (`name`, `uri`) REFERENCES `asset` (`name`, `uri`) ON DELETE CASCADE
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
 /*!40101 SET character_set_client = @saved_cs_client */;
@@ -107,9 +106,9 @@ CREATE TABLE `asset_event` (
   `timestamp` timestamp(6) NOT NULL,
   `partition_key` varchar(250) CHARACTER SET utf8mb3 COLLATE utf8mb3_bin DEFAULT NULL,
   PRIMARY KEY (`id`),
-  KEY `idx_asset_id_timestamp` (`asset_id`,`timestamp`),
   KEY `idx_asset_event_asset_id_partition_key` (`asset_id`,`partition_key`),
-  KEY `idx_asset_event_source_ti` (`source_task_instance_id`)
+  KEY `idx_asset_event_source_ti` (`source_task_instance_id`),
+  KEY `idx_asset_id_timestamp` (`asset_id`,`timestamp`)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
 /*!40101 SET character_set_client = @saved_cs_client */;
 /*!40101 SET @saved_cs_client     = @@character_set_client */;
@@ -311,8 +310,8 @@ CREATE TABLE `dag` (
   KEY `dag_bundle_name_fkey` (`bundle_name`),
   KEY `idx_dag_is_draining` (`is_draining`),
   KEY `idx_next_dagrun_create_after` (`next_dagrun_create_after`),
-  CONSTRAINT `dag_bundle_name_fkey` FOREIGN KEY (`bundle_name`) REFERENCES `dag_bundle` (`name`),
-  CONSTRAINT `ck_dag_dag_pause_state_valid` CHECK (`is_paused` = 0 or `is_draining` = 0)
+  CONSTRAINT `ck_dag_dag_pause_state_valid` CHECK (`is_paused` = 0 or `is_draining` = 0),
+  CONSTRAINT `dag_bundle_name_fkey` FOREIGN KEY (`bundle_name`) REFERENCES `dag_bundle` (`name`)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
 /*!40101 SET character_set_client = @saved_cs_client */;
 /*!40101 SET @saved_cs_client     = @@character_set_client */;
@@ -418,16 +417,16 @@ CREATE TABLE `dag_run` (
   `partition_key` varchar(250) CHARACTER SET utf8mb3 COLLATE utf8mb3_bin DEFAULT NULL,
   `partition_date` timestamp(6) NULL DEFAULT NULL,
   PRIMARY KEY (`id`),
-  UNIQUE KEY `dag_run_dag_id_run_id_key` (`dag_id`,`run_id`),
   UNIQUE KEY `dag_run_dag_id_logical_date_key` (`dag_id`,`logical_date`),
-  KEY `task_instance_log_template_id_fkey` (`log_template_id`),
+  UNIQUE KEY `dag_run_dag_id_run_id_key` (`dag_id`,`run_id`),
+  KEY `dag_id_state` (`dag_id`,`state`),
   KEY `dag_run_backfill_id_fkey` (`backfill_id`),
-  KEY `idx_dag_run_running_dags` (`state`,`dag_id`),
   KEY `idx_dag_run_created_dag_version_id` (`created_dag_version_id`),
-  KEY `idx_dag_run_run_after` (`run_after`),
   KEY `idx_dag_run_dag_id` (`dag_id`),
   KEY `idx_dag_run_queued_dags` (`state`,`dag_id`),
-  KEY `dag_id_state` (`dag_id`,`state`),
+  KEY `idx_dag_run_run_after` (`run_after`),
+  KEY `idx_dag_run_running_dags` (`state`,`dag_id`),
+  KEY `task_instance_log_template_id_fkey` (`log_template_id`),
   CONSTRAINT `created_dag_version_id_fkey` FOREIGN KEY (`created_dag_version_id`) REFERENCES `dag_version` (`id`) ON DELETE SET NULL,
   CONSTRAINT `dag_run_backfill_id_fkey` FOREIGN KEY (`backfill_id`) REFERENCES `backfill` (`id`),
   CONSTRAINT `task_instance_log_template_id_fkey` FOREIGN KEY (`log_template_id`) REFERENCES `log_template` (`id`) ON DELETE NO ACTION
@@ -557,10 +556,10 @@ CREATE TABLE `deadline` (
   `callback_id` uuid NOT NULL,
   `deadline_alert_id` uuid DEFAULT NULL,
   PRIMARY KEY (`id`),
+  KEY `deadline_callback_id_idx` (`callback_id`),
   KEY `deadline_dagrun_id_fkey` (`dagrun_id`),
   KEY `deadline_deadline_alert_id_fkey` (`deadline_alert_id`),
   KEY `deadline_missed_deadline_time_idx` (`missed`,`deadline_time`),
-  KEY `deadline_callback_id_idx` (`callback_id`),
   CONSTRAINT `deadline_callback_id_fkey` FOREIGN KEY (`callback_id`) REFERENCES `callback` (`id`) ON DELETE CASCADE,
   CONSTRAINT `deadline_dagrun_id_fkey` FOREIGN KEY (`dagrun_id`) REFERENCES `dag_run` (`id`) ON DELETE CASCADE,
   CONSTRAINT `deadline_deadline_alert_id_fkey` FOREIGN KEY (`deadline_alert_id`) REFERENCES `deadline_alert` (`id`) ON DELETE SET NULL
@@ -601,13 +600,13 @@ CREATE TABLE `dynamic_region` (
   UNIQUE KEY `dynamic_region_forked_from_region_id_uq` (`forked_from_region_id`),
   UNIQUE KEY `dynamic_region_slot_key_uq` (`slot_key`),
   KEY `idx_dynamic_region_family_root_id` (`family_root_id`),
-  KEY `idx_dynamic_region_path` (`path`),
   KEY `idx_dynamic_region_parent_region_id` (`parent_region_id`),
+  KEY `idx_dynamic_region_path` (`path`),
   KEY `idx_dynamic_region_slot` (`dag_id`,`run_id`,`node_id`,`parent_region_id`,`parent_region_index`),
-  CONSTRAINT `dynamic_region_dag_run_fkey` FOREIGN KEY (`dag_id`, `run_id`) REFERENCES `dag_run` (`dag_id`, `run_id`) ON DELETE CASCADE,
-  CONSTRAINT `dynamic_region_parent_region_id_fkey` FOREIGN KEY (`parent_region_id`) REFERENCES `dynamic_region` (`id`) ON DELETE CASCADE,
   CONSTRAINT `ck_dynamic_region_parent_coordinates_paired` CHECK (`parent_region_id` is null and `parent_region_index` is null or `parent_region_id` is not null and `parent_region_index` is not null),
-  CONSTRAINT `ck_dynamic_region_resumes_from_index_nonnegative` CHECK (`resumes_from_index` >= 0)
+  CONSTRAINT `ck_dynamic_region_resumes_from_index_nonnegative` CHECK (`resumes_from_index` >= 0),
+  CONSTRAINT `dynamic_region_dag_run_fkey` FOREIGN KEY (`dag_id`, `run_id`) REFERENCES `dag_run` (`dag_id`, `run_id`) ON DELETE CASCADE,
+  CONSTRAINT `dynamic_region_parent_region_id_fkey` FOREIGN KEY (`parent_region_id`) REFERENCES `dynamic_region` (`id`) ON DELETE CASCADE
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
 /*!40101 SET character_set_client = @saved_cs_client */;
 /*!40101 SET @saved_cs_client     = @@character_set_client */;
@@ -657,9 +656,9 @@ CREATE TABLE `job` (
   `unixname` varchar(1000) DEFAULT NULL,
   `bundle_names` longtext CHARACTER SET utf8mb4 COLLATE utf8mb4_bin DEFAULT NULL CHECK (json_valid(`bundle_names`)),
   PRIMARY KEY (`id`),
-  KEY `job_type_heart` (`job_type`,`latest_heartbeat`),
+  KEY `idx_job_dag_id` (`dag_id`),
   KEY `idx_job_state_heartbeat` (`state`,`latest_heartbeat`),
-  KEY `idx_job_dag_id` (`dag_id`)
+  KEY `job_type_heart` (`job_type`,`latest_heartbeat`)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
 /*!40101 SET character_set_client = @saved_cs_client */;
 /*!40101 SET @saved_cs_client     = @@character_set_client */;
@@ -705,10 +704,10 @@ CREATE TABLE `log` (
   `team_name` varchar(50) DEFAULT NULL,
   PRIMARY KEY (`id`),
   KEY `idx_log_dttm` (`dttm`),
-  KEY `idx_log_task_instance` (`dag_id`,`task_id`,`run_id`,`map_index`,`try_number`),
+  KEY `idx_log_event` (`event`),
   KEY `idx_log_task_instance_id` (`task_instance_id`),
-  KEY `idx_log_team_name` (`team_name`),
-  KEY `idx_log_event` (`event`)
+  KEY `idx_log_task_instance` (`dag_id`,`task_id`,`run_id`,`map_index`,`try_number`),
+  KEY `idx_log_team_name` (`team_name`)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
 /*!40101 SET character_set_client = @saved_cs_client */;
 /*!40101 SET @saved_cs_client     = @@character_set_client */;
@@ -861,18 +860,18 @@ CREATE TABLE `task_instance` (
   `retry_delay_override` float DEFAULT NULL,
   `retry_reason` varchar(500) DEFAULT NULL,
   PRIMARY KEY (`id`),
-  UNIQUE KEY `task_instance_try_key` (`dag_id`,`task_id`,`run_id`,`region_id`,`region_index`,`try_number`),
   UNIQUE KEY `task_instance_current_key` (`dag_id`,`task_id`,`run_id`,`region_id`,`region_index`,`working_set`),
-  KEY `ti_state` (`state`),
-  KEY `ti_trigger_id` (`trigger_id`),
+  UNIQUE KEY `task_instance_try_key` (`dag_id`,`task_id`,`run_id`,`region_id`,`region_index`,`try_number`),
+  KEY `ti_current_dag_run` (`working_set`,`dag_id`,`run_id`,`state`),
+  KEY `ti_current_state` (`working_set`,`state`),
   KEY `ti_dag_run` (`dag_id`,`run_id`),
+  KEY `ti_dag_state` (`dag_id`,`state`),
+  KEY `ti_dag_version_id` (`dag_version_id`),
+  KEY `ti_heartbeat` (`last_heartbeat_at`),
   KEY `ti_pool` (`pool`,`state`,`priority_weight`),
   KEY `ti_state_lkp` (`dag_id`,`task_id`,`run_id`,`state`),
-  KEY `ti_current_state` (`working_set`,`state`),
-  KEY `ti_dag_version_id` (`dag_version_id`),
-  KEY `ti_current_dag_run` (`working_set`,`dag_id`,`run_id`,`state`),
-  KEY `ti_heartbeat` (`last_heartbeat_at`),
-  KEY `ti_dag_state` (`dag_id`,`state`),
+  KEY `ti_state` (`state`),
+  KEY `ti_trigger_id` (`trigger_id`),
   CONSTRAINT `task_instance_dag_run_fkey` FOREIGN KEY (`dag_id`, `run_id`) REFERENCES `dag_run` (`dag_id`, `run_id`) ON DELETE CASCADE,
   CONSTRAINT `task_instance_dag_version_id_fkey` FOREIGN KEY (`dag_version_id`) REFERENCES `dag_version` (`id`),
   CONSTRAINT `task_instance_trigger_id_fkey` FOREIGN KEY (`trigger_id`) REFERENCES `trigger` (`id`) ON DELETE CASCADE
@@ -936,8 +935,8 @@ CREATE TABLE `task_state_store` (
   `expires_at` timestamp(6) NULL DEFAULT NULL,
   PRIMARY KEY (`id`),
   UNIQUE KEY `task_state_store_uq` (`dag_run_id`,`task_id`,`region_id`,`region_index`,`key`),
-  KEY `idx_task_state_store_lookup` (`dag_id`,`run_id`,`task_id`,`region_index`),
   KEY `idx_task_state_store_expires_at` (`expires_at`),
+  KEY `idx_task_state_store_lookup` (`dag_id`,`run_id`,`task_id`,`region_index`),
   CONSTRAINT `task_state_store_dag_run_fkey` FOREIGN KEY (`dag_run_id`) REFERENCES `dag_run` (`id`) ON DELETE CASCADE
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
 /*!40101 SET character_set_client = @saved_cs_client */;
@@ -993,8 +992,8 @@ CREATE TABLE `xcom_v1` (
   `timestamp` timestamp(6) NOT NULL,
   `mapped_length` int(11) DEFAULT NULL,
   PRIMARY KEY (`dag_run_id`,`task_id`,`map_index`,`key`),
-  KEY `idx_xcom_task_instance` (`dag_id`,`task_id`,`run_id`,`map_index`),
   KEY `idx_xcom_key` (`key`),
+  KEY `idx_xcom_task_instance` (`dag_id`,`task_id`,`run_id`,`map_index`),
   CONSTRAINT `xcom_task_instance_fkey` FOREIGN KEY (`dag_id`, `task_id`, `run_id`, `map_index`) REFERENCES `legacy_task_data_owner` (`dag_id`, `task_id`, `run_id`, `map_index`) ON DELETE CASCADE
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
 /*!40101 SET character_set_client = @saved_cs_client */;
@@ -1010,8 +1009,8 @@ CREATE TABLE `xcom_v2` (
   `mapped_length` int(11) DEFAULT NULL,
   PRIMARY KEY (`id`),
   UNIQUE KEY `xcom_v2_ti_key_uq` (`task_instance_id`,`key`),
-  CONSTRAINT `xcom_v2_ti_fkey` FOREIGN KEY (`task_instance_id`) REFERENCES `task_instance` (`id`) ON DELETE CASCADE,
-  CONSTRAINT `ck_xcom_v2_xcom_v2_mapped_length_not_negative` CHECK (`mapped_length` >= 0)
+  CONSTRAINT `ck_xcom_v2_xcom_v2_mapped_length_not_negative` CHECK (`mapped_length` >= 0),
+  CONSTRAINT `xcom_v2_ti_fkey` FOREIGN KEY (`task_instance_id`) REFERENCES `task_instance` (`id`) ON DELETE CASCADE
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
 /*!40101 SET character_set_client = @saved_cs_client */;
 /*!40103 SET TIME_ZONE=@OLD_TIME_ZONE */;
@@ -1024,7 +1023,6 @@ CREATE TABLE `xcom_v2` (
 /*!40101 SET COLLATION_CONNECTION=@OLD_COLLATION_CONNECTION */;
 /*!40111 SET SQL_NOTES=@OLD_SQL_NOTES */;
 
-/*M!999999\- enable the sandbox mode */ 
 
 /*!40101 SET @OLD_CHARACTER_SET_CLIENT=@@CHARACTER_SET_CLIENT */;
 /*!40101 SET @OLD_CHARACTER_SET_RESULTS=@@CHARACTER_SET_RESULTS */;
