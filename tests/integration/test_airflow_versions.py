@@ -7,6 +7,7 @@ and leaves Airflow's schema as it found it."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -184,3 +185,23 @@ def test_cleanup_keeps_a_running_dag_runs_state_and_sweeps_orphans_on_airflows_s
     with engine.connect() as conn:
         assert set(conn.execute(select(tables.asset_state.c.asset_id)).scalars()) == {active}
     assert structure(engine) == before
+
+
+def test_doctor_names_the_airflow_it_found(airflow: tuple[Engine, str],
+                                           isolation: dict[str, str]) -> None:
+    """doctor says which Airflow the task-state columns and the alembic revision say this is,
+    and that a running dag run's state is kept."""
+    from tests.integration.test_cli import invoke
+
+    engine, version = airflow
+    url = engine.url.render_as_string(hide_password=False)
+    result = invoke("doctor", "--format", "json",
+                    env={**isolation, "STATESWEEP_DATABASE_URL": url,
+                         "STATESWEEP_RUN_STORE_URL": "memory://"})
+    checks = {c["name"]: c for c in json.loads(result.stdout)["checks"]}
+    layout = checks["task state layout"]
+    assert layout["status"] == "ok", layout
+    expect = ("Airflow 3.4 (region_index, region_id)" if LAYOUT[version] == "3.4"
+              else "Airflow 3.3 (map_index)")
+    assert layout["detail"].startswith(expect + ", alembic revision ")
+    assert "state of queued and running dag runs is kept" in layout["detail"]

@@ -55,6 +55,26 @@ def index_check(engine: Engine, tables: Tables) -> Check:
                  f"CREATE INDEX {concurrently}idx_{table}_expires_at ON {table} (expires_at);")
 
 
+def layout_check(engine: Engine, tables: Tables, settings: Settings) -> Check:
+    """Which Airflow the task-state columns (and the alembic revision) say this is, and whether
+    state of unfinished dag runs is protected."""
+    from sqlalchemy import text
+
+    revision = ""
+    if "alembic_version" in inspect(engine).get_table_names():
+        with engine.connect() as conn:
+            revision = str(conn.execute(text("SELECT version_num FROM alembic_version"))
+                           .scalar() or "")
+    airflow = {"3.3": "Airflow 3.3 (map_index)",
+               "3.4": "Airflow 3.4 (region_index, region_id)"}[tables.layout]
+    protect = ("state of queued and running dag runs is kept (dag_run.state)"
+               if tables.has_run_state and settings.protect_unfinished_dag_runs
+               else "no dag_run.state: nothing protected" if not tables.has_run_state
+               else "STATESWEEP_PROTECT_UNFINISHED_DAG_RUNS=false: nothing protected")
+    at = f", alembic revision {revision}" if revision else ""
+    return Check("task state layout", "ok", f"{airflow}{at}; {protect}")
+
+
 def database_checks(settings: Settings) -> list[Check]:
     where = settings.database_origin
     try:
@@ -65,6 +85,7 @@ def database_checks(settings: Settings) -> list[Check]:
                 Check("table naming", "ok",
                       f"{tables.naming}: {tables.task_state.name}, {tables.asset_state.name} "
                       f"(STATESWEEP_TABLE_NAMING={settings.table_naming})"),
+                layout_check(engine, tables, settings),
                 index_check(engine, tables),
             ]
     except Exception as exc:
