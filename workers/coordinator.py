@@ -128,9 +128,12 @@ def coordinate(settings: Settings, engine: Engine, tables: Tables, registry: Run
         t0 = time.perf_counter()
         cutoff = selection.cutoff(cleanup.read_cutoff(engine))
         cutoff_iso = cutoff.isoformat()
+        protected = cleanup.Protected(0, None)
         with engine.connect() as conn:
             conn.execution_options(isolation_level="AUTOCOMMIT")
             plan = planners.choose(conn, tables, cutoff, batch, settings.planner)
+            if settings.protect_unfinished_dag_runs:
+                protected = cleanup.count_protected(conn, tables, cutoff)
         planned_ms = (time.perf_counter() - t0) * 1000
         result = registry.start(
             run_id, plan, cutoff=cutoff_iso, batch_size=batch, source=source,
@@ -147,10 +150,13 @@ def coordinate(settings: Settings, engine: Engine, tables: Tables, registry: Run
         if isinstance(result, str):
             raise LockLost(f"run {run_id} could not start: {result}")
         started = True
+        if protected.rows:
+            registry.note_protected(run_id, protected.rows, protected.oldest.isoformat()
+                                    if protected.oldest else "")
         bound.info("cleanup_run_started", cutoff=cutoff_iso, batch_size=batch,
                    table=tables.task_state.name, planner=plan.planner, reason=plan.reason,
                    estimated_chunks=plan.estimated_chunks, expected_rows=plan.expected_rows,
-                   plan_ms=round(planned_ms, 1),
+                   plan_ms=round(planned_ms, 1), protected_rows=protected.rows,
                    **({"selection": selection.describe()} if not selection.empty else {}))
         sent = sender.send(run_id, cutoff_iso, result, plan.kind)
         registry.note_trigger("started", run_id, source)

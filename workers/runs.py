@@ -58,6 +58,10 @@ class RunRecord:
     planning_done: bool = False
     # What the run is narrowed to (workers.selection, encoded; "" = everything expired).
     selection: str = ""
+    # Expired rows kept at planning because their dag run was queued or running, and when the
+    # oldest of them expired (ISO-8601; "" when none).
+    protected_rows: int = 0
+    protected_oldest: str = ""
     held: str = ""
     held_since: float = 0.0
     holds: int = 0
@@ -271,6 +275,11 @@ class RunStore:
         return int(self._call("CUT", self._run_keys(run_id), [
             cursor, rng.encode(), "" if next_cursor is None else next_cursor, time.time(),
             window]))
+
+    def note_protected(self, run_id: str, rows: int, oldest: str) -> None:
+        """Record what a run found kept for unfinished dag runs (read once, at planning)."""
+        self.client.hset(self._k("run", run_id),
+                         mapping={"protected_rows": rows, "protected_oldest": oldest})
 
     def abort(self, run_id: str, why: str) -> str:
         """End a queued or running run now: 'aborted', or the state it had already ended in."""

@@ -281,7 +281,11 @@ def test_state_of_a_queued_or_running_dag_run_is_kept_until_it_finishes(
     store = memory_store()
     summary = run_local(settings, engine, tables, store, batch_size=10)
     assert _keys_by_run(engine) == {"queued": 25, "running": 25}
-    assert store.get(summary.run_id).rows_deleted == 50  # type: ignore[union-attr]
+    record = store.get(summary.run_id)
+    assert record is not None and (record.rows_deleted, record.protected_rows) == (50, 50)
+    assert record.protected_oldest  # the run record says what it kept, and since when
+    from workers.cli.render import run_summary
+    assert "kept          50 expired rows of queued or running dag runs" in run_summary(record)
     with engine.connect() as conn:
         protected = count_protected(conn, tables, database_now(engine))
     assert protected.rows == 50 and protected.oldest is not None

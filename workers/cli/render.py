@@ -30,6 +30,8 @@ def run_summary(record: RunRecord) -> str:
         f"  chunks        {record.chunks_done}/{record.estimated_chunks}"
         + ("" if record.planning_done or record.ended else " (estimated)"),
         f"  rows deleted  {record.rows_deleted:,} (planned {record.expected_rows:,})",
+        *([f"  kept          {record.protected_rows:,} expired rows of queued or running dag "
+           f"runs (oldest expired {record.protected_oldest})"] if record.protected_rows else []),
         f"  started       {_when(record.started_at)}",
         f"  duration      {record.duration:.2f}s",
         f"  rate          {record.rows_per_second:,.0f} rows/s",
