@@ -31,9 +31,20 @@ AIRFLOW_KEYS: dict[str, tuple[str, str]] = {
     "default_retention_days": ("state_store", "default_retention_days"),
     "cleanup_batch_size": ("state_store", "state_cleanup_batch_size"),
     "state_backend": ("state_store", "backend"),
+    # Beside a CeleryExecutor deployment: the same broker and Redis, statesweep's own queues
+    # (statesweep.control, statesweep.chunks) and key prefix, never Airflow's tasks.
+    "broker_url": ("celery", "broker_url"),
+    "result_backend": ("celery", "result_backend"),
 }
-# Airflow runs `_cmd` only for its sensitive_config_values; of ours, that is the connection.
-CMD_KEYS = {("database", "sql_alchemy_conn")}
+# Airflow runs `_cmd` only for its sensitive_config_values; of ours, the connection and the
+# Celery broker and result backend. (`_secret` needs Airflow's secrets backend: not read.)
+CMD_KEYS = {("database", "sql_alchemy_conn"), ("celery", "broker_url"),
+            ("celery", "result_backend")}
+#: What statesweep takes from Airflow's [celery] section: a Redis or RabbitMQ broker, a Redis
+#: result backend (it holds the run store). Anything else (Airflow's usual db+postgresql://
+#: result backend, SQS) stays statesweep's own setting, and doctor says why.
+ADOPTED_SCHEMES = {"broker_url": ("redis", "rediss", "amqp", "amqps", "pyamqp"),
+                   "result_backend": ("redis", "rediss")}
 CMD_TIMEOUT_SECONDS = 10.0
 
 # Airflow's own metastore backend (and the name statesweep's standalone schema uses): the

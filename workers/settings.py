@@ -147,6 +147,12 @@ class Settings:
                 sources[f.name] = f"{DEFAULT_SOURCE} ({found.source}=0 means no batching in " \
                                   "Airflow; statesweep batches)"
                 continue
+            schemes = airflow_config.ADOPTED_SCHEMES.get(f.name)
+            if schemes and name not in env and raw.partition(":")[0].lower() not in schemes:
+                sources[f.name] = (f"{DEFAULT_SOURCE} ({found.source} is a "
+                                   f"{raw.partition(':')[0] or 'non-URL'} backend; statesweep "
+                                   f"takes {'/'.join(schemes[:2])} from Airflow's [celery])")
+                continue
             sources[f.name] = found.source
             if f.name == "state_backend" and airflow_config.is_metastore(raw):
                 raw = METASTORE_BACKEND  # Airflow's name for the tables statesweep cleans

@@ -82,6 +82,33 @@ def test_a_batch_size_past_the_maximum_is_refused(home: Path) -> None:
             Settings.from_env({"AIRFLOW_HOME": str(home), **env})
 
 
+def test_airflows_celery_broker_and_redis_result_backend_are_adopted(home: Path) -> None:
+    """Issue 23, item 5: beside a CeleryExecutor deployment statesweep takes [celery]
+    broker_url and a Redis result_backend (and their _cmd forms) with the database URL's
+    precedence; Airflow's usual db+ result backend stays statesweep's own, and says so."""
+    write_cfg(home / "airflow.cfg", celery={
+        "broker_url": "redis://:pw@broker:6379/0",
+        "result_backend": "db+postgresql://airflow:pw@db/airflow"})
+    where = f"airflow.cfg {home / 'airflow.cfg'} [celery]"
+    s = Settings.from_env({"AIRFLOW_HOME": str(home)})
+    assert (s.broker_url, s.source_of("broker_url")) == (
+        "redis://:pw@broker:6379/0", f"{where} broker_url")
+    assert s.result_backend == Settings().result_backend
+    assert s.source_of("result_backend") == (
+        f"default ({where} result_backend is a db+postgresql backend; statesweep takes "
+        "redis/rediss from Airflow's [celery])")
+    s = Settings.from_env({"AIRFLOW_HOME": str(home),
+                           "AIRFLOW__CELERY__RESULT_BACKEND_CMD": echo_cmd("redis://r:6379/1"),
+                           "AIRFLOW__CELERY__BROKER_URL": "amqp://u:p@rabbit:5672//"})
+    assert (s.result_backend, s.source_of("result_backend")) == (
+        "redis://r:6379/1", "AIRFLOW__CELERY__RESULT_BACKEND_CMD")
+    assert s.broker_url == "amqp://u:p@rabbit:5672//"
+    own = Settings.from_env({"AIRFLOW_HOME": str(home),
+                             "STATESWEEP_BROKER_URL": "redis://own:6379/3"})
+    assert (own.broker_url, own.source_of("broker_url")) == (
+        "redis://own:6379/3", "STATESWEEP_BROKER_URL")
+
+
 def test_interpolation_is_off_as_airflow_reads_these_keys(home: Path) -> None:
     url = "postgresql://airflow:p%25w%(x)s@db/airflow"
     write_cfg(home / "airflow.cfg", database={"sql_alchemy_conn": url})
