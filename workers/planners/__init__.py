@@ -53,12 +53,13 @@ PLANNERS: dict[str, Planner] = {p.name: p for p in (BlocksPlanner(), IdsPlanner(
                                                      WalkPlanner(), ExpiryPlanner())}
 CHOICES = ("auto", *PLANNERS)
 #: At or above this expired fraction `auto` cuts physical ranges (blocks, ids); below it, the
-#: expiry index. From the crossover `python -m bench.crossover` measured (bench/results/
-#: crossover.md, expired rows interleaved, 2 workers): on PostgreSQL the expiry index used less
-#: CPU than block ranges up to 20.7% expired (wall: 25%), on MariaDB up to 10.9% (wall: 11.7%).
-#: Each threshold sits at or under its database's crossover.
-BACKLOG_FRACTIONS = {"postgresql": 0.20, "mysql": 0.10, "mariadb": 0.10}
-BACKLOG_FRACTION = 0.10  # any other database (SQLite)
+#: expiry index. From the crossover `python -m bench.crossover --repeat 3` measured (bench/
+#: results/crossover.md, medians of 3, expired rows interleaved): on PostgreSQL the expiry index
+#: used less CPU than block ranges up to about 14% expired (wall: 34%), on MariaDB up to about
+#: 6% (wall: 9%) against id ranges. Each threshold sits under its database's crossover (where
+#: expired rows cluster in old pages, as in a real backlog, physical ranges win sooner).
+BACKLOG_FRACTIONS = {"postgresql": 0.12, "mysql": 0.05, "mariadb": 0.05}
+BACKLOG_FRACTION = 0.05  # SQLite, clustered by rowid as InnoDB by id
 
 
 def backlog_fraction(dialect: str) -> float:
