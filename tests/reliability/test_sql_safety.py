@@ -59,6 +59,8 @@ ALLOWED: dict[tuple[str, str, str, tuple[str, ...]], str] = {
         TABLE_NAME + "; region, index and zero are column names from build_tables and the "
         "constant all-zero UUID (the layout's, never input); module constants; period, e and "
         "n are SeedSpec int fields (the CLI only sets rows, which is a bound parameter)",
+    ("cli/doctor.py", "layout_check", "text", ()):
+        STATIC + " (reads Airflow's alembic revision)",
     ("planners/expiry.py", "table_rows", "text", ()):
         STATIC + " (catalog row estimates; the table name is bound)",
     ("db.py", "set_timeouts", "execute", ()): STATIC + " (reads the session lock wait back)",
