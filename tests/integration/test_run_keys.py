@@ -1,16 +1,15 @@
-"""Every key a run creates has a TTL from the moment it exists, on a real Redis: the run's
-record, its window (made by the first chunk cut into it, after the record's EXPIRE), whatever
-planner cut it, so an ended run leaves nothing behind once its retention passes."""
+"""Every key a run creates has a TTL from the moment it exists, on Redis and memory:// (the
+integration conftest's store): the run's record, its window (made by the first chunk cut into
+it, after the record's EXPIRE), whatever planner cut it, so an ended run leaves nothing behind
+once its retention passes."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
-import redis
 
 from tests.conftest import create_schema, database_now
-from tests.services import unique
 from workers.chunk import run_local
 from workers.coordinator import coordinate
 from workers.runs import RUN_RETENTION_SECONDS, RunStore
@@ -18,17 +17,6 @@ from workers.seed import SeedSpec, seed
 from workers.settings import Settings
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def store(redis_url: str) -> Iterator[RunStore]:
-    prefix = unique("keys")
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    yield RunStore(client, prefix)
-    keys = list(client.scan_iter(match=f"{prefix}:*"))
-    if keys:
-        client.delete(*keys)
-    client.close()
 
 
 def run_keys(store: RunStore, run_id: str) -> dict[str, int]:
