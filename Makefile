@@ -6,8 +6,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: demo test lint bench bench-quick clean test-binaries prometheus-tools system-deps \
-	airflow-schemas
+.PHONY: demo test lint docs docs-serve bench bench-quick clean test-binaries prometheus-tools \
+	system-deps airflow-schemas
 
 # apt-get install $(1) (as root, else through sudo): server binaries the tests start privately,
 # and Prometheus/promtool for the alert-rule and exporter tests; each only when missing.
@@ -58,13 +58,25 @@ system-deps:
 	fi
 
 test: $(STAMP) system-deps test-binaries prometheus-tools
-	$(BIN)/ruff check workers tests bench beat_schedule.py
+	$(BIN)/ruff check workers tests bench beat_schedule.py docs/gen_reference.py
 	$(BIN)/mypy workers beat_schedule.py
+	$(MKDOCS) build --strict
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check workers tests bench beat_schedule.py
+	$(BIN)/ruff check workers tests bench beat_schedule.py docs/gen_reference.py
 	$(BIN)/mypy workers beat_schedule.py
+
+# The docs site (mkdocs.yml): README.md as its home page, the guides in docs/, and reference
+# pages (settings, CLI, metrics) that docs/gen_reference.py generates from the code at build
+# time. Built into .venv/site; --strict fails on a broken link or anchor.
+MKDOCS := NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs
+
+docs: $(STAMP)
+	$(MKDOCS) build --strict
+
+docs-serve: $(STAMP)
+	$(MKDOCS) serve
 
 bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench.run --rows 1000000
