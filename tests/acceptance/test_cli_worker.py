@@ -127,11 +127,13 @@ def test_airflow_command_name_and_the_orphan_sweep(deployment: Deployment) -> No
 
 
 def readme_command(prefix: str) -> list[str]:
-    """The first command in README.md that starts with *prefix*, as argv."""
-    for line in (ROOT / "README.md").read_text().splitlines():
+    """The first command in the docs (README.md, then docs/*.md) that starts with *prefix*,
+    as argv: the commands a reader copies must run."""
+    pages = (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")))
+    for line in "\n".join(p.read_text() for p in pages).splitlines():
         if line.startswith(prefix):
             return shlex.split(line.split("  #")[0])
-    raise AssertionError(f"README.md has no line starting with {prefix!r}")
+    raise AssertionError(f"no page of the docs has a line starting with {prefix!r}")
 
 
 def test_readme_celery_call_example_starts_a_run(deployment: Deployment) -> None:
