@@ -84,9 +84,12 @@ class LockLost(StatesweepError):
 
 def coordinate(settings: Settings, engine: Engine, tables: Tables, registry: RunStore,
                dispatch: Dispatch, *, run_id: str | None = None, batch_size: int | None = None,
-               source: str = "beat", selection: Selection = EVERYTHING) -> RunSummary:
+               source: str = "beat", selection: Selection = EVERYTHING,
+               top_up_active: bool = True) -> RunSummary:
     """Plan one cleanup run and send its first window; at most one run is active at a time.
-    A *selection* narrows the run to some dag ids and an earlier cutoff."""
+    A *selection* narrows the run to some dag ids and an earlier cutoff. A trigger that finds
+    another run active tops that run up, unless *top_up_active* is False (a local run, which
+    must not take another process's chunks): then it is skipped, naming the active run."""
     batch = batch_size_for(settings, batch_size)
     run_id = check_run_id(run_id or new_run_id())
     bound = log.bind(run_id=run_id, source=source)
@@ -97,8 +100,17 @@ def coordinate(settings: Settings, engine: Engine, tables: Tables, registry: Run
         return RunSummary(run_id, "custom_backend")
 
     sender = Sender(settings, engine, tables, registry, dispatch)
-    holder = registry.acquire(run_id, settings.lock_ttl_seconds)
+    # This delivery's own token: two deliveries of one coordinator message share the run id
+    # (and so the lock), but only the one that claimed the run may fail it before it starts.
+    token = uuid.uuid4().hex
+    holder = registry.acquire(run_id, settings.lock_ttl_seconds, token)
     if holder is not None:
+        if not top_up_active:
+            why = f"run {holder} is active"
+            registry.close_queued(run_id, why)
+            registry.note_trigger("skipped", run_id, source, why)
+            bound.info("coordinator_skipped_active_run", active_run_id=holder)
+            return RunSummary(run_id, "skipped", active_run_id=holder, reason=why)
         return _trigger_active(sender, run_id, holder, source)
 
     existing = registry.get(run_id)
@@ -110,13 +122,13 @@ def coordinate(settings: Settings, engine: Engine, tables: Tables, registry: Run
         return RunSummary(run_id, "resumed", existing.cutoff, len(window.chunks),
                           active_run_id=run_id)
     if existing is not None and existing.state != "queued":
-        registry.release(run_id)
+        registry.release(run_id, token)
         raise InvalidArgument(f"run id {run_id!r} belongs to a run that already ended "
                               f"({existing.state}); a new run needs a new id")
 
     held = _held_before_start(settings, registry)
     if held:
-        registry.release(run_id)
+        registry.release(run_id, token)
         status, why = held
         registry.close_queued(run_id, why)
         registry.note_trigger(status, run_id, source, why)
@@ -170,7 +182,7 @@ def coordinate(settings: Settings, engine: Engine, tables: Tables, registry: Run
                           planner=plan.planner, reason=plan.reason)
     except BaseException as exc:
         error = f"{type(exc).__name__}: {exc}"
-        state = registry.fail(run_id, error, started=started)
+        state = registry.fail(run_id, error, started=started, token=token)
         registry.note_trigger("failed", run_id, source, error)
         if state != "failed":  # a run this process does not own: never touched
             bound.warning("cleanup_run_fail_refused", state=state, error=error)

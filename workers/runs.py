@@ -10,6 +10,8 @@ Keys (``<prefix>`` from STATESWEEP_KEY_PREFIX):
   <prefix>:run:<id>             hash: state, cutoff, plan (kind, cursor, end, size), counts, times
   <prefix>:run:<id>:inflight    hash chunk number -> "lo:hi|sent_at|s" (sent) or "|p" (parked):
                                 the window; a chunk message must match its entry to delete
+  <prefix>:run:<id>:claim       the token of the coordinator delivery planning the run (TTL of
+                                the lock): only it may fail the run before it starts
   <prefix>:runs                 sorted set of run ids by start time, for `status`
   <prefix>:triggers             hash: the last trigger of each outcome (for `doctor`)
   <prefix>:triggers:failed      list: the latest failed triggers, newest first (for `status`)
@@ -169,22 +171,41 @@ class RunStore:
 
     # --- the single-flight lock -----------------------------------------------------------
 
-    def acquire(self, run_id: str, ttl: int) -> str | None:
+    def acquire(self, run_id: str, ttl: int, token: str = "") -> str | None:
         """Take the lock for *run_id*; None on success (or if *run_id* holds it already), else
-        the run id that holds it."""
+        the run id that holds it. With a *token* (one per coordinator delivery) the caller also
+        claims the run's planning, unless another delivery of it holds that claim: only the
+        claimant may fail the run before it starts (see fail())."""
         for _ in range(3):
             if self.client.set(self._k("lock"), run_id, nx=True, ex=ttl):
+                self._claim(run_id, token, ttl)
                 return None
             holder = self.client.get(self._k("lock"))
             if holder:
-                return None if holder == run_id else str(holder)
+                if holder != run_id:
+                    return str(holder)
+                self._claim(run_id, token, ttl)
+                return None
         return "unknown"
+
+    def _claim(self, run_id: str, token: str, ttl: int) -> None:
+        # Lives no longer than the lock it was taken with; a claimant that died leaves a claim
+        # that lapses with it, so a redelivery is never locked out for good.
+        if token:
+            self.client.set(self._k("run", run_id, "claim"), token, nx=True, ex=ttl)
+
+    def claimant(self, run_id: str) -> str | None:
+        """The token of the coordinator delivery that claimed *run_id*'s planning, if any."""
+        v = self.client.get(self._k("run", run_id, "claim"))
+        return str(v) if v else None
 
     def renew(self, run_id: str, ttl: int) -> bool:
         return bool(self._call("RENEW", [self._k("lock")], [run_id, ttl]))
 
-    def release(self, run_id: str) -> None:
-        self._call("RELEASE", [self._k("lock")], [run_id])
+    def release(self, run_id: str, token: str = "") -> None:
+        """Free the lock if *run_id* holds it (and the caller's own planning claim)."""
+        self._call("RELEASE", [self._k("lock"), self._k("run", run_id, "claim")],
+                   [run_id, token])
 
     def active_run(self) -> str | None:
         v = self.client.get(self._k("lock"))
@@ -282,8 +303,10 @@ class RunStore:
                          mapping={"protected_rows": rows, "protected_oldest": oldest})
 
     def abort(self, run_id: str, why: str) -> str:
-        """End a queued or running run now: 'aborted', or the state it had already ended in."""
-        return str(self._call("ABORT", [*self._run_keys(run_id), self._k("lock")],
+        """End a queued or running run now: 'aborted', or the state it had already ended in.
+        The lock is freed only if it names *run_id*."""
+        return str(self._call("ABORT", [*self._run_keys(run_id), self._k("lock"),
+                                        self._k("run", run_id, "claim")],
                               [run_id, time.time(), why[:500]]))
 
     def close_queued(self, run_id: str, why: str) -> bool:
@@ -296,15 +319,18 @@ class RunStore:
         """Halve the run's chunk size for the chunks cut from now on."""
         self._call("SHRINK", [self._k("run", run_id)], [])
 
-    def fail(self, run_id: str, error: str, *, started: bool = False) -> str:
-        """Mark a run failed before or while it was planned, and free its lock, in one
-        compare-and-set step: a queued (or unrecorded) run fails; a running one only when the
-        caller *started* it and its lock still names it. Returns the run's state afterwards
-        ('failed', or the state that refused the change)."""
+    def fail(self, run_id: str, error: str, *, started: bool = False, token: str = "") -> str:
+        """Mark a run failed and free its lock, in one compare-and-set step on its owner: a
+        run not started yet fails for the coordinator delivery that claimed it (*token*), or
+        for anyone if none did; a running one only for the process that *started* it, while
+        its lock names it or has lapsed. The lock is freed only if it names *run_id*. Returns
+        the run's state afterwards: 'failed', or what refused the change (the state of a run
+        this caller does not own, 'planning' for a run another delivery is planning)."""
         # run_id too: a run can fail before its plan was written (the database was down).
-        return str(self._call("FAIL", [self._k("run", run_id), self._k("lock"), self._k("runs")],
+        return str(self._call("FAIL", [self._k("run", run_id), self._k("lock"), self._k("runs"),
+                                       self._k("run", run_id, "claim")],
                               [run_id, error[:500], time.time(), RUN_RETENTION_SECONDS,
-                               "1" if started else "0"]))
+                               "1" if started else "0", token]))
 
     # --- reading ------------------------------------------------------------------------------
 

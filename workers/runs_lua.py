@@ -242,13 +242,14 @@ keep_with(R, F)
 return n
 """
 
-# KEYS R F L; ARGV run_id now why
+# KEYS R F L O; ARGV run_id now why  (a person's abort: any queued or running run ends; the
+# lock and the planning claim are freed only if they are this run's, never another run's)
 ABORT = r"""
-local R, F, L = KEYS[1], KEYS[2], KEYS[3]
+local R, F, L, O = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local state = redis.call('HGET', R, 'state')
 if state ~= 'running' and state ~= 'queued' then return state or '' end
 redis.call('HSET', R, 'state', 'aborted', 'finished_at', ARGV[2], 'error', ARGV[3], 'held', '')
-redis.call('DEL', F)
+redis.call('DEL', F, O)
 if redis.call('GET', L) == ARGV[1] then redis.call('DEL', L) end
 return 'aborted'
 """
@@ -297,28 +298,43 @@ end
 return 0
 """
 
+# KEYS L O; ARGV run_id token -> 1 if the lock was this run's and is freed. The planning claim
+# goes with it, but only the caller's own (token): a duplicate delivery never drops the claim
+# of the copy that plans the run.
 RELEASE = r"""
+if redis.call('GET', KEYS[2]) == ARGV[2] then redis.call('DEL', KEYS[2]) end
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
 
-# KEYS R L RUNS; ARGV run_id error now keep started -> the state the run is in afterwards.
-# Compare-and-set: a run that is queued (or was never recorded) fails; a running run fails
-# only for the process that started it (started = 1) while its lock names it. A duplicate
-# delivery of a coordinator, which lost the race to START, never fails the winner's run.
+# KEYS R L RUNS O; ARGV run_id error now keep started token -> the run's state afterwards.
+# Compare-and-set on the run's owner; nothing changes unless every check passes:
+# - an ended run never changes;
+# - a run not started yet (queued, or never recorded) fails only for the delivery of its
+#   coordinator that claimed it (O holds that delivery's token; no claim: anyone may), so a
+#   duplicate delivery that errs while the first plans leaves the run to it ('planning');
+# - a running run fails only for the process that started it (started = 1), and only while
+#   the lock names it or has lapsed: a run whose lock passed to another run is that run's era,
+#   and a duplicate delivery, which lost the race to START, never fails the winner's run.
+# The lock is freed in the same step, and only if it names this run.
 FAIL = r"""
-local R, L, RUNS = KEYS[1], KEYS[2], KEYS[3]
-local run_id, now = ARGV[1], ARGV[3]
+local R, L, RUNS, O = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local run_id, now, token = ARGV[1], ARGV[3], ARGV[6]
 local state = redis.call('HGET', R, 'state')
+local lock = redis.call('GET', L)
 if state == 'running' then
-  if ARGV[5] ~= '1' or redis.call('GET', L) ~= run_id then return state end
+  if ARGV[5] ~= '1' or (lock and lock ~= run_id) then return state end
 elseif state and state ~= 'queued' then
   return state
+else
+  local claim = redis.call('GET', O)
+  if claim and claim ~= token then return 'planning' end
 end
 redis.call('HSET', R, 'run_id', run_id, 'state', 'failed', 'error', ARGV[2], 'finished_at', now)
 redis.call('HSETNX', R, 'started_at', now)
 redis.call('EXPIRE', R, ARGV[4])
 redis.call('ZADD', RUNS, 'NX', now, run_id)
-if redis.call('GET', L) == run_id then redis.call('DEL', L) end
+redis.call('DEL', O)
+if lock == run_id then redis.call('DEL', L) end
 return 'failed'
 """

@@ -210,14 +210,17 @@ def test_a_duplicate_delivery_that_loses_the_race_to_start_leaves_the_run_alone(
 
 def test_fail_changes_only_a_run_the_caller_owns(db: Db) -> None:
     """fail() is compare-and-set: a running run fails only for the process that started it
-    while its lock names it; an ended run never changes."""
+    while its lock names it or has lapsed (never while another run holds it); an ended run
+    never changes."""
     outbox = Outbox()
     db.coordinate(outbox, run_id="owned")
     assert db.store.fail("owned", "someone else's error") == "running"
     assert db.store.active_run() == "owned"
     db.store.release("owned")
+    assert db.store.acquire("another", 60) is None
     assert db.store.fail("owned", "lost its lock", started=True) == "running"
-    assert db.store.acquire("owned", 60) is None
+    assert db.store.active_run() == "another"
+    db.store.release("another")
     assert db.store.fail("owned", "its own error", started=True) == "failed"
     assert db.store.active_run() is None
     assert db.store.fail("owned", "again", started=True) == "failed"
