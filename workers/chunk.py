@@ -23,7 +23,7 @@ from workers.flow.sizing import ChunkTiming, SizingPolicy
 from workers.planners import BLOCKS, CUT_KINDS, EXPIRY, KINDS, ChunkRange
 from workers.planners.blocks import MAX_PAGES_PER_CHUNK
 from workers.planners.ids import MAX_BATCHES_PER_CHUNK
-from workers.runs import RunStore
+from workers.runs import Gate, RunStore
 from workers.schema import Tables
 from workers.selection import Selection
 from workers.settings import Settings
@@ -147,6 +147,10 @@ def run_chunk(settings: Settings, engine: Engine, tables: Tables, registry: RunS
     if status in ("duplicate", "ended"):
         bound.info("chunk_skipped", reason="already counted" if status == "duplicate"
                    else f"run {detail[0]}")
+        if carried_rows:
+            # Another copy of this chunk was counted first; the rows this one deleted (and
+            # could not count before) are still the run's: FINISH adds them, uncounted.
+            _count_carried(settings, tables, registry, args, carried_rows, g)
         return ChunkResult(carried_rows, status)
     if status == "held":
         reason, new_episode = str(detail[0]), bool(detail[1])
@@ -201,25 +205,96 @@ def run_chunk(settings: Settings, engine: Engine, tables: Tables, registry: RunS
     return ChunkResult(rows, "deleted", counted)
 
 
+def _count_carried(settings: Settings, tables: Tables, registry: RunStore, args: ChunkArgs,
+                   rows: int, g: Gate) -> None:
+    try:
+        registry.finish_chunk(
+            args.run_id, args.chunk, args.range.kind, rows, 0,
+            lock_ttl=settings.run_timeout_seconds, window=settings.max_chunks_in_flight,
+            resend_after=resend_after(settings), gate=g, table=tables.task_state.name)
+    except Exception as exc:
+        raise ProgressNotRecorded(rows) from exc
+    log.info("chunk_rows_carried", run_id=args.run_id, chunk=args.chunk, rows=rows)
+
+
+#: How often ``cleanup --local`` retries a chunk that hit its lock timeout, shrinking the
+#: chunks cut after it each time (as the Celery task does), before the run fails.
+LOCAL_LOCK_RETRIES = 5
+
+
+def _is_lock_timeout(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return "lock timeout" in text or "lock wait timeout" in text
+
+
 def run_local(settings: Settings, engine: Engine, tables: Tables, registry: RunStore, *,
               batch_size: int | None = None, source: str = "local",
               selection: Selection = EVERYTHING,
               on_chunk: Callable[[int, ChunkRange, int], None] | None = None) -> RunSummary:
     """Plan and delete in this process, chunk by chunk, each committed on its own (for cron
-    users and small databases: no broker needed). The window's sends go to a local queue."""
+    users and small databases: no broker needed). The window's sends go to a local queue.
+
+    Another active run is left alone (skipped, naming it): a local run never takes another
+    process's chunks. A chunk that hits its lock timeout is retried, the chunks cut after it
+    halved (registry.shrink); a run that stops any other way (an error, Ctrl-C, retries used
+    up) is failed and its lock freed before the error propagates, so the next cron run is not
+    refused for an hour."""
+    from sqlalchemy.exc import OperationalError
+
     queue: deque[tuple[str, int, ChunkRange, str]] = deque()
 
     def dispatch(run_id: str, number: int, rng: ChunkRange, cutoff: str) -> None:
         queue.append((run_id, number, rng, cutoff))
 
     summary = coordinate(settings, engine, tables, registry, dispatch, batch_size=batch_size,
-                         source=source, selection=selection)
-    while queue:
-        run_id, number, rng, cutoff = queue.popleft()
-        args = check_chunk_args(run_id, number, rng.kind, rng.lo, rng.hi, cutoff, rng.lo_id,
-                                rng.hi_id)
-        result = run_chunk(settings, engine, tables, registry, dispatch, args)
-        if on_chunk is not None and result.status == "deleted":
-            on_chunk(number, rng, result.rows)
+                         source=source, selection=selection, top_up_active=False)
+    if summary.status not in ("started", "finished", "resumed"):
+        return summary
+    run_id = summary.run_id
+    bound = log.bind(run_id=run_id, source=source)
+    retries: dict[int, int] = {}
+    try:
+        while queue:
+            _, number, rng, cutoff = queue.popleft()
+            args = check_chunk_args(run_id, number, rng.kind, rng.lo, rng.hi, cutoff,
+                                    rng.lo_id, rng.hi_id)
+            try:
+                result = run_chunk(settings, engine, tables, registry, dispatch, args)
+            except OperationalError as exc:
+                tried = retries.get(number, 0)
+                if not _is_lock_timeout(exc) or tried >= LOCAL_LOCK_RETRIES:
+                    raise
+                retries[number] = tried + 1
+                registry.shrink(run_id)
+                bound.warning("chunk_retry", chunk=number, error=type(exc).__name__,
+                              reason="lock timeout", retries=tried)
+                # Back off a little; the rest of the window goes first.
+                time.sleep(min(5.0, 0.1 * 2 ** tried))
+                queue.append((run_id, number, rng, cutoff))
+                continue
+            if on_chunk is not None and result.status == "deleted":
+                on_chunk(number, rng, result.rows)
+    except BaseException as exc:
+        _end_local_run(registry, run_id, f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        record = registry.get(run_id)
+        if record is not None and record.ended:
+            registry.release(run_id)  # ended runs free their lock themselves; make certain
+    record = registry.get(run_id)
+    if record is not None and not record.ended:
+        # Its chunks were parked (paused, outside active hours, past its budget) and nothing
+        # else drives a local run: end it and free the lock; the next run deletes the rest.
+        _end_local_run(registry, run_id, f"the local run stopped while held "
+                                         f"({record.held or 'held'}); the next run goes on")
     return summary
 
+
+def _end_local_run(registry: RunStore, run_id: str, error: str) -> None:
+    """Fail a local run this process started (compare-and-set: only while its lock names it
+    or has lapsed), which frees its lock in the same step."""
+    state = registry.fail(run_id, error, started=True)
+    if state == "failed":
+        log.error("cleanup_run_failed", run_id=run_id, error=error)
+    else:
+        log.warning("cleanup_run_fail_refused", run_id=run_id, state=state, error=error)
