@@ -17,7 +17,9 @@ from structlog.testing import capture_logs
 
 from tests.cleanup_runs import Outbox, deliver
 from tests.conftest import create_schema, database_now
+from tests.integration.test_cli import Seeded
 from tests.reliability.faults import hold_row_lock
+from tests.services import REDIS_URL
 from workers import chunk, cleanup, coordinator
 from workers.runs import RunStore
 from workers.schema import Tables
@@ -272,3 +274,38 @@ def test_carried_rows_are_counted_when_the_resent_copy_finished_the_run(
     done = pg.store.get("r1")
     assert done is not None and done.rows_deleted == pg.expired
     assert pg.expired_now() == 0
+
+
+def test_cleanup_local_frees_its_lock_after_a_lock_timeout_and_the_next_one_runs(
+        seeded: Seeded) -> None:
+    """The cron path end to end: a writer holds a row the first chunk must delete for longer
+    than every retry waits. `cleanup --local` fails (non-zero), its run is failed and its lock
+    free; a second `--local` while a run holds the lock names it; the next cron run works."""
+    from workers.exit_codes import EXIT_OK, EXIT_REFUSED
+    from workers.runs import registry_for
+
+    registry = registry_for(REDIS_URL, seeded.env["STATESWEEP_KEY_PREFIX"])
+    t = seeded.tables.task_state
+    with seeded.engine.connect() as conn:
+        first = int(conn.execute(select(func.min(t.c.id))
+                                 .where(t.c.expires_at < func.now())).scalar_one())
+    fast = {"STATESWEEP_LOCK_TIMEOUT_MS": "100"}
+    with hold_row_lock(seeded.engine, t.name, first):
+        failed = seeded.invoke("cleanup", "--local", "--batch-size", "3000", **fast)
+    assert failed.exit_code != EXIT_OK
+    assert registry.active_run() is None
+    [record] = [r for r in registry.recent() if r.source == "cli-local"]
+    assert record.state == "failed" and "lock" in record.error.lower()
+
+    assert registry.acquire("cron-1", 60) is None
+    try:
+        refused = seeded.invoke("cleanup", "--local", **fast)
+    finally:
+        registry.release("cron-1")
+    assert refused.exit_code == EXIT_REFUSED
+    assert [line for line in refused.stderr.splitlines() if "cron-1" in line] == [
+        line for line in refused.stderr.splitlines() if line.strip()][-1:]
+
+    ok = seeded.invoke("cleanup", "--local", "--batch-size", "3000", **fast)
+    assert ok.exit_code == EXIT_OK, ok.stderr
+    assert seeded.expired_now() == 0 and registry.active_run() is None
