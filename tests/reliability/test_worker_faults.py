@@ -28,6 +28,7 @@ pytestmark = [pytest.mark.reliability, pytest.mark.timeout(90)]
 VISIBILITY = 10
 
 
+@pytest.mark.timeout(150)  # a lost message waits out resend_after (34 s here) before its resend
 @pytest.mark.parametrize("fault_broker", BROKERS, indirect=True)
 def test_worker_sigkilled_with_chunks_in_flight_loses_no_work(
         pg_url: str, seeded: Seeder, isolation: dict[str, str], redis_server: RedisServer,
@@ -69,9 +70,13 @@ def test_worker_sigkilled_with_chunks_in_flight_loses_no_work(
         # restores the dead one's messages once past the visibility timeout (kombu scans every
         # 10 s); on RabbitMQ they are back in the queue already.
         started.append(start_worker(env, tmp_path, "c"))
-        # A message the dead worker had taken off a Redis queue but not yet recorded as
-        # unacked (kombu's BRPOP window) is gone for good; then the next trigger (or pump)
-        # sends chunks in flight longer than resend_after.
+        # Two ways a chunk's message is lost for good, on either broker: the kill lands
+        # between a top-up's cut (its window entry written in Redis) and its publish, so the
+        # message never exists; or (Redis only) the dead worker had taken a message off the
+        # queue but not yet recorded it as unacked (kombu's BRPOP window). Nothing finishing
+        # can tell such a chunk from a slow one until resend_after has passed since it was
+        # cut (before the kill); then the next trigger (or beat's pump) sends it again. That
+        # is what the design guarantees: the run completes, recovery bounded by resend_after.
         resumed = None
         try:
             record = wait_for_run(env, run_id, timeout=resend_after(p.settings) + 5)
@@ -79,7 +84,8 @@ def test_worker_sigkilled_with_chunks_in_flight_loses_no_work(
             with p.client() as app:
                 resumed = p.trigger(app).get(timeout=30)
             assert resumed["status"] == "resumed" and resumed["run_id"] == run_id, resumed
-            record = wait_for_run(env, run_id, timeout=60)
+            assert resumed["chunks"] >= 1, resumed
+            record = wait_for_run(env, run_id, timeout=30)
         recovery = time.monotonic() - killed_at
     finally:
         for w in started:
@@ -95,8 +101,9 @@ def test_worker_sigkilled_with_chunks_in_flight_loses_no_work(
     assert record.chunks_done == record.chunks_planned
     assert after.expired == 0
     assert p.rows() == p.survivors()
-    if fault_broker.is_amqp:
-        assert resumed is None, "RabbitMQ redelivers; no chunk should need resending"
+    # Bounded: redelivery (RabbitMQ at once, Redis past the visibility timeout) or, for a
+    # message that never existed, one resend once resend_after has passed.
+    assert recovery <= resend_after(p.settings) + 5 + 30, recovery
 
 
 @pytest.mark.timeout(180)
