@@ -27,9 +27,13 @@ def find_run(settings: Settings, registry: RunRegistry, run_id: str) -> RunRecor
 
 
 def backlog(settings: Settings) -> dict[str, Any]:
-    """Expired rows waiting for a run, at the database's now(); the error text if unreachable."""
+    """Expired rows waiting for a run, at the database's now(); the error text if unreachable.
+
+    Runs live in the run store, so a database that is down costs `status` this one figure,
+    never the rest: the error is one line naming the database (masked) and why."""
     from sqlalchemy.exc import SQLAlchemyError
 
+    from workers.cli.services import ServiceUnavailable
     from workers.exceptions import SchemaError
 
     try:
@@ -38,9 +42,19 @@ def backlog(settings: Settings) -> dict[str, Any]:
             count = cleanup.count_expired(engine, tables, now)
             return {"table": tables.task_state.name, "now": now.isoformat(),
                     "expired_rows": count}
+    except ServiceUnavailable as exc:
+        return {"error": f"{exc}: {_first_line(exc.__cause__ or exc)}"}
     except (SQLAlchemyError, SchemaError) as exc:
-        reason = getattr(exc, "orig", None) or exc
-        return {"error": f"{type(reason).__name__}: {str(reason).strip().splitlines()[0]}"}
+        return {"error": _first_line(getattr(exc, "orig", None) or exc)}
+
+
+def _first_line(exc: BaseException) -> str:
+    """An error as one line, secrets masked: drivers quote the server's multi-line text."""
+    from workers.settings import mask_secrets
+
+    lines = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {lines[0].strip()}" if lines else type(exc).__name__
+    return mask_secrets(text)
 
 
 def overview(settings: Settings, limit: int) -> tuple[dict[str, Any], list[RunRecord]]:
