@@ -112,6 +112,14 @@ class Settings:
     # Where each setting came from (a variable, an airflow.cfg key, "default"); not a setting.
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False,
                                        metadata={"setting": False})
+    # What was configured where it differs from the value used (Airflow's metastore backend
+    # names, which statesweep cleans as its own); `doctor` shows both. Not a setting.
+    configured: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False,
+                                          metadata={"setting": False})
+    # Airflow values statesweep deliberately does not adopt (its shipped batch size 0, a result
+    # backend it cannot use), as "where=value" (URLs masked), for `doctor`. Not a setting.
+    not_adopted: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False,
+                                           metadata={"setting": False})
 
     # --- construction -------------------------------------------------------------------------
 
@@ -126,6 +134,8 @@ class Settings:
             airflow = airflow_config.AirflowConfig({})
         values: dict[str, Any] = {}
         sources: dict[str, str] = {}
+        configured: dict[str, str] = {}
+        not_adopted: dict[str, str] = {}
         for f in setting_fields():
             name = PREFIX + f.name.upper()
             try:
@@ -139,29 +149,33 @@ class Settings:
                 sources[f.name] = DEFAULT_SOURCE
                 continue
             raw = found.raw
-            if (f.name == "cleanup_batch_size" and name not in env
-                    and raw.strip() in ("0", "+0", "00")):
+            if f.name == "cleanup_batch_size" and name not in env and is_zero(raw):
                 # Airflow ships state_cleanup_batch_size = 0 ("no batching") in every generated
                 # airflow.cfg: its default, not a choice. statesweep exists to batch; one
                 # unbounded transaction is only ever an explicit STATESWEEP_CLEANUP_BATCH_SIZE=0.
                 sources[f.name] = f"{DEFAULT_SOURCE} ({found.source}=0 means no batching in " \
                                   "Airflow; statesweep batches)"
+                not_adopted[f.name] = f"{found.source}={raw.strip()}"
                 continue
             schemes = airflow_config.ADOPTED_SCHEMES.get(f.name)
             if schemes and name not in env and raw.partition(":")[0].lower() not in schemes:
+                not_adopted[f.name] = f"{found.source}={mask_url(raw)}"
                 sources[f.name] = (f"{DEFAULT_SOURCE} ({found.source} is a "
                                    f"{raw.partition(':')[0] or 'non-URL'} backend; statesweep "
                                    f"takes {'/'.join(schemes[:2])} from Airflow's [celery])")
                 continue
             sources[f.name] = found.source
             if f.name == "state_backend" and airflow_config.is_metastore(raw):
+                if raw.strip() != METASTORE_BACKEND:
+                    configured[f.name] = raw.strip()
                 raw = METASTORE_BACKEND  # Airflow's name for the tables statesweep cleans
             try:
                 values[f.name] = _PARSERS.get(f.name, _parse_str)(raw)
             except ValueError as exc:
                 errors.append(f"{found.source}={_show(f.name, raw)!r}: {exc}")
         raise_errors(errors)
-        settings = cls(**values, sources=sources)
+        settings = cls(**values, sources=sources, configured=configured,
+                       not_adopted=not_adopted)
         settings.check()
         return settings
 
@@ -428,11 +442,31 @@ PLANNER_CHOICES = ("auto", "blocks", "ids", "walk", "expiry")
 MAX_BATCH_SIZE = 10_000_000
 
 
+BATCH_SIZE_RULE = f"must be 0 (one chunk) or a number of rows up to {MAX_BATCH_SIZE:,}"
+
+
+def check_batch_size_value(value: int, name: str = "--batch-size") -> int:
+    """*value* if it is a batch size statesweep can run; else one ValueError naming *name* and
+    the value. The one bound for settings, the CLI's --batch-size and task arguments."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_BATCH_SIZE:
+        raise ValueError(f"{name} {BATCH_SIZE_RULE}, got {value!r}")
+    return value
+
+
 def _parse_batch_size(raw: str) -> int:
     value = _parse_non_negative_int(raw)
     if value > MAX_BATCH_SIZE:
-        raise ValueError(f"must be 0 (one chunk) or a number of rows up to {MAX_BATCH_SIZE:,}")
+        raise ValueError(BATCH_SIZE_RULE)
     return value
+
+
+def is_zero(raw: str) -> bool:
+    """Whether a batch size as written is 0 in any spelling ("0", "00", "+0", " 0 ")."""
+    try:
+        return int(raw.strip()) == 0
+    except ValueError:
+        return False
+
 
 _PARSERS = {
     "planner": _parse_lower,

@@ -47,12 +47,14 @@ def record_json(record: RunRecord) -> dict[str, Any]:
 
 
 def check_batch_option(batch_size: int | None) -> int | None:
-    from workers.settings import MAX_BATCH_SIZE
+    """--batch-size checked before anything else runs: one line naming it and the value."""
+    from workers.settings import check_batch_size_value
 
-    if batch_size is not None and not 0 <= batch_size <= MAX_BATCH_SIZE:
-        raise InvalidArgument(
-            f"--batch-size must be 0 (one chunk) or a number of rows up to {MAX_BATCH_SIZE:,}, "
-            f"got {batch_size}")
+    if batch_size is not None:
+        try:
+            check_batch_size_value(batch_size, "--batch-size")
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
     return batch_size
 
 

@@ -140,11 +140,31 @@ def backend_check(settings: Settings) -> Check | None:
                  f"{settings.source_of('state_backend')}) keeps Airflow's state elsewhere")
 
 
+def batch_check(settings: Settings) -> Check | None:
+    """An explicit batch size of 0 (one unbounded transaction per run) is loud; Airflow's
+    shipped 0 ("no batching"), which statesweep does not adopt, is said here once, with why."""
+    from workers.settings import PREFIX
+
+    where = settings.source_of("cleanup_batch_size")
+    if settings.cleanup_batch_size == 0:
+        return Check("batch size", "warn",
+                     f"{where}=0: every run deletes ALL expired rows in ONE transaction "
+                     "(long row locks, bloat and replication lag on a large backlog); unset "
+                     f"it for statesweep's batches of {Settings().cleanup_batch_size:,} rows")
+    airflow = settings.not_adopted.get("cleanup_batch_size")
+    if airflow is not None:
+        return Check("batch size", "ok",
+                     f"{settings.cleanup_batch_size:,} rows per chunk: {airflow} means no "
+                     "batching in Airflow (its shipped default), which statesweep does not "
+                     f"adopt; {PREFIX}CLEANUP_BATCH_SIZE sets statesweep's own")
+    return None
+
+
 def run_checks(settings: Settings) -> list[Check]:
     checks = database_checks(settings)
-    backend = backend_check(settings)
-    if backend is not None:
-        checks.append(backend)
+    for extra in (backend_check(settings), batch_check(settings)):
+        if extra is not None:
+            checks.append(extra)
     app = client_app(settings)
     try:
         try:
@@ -174,7 +194,37 @@ def trigger_checks(settings: Settings) -> list[Check]:
     from workers.runs import registry_for
 
     registry = registry_for(settings.effective_run_store_url, settings.key_prefix)
-    return [Check(*c) for c in beat_checks(settings, registry)]
+    checks = [Check(*c) for c in beat_checks(settings, registry)]
+    if not any(c.name == "second beat" for c in checks):
+        interleaved = interleave_check(settings, registry.beat_trigger_times())
+        if interleaved is not None:
+            checks.insert(1, interleaved)
+    return checks
+
+
+# One beat on a seconds schedule triggers a period apart (a restart only lengthens a gap); a
+# gap under this share of the period is a second beat's trigger between the first's. Below 1
+# leaves room for a trigger that waited behind other work on the control queue.
+INTERLEAVED_SHARE = 0.75
+
+
+def interleave_check(settings: Settings, beats: list[float]) -> Check | None:
+    """A second beat, from the first trigger of it that falls between two of the first beat's:
+    at once, not only when two triggers happen to come within half a period (two beats half a
+    period apart never do). Crontab schedules have uneven gaps and are left to beat_checks."""
+    from workers.settings import parse_schedule
+
+    period = parse_schedule(settings.coordinator_schedule)
+    if not isinstance(period, float):
+        return None
+    gaps = [a - b for a, b in zip(beats, beats[1:], strict=False)]
+    short = [g for g in gaps if g < INTERLEAVED_SHARE * period]
+    if not short:
+        return None
+    return Check("second beat", "warn",
+                 f"beat triggers came {min(short):.1f}s apart where one beat triggers every "
+                 f"{period:g}s (STATESWEEP_COORDINATOR_SCHEDULE): a second beat is probably "
+                 "running; run exactly one")
 
 
 def _ping_backend(settings: Settings) -> list[Check]:
@@ -205,8 +255,45 @@ def report(checks: list[Check], settings: Settings) -> dict[str, Any]:
             "settings": masked,
             "sources": {name: settings.source_of(name) for name in masked
                         if name != "effective_run_store_url"},
+            "configured": {name: _show(name, raw) for name, raw in settings.configured.items()},
+            "not_adopted": dict(settings.not_adopted),
             "airflow_cfg": (f"{path} ({'read' if path.is_file() else 'not found'})"
                             if path else "none")}
+
+
+def _show(name: str, raw: str) -> str:
+    from workers.settings import _URL_FIELDS
+
+    return mask_url(raw) if name in _URL_FIELDS else raw
+
+
+# Settings whose empty or zero value turns a rule off: shown as "off", not "0.0" or nothing.
+OFF_WHEN_EMPTY = {"max_run_seconds", "max_replica_lag_seconds", "target_chunk_seconds",
+                  "chunk_rate_limit", "active_hours"}
+
+
+def shown_value(name: str, value: Any) -> str:
+    """A setting as text: a rule that is off reads "off", an empty one "unset"."""
+    if name in OFF_WHEN_EMPTY and not value:
+        return "off"
+    if value == "":
+        return "unset"
+    return str(value)
+
+
+def shown_setting(data: dict[str, Any], name: str, value: Any) -> tuple[str, str]:
+    """(value, source) for one settings line: what was configured where statesweep reads it
+    as something else (Airflow's metastore backend), and why."""
+    from workers.settings import METASTORE_BACKEND
+
+    where = data["sources"].get(name, "derived")
+    configured = data.get("configured", {}).get(name)
+    if configured is None:
+        return shown_value(name, value), where
+    if name == "state_backend":
+        return configured, (f"{where}; Airflow's metastore backend: statesweep cleans its "
+                            f"tables as its own {METASTORE_BACKEND}")
+    return f"{configured} (used as {shown_value(name, value)})", where
 
 
 def render(data: dict[str, Any]) -> str:
@@ -215,8 +302,8 @@ def render(data: dict[str, Any]) -> str:
     lines = [f"{marks[c['status']]}  {c['name']:<{width}}  {c['detail']}" for c in data["checks"]]
     lines.append(f"airflow.cfg: {data['airflow_cfg']}")
     lines.append("settings (secrets masked; where each came from on the right):")
-    pairs = [(f"{k} = {v}", data["sources"].get(k, "derived"))
-             for k, v in data["settings"].items()]
+    pairs = [(f"{k} = {v}", where) for k, v, where in
+             ((k, *shown_setting(data, k, v)) for k, v in data["settings"].items())]
     left = max(len(p) for p, _ in pairs)
     lines += [f"  {p:<{left}}  [{where}]" for p, where in pairs]
     fails = sum(c["status"] == "fail" for c in data["checks"])
