@@ -1,11 +1,12 @@
 """Issue 22, what an operator hit on a real Airflow deployment (no services needed): Airflow's
-shipped batch size 0 (item 1), a batch size past the bound (item 5), what `doctor` shows of
-Airflow's backend and of rules that are off (item 10), and a second beat seen from the first
-interleaved trigger (item 9)."""
+shipped batch size 0 (item 1), a batch size past the bound (item 5), Flower's port in use
+(item 6), what `doctor` shows of Airflow's backend and of rules that are off (item 10), and a
+second beat seen from the first interleaved trigger (item 9)."""
 
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -156,6 +157,33 @@ def test_a_huge_batch_size_setting_is_one_line_through_the_cli(tmp_path: Path) -
     assert len(done.stderr.strip().splitlines()) == 1
     assert f"STATESWEEP_CLEANUP_BATCH_SIZE='{10 ** 20}'" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+# --- item 6: Flower's port in use -----------------------------------------------------------------
+
+
+def test_flower_on_a_port_in_use_is_one_line_naming_address_and_port(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = invoke("flower", "--basic-auth", "admin:hunter2", "--port", str(port),
+                      env={"HOME": str(tmp_path)})
+    assert done.exit_code == EXIT_BAD_ARGUMENT
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.output
+    assert lines[0].startswith(f"error: --port {port} on --address 127.0.0.1 cannot be listened "
+                               "on: Address already in use")
+    assert "hunter2" not in done.output
+
+
+def test_flower_on_an_address_this_host_lacks_is_one_line(tmp_path: Path) -> None:
+    done = invoke("flower", "--basic-auth", "admin:pw", "--address", "no-such-host.invalid",
+                  env={"HOME": str(tmp_path)})
+    assert done.exit_code == EXIT_BAD_ARGUMENT
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("error: --address 'no-such-host.invalid' is not an address")
 
 
 # --- item 10: Airflow's backend as configured, rules that are off -------------------------------

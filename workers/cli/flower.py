@@ -11,12 +11,36 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import socket
 import sys
 
 import click
 
 from workers.cli.base import load_settings
-from workers.exceptions import RefusedError
+from workers.exceptions import InvalidArgument, RefusedError
+
+
+def check_listen_address(address: str, port: int) -> None:
+    """Bind *address*:*port* once and let go, so a port in use (or an address this host does
+    not have) is one line naming --address and --port, not Tornado's traceback after exec.
+
+    SO_REUSEADDR as Tornado sets it: a port left in TIME_WAIT by a stopped Flower is free."""
+    try:
+        infos = socket.getaddrinfo(address or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise InvalidArgument(f"--address {address!r} is not an address of this host "
+                              f"({exc}); give an IP address or a name that resolves") from None
+    for family, kind, proto, _name, sockaddr in infos:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(sockaddr)
+            except OSError as exc:
+                raise InvalidArgument(
+                    f"--port {port} on --address {address} cannot be listened on: "
+                    f"{exc.strerror or exc}; pick a free --port or stop what listens there"
+                ) from None
 
 
 def _has_auth(basic_auth: str, args: tuple[str, ...]) -> bool:
@@ -49,6 +73,7 @@ def flower(basic_auth: str, port: int, address: str, flower_args: tuple[str, ...
         raise RefusedError("Flower is not installed: it is the [flower] extra, "
                            "pip install 'statesweep[flower]'")
     load_settings()  # a bad setting is the usual one error here, not Flower's traceback
+    check_listen_address(address, port)
     env = dict(os.environ)
     if basic_auth:
         env["FLOWER_BASIC_AUTH"] = basic_auth  # in the environment, not in argv (ps shows it)
