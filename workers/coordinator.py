@@ -26,7 +26,7 @@ from workers.exceptions import InvalidArgument, StatesweepError
 from workers.runs import Gate, RunRecord, RunStore
 from workers.schema import Tables
 from workers.selection import Selection
-from workers.settings import MAX_BATCH_SIZE, Settings
+from workers.settings import Settings, check_batch_size_value
 from workers.store import load_backend
 from workers.window import Dispatch, Sender, gate, resend_after
 
@@ -51,10 +51,10 @@ def check_run_id(run_id: Any) -> str:
 def check_batch_size(batch_size: Any) -> int:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int):
         raise InvalidArgument(f"batch_size must be a whole number, got {batch_size!r}")
-    if not 0 <= batch_size <= MAX_BATCH_SIZE:
-        raise InvalidArgument(f"batch_size must be 0 (one chunk) or a number of rows up to "
-                              f"{MAX_BATCH_SIZE:,}, got {batch_size}")
-    return batch_size
+    try:  # the one bound settings and --batch-size use too
+        return check_batch_size_value(batch_size, "batch_size")
+    except ValueError as exc:
+        raise InvalidArgument(str(exc)) from None
 
 
 def batch_size_for(settings: Settings, batch_size: Any = None) -> int:
