@@ -39,7 +39,9 @@ DESCRIPTIONS: dict[str, str] = {
                   "[Brokers](../configure.md#brokers-redis-or-rabbitmq)).",
     "result_backend": "Celery result backend.",
     "run_store_url": "Where runs, the single-flight lock, the pause and the counters live "
-                     "(`redis://`, or `memory://` for one process).",
+                     "(`redis://`, or `memory://` for one process). Unset: the result "
+                     "backend's Redis, else the broker's; a worker or beat that would fall "
+                     "back to `memory://` refuses to start (exit 3).",
     "default_retention_days": "Retention of task state that statesweep's own writer library "
                               "writes without an explicit one (`expires_at` = now + this); "
                               "`0` = never expires. It does not change what cleanup deletes: "

@@ -115,6 +115,28 @@ def _no_sent_events_from_workers(**_: Any) -> None:
     app.conf.task_send_sent_event = False
 
 
+def _refuse_without_run_store(role: str) -> None:
+    """A worker or beat without a run store it can share refuses to start: one line naming
+    the setting and its value (masked), the exit code of the cause (workers.startup)."""
+    from workers.startup import StartupRefused, check_run_store
+
+    try:
+        check_run_store(settings)
+    except StartupRefused as exc:
+        sys.stderr.write(f"statesweep: {role} not started: {exc}\n")
+        raise SystemExit(exc.code) from None
+
+
+@signals.worker_init.connect
+def _check_run_store_at_start(**_: Any) -> None:
+    _refuse_without_run_store("worker")
+
+
+@signals.beat_init.connect
+def _check_run_store_at_beat_start(**_: Any) -> None:
+    _refuse_without_run_store("beat")
+
+
 @signals.worker_init.connect
 def _check_database_at_start(**_: Any) -> None:
     """A worker that cannot reach its database or find the state tables refuses to start,
