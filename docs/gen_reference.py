@@ -39,7 +39,9 @@ DESCRIPTIONS: dict[str, str] = {
                   "[Brokers](../configure.md#brokers-redis-or-rabbitmq)).",
     "result_backend": "Celery result backend.",
     "run_store_url": "Where runs, the single-flight lock, the pause and the counters live "
-                     "(`redis://`, or `memory://` for one process). Unset: the result "
+                     "(`redis://`, `rediss://`, `unix:///path/redis.sock?db=0`, or `memory://` "
+                     "for one process); a Redis >= 7 with maxmemory-policy `noeviction`, "
+                     "checked when a worker or beat starts. Unset: the result "
                      "backend's Redis, else the broker's; a worker or beat that would fall "
                      "back to `memory://` refuses to start (exit 3).",
     "default_retention_days": "Retention of task state that statesweep's own writer library "
@@ -59,9 +61,14 @@ DESCRIPTIONS: dict[str, str] = {
     "orphan_schedule": "Orphaned-asset-state sweep period: seconds or crontab.",
     "control_queue": "Queue of the coordinator and the orphan sweep.",
     "chunk_queue": "Queue of chunk deletes (scale its workers separately).",
-    "key_prefix": "Prefix of the run store's Redis keys.",
+    "key_prefix": "Prefix of the run store's Redis keys: letters, digits, `.`, `:`, `_`, "
+                  "`-`, and at most one Redis Cluster hash tag in braces (`{statesweep}`), "
+                  "which puts every key in one slot (see [the run store's Redis]"
+                  "(../configure.md#the-run-stores-redis)).",
     "lock_ttl_seconds": "Single-flight lock TTL while a run is being planned, and the "
-                        "coordinator task's time limit (its soft limit 5 s less).",
+                        "coordinator task's time limit (its soft limit 5 s less). With a "
+                        "Redis broker it must be below the visibility timeout, so a dead "
+                        "coordinator's lock lapses before Redis redelivers its message.",
     "run_timeout_seconds": "How long the lock of a planned run outlives its last finished "
                            "chunk or pump before it frees itself (at least 60 and at least "
                            "the lock TTL).",
@@ -76,7 +83,9 @@ DESCRIPTIONS: dict[str, str] = {
                           "next pump or trigger (a trigger that does so reports `resumed`).",
     "lock_timeout_ms": "Per-chunk lock timeout.",
     "statement_timeout_ms": "Per-chunk statement timeout; it also ends a chunk transaction "
-                            "left idle by a vanished client (PostgreSQL).",
+                            "left idle by a vanished client (PostgreSQL). Must be below the "
+                            "chunk's soft time limit, so the database cancels a slow DELETE "
+                            "(the chunk retries) before the time limit cuts it off.",
     "chunk_rate_limit": "Chunk starts per second/minute/hour for all workers together "
                         "(`10/s`, `600/m`, `1000/h`): trades cleanup speed for CPU and I/O "
                         "left to the writers (see [Throttling](../operate.md#throttling)).",

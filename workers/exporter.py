@@ -29,7 +29,7 @@ from sqlalchemy import Connection, Engine, Select, Table, func, literal_column, 
 from workers import metrics
 from workers.exceptions import RefusedError, SettingsError
 from workers.runs import RunRecord, registry_for
-from workers.settings import Settings, is_redis, mask_url, parse_schedule
+from workers.settings import Settings, is_redis_store, mask_url, parse_schedule
 
 log = structlog.get_logger("statesweep.exporter")
 
@@ -287,7 +287,7 @@ def _client_app(settings: Settings) -> Any:
 def serve(settings: Settings, host: str, port: int,
           stop: threading.Event | None = None) -> None:
     """Serve /metrics on host:port until SIGTERM/SIGINT (or *stop* is set)."""
-    if not is_redis(settings.effective_run_store_url):
+    if not is_redis_store(settings.effective_run_store_url):
         raise RefusedError(
             "the exporter reads the counters the workers keep in the run store, and memory:// "
             "is one process's memory; set STATESWEEP_RUN_STORE_URL (or "

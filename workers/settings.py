@@ -211,9 +211,12 @@ class Settings:
                          ("log_level", LOG_LEVELS)):
             if getattr(self, name) not in ok:
                 bad(name, f"must be one of {', '.join(ok)}")
-        for name in ("control_queue", "chunk_queue", "key_prefix"):
+        for name in ("control_queue", "chunk_queue"):
             if not re.fullmatch(r"[\w.:-]+", getattr(self, name)):
                 bad(name, "must be a non-empty name of letters, digits, '.', ':', '_' or '-'")
+        if not KEY_PREFIX.fullmatch(self.key_prefix):
+            bad("key_prefix", "must be a non-empty name of letters, digits, '.', ':', '_' or "
+                "'-', with at most one Redis Cluster hash tag in braces (e.g. {statesweep})")
         if self.control_queue == self.chunk_queue:
             bad("chunk_queue", "must differ from STATESWEEP_CONTROL_QUEUE")
         if self.chunk_soft_time_limit >= self.chunk_time_limit:
@@ -222,6 +225,24 @@ class Settings:
         # worker while the first may still be running it; keep it well above the hard limit.
         if self.visibility_timeout < 2 * self.chunk_time_limit:
             bad("visibility_timeout", "must be at least twice STATESWEEP_CHUNK_TIME_LIMIT")
+        # A coordinator delivery runs at most the lock TTL (its hard time limit) and its
+        # planning lock and claim lapse with it. Redis redelivers the unacknowledged message
+        # after the visibility timeout: sooner, and a second copy plans while the first still
+        # may, or finds a dead copy's claim still standing. RabbitMQ redelivers only when the
+        # consumer's connection is gone, so the rule is Redis's.
+        if self.lock_ttl_seconds >= self.visibility_timeout \
+                and not is_amqp_url(self.broker_url):
+            bad("lock_ttl_seconds", f"must be below STATESWEEP_VISIBILITY_TIMEOUT="
+                f"{self.visibility_timeout}: Redis would redeliver a coordinator to a second "
+                "worker while the first may still hold the planning lock; lower the lock TTL "
+                "or raise the visibility timeout")
+        # A DELETE cut by the statement timeout rolls back in the database and the chunk is
+        # retried (an OperationalError); one cut by the soft time limit is an exception raised
+        # inside the driver's call, and the chunk fails for good.
+        if self.statement_timeout_ms >= 1000 * self.chunk_soft_time_limit:
+            bad("statement_timeout_ms", f"must be below STATESWEEP_CHUNK_SOFT_TIME_LIMIT="
+                f"{self.chunk_soft_time_limit} s ({1000 * self.chunk_soft_time_limit} ms), so "
+                "a slow DELETE is cancelled by the database, not cut off by the time limit")
         for name in ("lock_ttl_seconds", "run_timeout_seconds", "chunk_time_limit",
                      "chunk_soft_time_limit", "lock_timeout_ms", "statement_timeout_ms"):
             if getattr(self, name) <= 0:
@@ -266,10 +287,9 @@ class Settings:
                 parse_active_hours(self.active_hours)
             except ValueError as exc:
                 bad("active_hours", str(exc))
-        if self.run_store_url and urlsplit(self.run_store_url).scheme not in (
-            "redis", "rediss", "memory"
-        ):
-            bad("run_store_url", "must be a redis://, rediss:// or memory:// URL")
+        if self.run_store_url and urlsplit(self.run_store_url).scheme not in RUN_STORE_SCHEMES:
+            bad("run_store_url", "must be a redis://, rediss://, unix:// (a Redis socket) or "
+                "memory:// URL")
         for name in ("coordinator_schedule", "orphan_schedule"):
             try:
                 parse_schedule(getattr(self, name))
@@ -565,6 +585,27 @@ def parse_schedule(raw: str) -> float | tuple[str, str, str, str, str]:
 
 def is_redis(url: str) -> bool:
     return urlsplit(url).scheme in ("redis", "rediss")
+
+
+def is_redis_store(url: str) -> bool:
+    """Whether a run store URL is a Redis that processes share (TCP, TLS or a unix socket),
+    not one process's memory://."""
+    return urlsplit(url).scheme in ("redis", "rediss", "unix")
+
+
+#: Run store URLs: Redis over TCP or TLS, Redis on a unix socket (redis-py's
+#: ``unix:///path/redis.sock?db=0``), or one process's memory.
+RUN_STORE_SCHEMES = ("redis", "rediss", "unix", "memory")
+
+#: A run store key prefix: a name, with at most one Redis Cluster hash tag (``{...}``) in it.
+#: Redis Cluster hashes only the tag of a key that has one, so every key statesweep makes
+#: lands in one slot, as the run scripts (several keys each) need there.
+KEY_PREFIX = re.compile(r"(?=.)[\w.:-]*(\{[\w.:-]+\})?[\w.:-]*")
+
+
+def is_amqp_url(url: str) -> bool:
+    """Whether *url* (the first of a ``;``-separated failover list) is a RabbitMQ broker."""
+    return urlsplit(url.split(";", 1)[0].strip()).scheme in ("amqp", "amqps", "pyamqp")
 
 
 def import_string(path: str) -> Any:

@@ -37,7 +37,8 @@ pytestmark = [pytest.mark.reliability, pytest.mark.timeout(300)]
 # Short limits so a Redis redelivery comes within the test (visibility > 2x hard limit); the
 # lock wait outlasts the moment between the chunk blocking and the partition.
 LIMITS = {"cleanup_batch_size": 2000, "visibility_timeout": 20, "chunk_time_limit": 10,
-          "chunk_soft_time_limit": 8, "lock_timeout_ms": 6000, "statement_timeout_ms": 7000}
+          "chunk_soft_time_limit": 8, "lock_timeout_ms": 6000, "statement_timeout_ms": 7000,
+          "lock_ttl_seconds": 19}  # below the visibility timeout, as settings require
 
 
 def _session_gone(p: Pipeline, pid: int, timeout: float) -> str:

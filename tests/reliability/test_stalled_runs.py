@@ -47,7 +47,8 @@ def test_a_sigkilled_workers_run_is_reported_stalled_and_abort_frees_the_lock(
     # A short hard limit: a run with no finished chunk for that long is stalled (a chunk cannot
     # run longer), so the test sees it in seconds. No beat, so nothing re-sends the chunks.
     env = pipeline_env(pg_url, redis_server.url, isolation, cleanup_batch_size=5000,
-                       visibility_timeout=60, chunk_time_limit=4, chunk_soft_time_limit=3)
+                       visibility_timeout=60, chunk_time_limit=4, chunk_soft_time_limit=3,
+                       lock_ttl_seconds=59, statement_timeout_ms=2500)
     p = Pipeline(env, engine, tables, spec, tmp_path)
     scenario.before(p.counts())
     started: list[WorkerProcess] = []

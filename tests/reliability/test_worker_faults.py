@@ -26,6 +26,9 @@ from workers.window import resend_after
 pytestmark = [pytest.mark.reliability, pytest.mark.timeout(90)]
 
 VISIBILITY = 10
+# What settings require with those limits: the coordinator's lock lapses before Redis would
+# redeliver it, and a DELETE's statement timeout comes before the 3 s soft limit.
+SHORT_LIMITS = {"lock_ttl_seconds": VISIBILITY - 1, "statement_timeout_ms": 2500}
 
 
 @pytest.mark.timeout(150)  # a lost message waits out resend_after (34 s here) before its resend
@@ -40,7 +43,7 @@ def test_worker_sigkilled_with_chunks_in_flight_loses_no_work(
     # RabbitMQ redelivers as soon as the dead worker's connection closes.
     env = pipeline_env(pg_url, redis_server.url, isolation, cleanup_batch_size=2000,
                        visibility_timeout=VISIBILITY, chunk_time_limit=4,
-                       chunk_soft_time_limit=3, broker_url=fault_broker.url)
+                       chunk_soft_time_limit=3, broker_url=fault_broker.url, **SHORT_LIMITS)
     p = Pipeline(env, engine, tables, spec, tmp_path)
     scenario.before(p.counts())
     started: list[WorkerProcess] = []
@@ -123,7 +126,7 @@ def test_coordinator_killed_while_sending_its_window_loses_no_work(
     engine, tables = seeded(spec)
     env = pipeline_env(pg_url, redis_server.url, isolation, cleanup_batch_size=20,
                        planner="walk", max_chunks_in_flight=2000, chunk_time_limit=4,
-                       chunk_soft_time_limit=3)
+                       chunk_soft_time_limit=3, statement_timeout_ms=2500)
     p = Pipeline(env, engine, tables, spec, tmp_path)
     control, chunks = p.settings.control_queue, p.settings.chunk_queue
     scenario.before(p.counts())
@@ -222,7 +225,7 @@ def test_chunk_message_lost_by_the_broker_is_resent_by_the_next_trigger(
     engine, tables = seeded(spec)
     env = pipeline_env(pg_url, redis_server.url, isolation, cleanup_batch_size=1000,
                        visibility_timeout=VISIBILITY, chunk_time_limit=4,
-                       chunk_soft_time_limit=3, planner="walk")
+                       chunk_soft_time_limit=3, planner="walk", **SHORT_LIMITS)
     p = Pipeline(env, engine, tables, spec, tmp_path)
     control, chunks = p.settings.control_queue, p.settings.chunk_queue
     scenario.before(p.counts())

@@ -260,12 +260,12 @@ def dispatch_orphans(app: Celery, settings: Settings, batch_size: int | None) ->
     import uuid
 
     from workers.celery_app import SWEEP_ORPHANS
-    from workers.settings import is_redis
+    from workers.settings import is_redis_store
 
     check_broker(app, settings)
     check_result_backend(settings)
     task_id = str(uuid.uuid4())
-    if is_redis(settings.effective_run_store_url):
+    if is_redis_store(settings.effective_run_store_url):
         run_store(settings).record_sweep(f"orphans-{task_id}", "queued")
     return app.send_task(SWEEP_ORPHANS, queue=settings.control_queue, task_id=task_id,
                          kwargs={"batch_size": batch_size})

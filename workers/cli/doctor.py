@@ -22,7 +22,7 @@ from workers.cli.services import (
     ping_redis,
 )
 from workers.schema import Tables
-from workers.settings import Settings, is_redis, mask_url
+from workers.settings import Settings, is_redis, is_redis_store, mask_url
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -98,7 +98,7 @@ def database_checks(settings: Settings) -> list[Check]:
 
 def run_store_check(settings: Settings) -> Check:
     url = settings.effective_run_store_url
-    if not is_redis(url):
+    if not is_redis_store(url):
         return Check("run store", "warn", f"{url}: runs and the single-flight lock live in one "
                      "process only; workers on other hosts do not share them")
     try:

@@ -18,7 +18,7 @@ from sqlalchemy import Engine
 from workers.exceptions import SchemaError, StatesweepError
 from workers.runs import RunRegistry, registry_for
 from workers.schema import Tables, resolve_tables
-from workers.settings import Settings, is_redis, mask_url
+from workers.settings import Settings, is_redis, is_redis_store, mask_url
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -141,14 +141,14 @@ def run_store_variable(settings: Settings) -> str:
 def run_store(settings: Settings) -> RunRegistry:
     """The run registry the workers use, after checking it answers."""
     url = settings.effective_run_store_url
-    if is_redis(url):
+    if is_redis_store(url):
         ping_redis(url, f"run store {run_store_variable(settings)}")
     return registry_for(url, settings.key_prefix)
 
 
 def shared_run_store(settings: Settings) -> RunRegistry:
     """The run store, refusing ``memory://``: another process's runs are invisible there."""
-    if not is_redis(settings.effective_run_store_url):
+    if not is_redis_store(settings.effective_run_store_url):
         raise ServiceUnavailable(
             "runs are recorded in memory:// (one process only), so this command cannot see the "
             "workers' runs; set STATESWEEP_RUN_STORE_URL (or STATESWEEP_RESULT_BACKEND) to the "
