@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from typing import Any
 
 import click
 
@@ -60,10 +61,54 @@ COMMANDS = (
     ("demo", "demo"),
     ("flower", "flower"),
     ("exporter", "exporter_command"),  # long-running: Prometheus metrics
+    ("dbclean", "db_clean"),  # airflow db clean over Airflow's metadata tables, archived
 )
 
 
-@click.group(cls=StatesweepGroup)
+class LazyGroup(StatesweepGroup):
+    """The top-level group, importing a command's module only when that command runs: each
+    module imports what its commands need, and `statesweep cleanup --wait` should not pay for
+    doctor's or the exporter's imports. Listing commands (``--help``, ``.commands``) loads
+    them all."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._loaded: set[str] = set()
+        super().__init__(*args, **kwargs)
+
+    @property  # type: ignore[override]
+    def commands(self) -> dict[str, click.Command]:
+        for module, _attr in COMMANDS:
+            self._load(module)
+        return self._commands
+
+    @commands.setter
+    def commands(self, value: dict[str, click.Command]) -> None:
+        self._commands = value
+
+    def _load(self, module: str) -> None:
+        if module in self._loaded:
+            return
+        self._loaded.add(module)
+        imported = importlib.import_module(f"workers.cli.{module}")
+        for name, attr in COMMANDS:
+            if name == module:
+                self.add_command(getattr(imported, attr))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        # The module named like the command, or defining an attribute named like it
+        # (cleanup-task-states: cleanup_task_states; seed: seed_command); else all of them.
+        for module, attr in COMMANDS:
+            if cmd_name in (module, attr.removesuffix("_command").replace("_", "-")):
+                self._load(module)
+        if cmd_name not in self._commands:
+            return self.commands.get(cmd_name)
+        return self._commands[cmd_name]
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(self.commands)
+
+
+@click.group(cls=LazyGroup)
 @click.option("-v", "--verbose", is_flag=True, help="Log at STATESWEEP_LOG_LEVEL, not WARNING.")
 @click.version_option(version(), "--version", prog_name="statesweep",
                       message="%(prog)s %(version)s")
@@ -71,10 +116,6 @@ COMMANDS = (
 def cli(ctx: click.Context, verbose: bool) -> None:
     """statesweep: garbage-collect Airflow's task_state and asset_state tables."""
     ctx.obj = {"verbose": verbose}
-
-
-for _module, _attr in COMMANDS:
-    cli.add_command(getattr(importlib.import_module(f"workers.cli.{_module}"), _attr))
 
 
 def main(argv: list[str] | None = None) -> None:

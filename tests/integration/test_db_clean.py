@@ -1,0 +1,448 @@
+"""``statesweep db-clean`` on Airflow's real schemas (tests/airflow_schemas), PostgreSQL and
+MariaDB, 3.3.2 and 3.4.0b2: the rows left are the rows Airflow's rules leave (an expectation
+computed here in Python from the rows written, not from statesweep's SQL), archived rows are the
+deleted rows, --skip-archive builds nothing, a crash inside a chunk loses and duplicates nothing,
+and bad input deletes nothing."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import Engine, MetaData, Table, func, inspect, select
+from sqlalchemy import types as sqltypes
+
+from tests.airflow_schemas import airflow_schema_database
+from workers.cli import cli
+from workers.db import make_engine
+from workers.dbclean import run as dbclean
+from workers.dbclean.rules import ARCHIVE_PREFIX
+from workers.exit_codes import EXIT_BAD_ARGUMENT, EXIT_REFUSED
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+T = dt.datetime(2026, 6, 1, tzinfo=dt.UTC)  # --clean-before-timestamp of every test
+DAY = dt.timedelta(days=1)
+DAGS = ("alpha", "beta", "gamma")
+RUNS_PER_DAG = 6
+TIS_PER_RUN = 3
+VERSIONS = {"3.3.2": "3.3", "3.4.0b2": "3.4"}
+
+
+# --- writing Airflow rows -----------------------------------------------------------------------
+
+
+def _filler(column: Any) -> Any:
+    """A value for a NOT NULL column without a default that the test does not care about."""
+    t = column.type
+    if isinstance(t, sqltypes.Boolean):
+        return False
+    if isinstance(t, sqltypes.Integer):
+        return 1
+    if isinstance(t, sqltypes.Float | sqltypes.Numeric):
+        return 0.0
+    if isinstance(t, sqltypes.DateTime):
+        return T
+    if isinstance(t, sqltypes.JSON):
+        return {}
+    if isinstance(t, sqltypes.Uuid):
+        return uuid.UUID(int=0)
+    if isinstance(t, sqltypes.LargeBinary | sqltypes._Binary):
+        return bytes(16)
+    return "x"
+
+
+def insert(conn: Any, t: Table, rows: list[dict[str, Any]]) -> None:
+    """Insert *rows*, each completed with fillers for the NOT NULL columns it leaves out."""
+    if not rows:
+        return
+    need = [c for c in t.c if not c.nullable and c.server_default is None
+            and not (c.primary_key and c.autoincrement is True)]
+    full = []
+    for row in rows:
+        r = dict(row)
+        for c in need:
+            if c.name not in r and not (c.primary_key and isinstance(c.type, sqltypes.Integer)):
+                r[c.name] = _filler(c)
+        for c in t.c:  # a UUID in a BINARY(16) column (MySQL's region_id) is its 16 bytes
+            if isinstance(r.get(c.name), uuid.UUID) and isinstance(c.type, sqltypes._Binary):
+                r[c.name] = r[c.name].bytes
+        full.append(r)
+    conn.execute(t.insert(), full)
+
+
+@dataclass
+class Data:
+    """What was written, enough to compute Airflow's result independently."""
+
+    version: str
+    dag_runs: list[dict[str, Any]] = field(default_factory=list)  # id, dag_id, run_id, ...
+    tis: list[dict[str, Any]] = field(default_factory=list)
+    state: list[dict[str, Any]] = field(default_factory=list)
+    logs: list[dict[str, Any]] = field(default_factory=list)
+    jobs: list[dict[str, Any]] = field(default_factory=list)
+
+
+def populate(engine: Engine, version: str) -> Data:
+    """Dag runs (scheduled and manual, old and new, some never started), their task instances
+    (old, new, never started), task state (expired, not, never), log and job rows around T."""
+    md = MetaData()
+    md.reflect(engine, only=["dag_run", "task_instance", "task_state_store", "log", "job"])
+    dr, ti, tss = md.tables["dag_run"], md.tables["task_instance"], md.tables["task_state_store"]
+    data = Data(version)
+    run_pk = 0
+    for d, dag_id in enumerate(DAGS):
+        for n in range(RUNS_PER_DAG):
+            run_pk += 1
+            # Runs 0-3 start before T, 4-5 after; the last old one of alpha is manual, so the
+            # newest *non-manual* old run decides what keep-last keeps. gamma's runs are all old.
+            offset = (n - 4) * DAY if dag_id != "gamma" else (n - 10) * DAY
+            never_started = dag_id == "beta" and n == 0
+            start = None if never_started else T + offset + d * dt.timedelta(hours=1)
+            manual = (dag_id, n) in (("alpha", 3), ("gamma", 5))
+            run_type = "manual" if manual else "scheduled"
+            data.dag_runs.append({"id": run_pk, "dag_id": dag_id, "run_id": f"r{n}",
+                                  "run_type": run_type, "start_date": start, "state": "success",
+                                  "run_after": T + offset})
+            for k in range(TIS_PER_RUN):
+                ti_start = None if k == 2 else T + (k - 1) * 2 * DAY + n * dt.timedelta(minutes=1)
+                data.tis.append({"id": uuid.uuid4(), "dag_id": dag_id, "run_id": f"r{n}",
+                                 "task_id": f"t{k}", "start_date": ti_start, "try_number": 1,
+                                 "pool": "default_pool", "pool_slots": 1})
+                expires = (None if k == 2 else T + (k - 1) * DAY)
+                row = {"id": len(data.state) + 1, "dag_run_id": run_pk, "task_id": f"t{k}",
+                       "key": "k", "dag_id": dag_id, "run_id": f"r{n}", "value": "v",
+                       "updated_at": T, "expires_at": expires}
+                row.update({"region_index": -1, "region_id": uuid.UUID(int=0)}
+                           if "region_id" in tss.c else {"map_index": -1})
+                data.state.append(row)
+    for i in range(40):
+        data.logs.append({"id": i + 1, "dttm": T + (i - 20) * dt.timedelta(hours=1),
+                          "dag_id": DAGS[i % 3], "event": "e"})
+        data.jobs.append({"id": i + 1, "latest_heartbeat": T + (i - 25) * dt.timedelta(hours=1),
+                          "dag_id": DAGS[i % 3] if i % 4 else None})
+    with engine.begin() as conn:
+        insert(conn, dr, data.dag_runs)
+        insert(conn, ti, data.tis)
+        insert(conn, tss, data.state)
+        insert(conn, md.tables["log"], data.logs)
+        insert(conn, md.tables["job"], data.jobs)
+    return data
+
+
+def expected(data: Data, dag_ids: tuple[str, ...] = ()) -> dict[str, set[Any]]:
+    """The primary keys Airflow's rules leave, computed from what was written: task instances
+    (start_date < T) and task state (expires_at < T) first, then dag runs (start_date < T, not
+    the newest non-manual run of their dag), cascading to their task instances and state; log
+    (dttm) and job (latest_heartbeat) on their own."""
+    def chosen(row: dict[str, Any]) -> bool:
+        return not dag_ids or row["dag_id"] in dag_ids
+
+    def old(value: dt.datetime | None) -> bool:
+        return value is not None and value < T
+
+    tis = {r["id"]: r for r in data.tis if not (chosen(r) and old(r["start_date"]))}
+    state = {r["id"]: r for r in data.state if not (chosen(r) and old(r["expires_at"]))}
+    newest: dict[str, dt.datetime] = {}
+    for r in data.dag_runs:
+        if r["run_type"] != "manual" and r["start_date"] is not None:
+            newest[r["dag_id"]] = max(newest.get(r["dag_id"], r["start_date"]), r["start_date"])
+    gone_runs = {r["id"] for r in data.dag_runs if chosen(r) and old(r["start_date"])
+                 and newest.get(r["dag_id"]) != r["start_date"]}
+    runs = {r["id"]: r for r in data.dag_runs if r["id"] not in gone_runs}
+    run_keys = {(r["dag_id"], r["run_id"]) for r in runs.values()}
+    return {
+        "dag_run": set(runs),
+        "task_instance": {k for k, r in tis.items() if (r["dag_id"], r["run_id"]) in run_keys},
+        "task_state_store": {k for k, r in state.items() if r["dag_run_id"] in runs},
+        "log": {r["id"] for r in data.logs if not (chosen(r) and old(r["dttm"]))},
+        "job": {r["id"] for r in data.jobs
+                if not ((not dag_ids or r["dag_id"] in dag_ids) and old(r["latest_heartbeat"]))},
+    }
+
+
+def keys(engine: Engine, name: str) -> set[Any]:
+    with engine.connect() as conn:
+        t = Table(name, MetaData(), autoload_with=conn)
+        pk = t.primary_key.columns
+        rows = conn.execute(select(*pk)).all()
+    return {_norm(r[0]) for r in rows} if len(pk) == 1 else {tuple(r) for r in rows}
+
+
+def _norm(value: Any) -> Any:
+    if isinstance(value, str) and len(value) == 36 and value.count("-") == 4:
+        return uuid.UUID(value)
+    return value
+
+
+def archives(engine: Engine) -> list[str]:
+    return sorted(n for n in inspect(engine).get_table_names() if n.startswith(ARCHIVE_PREFIX))
+
+
+@pytest.fixture(params=[("postgresql", "3.3.2"), ("mysql", "3.3.2"), ("postgresql", "3.4.0b2"),
+                        ("mysql", "3.4.0b2")], ids=lambda p: f"{p[0]}-{p[1]}")
+def airflow_db(request: pytest.FixtureRequest) -> Iterator[tuple[str, Engine, Data]]:
+    dialect, version = request.param
+    with airflow_schema_database(dialect, version) as url:
+        engine = make_engine(url)
+        try:
+            yield url, engine, populate(engine, version)
+        finally:
+            engine.dispose()
+
+
+@pytest.fixture(params=[("postgresql", "3.3.2"), ("mysql", "3.4.0b2")],
+                ids=lambda p: f"{p[0]}-{p[1]}")
+def one_db(request: pytest.FixtureRequest) -> Iterator[tuple[str, Engine, Data]]:
+    """Fewer combinations, for the slower or narrower tests."""
+    dialect, version = request.param
+    with airflow_schema_database(dialect, version) as url:
+        engine = make_engine(url)
+        try:
+            yield url, engine, populate(engine, version)
+        finally:
+            engine.dispose()
+
+
+def invoke(url: str, *args: str, stdin: str | None = None) -> Any:
+    env = {"STATESWEEP_DATABASE_URL": url, "STATESWEEP_RUN_STORE_URL": "memory://"}
+    return CliRunner().invoke(cli, ["db-clean", *args], env=env, input=stdin,
+                              catch_exceptions=False)
+
+
+TABLES = ("dag_run", "task_instance", "task_state_store", "log", "job")
+
+
+def snapshot(engine: Engine) -> dict[str, set[Any]]:
+    return {name: keys(engine, name) for name in TABLES}
+
+
+# --- the tests ----------------------------------------------------------------------------------
+
+
+def test_leaves_the_rows_airflows_rules_leave(airflow_db: tuple[str, Engine, Data]) -> None:
+    url, engine, data = airflow_db
+    before = snapshot(engine)
+    result = invoke(url, "--clean-before-timestamp", T.isoformat(), "--batch-size", "4", "-y",
+                    "--local")
+    assert result.exit_code == 0, result.output
+    after = snapshot(engine)
+    want = expected(data)
+    for name in TABLES:
+        assert after[name] == want[name], name
+    # Something was deleted in every table, and keep-last held: each dag's newest non-manual
+    # run that started before T is still there although it is old.
+    assert all(after[n] < before[n] for n in TABLES)
+    kept = {(r["dag_id"], r["run_id"]) for r in data.dag_runs if r["id"] in after["dag_run"]
+            and r["start_date"] is not None and r["start_date"] < T}
+    assert kept == {("gamma", "r4")}  # gamma's r5 is newer, but manual
+
+
+def test_archived_rows_are_exactly_the_deleted_rows(airflow_db: tuple[str, Engine, Data]) -> None:
+    url, engine, _ = airflow_db
+    before = snapshot(engine)
+    result = invoke(url, "--clean-before-timestamp", T.isoformat(), "--tables", "log,job",
+                    "--batch-size", "3", "-y", "--local")
+    assert result.exit_code == 0, result.output
+    made = archives(engine)
+    assert len(made) == 2, made  # one archive per table per run, not one per chunk
+    after = snapshot(engine)
+    for name in ("log", "job"):
+        [archive] = [a for a in made if a.startswith(f"{ARCHIVE_PREFIX}{name}__")]
+        with engine.connect() as conn:
+            ids = [r[0] for r in conn.execute(select(
+                Table(archive, MetaData(), autoload_with=conn).c.id))]
+        assert len(ids) == len(set(ids))
+        assert set(ids) == before[name] - after[name]
+        assert ids
+    assert after["dag_run"] == before["dag_run"]  # tables not named are untouched
+
+
+def test_skip_archive_builds_no_table(one_db: tuple[str, Engine, Data]) -> None:
+    url, engine, data = one_db
+    result = invoke(url, "--clean-before-timestamp", T.isoformat(), "--skip-archive", "-y",
+                    "--local", "--batch-size", "5")
+    assert result.exit_code == 0, result.output
+    assert archives(engine) == []
+    assert snapshot(engine)["log"] == expected(data)["log"]
+
+
+def test_dry_run_counts_and_deletes_nothing(one_db: tuple[str, Engine, Data]) -> None:
+    url, engine, data = one_db
+    before = snapshot(engine)
+    result = invoke(url, "--clean-before-timestamp", T.isoformat(), "--dry-run",
+                    "--format", "json")
+    assert result.exit_code == 0, result.output
+    import json
+
+    counts = {t["table"]: t["eligible"] for t in json.loads(result.output)["tables"]}
+    assert counts["log"] == len(before["log"] - expected(data)["log"])
+    assert counts["job"] == len(before["job"] - expected(data)["job"])
+    assert snapshot(engine) == before and archives(engine) == []
+
+
+def test_dag_ids_narrow_every_table(one_db: tuple[str, Engine, Data]) -> None:
+    url, engine, data = one_db
+    result = invoke(url, "--clean-before-timestamp", T.isoformat(), "--dag-ids", "gamma",
+                    "--tables", "dag_run,log,task_state_store", "-y", "--local")
+    assert result.exit_code == 0, result.output
+    want = expected(data, dag_ids=("gamma",))
+    after = snapshot(engine)
+    for name in ("dag_run", "log", "task_state_store"):
+        assert after[name] == want[name], name
+
+
+def test_a_failure_inside_a_chunk_loses_nothing_and_archives_nothing_twice(
+        one_db: tuple[str, Engine, Data]) -> None:
+    _, engine, data = one_db
+    before = snapshot(engine)
+    calls = {"n": 0}
+
+    def crash(table: str, rows: int) -> None:
+        calls["n"] += 1
+        if table == "log" and calls["n"] == 3:
+            raise RuntimeError("crash inside the chunk's transaction")
+
+    request = dbclean.Request(before=T, tables=("log",), batch_size=4)
+    with pytest.raises(RuntimeError):
+        dbclean.clean(engine, request, on_chunk=crash)
+    mid = keys(engine, "log")
+    [first] = archives(engine)
+    assert len(_archived(engine, first)) == len(before["log"] - mid) == 8  # two chunks of 4
+    time.sleep(1.1)  # the next run's archive is its own
+    dbclean.clean(engine, request)
+    assert keys(engine, "log") == expected(data)["log"]
+    archived = [i for a in archives(engine) for i in _archived(engine, a)]
+    assert len(archived) == len(set(archived))  # none twice
+    assert set(archived) == before["log"] - expected(data)["log"]  # none lost
+
+
+def _archived(engine: Engine, archive: str) -> list[Any]:
+    with engine.connect() as conn:
+        t = Table(archive, MetaData(), autoload_with=conn)
+        return [r[0] for r in conn.execute(select(t.c.id))]
+
+
+N_KILL = 20000
+
+
+def _count(engine: Engine, name: str) -> int:
+    with engine.connect() as conn:
+        t = Table(name, MetaData(), autoload_with=conn)
+        return int(conn.execute(select(func.count()).select_from(t)).scalar_one())
+
+
+@pytest.mark.parametrize("dialect", ["postgresql", "mysql"])
+def test_a_killed_local_run_loses_nothing_and_archives_nothing_twice(dialect: str) -> None:
+    """SIGKILL a `db-clean --local` process between chunks or inside one: every row is either
+    still in log or in the archive, never both and never twice; a second run finishes it."""
+    with airflow_schema_database(dialect, "3.3.2") as url:
+        engine = make_engine(url)
+        try:
+            md = MetaData()
+            md.reflect(engine, only=["log"])
+            rows = [{"id": i + 1, "dttm": T - (i + 1) * dt.timedelta(seconds=1), "event": "e"}
+                    for i in range(N_KILL)]
+            with engine.begin() as conn:
+                insert(conn, md.tables["log"], rows)
+            env = {**os.environ, "STATESWEEP_DATABASE_URL": url,
+                   "STATESWEEP_RUN_STORE_URL": "memory://"}
+            cmd = [sys.executable, "-c", "from workers.cli import main; main()", "db-clean",
+                   "--clean-before-timestamp", T.isoformat(), "--tables", "log",
+                   "--batch-size", "20", "-y", "--local"]
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and proc.poll() is None:
+                if archives(engine) and _count(engine, "log") < N_KILL - 500:
+                    break  # some chunks committed: kill it mid-run
+                time.sleep(0.02)
+            assert proc.poll() is None, proc.communicate()[1].decode()
+            proc.send_signal(signal.SIGKILL)
+            proc.communicate(timeout=30)
+            left = keys(engine, "log")
+            assert 0 < len(left) < N_KILL, "the kill did not land mid-run"
+            [first] = archives(engine)
+            archived = _archived(engine, first)
+            assert len(archived) == len(set(archived))
+            assert set(archived) | left == set(range(1, N_KILL + 1))  # nothing lost
+            assert not set(archived) & left  # nothing both archived and kept
+            time.sleep(1.1)
+            finish = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+            assert finish.returncode == 0, finish.stderr
+            everything = [i for a in archives(engine) for i in _archived(engine, a)]
+            assert sorted(everything) == list(range(1, N_KILL + 1))  # each exactly once
+            assert keys(engine, "log") == set()
+        finally:
+            engine.dispose()
+
+
+@pytest.mark.parametrize(("args", "names"), [
+    ((), "--clean-before-timestamp"),
+    (("--clean-before-timestamp", "yesterday"), "--clean-before-timestamp"),
+    (("--clean-before-timestamp", T.isoformat(), "--tables", "log,nosuch"), "--tables"),
+    (("--clean-before-timestamp", T.isoformat(), "--batch-size", "-3"), "--batch-size"),
+])
+def test_bad_input_is_one_line_and_deletes_nothing(one_db: tuple[str, Engine, Data],
+                                                   args: tuple[str, ...], names: str) -> None:
+    url, engine, _ = one_db
+    before = snapshot(engine)
+    result = invoke(url, *args, "-y", "--local")
+    assert result.exit_code == EXIT_BAD_ARGUMENT, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and names in lines[0], result.output
+    assert "Traceback" not in result.output
+    assert snapshot(engine) == before and archives(engine) == []
+
+
+def test_without_yes_an_unconfirmed_run_deletes_nothing(one_db: tuple[str, Engine, Data]) -> None:
+    url, engine, _ = one_db
+    before = snapshot(engine)
+    result = invoke(url, "--clean-before-timestamp", T.isoformat(), "--local", stdin="no\n")
+    assert result.exit_code == EXIT_REFUSED, result.output
+    assert snapshot(engine) == before and archives(engine) == []
+    confirmed = invoke(url, "--clean-before-timestamp", T.isoformat(), "--local", "--tables",
+                       "log", stdin="delete rows\n")
+    assert confirmed.exit_code == 0, confirmed.output
+    assert keys(engine, "log") < before["log"]
+
+
+def test_archives_are_listed_exported_and_dropped(one_db: tuple[str, Engine, Data],
+                                                  tmp_path: Any) -> None:
+    url, engine, _ = one_db
+    before = keys(engine, "log")
+    assert invoke(url, "--clean-before-timestamp", T.isoformat(), "--tables", "log", "-y",
+                  "--local").exit_code == 0
+    [archive] = archives(engine)
+    listed = invoke(url, "archives")
+    assert listed.exit_code == 0 and archive in listed.output
+    for fmt in ("csv", "json"):
+        out = tmp_path / fmt
+        out.mkdir()
+        exported = invoke(url, "export", "--export-format", fmt, "--output-path", str(out))
+        assert exported.exit_code == 0, exported.output
+        text = (out / f"{archive}.{fmt}").read_text()
+        if fmt == "json":
+            import json
+
+            rows = json.loads(text)
+            assert {r["id"] for r in rows} == before - keys(engine, "log")
+        else:
+            assert len(text.strip().splitlines()) == 1 + len(before - keys(engine, "log"))
+    dropped = invoke(url, "drop", "-y")
+    assert dropped.exit_code == 0, dropped.output
+    assert archives(engine) == []
+    with engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(
+            Table("log", MetaData(), autoload_with=conn))).scalar_one() == len(
+            keys(engine, "log"))

@@ -1,0 +1,157 @@
+"""A ``db-clean`` run in this process: Airflow's tables in Airflow's order, each cut into keyset
+chunks of at most ``batch_size`` eligible rows, each chunk archived and deleted in one
+transaction of its own (:func:`workers.dbclean.statements.move_chunk`).
+
+The archive table of a table is made once per run, before its first chunk, and named as Airflow
+names it, ``_airflow_deleted__<table>__<YYYYmmddHHMMSS>``, the time being the database's clock
+at the start of the run. ``skip_archive`` makes none.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from sqlalchemy import Engine, inspect
+
+from workers.db import db_now
+from workers.dbclean import statements as sql
+from workers.dbclean.rules import ARCHIVE_PREFIX, TableRule, airflow_version, effective_tables
+
+log = structlog.get_logger("statesweep.dbclean")
+
+#: Called inside each chunk's transaction after its move, before commit: (table, rows).
+ChunkHook = Callable[[str, int], None]
+
+
+@dataclass(frozen=True)
+class Request:
+    before: dt.datetime
+    tables: tuple[str, ...] = ()
+    dag_ids: tuple[str, ...] = ()
+    exclude_dag_ids: tuple[str, ...] = ()
+    batch_size: int = 10000
+    skip_archive: bool = False
+    dry_run: bool = False
+
+
+@dataclass
+class TableResult:
+    table: str
+    eligible: int = 0  # rows eligible when the table was planned (the dry run's count)
+    deleted: int = 0
+    chunks: int = 0
+    archive: str | None = None
+    skipped: str = ""  # why the table was not cleaned, if it was not
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Report:
+    version: str
+    before: dt.datetime
+    dry_run: bool
+    tables: list[TableResult] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"airflow": self.version, "clean_before_timestamp": self.before.isoformat(),
+                "dry_run": self.dry_run, "tables": [t.as_dict() for t in self.tables]}
+
+
+def run_tag(now: dt.datetime) -> str:
+    """Airflow's archive suffix: the time as 14 digits."""
+    return now.astimezone(dt.UTC).strftime("%Y%m%d%H%M%S")
+
+
+def plan(engine: Engine, request: Request) -> tuple[str, list[TableRule]]:
+    """The Airflow version and the rules to run, dependants first; bad --tables raises before
+    anything is read but the schema."""
+    version = airflow_version(engine)
+    return version, effective_tables(version, request.tables)
+
+
+def clean(engine: Engine, request: Request, *, on_chunk: ChunkHook | None = None,
+          on_progress: Callable[[TableResult], None] | None = None) -> Report:
+    """Run *request* (count only, with ``dry_run``); returns what each table did."""
+    version, rules = plan(engine, request)
+    report = Report(version, request.before, request.dry_run)
+    live = set(inspect(engine).get_table_names())
+    filtered = bool(request.dag_ids or request.exclude_dag_ids)
+    with engine.connect() as conn:
+        tag = run_tag(db_now(conn))
+    for rule in rules:
+        result = TableResult(rule.table)
+        report.tables.append(result)
+        if rule.table not in live:
+            result.skipped = "not in this database"
+            continue
+        with engine.connect() as conn:
+            t = sql.reflect(conn, rule.table)
+            missing = sql.missing_columns(rule, t, filtered)
+            if missing:
+                # Airflow's statement fails on this table and its run skips it: say so here.
+                result.skipped = f"its rule needs {', '.join(missing)}, which {rule.table} lacks"
+                log.warning("db_clean_table_skipped", table=rule.table, reason=result.skipped)
+                continue
+            if not sql.key_columns(t):
+                result.skipped = "it has no primary key to cut chunks by"
+                continue
+            cond = sql.eligible(conn, rule, t, request.before, request.dag_ids,
+                                request.exclude_dag_ids)
+            result.eligible = sql.count(conn, t, cond)
+        if request.dry_run or result.eligible == 0:
+            continue
+        _clean_table(engine, rule, request, result, tag, live, on_chunk, on_progress)
+    return report
+
+
+def _archive_name(tag: str, table: str, live: set[str]) -> str:
+    """Airflow's name for this run's archive of *table*; a name taken by another run in the same
+    second moves to the next second, so two runs never share one archive."""
+    when = dt.datetime.strptime(tag, "%Y%m%d%H%M%S")
+    while True:
+        name = f"{ARCHIVE_PREFIX}{table}__{when.strftime('%Y%m%d%H%M%S')}"
+        if name not in live:
+            return name
+        when += dt.timedelta(seconds=1)
+
+
+def _clean_table(engine: Engine, rule: TableRule, request: Request, result: TableResult,
+                 tag: str, live: set[str], on_chunk: ChunkHook | None,
+                 on_progress: Callable[[TableResult], None] | None) -> None:
+    with engine.connect() as conn:
+        t = sql.reflect(conn, rule.table)
+        cond = sql.eligible(conn, rule, t, request.before, request.dag_ids,
+                            request.exclude_dag_ids)
+    archive = None
+    if not request.skip_archive:
+        result.archive = _archive_name(tag, rule.table, live)
+        with engine.begin() as conn:
+            archive = sql.create_archive(conn, t, result.archive)
+        live.add(result.archive)
+        log.info("db_clean_archive_created", table=rule.table, archive=result.archive)
+    lo: sql.Key | None = None
+    while True:
+        t0 = time.monotonic()
+        # One transaction per chunk: its cut, its archive and its delete commit together.
+        with engine.begin() as conn:
+            hi = sql.next_bound(conn, t, cond, lo, request.batch_size)
+            rows = sql.move_chunk(conn, t, archive, cond, lo, hi)
+            if on_chunk is not None:
+                on_chunk(rule.table, rows)
+        result.chunks += 1
+        result.deleted += rows
+        log.info("db_clean_chunk_moved", table=rule.table, lo=lo, hi=hi, rows=rows,
+                 ms=round((time.monotonic() - t0) * 1000, 1))
+        if on_progress is not None:
+            on_progress(result)
+        if hi is None:
+            return
+        lo = hi
+

@@ -1,0 +1,236 @@
+"""Every statement ``db-clean`` runs, built from a rule (:mod:`workers.dbclean.rules`) and the
+live table, each commented with why.
+
+The rules these statements keep:
+- a chunk's archive and delete are one transaction: a crash leaves both or neither, so no row
+  is lost and none is archived twice;
+- every DELETE repeats the whole rule (recency, extra filters, keep-last, dag ids), so a row
+  that stopped being eligible after its chunk was cut (a dag run that became its dag's last, a
+  callback running again) survives;
+- a chunk is a keyset range of the primary key, ``lo`` exclusive, ``hi`` inclusive, holding at
+  most ``batch_size`` rows that were eligible when it was cut.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import (
+    Column,
+    Connection,
+    MetaData,
+    Table,
+    and_,
+    column,
+    delete,
+    exists,
+    func,
+    insert,
+    or_,
+    select,
+    table,
+    tuple_,
+)
+
+from workers.dbclean.rules import TableRule
+
+Key = tuple[Any, ...]
+
+#: Airflow's CallbackState values of a callback that is done (TERMINAL_STATES), and the state of
+#: one waiting on its deadline.
+CALLBACK_TERMINAL = ("failed", "success")
+CALLBACK_SCHEDULED = "scheduled"
+
+
+def reflect(conn: Connection, name: str) -> Table:
+    """The live table, as the database has it (names, types, primary key)."""
+    return Table(name, MetaData(), autoload_with=conn)
+
+
+def is_mysql(conn: Connection) -> bool:
+    return conn.dialect.name in ("mysql", "mariadb")
+
+
+def bind_time(conn: Connection, when: dt.datetime) -> dt.datetime:
+    # Airflow keeps MySQL times as naive UTC (the session zone is pinned to UTC by make_engine);
+    # PostgreSQL's timestamptz takes the aware value.
+    return when.astimezone(dt.UTC).replace(tzinfo=None) if is_mysql(conn) else when
+
+
+def _extra_filter(name: str, t: Table) -> Any:
+    """Airflow's extra_filters, by name (rules keeps names, not SQL)."""
+    if name == "callback_finished":
+        # Deleting a callback cascades to its deadline: only finished or stateless callbacks
+        # go, and a SCHEDULED one only once no deadline references it.
+        deadline = table("deadline", column("callback_id"))
+        return or_(t.c.state.in_(CALLBACK_TERMINAL), t.c.state.is_(None),
+                   and_(t.c.state == CALLBACK_SCHEDULED,
+                        ~exists().where(deadline.c.callback_id == t.c.id)))
+    if name == "partition_dag_run_gone":
+        # No foreign key: a log row whose partition dag run is gone is an orphan; one whose run
+        # exists is evidence the scheduler still reads. NOT IN, as Airflow (NULL stays).
+        apdr = table("asset_partition_dag_run", column("id"))
+        return t.c.asset_partition_dag_run_id.not_in(select(apdr.c.id))
+    if name == "connection_test_done":
+        return t.c.state.in_(("success", "failed"))
+    if name == "not_in_working_set":
+        return t.c.working_set.is_(None)
+    raise ValueError(f"unknown extra filter {name!r}")
+
+
+def _keep_last_filter(name: str, t: Any) -> Any:
+    if name == "not_manual":
+        return t.c.run_type != "manual"
+    raise ValueError(f"unknown keep-last filter {name!r}")
+
+
+def missing_columns(rule: TableRule, t: Table, filtered_by_dag: bool) -> list[str]:
+    """Columns the rule needs that the live table lacks (Airflow's statement would fail on it
+    and its table be skipped; statesweep skips it up front and says why)."""
+    need = [rule.recency, *rule.keep_last_group_by]
+    if rule.keep_last_filters:
+        need.append("run_type")
+    if filtered_by_dag and rule.dag_id:
+        need.append(rule.dag_id)
+    if filtered_by_dag and rule.dag_scope:
+        need.append(rule.dag_scope.fk)
+    for name in rule.extra_filters:
+        need += {"callback_finished": ["state", "id"], "connection_test_done": ["state"],
+                 "partition_dag_run_gone": ["asset_partition_dag_run_id"],
+                 "not_in_working_set": ["working_set"]}[name]
+    if rule.skip_if_referenced:
+        need.append(rule.referenced_pk)
+    return [c for c in dict.fromkeys(need) if c not in t.c]
+
+
+def eligible(conn: Connection, rule: TableRule, t: Table, before: dt.datetime,
+             dag_ids: Sequence[str] = (), exclude_dag_ids: Sequence[str] = ()) -> list[Any]:
+    """The rule as conditions on *t*: Airflow's ``_build_query`` WHERE clause, with keep-last as
+    NOT EXISTS instead of its outer join (the same rows; a DELETE cannot outer-join)."""
+    cond: list[Any] = [t.c[rule.recency] < bind_time(conn, before)]
+    cond += [_extra_filter(name, t) for name in rule.extra_filters]
+    for ref_name, ref_fk in rule.skip_if_referenced:
+        # ON DELETE RESTRICT: a referenced row cannot go; skip it rather than fail the chunk.
+        referencing = table(ref_name, column(ref_fk))
+        cond.append(~exists().where(referencing.c[ref_fk] == t.c[rule.referenced_pk]))
+    if rule.dag_id is not None and (dag_ids or exclude_dag_ids):
+        col = t.c[rule.dag_id]
+        if dag_ids:
+            cond.append(col.in_(dag_ids))
+        if exclude_dag_ids:
+            # A NULL dag id belongs to no excluded dag and stays eligible, as in Airflow.
+            cond.append(or_(col.is_(None), col.not_in(exclude_dag_ids)))
+    elif rule.dag_scope is not None and (dag_ids or exclude_dag_ids):
+        s = rule.dag_scope
+        ref = table(s.table, column(s.pk), column(s.dag_id))
+        fk = t.c[s.fk]
+        if dag_ids:
+            cond.append(fk.in_(select(ref.c[s.pk]).where(ref.c[s.dag_id].in_(dag_ids))))
+        if exclude_dag_ids:
+            cond.append(or_(fk.is_(None), fk.not_in(
+                select(ref.c[s.pk]).where(ref.c[s.dag_id].in_(exclude_dag_ids)))))
+    if rule.keep_last:
+        cond.append(~_is_last(rule, t))
+    return cond
+
+
+def _is_last(rule: TableRule, t: Table) -> Any:
+    """The row's recency equals its group's newest among rows passing the keep-last filters:
+    read at the moment of the statement, so a run that became its dag's last is kept."""
+    src = t.alias("keep_last_src")
+    groups = [src.c[g] for g in rule.keep_last_group_by]
+    latest = (select(*groups, func.max(src.c[rule.recency]).label("newest"))
+              .where(*[_keep_last_filter(f, src) for f in rule.keep_last_filters])
+              .group_by(*groups).subquery("keep_last"))
+    return (exists().select_from(latest)
+            .where(*[latest.c[g] == t.c[g] for g in rule.keep_last_group_by],
+                   latest.c.newest == t.c[rule.recency]))
+
+
+# --- chunks -------------------------------------------------------------------------------------
+
+
+def key_columns(t: Table) -> list[Column[Any]]:
+    return list(t.primary_key.columns)
+
+
+def _key(cols: list[Column[Any]]) -> Any:
+    return cols[0] if len(cols) == 1 else tuple_(*cols)
+
+
+def _value(key: Key) -> Any:
+    return key[0] if len(key) == 1 else tuple_(*key)
+
+
+def in_range(t: Table, lo: Key | None, hi: Key | None) -> list[Any]:
+    """``lo < key <= hi`` on the primary key (a row comparison for a composite one); None is
+    open-ended."""
+    k = _key(key_columns(t))
+    cond = []
+    if lo is not None:
+        cond.append(k > _value(lo))
+    if hi is not None:
+        cond.append(k <= _value(hi))
+    return cond
+
+
+def next_bound(conn: Connection, t: Table, cond: list[Any], lo: Key | None,
+               batch_size: int) -> Key | None:
+    """The key of the batch_size-th eligible row after *lo* (a chunk's inclusive upper end), or
+    None when fewer remain (the chunk runs to the end). One ordered read of the key index."""
+    if batch_size <= 0:
+        return None
+    cols = key_columns(t)
+    row = conn.execute(select(*cols).where(*cond, *in_range(t, lo, None))
+                       .order_by(*cols).offset(batch_size - 1).limit(1)).first()
+    return tuple(row) if row is not None else None
+
+
+def count(conn: Connection, t: Table, cond: list[Any]) -> int:
+    return int(conn.execute(select(func.count()).select_from(t).where(*cond)).scalar_one())
+
+
+def create_archive(conn: Connection, source: Table, archive: str) -> Table:
+    """An empty archive table with *source*'s columns (names, types, order) and no constraints,
+    made once per table per run, before its chunks, from the reflected columns by SQLAlchemy's
+    own DDL: Airflow's ``CREATE TABLE … AS SELECT … WHERE false`` (``… LIKE`` on MySQL) makes
+    the same columns, and no SQL text is assembled here. No primary key or foreign key: an
+    archive holds copies, and must never block or cascade."""
+    md = MetaData()
+    arch = Table(archive, md, *[Column(c.name, c.type, nullable=True) for c in source.c])
+    arch.create(conn)
+    return arch
+
+
+def move_chunk(conn: Connection, t: Table, archive: Table | None, cond: list[Any],
+               lo: Key | None, hi: Key | None) -> int:
+    """Archive (unless *archive* is None) and delete one chunk's eligible rows, in the caller's
+    transaction; returns the rows deleted.
+
+    PostgreSQL: one statement, ``WITH moved AS (DELETE … RETURNING *) INSERT INTO archive
+    SELECT * FROM moved``: the rows archived are exactly the rows deleted.
+    MySQL/MariaDB (no DML in a CTE, and a DELETE may not read its own table in a subquery):
+    ``SELECT key … FOR UPDATE`` with the rule locks the eligible rows, then ``INSERT … SELECT``
+    and ``DELETE`` of those keys; the locks hold both to the same rows until commit.
+    """
+    where = [*cond, *in_range(t, lo, hi)]
+    if not is_mysql(conn):
+        if archive is None:
+            return int(conn.execute(delete(t).where(*where)).rowcount)
+        names = [c.name for c in archive.c]
+        moved = delete(t).where(*where).returning(*[t.c[n] for n in names]).cte("moved")
+        stmt = insert(archive).from_select(names, select(*[moved.c[n] for n in names]))
+        return int(conn.execute(stmt).rowcount)
+    cols = key_columns(t)
+    keys = [tuple(r) for r in conn.execute(select(*cols).where(*where).with_for_update())]
+    if not keys:
+        return 0
+    chosen = (cols[0].in_([k[0] for k in keys]) if len(cols) == 1
+              else tuple_(*cols).in_(keys))
+    if archive is not None:
+        names = [c.name for c in archive.c]
+        conn.execute(insert(archive).from_select(names, select(*[t.c[n] for n in names])
+                                                 .where(chosen)))
+    return int(conn.execute(delete(t).where(chosen)).rowcount)
