@@ -43,7 +43,7 @@ def test_every_command_is_registered_from_its_module() -> None:
 
     assert set(cli.commands) == {"cleanup", "cleanup-task-states", "orphans", "seed", "db",
                                  "status", "doctor", "demo", "flower", "exporter", "pause",
-                                 "resume", "abort"}
+                                 "resume", "abort", "db-clean"}
     for module, attr in COMMANDS:
         command = getattr(__import__(f"workers.cli.{module}", fromlist=[attr]), attr)
         assert isinstance(command, click.Command)
