@@ -32,7 +32,7 @@ def pause(registry: RunStore, *, by: str, reason: str = "",
         raise InvalidArgument(f"the pause duration must be a positive number of seconds, "
                               f"got {seconds!r}")
     paused = registry.pause(_text("by", by), _text("reason", reason), seconds)
-    log.warning("cleanup_paused", by=paused.by, reason=paused.reason,
+    log.info("cleanup_paused", by=paused.by, reason=paused.reason,
                 until=paused.until or None)
     return paused
 
@@ -43,7 +43,7 @@ def resume(registry: RunStore, *, by: str) -> Pause:
     lifted = registry.resume()
     if lifted is None:
         raise RefusedError("cleanup is not paused; nothing to resume")
-    log.warning("cleanup_resumed", by=_text("by", by), paused_by=lifted.by)
+    log.info("cleanup_resumed", by=_text("by", by), paused_by=lifted.by)
     return lifted
 
 
@@ -60,7 +60,7 @@ def abort(registry: RunStore, run_id: Any, *, by: str) -> RunRecord:
     outcome = registry.abort(run_id, f"aborted by {_text('by', by) or 'someone'}")
     if outcome != "aborted":
         raise RefusedError(f"run {run_id} has already ended ({outcome}); nothing to abort")
-    log.warning("cleanup_run_aborted", run_id=run_id, by=by, rows=record.rows_deleted,
+    log.info("cleanup_run_aborted", run_id=run_id, by=by, rows=record.rows_deleted,
                 chunks_done=record.chunks_done)
     ended = registry.get(run_id)
     assert ended is not None

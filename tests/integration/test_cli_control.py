@@ -416,3 +416,20 @@ def test_dry_run_names_the_planner_that_would_run_and_why(seeded: Seeded) -> Non
     shown = seeded.invoke("cleanup", "--dry-run").stdout
     assert "  planner       " in shown and "  because       " in shown
     assert seeded.task_rows() == before
+
+
+def test_pause_resume_and_abort_are_normal_actions_and_print_no_warnings(
+        seeded: Seeded, store: RunStore) -> None:
+    """Issue 22, item 8: an operator's pause, resume or abort is what they asked for; it says
+    so on stdout and logs at INFO (shown with -v), not as a warning on stderr."""
+    for args in (("pause", "--reason", "deploy"), ("resume",)):
+        result = seeded.invoke(*args)
+        assert result.exit_code == EXIT_OK, result.stderr
+        assert result.stderr == "", result.stderr
+    run_id, _ = plan_run(seeded, store)
+    aborted = seeded.invoke("abort", run_id)
+    assert aborted.exit_code == EXIT_OK, aborted.stderr
+    assert "warning" not in aborted.stderr.lower() and "cleanup_run_aborted" not in aborted.stderr
+    assert store.get(run_id).state == "aborted"  # type: ignore[union-attr]
+    verbose = seeded.invoke("-v", "pause")
+    assert "cleanup_paused" in verbose.stderr
