@@ -9,20 +9,22 @@ from __future__ import annotations
 import functools
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from celery import Celery, signals
-from sqlalchemy import Engine
 
 from workers.brokers import broker_config
-from workers.db import forget_engines_after_fork, get_engine
 from workers.exceptions import SettingsError
 from workers.exit_codes import EXIT_SETTINGS
 from workers.logs import configure_logging
 from workers.runs import RunRegistry, registry_for
-from workers.schema import Tables, resolve_tables
 from workers.settings import Settings, get_settings
+
+if TYPE_CHECKING:  # the database is imported where it is used: the CLI sends tasks without it
+    from sqlalchemy import Engine
+
+    from workers.schema import Tables
 
 COORDINATE = "statesweep.coordinate"
 DELETE_CHUNK = "statesweep.delete_chunk"
@@ -139,17 +141,24 @@ def _check_run_store_at_beat_start(**_: Any) -> None:
 
 @signals.worker_init.connect
 def _check_database_at_start(**_: Any) -> None:
-    """A worker that cannot reach its database or find the state tables refuses to start,
-    rather than report ready and fail every task it takes (compose's healthcheck then means
-    something). One line, the database URL masked, the exit code of the cause."""
+    """A worker that cannot reach its database, find the state tables or delete from them (a
+    read-only user) refuses to start, rather than report ready and fail every task it takes
+    (compose's healthcheck then means something). One line, the database URL masked, the exit
+    code of the cause."""
+    from workers.db import get_engine
     from workers.exceptions import SchemaError
     from workers.exit_codes import EXIT_SCHEMA, EXIT_UNAVAILABLE
+    from workers.privileges import check_privileges
+    from workers.schema import resolve_tables
     from workers.settings import mask_url
 
     engine = get_engine(settings.database_url)
     try:
-        resolve_tables(engine, settings.table_naming)
-    except SchemaError as exc:
+        tables = resolve_tables(engine, settings.table_naming)
+        # A read-only user would fail every chunk it takes: SELECT and DELETE, both tables.
+        check_privileges(engine, [tables.task_state, tables.asset_state],
+                         settings.database_origin)
+    except SchemaError as exc:  # PrivilegeError too: exit 4, the user and GRANT named
         sys.stderr.write(f"statesweep: worker not started: {exc}\n")
         raise SystemExit(EXIT_SCHEMA) from None
     except Exception as exc:  # the driver's own error; its message never holds the password
@@ -164,6 +173,8 @@ def _check_database_at_start(**_: Any) -> None:
 
 @signals.worker_process_init.connect
 def _after_fork(**_: Any) -> None:
+    from workers.db import forget_engines_after_fork
+
     forget_engines_after_fork()
     resources.cache_clear()
 
@@ -190,6 +201,9 @@ class Resources:
 @functools.cache
 def resources() -> Resources:
     """This process's engine, resolved tables and run registry, built on first use."""
+    from workers.db import get_engine
+    from workers.schema import resolve_tables
+
     engine = get_engine(settings.database_url)
     tables = resolve_tables(engine, settings.table_naming)
     registry = registry_for(settings.effective_run_store_url, settings.key_prefix)

@@ -58,6 +58,17 @@ def check_batch_option(batch_size: int | None) -> int | None:
     return batch_size
 
 
+def require_privileges(settings: Settings, table: str) -> None:
+    """Before a local run deletes: the database user may SELECT and DELETE *table* (a Tables
+    attribute, ``task_state`` or ``asset_state``); else one line naming the user, what it
+    lacks and the GRANT, exit 4 (workers.privileges)."""
+    from workers.cli.services import database
+    from workers.privileges import check_privileges
+
+    with database(settings) as (engine, tables):
+        check_privileges(engine, [getattr(tables, table)], settings.database_origin)
+
+
 FORMAT = click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text",
                       show_default=True, help="Output on stdout.")
 BATCH = click.option("--batch-size", type=int, default=None,
@@ -105,7 +116,10 @@ def exit_for(exc: BaseException) -> int | None:
         EXIT_STUCK,
         EXIT_UNAVAILABLE,
     )
+    from workers.privileges import denied
 
+    if denied(exc) is not None:  # before OperationalError: MySQL's 1142 is one
+        return EXIT_SCHEMA
     for kind, code in (
         (SettingsError, EXIT_SETTINGS), (SchemaError, EXIT_SCHEMA), (RefusedError, EXIT_REFUSED),
         (InvalidArgument, EXIT_BAD_ARGUMENT), (NotFound, EXIT_BAD_ARGUMENT),
@@ -125,8 +139,13 @@ def report(exc: BaseException) -> None:
     from sqlalchemy.exc import OperationalError
 
     from workers.cli.progress import FollowInterrupted
+    from workers.privileges import denied
     from workers.settings import mask_secrets
 
+    privilege = denied(exc, _configured_user())
+    if privilege is not None:  # one line: the driver's cause would only repeat it
+        click.echo(mask_secrets(f"error: {privilege}"), err=True)
+        return
     if isinstance(exc, OperationalError) and exc.orig is not None:
         exc = exc.orig  # the driver's message; SQLAlchemy's repeats the SQL
     message = str(exc) if isinstance(exc, FollowInterrupted) else f"error: {exc}"
@@ -136,6 +155,17 @@ def report(exc: BaseException) -> None:
         if str(cause) != shown:  # drivers often wrap an error in one with the same text
             click.echo(mask_secrets(f"  caused by {type(cause).__name__}: {cause}"), err=True)
             shown = str(cause)
+
+
+def _configured_user() -> str:
+    """The database user of the settings in effect ("" if they cannot be read): PostgreSQL's
+    privilege errors do not name it."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(Settings.from_env().database_url).username or ""
+    except Exception:
+        return ""
 
 
 # Errors raised and handled inside a library while it retried (kombu pops an empty connection

@@ -14,6 +14,7 @@ from workers.cli.base import (
     is_verbose,
     load_settings,
     record_json,
+    require_privileges,
 )
 from workers.exceptions import RefusedError
 from workers.runs import RunRecord
@@ -98,6 +99,7 @@ def _cleanup(ctx: click.Context, *, dry_run: bool, wait: bool, batch_size: int |
         echo_json(data) if fmt == "json" else click.echo(render.dry_run(data))
         return
     if local:
+        require_privileges(settings, "task_state")  # one line, not a failed DELETE's trace
         record = dispatch.run_local(settings, batch_size, chosen)
     else:
         registry = shared_run_store(settings)
@@ -181,6 +183,7 @@ def orphans(ctx: click.Context, dry_run: bool, wait: bool, batch_size: int | Non
     if dry_run:
         data = dispatch.orphans_dry_run(settings)
     elif local:
+        require_privileges(settings, "asset_state")
         data = dispatch.orphans_local(settings, batch_size)
     else:
         with client_app(settings) as app:
