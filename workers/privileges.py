@@ -20,7 +20,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, Engine, Table, text
+from sqlalchemy import Connection, Engine, Table, false, func, literal, select
 
 from workers.exceptions import SchemaError
 
@@ -63,9 +63,8 @@ def describe(missing: list[Missing], dialect: str, where: str = "") -> str:
 
 
 def current_user(conn: Connection) -> str:
-    if conn.dialect.name == "postgresql":
-        return str(conn.execute(text("SELECT current_user")).scalar_one())
-    return str(conn.execute(text("SELECT CURRENT_USER()")).scalar_one())
+    """PostgreSQL: the role; MySQL/MariaDB: the account the grants are on, ``name@host``."""
+    return str(conn.execute(select(func.current_user())).scalar_one())
 
 
 def missing_privileges(engine: Engine, tables: Iterable[Table],
@@ -74,28 +73,28 @@ def missing_privileges(engine: Engine, tables: Iterable[Table],
     dialect = engine.dialect.name
     if dialect == "sqlite":
         return []
-    quote = engine.dialect.identifier_preparer.format_table
     found: list[Missing] = []
     with engine.connect() as conn:
         user = current_user(conn)
         conn.rollback()
         for table in tables:
             for privilege in privileges:
-                if not _has(conn, dialect, quote(table), privilege):
+                if not _has(conn, dialect, table, privilege):
                     found.append(Missing(user, privilege, table.name))
     return found
 
 
-def _has(conn: Connection, dialect: str, table: str, privilege: str) -> bool:
+def _has(conn: Connection, dialect: str, table: Table, privilege: str) -> bool:
     if dialect == "postgresql":
-        return bool(conn.execute(text("SELECT has_table_privilege(:t, :p)"),
-                                 {"t": table, "p": privilege}).scalar_one())
+        quoted = conn.dialect.identifier_preparer.format_table(table)
+        return bool(conn.execute(select(func.has_table_privilege(quoted, privilege)))
+                    .scalar_one())
     from sqlalchemy.exc import DBAPIError
 
-    probe = {"SELECT": f"SELECT 1 FROM {table} WHERE 1 = 0",  # noqa: S608 - quoted names
-             "DELETE": f"DELETE FROM {table} WHERE 1 = 0"}[privilege]  # noqa: S608
+    probe = (select(literal(1)).select_from(table).where(false()) if privilege == "SELECT"
+             else table.delete().where(false()))  # matches no row, rolled back below
     try:
-        conn.execute(text(probe))
+        conn.execute(probe)
     except DBAPIError as exc:
         if _mysql_code(exc) == MYSQL_TABLE_ACCESS_DENIED:
             return False
