@@ -13,7 +13,8 @@ What Airflow does with them, and so statesweep too:
   of each dag; a manual run that started at that same instant is kept too, as Airflow's join
   keeps it);
 - ``dependants`` are cleaned before the table itself (their own rule each), so the FK cascade a
-  parent's DELETE triggers finds little left;
+  parent's DELETE triggers finds little left; ``after`` names tables cleaned first when they are
+  cleaned at all (dag_run before callback: its cascade removes deadlines that keep callbacks);
 - ``--dag-ids`` / ``--exclude-dag-ids`` filter on the table's dag id column, or through a foreign
   key (``dag_scope``); a table without either ignores them. Excluding keeps NULL dag ids
   eligible, as Airflow does.
@@ -59,6 +60,10 @@ class TableRule:
     referenced_pk: str = "id"
     #: Only cleaned when named in --tables (Airflow 3.4's task_instance_history).
     only_when_named: bool = False
+    #: Tables cleaned before this one when they are cleaned at all: the ones whose cascades
+    #: change what this rule's filters read. Airflow leaves this order to Python's set order,
+    #: which changes with each process's hash seed (so does its result); statesweep fixes it.
+    after: tuple[str, ...] = ()
 
 
 def _common() -> list[TableRule]:
@@ -70,14 +75,16 @@ def _common() -> list[TableRule]:
         TableRule("dag_run", "start_date", dag_id="dag_id", keep_last=True,
                   keep_last_group_by=("dag_id",), keep_last_filters=("not_manual",),
                   dependants=("task_instance", "task_state_store", "deadline")),
+        # A dag run's delete cascades to its asset_partition_dag_run rows, orphaning log rows.
         TableRule("partitioned_asset_key_log", "created_at",
-                  extra_filters=("partition_dag_run_gone",)),
+                  extra_filters=("partition_dag_run_gone",), after=("dag_run",)),
         TableRule("import_error", "timestamp"),
         TableRule("log", "dttm", dag_id="dag_id"),
         TableRule("task_state_store", "expires_at", dag_id="dag_id"),
         TableRule("_xcom_archive", "timestamp", dag_id="dag_id"),
+        # A dag run's delete cascades to its deadlines, freeing scheduled callbacks.
         TableRule("callback", "created_at", extra_filters=("callback_finished",),
-                  dependants=("deadline",)),
+                  dependants=("deadline",), after=("dag_run",)),
         TableRule("celery_taskmeta", "date_done"),
         TableRule("celery_tasksetmeta", "date_done"),
         TableRule("trigger", "created_date", dependants=("task_instance",)),
@@ -159,6 +166,14 @@ def effective_tables(version: str, names: tuple[str, ...] = ()) -> list[TableRul
         wanted = sorted(n for n, r in rules.items() if not r.only_when_named)
     order: list[str] = []
     visited: set[str] = set()
+    selected = set(wanted)
+    for name in wanted:  # what the run cleans, dependants included
+        stack = [name]
+        while stack:
+            for dep in rules[stack.pop()].dependants:
+                if dep not in selected:
+                    selected.add(dep)
+                    stack.append(dep)
 
     def visit(name: str) -> None:
         if name in visited:
@@ -166,6 +181,9 @@ def effective_tables(version: str, names: tuple[str, ...] = ()) -> list[TableRul
         visited.add(name)
         for dep in rules[name].dependants:
             visit(dep)
+        for first in rules[name].after:
+            if first in selected:
+                visit(first)
         order.append(name)
 
     for name in sorted(wanted):
