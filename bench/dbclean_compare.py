@@ -48,12 +48,12 @@ FILL = [
         has_task_concurrency_limits, last_parsed_time)
        SELECT 'dag_' || i, false, false, 'b', 'cron', '{}', 16, 0, false,
               TIMESTAMPTZ :t + ((i % 3) - 2) * INTERVAL '30 days'
-       FROM generate_series(1, :d) i""",
+       FROM generate_series(1::bigint, :d) i""",
     """INSERT INTO dag_version (id, version_number, dag_id, created_at, last_updated)
        SELECT md5(i || 'v')::uuid, (i - 1) / :d + 1, 'dag_' || ((i - 1) % :d + 1),
               TIMESTAMPTZ :t + (((i - 1) / :d) - 2) * INTERVAL '20 days' + i * INTERVAL '1 s',
               TIMESTAMPTZ :t
-       FROM generate_series(1, 3 * :d) i""",
+       FROM generate_series(1::bigint, 3 * :d) i""",
     """INSERT INTO dag_run (id, dag_id, run_id, run_type, run_after, start_date, state)
        SELECT i, 'dag_' || ((i - 1) % :d + 1), 'run_' || i,
               CASE WHEN i % 10 = 0 THEN 'manual' ELSE 'scheduled' END,
@@ -61,7 +61,7 @@ FILL = [
               CASE WHEN i % 50 = 0 THEN NULL ELSE TIMESTAMPTZ :t
                    + ((i * 7919 % 120) - 90) * INTERVAL '1 day' + i * INTERVAL '1 s' END,
               'success'
-       FROM generate_series(1, :r) i""",
+       FROM generate_series(1::bigint, :r) i""",
     """INSERT INTO task_instance (id, task_id, dag_id, run_id, try_number, pool, pool_slots,
         start_date, state, dag_version_id)
        SELECT md5(i || 'ti')::uuid, 't' || ((i - 1) % :k),
@@ -72,50 +72,50 @@ FILL = [
               'success',
               CASE WHEN (((i - 1) / :k) % :d + 1) % 3 = 2 AND i % 5 = 0
                    THEN md5((((i - 1) / :k) % :d + 1) || 'v')::uuid END
-       FROM generate_series(1, :r * :k) i""",
+       FROM generate_series(1::bigint, :r * :k) i""",
     """INSERT INTO xcom (dag_run_id, task_id, map_index, key, dag_id, run_id, timestamp, value)
        SELECT (i - 1) / :k + 1, 't' || ((i - 1) % :k), -1, 'return_value',
               'dag_' || (((i - 1) / :k) % :d + 1), 'run_' || ((i - 1) / :k + 1),
               TIMESTAMPTZ :t + ((i * 31337 % 120) - 90) * INTERVAL '1 day', '1'
-       FROM generate_series(1, :r * :k) i""",
+       FROM generate_series(1::bigint, :r * :k) i""",
     """INSERT INTO task_reschedule (ti_id, start_date, end_date, duration, reschedule_date)
        SELECT md5(i || 'ti')::uuid, ts, ts, 1, ts FROM (
          SELECT i, TIMESTAMPTZ :t + ((i * 613 % 120) - 90) * INTERVAL '1 day' AS ts
-         FROM generate_series(7, :r * :k, 7) i) s""",
+         FROM generate_series(7::bigint, :r * :k, 7) i) s""",
     """INSERT INTO task_state_store (dag_run_id, task_id, map_index, key, dag_id, run_id, value,
         updated_at, expires_at)
        SELECT (i - 1) / 2 + 1, 't0', -1, 'k' || (i % 2), 'dag_' || (((i - 1) / 2) % :d + 1),
               'run_' || ((i - 1) / 2 + 1), 'v', TIMESTAMPTZ :t,
               CASE WHEN i % 10 = 0 THEN NULL
                    ELSE TIMESTAMPTZ :t + ((i * 17 % 120) - 90) * INTERVAL '1 day' END
-       FROM generate_series(1, 2 * :r) i""",
+       FROM generate_series(1::bigint, 2 * :r) i""",
     """INSERT INTO log (dttm, dag_id, event)
        SELECT TIMESTAMPTZ :t + ((i * 31 % 120) - 90) * INTERVAL '1 day' + i * INTERVAL '1 s',
               'dag_' || (i % :d + 1), 'e'
-       FROM generate_series(1, :l) i""",
+       FROM generate_series(1::bigint, :l) i""",
     """INSERT INTO job (dag_id, latest_heartbeat, state, job_type)
        SELECT CASE WHEN i % 4 = 0 THEN NULL ELSE 'dag_' || (i % :d + 1) END,
               TIMESTAMPTZ :t + ((i * 37 % 120) - 90) * INTERVAL '1 day', 'success', 'Job'
-       FROM generate_series(1, :r) i""",
+       FROM generate_series(1::bigint, :r) i""",
     # Callbacks in every state Airflow knows and NULL; half the scheduled ones have a deadline.
     """INSERT INTO callback (id, type, fetch_method, data, priority_weight, state, created_at)
        SELECT md5(i || 'cb')::uuid, 'triggerer', 'import_path', '{}', 1,
               (ARRAY['success', 'failed', 'running', 'scheduled', NULL, 'pending',
                      'queued'])[i % 7 + 1],
               TIMESTAMPTZ :t + ((i * 41 % 120) - 90) * INTERVAL '1 day'
-       FROM generate_series(1, :r / 3) i""",
+       FROM generate_series(1::bigint, :r / 3) i""",
     """INSERT INTO deadline (id, created_at, last_updated_at, dagrun_id, deadline_time, missed,
         callback_id)
        SELECT md5(i || 'dl')::uuid, TIMESTAMPTZ :t, TIMESTAMPTZ :t, i % :r + 1,
               TIMESTAMPTZ :t + ((i * 43 % 120) - 90) * INTERVAL '1 day', false,
               md5(i || 'cb')::uuid
-       FROM generate_series(1, :r / 3) i WHERE i % 7 = 3 AND i % 2 = 0""",
+       FROM generate_series(1::bigint, :r / 3) i WHERE i % 7 = 3 AND i % 2 = 0""",
     """INSERT INTO import_error (timestamp, filename)
        SELECT TIMESTAMPTZ :t + ((i * 47 % 120) - 90) * INTERVAL '1 day', 'f' || i
-       FROM generate_series(1, :r / 20) i""",
+       FROM generate_series(1::bigint, :r / 20) i""",
     """INSERT INTO revoked_token (jti, exp)
        SELECT md5(i || 'jti'), TIMESTAMPTZ :t + ((i * 53 % 120) - 90) * INTERVAL '1 day'
-       FROM generate_series(1, :r / 4) i""",
+       FROM generate_series(1::bigint, :r / 4) i""",
 ]
 
 

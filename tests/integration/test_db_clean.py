@@ -252,8 +252,11 @@ def test_archived_rows_are_exactly_the_deleted_rows(airflow_db: tuple[str, Engin
     url, engine, _ = airflow_db
     before = snapshot(engine)
     result = invoke(url, "--clean-before-timestamp", T.isoformat(), "--tables", "log,job",
-                    "--batch-size", "3", "-y", "--local")
+                    "--batch-size", "3", "-y", "--local", "--format", "json")
     assert result.exit_code == 0, result.output
+    import json
+
+    report = {t["table"]: t for t in json.loads(result.stdout)["tables"]}
     made = archives(engine)
     assert len(made) == 2, made  # one archive per table per run, not one per chunk
     after = snapshot(engine)
@@ -265,6 +268,8 @@ def test_archived_rows_are_exactly_the_deleted_rows(airflow_db: tuple[str, Engin
         assert len(ids) == len(set(ids))
         assert set(ids) == before[name] - after[name]
         assert ids
+        assert report[name]["deleted"] == report[name]["eligible"] == len(ids)
+        assert report[name]["chunks"] >= len(ids) // 3  # at most 3 rows a chunk
     assert after["dag_run"] == before["dag_run"]  # tables not named are untouched
 
 
@@ -446,3 +451,36 @@ def test_archives_are_listed_exported_and_dropped(one_db: tuple[str, Engine, Dat
         assert conn.execute(select(func.count()).select_from(
             Table("log", MetaData(), autoload_with=conn))).scalar_one() == len(
             keys(engine, "log"))
+
+
+def test_a_table_whose_delete_fails_is_named_and_the_others_are_cleaned(
+        one_db: tuple[str, Engine, Data]) -> None:
+    """An old dag whose only version a task instance still references: its delete cascades to
+    that version, which ON DELETE RESTRICT refuses. The dag is reported failed in one line, exit
+    1, no traceback; log, cleaned after it, is cleaned all the same."""
+    url, engine, data = one_db
+    md = MetaData()
+    md.reflect(engine, only=["dag_bundle", "dag", "dag_version", "task_instance"])
+    version_id = uuid.uuid4()
+    with engine.begin() as conn:
+        insert(conn, md.tables["dag_bundle"], [{"name": "x"}])
+        insert(conn, md.tables["dag"], [{"dag_id": "old", "bundle_name": "x",
+                                         "last_parsed_time": T - 10 * DAY,
+                                         "partition_mapper_info": "{}"}])
+        insert(conn, md.tables["dag_version"], [{"id": version_id, "dag_id": "old",
+                                                 "version_number": 1,
+                                                 "created_at": T - 10 * DAY}])
+        ti = md.tables["task_instance"]
+        newest = next(r for r in data.tis if r["dag_id"] == "alpha" and r["run_id"] == "r5"
+                      and r["start_date"] is not None and r["start_date"] >= T)
+        conn.execute(ti.update().where(ti.c.id == newest["id"])
+                     .values(dag_version_id=version_id))
+    result = invoke(url, "--clean-before-timestamp", T.isoformat(), "--tables", "dag,log",
+                    "-y", "--local")
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    errors = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "dag:" in errors[0], result.output
+    assert "dag: FAILED" in result.output
+    assert keys(engine, "dag") == {"old"} and keys(engine, "dag_version") == {version_id}
+    assert keys(engine, "log") == expected(data)["log"]

@@ -22,6 +22,8 @@ from workers.exceptions import InvalidArgument, RefusedError
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
+    from workers.dbclean.run import Report
+
 R = TypeVar("R")
 CONFIRM = "delete rows"
 CONFIRM_DROP = "drop archived tables"
@@ -120,10 +122,22 @@ def db_clean(ctx: click.Context, clean_before_timestamp: str | None, tables: str
         engine.dispose()
     if fmt == "json":
         echo_json(report.as_dict())
-        return
+    else:
+        _print_report(report, dry_run)
+    failed = [t for t in report.tables if t.failed]
+    if failed:
+        from workers.cli.dispatch import RunFailed
+
+        raise RunFailed(f"db-clean: {len(failed)} table(s) failed, the others were cleaned: "
+                        + "; ".join(f"{t.table}: {t.failed}" for t in failed))
+
+
+def _print_report(report: Report, dry_run: bool) -> None:
     verb = "would delete" if dry_run else "deleted"
     for t in report.tables:
-        if t.skipped:
+        if t.failed:
+            click.echo(f"{t.table}: FAILED after {t.deleted:,} rows ({t.failed})")
+        elif t.skipped:
             click.echo(f"{t.table}: skipped ({t.skipped})")
         elif dry_run:
             click.echo(f"{t.table}: {verb} {t.eligible:,} rows")

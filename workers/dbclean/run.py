@@ -17,6 +17,7 @@ from typing import Any
 
 import structlog
 from sqlalchemy import Engine, inspect
+from sqlalchemy.exc import DBAPIError
 
 from workers.db import db_now
 from workers.dbclean import statements as sql
@@ -47,6 +48,7 @@ class TableResult:
     chunks: int = 0
     archive: str | None = None
     skipped: str = ""  # why the table was not cleaned, if it was not
+    failed: str = ""  # the database's error, if a chunk failed (earlier chunks stay done)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -107,7 +109,16 @@ def clean(engine: Engine, request: Request, *, on_chunk: ChunkHook | None = None
             result.eligible = sql.count(conn, t, cond)
         if request.dry_run or result.eligible == 0:
             continue
-        _clean_table(engine, rule, request, result, tag, live, on_chunk, on_progress)
+        try:
+            _clean_table(engine, rule, request, result, tag, live, on_chunk, on_progress)
+        except DBAPIError as exc:
+            # As Airflow: a table whose statement fails (a RESTRICT foreign key its cascade
+            # meets, a lock timeout) is reported and the next table runs. The failed chunk
+            # rolled back whole; the chunks before it stay deleted and archived.
+            if exc.connection_invalidated:
+                raise
+            result.failed = " ".join(str(exc.orig or exc).split())[:500]
+            log.warning("db_clean_table_failed", table=rule.table, error=result.failed)
     return report
 
 

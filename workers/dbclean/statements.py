@@ -210,7 +210,8 @@ def move_chunk(conn: Connection, t: Table, archive: Table | None, cond: list[Any
     transaction; returns the rows deleted.
 
     PostgreSQL: one statement, ``WITH moved AS (DELETE … RETURNING *) INSERT INTO archive
-    SELECT * FROM moved``: the rows archived are exactly the rows deleted.
+    SELECT * FROM moved`` (counted by a third CTE): the rows archived are exactly the rows
+    deleted.
     MySQL/MariaDB (no DML in a CTE, and a DELETE may not read its own table in a subquery):
     ``SELECT key … FOR UPDATE`` with the rule locks the eligible rows, then ``INSERT … SELECT``
     and ``DELETE`` of those keys; the locks hold both to the same rows until commit.
@@ -221,8 +222,11 @@ def move_chunk(conn: Connection, t: Table, archive: Table | None, cond: list[Any
             return int(conn.execute(delete(t).where(*where)).rowcount)
         names = [c.name for c in archive.c]
         moved = delete(t).where(*where).returning(*[t.c[n] for n in names]).cte("moved")
-        stmt = insert(archive).from_select(names, select(*[moved.c[n] for n in names]))
-        return int(conn.execute(stmt).rowcount)
+        # The count comes from the INSERT's own RETURNING: a DML statement whose WITH holds
+        # a DELETE reports no row count through the driver.
+        archived = (insert(archive).from_select(names, select(*[moved.c[n] for n in names]))
+                    .returning(archive.c[names[0]]).cte("archived"))
+        return int(conn.execute(select(func.count()).select_from(archived)).scalar_one())
     cols = key_columns(t)
     keys = [tuple(r) for r in conn.execute(select(*cols).where(*where).with_for_update())]
     if not keys:
