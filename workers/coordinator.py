@@ -11,7 +11,6 @@ chunk whose message was lost and any chunk parked by a hold, and restarts a run-
 from __future__ import annotations
 
 import datetime as dt
-import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from sqlalchemy import Engine
 from workers import cleanup, planners
 from workers.cleanup import EVERYTHING
 from workers.exceptions import InvalidArgument, StatesweepError
+from workers.run_ids import RUN_ID, check_run_id, new_run_id  # noqa: F401 - the one format
 from workers.runs import Gate, RunRecord, RunStore
 from workers.schema import Tables
 from workers.selection import Selection
@@ -31,22 +31,6 @@ from workers.store import load_backend
 from workers.window import Dispatch, Sender, gate, resend_after
 
 log = structlog.get_logger("statesweep.coordinator")
-
-# A run id becomes part of Redis keys and log lines: short and plain, and no ':' so that it can
-# never address another run's keys.
-RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-
-
-def new_run_id() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:8]
-
-
-def check_run_id(run_id: Any) -> str:
-    if not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id):
-        raise InvalidArgument(
-            f"run_id must be 1-64 letters, digits, '.', '_' or '-', got {run_id!r}")
-    return run_id
-
 
 def check_batch_size(batch_size: Any) -> int:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int):

@@ -17,26 +17,10 @@ from sqlalchemy.exc import ArgumentError
 from sqlalchemy.pool import NullPool
 from sqlalchemy.sql.elements import ColumnElement
 
+from workers.db_urls import DRIVERS, MISSING_DRIVER, SUPPORTED
+
 _lock = threading.Lock()
 _engines: dict[tuple[int, str], Engine] = {}
-
-
-# Every spelling Airflow documents for the databases statesweep serves, mapped onto the drivers
-# statesweep installs and is tested with: psycopg 3 and PyMySQL. Both take the same connection
-# query options as the drivers they stand in for (libpq's sslmode, sslrootcert, connect_timeout,
-# options; MySQL's charset, ssl_ca, …), so the query string is kept as written.
-DRIVERS = {
-    "postgresql": "postgresql+psycopg", "postgres": "postgresql+psycopg",
-    "postgresql+psycopg": "postgresql+psycopg", "postgresql+psycopg2": "postgresql+psycopg",
-    "postgres+psycopg2": "postgresql+psycopg", "postgresql+psycopg2cffi": "postgresql+psycopg",
-    "mysql": "mysql+pymysql", "mysql+pymysql": "mysql+pymysql", "mysql+mysqldb": "mysql+pymysql",
-    "mysql+mysqlconnector": "mysql+pymysql",
-    "mariadb": "mariadb+pymysql", "mariadb+pymysql": "mariadb+pymysql",
-    "mariadb+mysqldb": "mariadb+pymysql", "mariadb+mysqlconnector": "mariadb+pymysql",
-    "sqlite": "sqlite", "sqlite+pysqlite": "sqlite",
-}
-SUPPORTED = ("postgresql:// (also postgres://, +psycopg2, +psycopg), "
-             "mysql:// (also mariadb://, +mysqldb, +mysqlconnector, +pymysql) or sqlite:///")
 
 
 def normalise_url(url: str) -> str:
@@ -65,12 +49,6 @@ def normalise_url(url: str) -> str:
     return u.set(drivername=driver).render_as_string(hide_password=False)
 
 
-_MISSING_DRIVER = {
-    "pymysql": "needs PyMySQL, statesweep's MySQL driver: pip install 'statesweep[mysql]'",
-    "psycopg": "needs psycopg 3, statesweep's PostgreSQL driver: pip install statesweep",
-}
-
-
 def check_connect_options(url: str) -> None:
     """ValueError if the driver for *url* is not installed or would reject one of its query
     options: checked when settings load, so a worker fails at start-up with one line, not at
@@ -84,14 +62,14 @@ def check_connect_options(url: str) -> None:
         import importlib.util
 
         if importlib.util.find_spec(u.get_driver_name()) is None:
-            raise ValueError(_MISSING_DRIVER.get(u.get_driver_name(),
-                                                 f"needs the {u.get_driver_name()} driver"))
+            raise ValueError(MISSING_DRIVER.get(u.get_driver_name(),
+                                                f"needs the {u.get_driver_name()} driver"))
         return
     dialect_cls = u.get_dialect()
     try:
         dbapi = dialect_cls.import_dbapi()
     except ImportError:
-        raise ValueError(_MISSING_DRIVER["pymysql"]) from None
+        raise ValueError(MISSING_DRIVER["pymysql"]) from None
     _, params = dialect_cls(dbapi=dbapi).create_connect_args(u)  # type: ignore[call-arg]
     if u.get_backend_name() == "postgresql":
         from psycopg import ProgrammingError

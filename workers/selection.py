@@ -15,10 +15,12 @@ import datetime as dt
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from workers.exceptions import InvalidArgument
-from workers.schema import ID_LEN, Tables
+
+if TYPE_CHECKING:  # the CLI checks a selection before sending it, with no database import
+    from workers.schema import Tables
 
 #: Dag ids one selection may name: a DELETE's IN list stays a short statement.
 MAX_DAG_IDS = 1000
@@ -95,6 +97,8 @@ def _dag_ids(name: str, value: Any) -> tuple[str, ...]:
     else:
         raise InvalidArgument(f"{name} must be comma-separated dag ids or a list of them, "
                               f"got {value!r}")
+    from workers.schema import ID_LEN
+
     out: list[str] = []
     for item in items:
         if not isinstance(item, str) or not item.strip():

@@ -297,6 +297,8 @@ class Settings:
                 bad(name, str(exc))
         if self.airflow_custom_backend:
             pass  # Airflow's class lives in Airflow's environment; runs skip, importing nothing
+        elif self.state_backend == METASTORE_BACKEND:
+            pass  # statesweep's own (test_cli_imports holds it); importing it costs SQLAlchemy
         else:
             try:
                 backend = import_string(self.state_backend)
@@ -393,10 +395,10 @@ def _parse_non_negative_int(raw: str) -> int:
 def _parse_database_url(raw: str) -> str:
     """Any spelling Airflow accepts for the drivers statesweep serves (see db.normalise_url);
     kept as written, so `doctor` shows what the user set."""
-    from workers.db import check_connect_options
+    from workers.db_urls import check_database_url
 
     raw = _parse_str(raw)
-    check_connect_options(raw)  # ValueError naming what is wrong; never the URL itself
+    check_database_url(raw)  # ValueError naming what is wrong; never the URL itself
     return raw
 
 

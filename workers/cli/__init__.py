@@ -85,6 +85,9 @@ class LazyGroup(StatesweepGroup):
     def commands(self, value: dict[str, click.Command]) -> None:
         self._commands = value
 
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        self._commands[name or cmd.name or ""] = cmd  # not through .commands: that loads all
+
     def _load(self, module: str) -> None:
         if module in self._loaded:
             return
@@ -110,12 +113,20 @@ class LazyGroup(StatesweepGroup):
 
 @click.group(cls=LazyGroup)
 @click.option("-v", "--verbose", is_flag=True, help="Log at STATESWEEP_LOG_LEVEL, not WARNING.")
-@click.version_option(version(), "--version", prog_name="statesweep",
-                      message="%(prog)s %(version)s")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True,
+              callback=lambda ctx, _param, value: _show_version(ctx, value),
+              help="Show the version and exit.")
 @click.pass_context
 def cli(ctx: click.Context, verbose: bool) -> None:
     """statesweep: garbage-collect Airflow's task_state and asset_state tables."""
     ctx.obj = {"verbose": verbose}
+
+
+def _show_version(ctx: click.Context, value: bool) -> None:
+    # Not click.version_option(version()): importlib.metadata at import costs every command.
+    if value and not ctx.resilient_parsing:
+        click.echo(f"statesweep {version()}")
+        ctx.exit()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -82,8 +82,6 @@ def _cleanup(ctx: click.Context, *, dry_run: bool, wait: bool, batch_size: int |
              selection: dict[str, str] | None = None) -> None:
     from workers.cli import dispatch, render
     from workers.cli.control import duration_option
-    from workers.cli.progress import ProgressBar, follow_run
-    from workers.cli.services import client_app, shared_run_store
 
     check_batch_option(batch_size)
     pickup_seconds = duration_option("--pickup-timeout", pickup_timeout)
@@ -102,15 +100,39 @@ def _cleanup(ctx: click.Context, *, dry_run: bool, wait: bool, batch_size: int |
         require_privileges(settings, "task_state")  # one line, not a failed DELETE's trace
         record = dispatch.run_local(settings, batch_size, chosen)
     else:
-        registry = shared_run_store(settings)
+        followed = _dispatch_and_follow(settings, batch_size, selection, wait=wait, fmt=fmt,
+                                        pickup_seconds=pickup_seconds)
+        if followed is None:
+            return
+        record = followed
+    echo_json(record_json(record)) if fmt == "json" else click.echo(render.run_summary(record))
+    raise_unless_finished(record)
+
+
+def _dispatch_and_follow(settings: Settings, batch_size: int | None,
+                         selection: dict[str, str] | None, *, wait: bool, fmt: str,
+                         pickup_seconds: float) -> RunRecord | None:
+    """Send the coordinator, wait for a worker to take it, and with *wait* follow the run to
+    its end (None without: the run id is printed). Refusals raise, naming why."""
+    from workers.cli import dispatch
+    from workers.cli.progress import ProgressBar, follow_run
+    from workers.cli.services import client_app, shared_run_store
+    from workers.cli.watch import Watch, watch_run
+
+    registry = shared_run_store(settings)
+    watch = Watch()
+    try:
         with client_app(settings) as app:
             run_id, result = dispatch.dispatch_cleanup(app, settings, registry, batch_size,
                                                        source="cli", selection=selection)
             click.echo(f"dispatched run {run_id} (coordinator task {result.id}) to "
                        f"{settings.control_queue}; recorded as queued", err=True)
+            # Opened before the first read of the run: every change after it wakes the wait.
+            watch = watch_run(settings.effective_run_store_url, settings.key_prefix, run_id)
             pickup = dispatch.await_pickup(
                 registry, run_id, result, queue=settings.control_queue,
-                timeout=pickup_seconds if wait else dispatch.NO_WAIT_PICKUP_SECONDS)
+                timeout=pickup_seconds if wait else dispatch.NO_WAIT_PICKUP_SECONDS,
+                watch=watch)
         if pickup.status == "queued" and wait:
             from workers.cli.progress import RunStuck
 
@@ -135,16 +157,20 @@ def _cleanup(ctx: click.Context, *, dry_run: bool, wait: bool, batch_size: int |
                            "reason": pickup.reason})
             raise RefusedError(f"{pickup.status.replace('_', ' ')}: {pickup.reason}; run "
                                f"{run_id} was not started (recorded as skipped)")
+        if pickup.run_id != run_id:  # following the run this trigger resumed, not its own
+            watch.close()
+            watch = watch_run(settings.effective_run_store_url, settings.key_prefix,
+                              pickup.run_id)
         if not wait or pickup.status == "custom_backend":
             if fmt == "json":
                 echo_json({"run_id": pickup.run_id, "task_id": result.id, "status": pickup.status})
             else:
                 click.echo(pickup.run_id)
-            return
-        record = follow_run(registry, pickup.run_id, ProgressBar(f"run {pickup.run_id}"),
-                            settings=settings, pickup_timeout=pickup_seconds)
-    echo_json(record_json(record)) if fmt == "json" else click.echo(render.run_summary(record))
-    raise_unless_finished(record)
+            return None
+        return follow_run(registry, pickup.run_id, ProgressBar(f"run {pickup.run_id}"),
+                          settings=settings, pickup_timeout=pickup_seconds, watch=watch)
+    finally:
+        watch.close()
 
 
 def raise_unless_finished(record: RunRecord) -> None:

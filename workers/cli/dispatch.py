@@ -23,6 +23,7 @@ from workers.cli.services import (
     database,
     run_store,
 )
+from workers.cli.watch import Watch
 from workers.exceptions import RefusedError, StatesweepError
 from workers.runs import RunRecord, RunRegistry
 
@@ -69,7 +70,7 @@ def dispatch_cleanup(app: Celery, settings: Settings, registry: RunRegistry,
     """Send the coordinator to the control queue, as beat does, with a run id chosen here and
     recorded as ``queued`` first, so `status <id>` knows the run from the moment it is sent."""
     from workers.celery_app import COORDINATE
-    from workers.coordinator import new_run_id
+    from workers.run_ids import new_run_id
 
     check_broker(app, settings)
     check_result_backend(settings)
@@ -100,9 +101,11 @@ NOT_STARTED = ("skipped", "paused", "outside_active_hours")
 
 
 def await_pickup(registry: RunRegistry, run_id: str, result: AsyncResult, *,
-                 queue: str, timeout: float) -> Pickup:
+                 queue: str, timeout: float, watch: Watch | None = None) -> Pickup:
     """Wait until a worker has started the run or answered for the coordinator; 'queued' if
-    none has after *timeout* seconds."""
+    none has after *timeout* seconds. With a *watch* on the run, each change of the run
+    ends a wait at once (the coordinator starting it, or closing it as skipped)."""
+    watch = watch or Watch()
     start = time.monotonic()
     noted = False
     delays = poll_delays(PICKUP_POLL_SECONDS)
@@ -123,7 +126,7 @@ def await_pickup(registry: RunRegistry, run_id: str, result: AsyncResult, *,
                 note(f"waiting for a worker to take the coordinator from queue {queue} "
                      "(is a worker consuming it? `statesweep doctor` checks)")
                 noted = True
-            time.sleep(next(delays))
+            watch.wait(next(delays))
     except KeyboardInterrupt:
         raise FollowInterrupted(
             f"stopped waiting; the coordinator stays queued on {queue} and runs as {run_id} "

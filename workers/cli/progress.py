@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO
 
+from workers.cli.watch import Watch
 from workers.exceptions import StatesweepError
 from workers.runs import RunRecord, RunRegistry
 from workers.settings import Settings
@@ -145,9 +146,12 @@ class ProgressBar:
 
 def follow_run(registry: RunRegistry, run_id: str, bar: ProgressBar,
                *, settings: Settings | None = None, poll: float = POLL_SECONDS,
-               pickup_timeout: float = PICKUP_TIMEOUT_SECONDS) -> RunRecord:
-    """Poll the run store until *run_id* has ended (finished, failed, aborted, skipped),
+               pickup_timeout: float = PICKUP_TIMEOUT_SECONDS,
+               watch: Watch | None = None) -> RunRecord:
+    """Read the run store until *run_id* has ended (finished, failed, aborted, skipped),
     drawing progress as it goes; with *settings*, a queued, held or stalled run says so.
+    Between reads it waits on *watch* (workers.cli.watch): a change of the run ends the wait
+    at once; without one, or on memory://, it sleeps, at most *poll* seconds.
 
     Never hangs on a run that cannot finish: RunStuck when its record disappears, when it stays
     queued past *pickup_timeout*, or when it stays stalled past the time the pump needs to have
@@ -155,6 +159,7 @@ def follow_run(registry: RunRegistry, run_id: str, bar: ProgressBar,
     """
     from workers.cli import stalls
 
+    watch = watch or Watch()
     delays = poll_delays(poll)
     try:
         while True:
@@ -187,7 +192,7 @@ def follow_run(registry: RunRegistry, run_id: str, bar: ProgressBar,
                         f"return; `statesweep status {run_id}` shows it, "
                         f"`statesweep abort {run_id}` ends it")
             bar.update(Snapshot.of(record, note))
-            time.sleep(next(delays))
+            watch.wait(next(delays))
     except KeyboardInterrupt:
         bar.close()
         raise FollowInterrupted.run(run_id) from None

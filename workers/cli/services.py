@@ -13,15 +13,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from sqlalchemy import Engine
-
 from workers.exceptions import SchemaError, StatesweepError
 from workers.runs import RunRegistry, registry_for
-from workers.schema import Tables, resolve_tables
 from workers.settings import Settings, is_redis, is_redis_store, mask_url
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # dispatching a run needs neither Celery's worker side nor the database
     from celery import Celery
+    from sqlalchemy import Engine
+
+    from workers.schema import Tables
 
 CONNECT_TIMEOUT = 3.0
 # One quick retry: enough to ride out a blip, short enough to fail in seconds.
@@ -42,6 +42,7 @@ def database(settings: Settings) -> Iterator[tuple[Engine, Tables]]:
     from sqlalchemy.exc import OperationalError
 
     from workers.db import make_engine
+    from workers.schema import resolve_tables
 
     refuse_missing_sqlite_file(settings)
     engine = make_engine(settings.database_url, **_connect_args(settings.database_url))

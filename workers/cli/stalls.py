@@ -18,7 +18,6 @@ from typing import Any
 from workers.planners.base import EXPIRY, ChunkRange
 from workers.runs import RunRecord, RunStore
 from workers.settings import Settings
-from workers.window import resend_after
 
 #: No finished chunk for this long (or the chunk hard time limit, if shorter: no chunk can run
 #: longer) with chunks outstanding is a stall, not a slow chunk.
@@ -28,6 +27,14 @@ STALLED_AFTER_SECONDS = 60.0
 def stalled_after(settings: Settings) -> float:
     limit = float(settings.chunk_time_limit)
     return min(STALLED_AFTER_SECONDS, limit) if limit > 0 else STALLED_AFTER_SECONDS
+
+
+def resend_after(settings: Settings) -> float:
+    """workers.window's resend period, imported only for a run with chunks in its window: the
+    window imports SQLAlchemy, which an empty `cleanup --wait` never needs."""
+    from workers.window import resend_after as window_resend_after
+
+    return window_resend_after(settings)
 
 
 def give_up_after(settings: Settings) -> float:
@@ -120,10 +127,11 @@ def condition(settings: Settings, registry: RunStore, record: RunRecord,
         return Condition("queued", queued_seconds=max(0.0, now - record.started_at))
     if record.state != "running":
         return Condition(record.state)
-    again = resend_after(settings)
+    window = registry.inflight(record.run_id)
+    again = resend_after(settings) if window else 0.0
     outstanding = [Outstanding(n, rng.kind, *_bounds(rng), sent, parked, max(0.0, now - sent),
                                0.0 if parked else sent + again)
-                   for n, rng, sent, parked in registry.inflight(record.run_id)]
+                   for n, rng, sent, parked in window]
     last = (record.last_progress_at or record.window_started_at or record.planned_at
             or record.started_at)
     idle = max(0.0, now - last) if last else 0.0

@@ -22,12 +22,11 @@ or approximate plan can leave rows for the next run but never deletes a live one
 from __future__ import annotations
 
 import datetime as dt
+import importlib
 from dataclasses import replace
-
-from sqlalchemy import Connection
+from typing import TYPE_CHECKING, Any
 
 from workers.exceptions import SettingsError
-from workers.planners import blocks, expiry
 from workers.planners.base import (
     BLOCKS,
     CUT_KINDS,
@@ -40,18 +39,48 @@ from workers.planners.base import (
     Planner,
     Unsupported,
 )
-from workers.planners.blocks import BlocksPlanner
-from workers.planners.expiry import ExpiryPlanner
-from workers.planners.ids import IdsPlanner
-from workers.planners.walk import WalkPlanner
-from workers.schema import Tables
+
+if TYPE_CHECKING:
+    from sqlalchemy import Connection
+
+    from workers.planners import blocks, expiry, ids, walk  # noqa: F401
+    from workers.schema import Tables
 
 __all__ = ["BLOCKS", "CUT_KINDS", "EXPIRY", "IDS", "KINDS", "PLANNERS", "WALK", "ChunkRange",
            "Plan", "Planner", "choose"]
 
-PLANNERS: dict[str, Planner] = {p.name: p for p in (BlocksPlanner(), IdsPlanner(),
-                                                     WalkPlanner(), ExpiryPlanner())}
-CHOICES = ("auto", *PLANNERS)
+# The planner modules import SQLAlchemy; workers.runs (and so every CLI command) needs only
+# the range and plan types of workers.planners.base. The modules and PLANNERS are loaded on
+# first use, so `statesweep cleanup --wait` never imports SQLAlchemy.
+_SUBMODULES = ("blocks", "expiry", "ids", "walk")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"workers.planners.{name}")
+    if name == "PLANNERS":
+        return _planners()
+    if name == "CHOICES":
+        return ("auto", *_planners())
+    raise AttributeError(f"module 'workers.planners' has no attribute {name!r}")
+
+
+_registry: dict[str, Planner] = {}
+
+
+def _planners() -> dict[str, Planner]:
+    """Every planner by name, built on first use."""
+    if not _registry:
+        from workers.planners.blocks import BlocksPlanner
+        from workers.planners.expiry import ExpiryPlanner
+        from workers.planners.ids import IdsPlanner
+        from workers.planners.walk import WalkPlanner
+
+        _registry.update({p.name: p for p in (BlocksPlanner(), IdsPlanner(), WalkPlanner(),
+                                              ExpiryPlanner())})
+    return _registry
+
+
 #: At or above this expired fraction `auto` cuts physical ranges (blocks, ids); below it, the
 #: expiry index. From the crossover `python -m bench.crossover --repeat 3` measured (bench/
 #: results/crossover.md, medians of 3, expired rows interleaved): on PostgreSQL the expiry index
@@ -64,6 +93,8 @@ BACKLOG_FRACTION = 0.05  # SQLite, clustered by rowid as InnoDB by id
 
 def backlog_fraction(dialect: str) -> float:
     return BACKLOG_FRACTIONS.get(dialect, BACKLOG_FRACTION)
+
+
 #: An ids plan that would cut this many times more chunks than the expired rows fill is sparse
 #: in id space (an outlying id, ids reused far apart): `auto` takes the expiry index instead.
 SPARSE_IDS_FACTOR = 4
@@ -73,13 +104,18 @@ CLUSTERED_BY_ID = ("mysql", "mariadb", "sqlite")
 def choose(conn: Connection, tables: Tables, cutoff: dt.datetime, batch_size: int,
            setting: str = "auto") -> Plan:
     """The plan of one run, by the planner *setting* names (or the one `auto` picks)."""
+    from workers.planners import blocks, expiry
+    from workers.planners.blocks import BlocksPlanner
+    from workers.planners.ids import IdsPlanner
+
     if setting != "auto":
-        planner = PLANNERS[setting]
+        planners = _planners()
+        planner = planners[setting]
         try:
             planner.check(conn, tables)
         except Unsupported as exc:
             raise SettingsError(f"STATESWEEP_PLANNER={setting!r}: this database cannot use "
-                                f"it: {exc}; use auto, or one of {', '.join(PLANNERS)}") from None
+                                f"it: {exc}; use auto, or one of {', '.join(planners)}") from None
         plan = planner.plan(conn, tables, cutoff, batch_size)
         return replace(plan, reason=f"set by STATESWEEP_PLANNER; {plan.reason}")
     # The regime, from the index: expired rows counted up to BACKLOG_FRACTION of the catalog's
@@ -120,6 +156,8 @@ def choose(conn: Connection, tables: Tables, cutoff: dt.datetime, batch_size: in
 
 def _steady(conn: Connection, tables: Tables, cutoff: dt.datetime, batch_size: int,
             why: str, counted: int | None = None) -> Plan:
+    from workers.planners.expiry import ExpiryPlanner
+
     return _auto(ExpiryPlanner().plan(conn, tables, cutoff, batch_size, counted=counted), why)
 
 

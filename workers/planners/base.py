@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from sqlalchemy import Connection
+if TYPE_CHECKING:  # types only: workers.runs (so the CLI) imports this module, not SQLAlchemy
+    from sqlalchemy import Connection
 
-from workers.schema import Tables
+    from workers.schema import Tables
 
 #: Range kinds a chunk message may carry.
 BLOCKS = "blocks"  # PostgreSQL heap pages [lo, hi); hi None = open-ended (pages added later)
