@@ -236,13 +236,13 @@ def test_doctor_fails_clearly_when_redis_is_unreachable(seeded: Seeded) -> None:
     assert lines[-1].startswith("UNHEALTHY")
 
 
-def test_doctor_warns_with_the_create_index_statement(seeded: Seeded) -> None:
+def test_doctor_fails_with_the_create_index_statement(seeded: Seeded) -> None:
     with seeded.engine.begin() as conn:
         conn.execute(text("DROP INDEX idx_task_state_expires_at"))
     result = seeded.invoke("doctor", "--format", "json")
     data = json.loads(result.stdout)
     index = next(c for c in data["checks"] if c["name"] == "expires_at index")
-    assert index["status"] == "warn"
+    assert index["status"] == "fail"  # the auto planner reads it (test_doctor_checks.py)
     assert ("CREATE INDEX CONCURRENTLY idx_task_state_expires_at ON task_state (expires_at);"
             in index["detail"])
     # No worker consumes this test's queues, so doctor is unhealthy, and says why.

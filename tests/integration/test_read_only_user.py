@@ -11,6 +11,7 @@ from __future__ import annotations
 import subprocess
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,14 +64,22 @@ class ReadOnly:
 
 @pytest.fixture(params=["postgresql", "mariadb"])
 def read_only(request: pytest.FixtureRequest, isolation: dict[str, str]) -> Iterator[ReadOnly]:
+    """A seeded database on each dialect, and a user that may only SELECT from it."""
     require("Redis", "127.0.0.1", 6379)
     admin_url = request.getfixturevalue("pg_url" if request.param == "postgresql"
                                         else "mariadb_url")
+    with read_only_user(request.param, admin_url, isolation) as user:
+        yield user
+
+
+@contextmanager
+def read_only_user(dialect: str, admin_url: str,
+                   isolation: dict[str, str]) -> Iterator[ReadOnly]:
     engine, tables = create_schema(admin_url)
     seed(engine, tables, SeedSpec(rows=2000), database_now(engine))
     user = f"sw_ro_{uuid.uuid4().hex[:8]}"
     with engine.begin() as conn:
-        if request.param == "postgresql":
+        if dialect == "postgresql":
             conn.execute(text(f"CREATE ROLE \"{user}\" LOGIN PASSWORD '{PASSWORD}'"))
             conn.execute(text(f'GRANT SELECT ON ALL TABLES IN SCHEMA public TO "{user}"'))
         else:
@@ -82,10 +91,10 @@ def read_only(request: pytest.FixtureRequest, isolation: dict[str, str]) -> Iter
     env = {"STATESWEEP_DATABASE_URL": url, "STATESWEEP_BROKER_URL": REDIS_URL,
            "STATESWEEP_RESULT_BACKEND": REDIS_URL, **isolation}
     try:
-        yield ReadOnly(request.param, user, url, env, engine, tables)
+        yield ReadOnly(dialect, user, url, env, engine, tables)
     finally:
         with engine.begin() as conn:
-            if request.param == "postgresql":
+            if dialect == "postgresql":
                 conn.execute(text(f'DROP OWNED BY "{user}"'))
                 conn.execute(text(f'DROP ROLE "{user}"'))
             else:

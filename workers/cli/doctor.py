@@ -6,7 +6,7 @@ reported in seconds. A failure makes the command's exit code unhealthy; a warnin
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -43,16 +43,55 @@ def _reason(exc: BaseException) -> str:
     return f"{type(cause).__name__}: {text}" if text else type(cause).__name__
 
 
-def index_check(engine: Engine, tables: Tables) -> Check:
-    """Planning and dry runs walk the expires_at index; without it every run scans the table."""
+#: The planners that read the expires_at index: expiry walks it, walk and ids find the expired
+#: ids' bounds on it, auto estimates the regime on it. blocks cuts page ranges from the catalog
+#: (only its estimate and dry runs read the index).
+PLANNERS_ON_THE_INDEX = ("auto", "expiry", "walk", "ids")
+
+
+def index_check(engine: Engine, tables: Tables, planner: str = "auto") -> Check:
+    """The index the configured planner uses: an index led by expires_at. Missing, the planner
+    that walks it cannot (a failure); for blocks, only estimates and dry runs scan (a warning)."""
     table = tables.task_state.name
     for ix in inspect(engine).get_indexes(table):
         if ix["column_names"] and ix["column_names"][0] == "expires_at":
-            return Check("expires_at index", "ok", f"{ix['name']} on {table}(expires_at)")
+            return Check("expires_at index", "ok", f"{ix['name']} on {table}(expires_at), "
+                         f"which the {planner} planner uses (STATESWEEP_PLANNER)")
     concurrently = "CONCURRENTLY " if engine.dialect.name == "postgresql" else ""
+    create = f"CREATE INDEX {concurrently}idx_{table}_expires_at ON {table} (expires_at);"
+    if planner in PLANNERS_ON_THE_INDEX:
+        return Check("expires_at index", "fail",
+                     f"no index on {table}.expires_at, which STATESWEEP_PLANNER={planner} "
+                     f"reads; every run would scan the table. Create it: {create}")
     return Check("expires_at index", "warn",
-                 f"no index on {table}.expires_at; every run will scan the table. Create it: "
-                 f"CREATE INDEX {concurrently}idx_{table}_expires_at ON {table} (expires_at);")
+                 f"no index on {table}.expires_at; STATESWEEP_PLANNER={planner} cuts page "
+                 f"ranges without it, but estimates and dry runs scan the table. Create it: "
+                 f"{create}")
+
+
+def privilege_checks(engine: Engine, tables: Tables) -> list[Check]:
+    """SELECT and DELETE on each state table for the configured user (a read-only user would
+    fail every chunk): one line per table."""
+    from workers.privileges import (
+        STATE_TABLE_PRIVILEGES,
+        current_user,
+        describe,
+        missing_privileges,
+    )
+
+    if engine.dialect.name == "sqlite":
+        return [Check("privileges", "ok", "SQLite: no database users")]
+    with engine.connect() as conn:
+        user = current_user(conn)
+    checks = []
+    for table in (tables.task_state, tables.asset_state):
+        missing = missing_privileges(engine, [table])
+        if missing:
+            checks.append(Check("privileges", "fail", describe(missing, engine.dialect.name)))
+        else:
+            checks.append(Check("privileges", "ok", f"{user!r} may "
+                                f"{' and '.join(STATE_TABLE_PRIVILEGES)} on {table.name}"))
+    return checks
 
 
 def layout_check(engine: Engine, tables: Tables, settings: Settings) -> Check:
@@ -86,7 +125,8 @@ def database_checks(settings: Settings) -> list[Check]:
                       f"{tables.naming}: {tables.task_state.name}, {tables.asset_state.name} "
                       f"(STATESWEEP_TABLE_NAMING={settings.table_naming})"),
                 layout_check(engine, tables, settings),
-                index_check(engine, tables),
+                index_check(engine, tables, settings.planner),
+                *privilege_checks(engine, tables),
             ]
     except Exception as exc:
         from workers.exceptions import SchemaError
@@ -96,16 +136,28 @@ def database_checks(settings: Settings) -> list[Check]:
         return [Check("database", "fail", f"{where} unreachable: {_reason(exc)}")]
 
 
-def run_store_check(settings: Settings) -> Check:
+def run_store_check(settings: Settings, info_of: Callable[[str], Mapping[str, Any]] | None = None
+                    ) -> list[Check]:
+    """The run store answers, and its Redis can hold runs: version >= 7, maxmemory-policy
+    noeviction (workers.startup; a worker or beat refuses to start otherwise). *info_of*
+    reads INFO from a URL (a seam for tests)."""
+    from workers.startup import redis_info, redis_info_problems, run_store_source
+
     url = settings.effective_run_store_url
     if not is_redis_store(url):
-        return Check("run store", "warn", f"{url}: runs and the single-flight lock live in one "
-                     "process only; workers on other hosts do not share them")
+        return [Check("run store", "warn", f"{url}: runs and the single-flight lock live in one "
+                      "process only; workers on other hosts do not share them")]
     try:
         ping_redis(url, "run store")
-    except ServiceUnavailable as exc:
-        return Check("run store", "fail", f"{mask_url(url)} unreachable: {_reason(exc)}")
-    return Check("run store", "ok", mask_url(url))
+        info = (info_of or redis_info)(url)
+    except Exception as exc:  # ServiceUnavailable, or INFO cut off by a redis error
+        return [Check("run store", "fail", f"{mask_url(url)} unreachable: {_reason(exc)}")]
+    where = f"{run_store_source(settings)}={mask_url(url)}"
+    problems = redis_info_problems(info)
+    if problems:
+        return [Check("run store", "fail", f"{where}: {problem}") for problem in problems]
+    return [Check("run store", "ok", f"{mask_url(url)} (Redis {info.get('redis_version')}, "
+                  f"maxmemory-policy {info.get('maxmemory_policy')})")]
 
 
 def worker_checks(app: Celery, settings: Settings) -> list[Check]:
@@ -180,8 +232,8 @@ def run_checks(settings: Settings) -> list[Check]:
                 settings.result_backend != settings.effective_run_store_url):
             checks += _guarded("result backend", lambda: _ping_backend(settings))
         store = run_store_check(settings)
-        checks.append(store)
-        if store.status == "ok":
+        checks += store
+        if all(c.status == "ok" for c in store):
             checks += _guarded("beat", lambda: trigger_checks(settings))
     finally:
         app.close()
@@ -317,7 +369,8 @@ def render(data: dict[str, Any]) -> str:
 @FORMAT
 @click.pass_context
 def doctor(ctx: click.Context, fmt: str) -> None:
-    """Check database, schema, index, broker, workers and run store; show settings (masked)."""
+    """Check database, schema, index, privileges, broker, workers and run store; show settings
+    (masked)."""
     from workers.exit_codes import EXIT_UNHEALTHY
 
     settings = load_settings(is_verbose(ctx))
