@@ -484,3 +484,79 @@ def test_a_table_whose_delete_fails_is_named_and_the_others_are_cleaned(
     assert "dag: FAILED" in result.output
     assert keys(engine, "dag") == {"old"} and keys(engine, "dag_version") == {version_id}
     assert keys(engine, "log") == expected(data)["log"]
+
+
+def test_a_dag_run_that_became_its_dags_last_after_the_cut_is_kept(
+        one_db: tuple[str, Engine, Data]) -> None:
+    """The chunk is cut while gamma's r3 is eligible; then gamma's newest non-manual run (r4)
+    goes. The chunk's DELETE re-checks keep-last and leaves r3, the new last run."""
+    from workers.dbclean import statements as sql
+    from workers.dbclean.rules import RULES
+
+    _, engine, data = one_db
+    version = VERSIONS[data.version]
+    rule = RULES[version]["dag_run"]
+    with engine.begin() as conn:
+        t = sql.reflect(conn, "dag_run")
+        cond = sql.eligible(conn, rule, t, T)
+        hi = sql.next_bound(conn, t, cond, None, 1000)
+        planned = sql.count(conn, t, cond)
+    with engine.begin() as conn:
+        conn.execute(t.delete().where(t.c.dag_id == "gamma", t.c.run_id == "r4"))
+    with engine.begin() as conn:
+        rows = sql.move_chunk(conn, t, None, cond, None, hi)
+    assert rows == planned - 1
+    left = {(r.dag_id, r.run_id) for r in _rows(engine, t)}
+    assert ("gamma", "r3") in left and ("gamma", "r2") not in left
+
+
+def _rows(engine: Engine, t: Table) -> list[Any]:
+    with engine.connect() as conn:
+        return list(conn.execute(select(t.c.dag_id, t.c.run_id)))
+
+
+def test_a_dag_runs_dependants_go_first_in_batches_of_the_batch_size(
+        one_db: tuple[str, Engine, Data]) -> None:
+    """An old dag run with 40 task instances that never started (their own rule keeps them)
+    and 12 state rows that never expire: cleaning dag_run with --batch-size 5 deletes them in
+    batches of at most 5 before the run's own chunk, so its cascade has nothing left."""
+    from structlog.testing import capture_logs
+
+    _, engine, data = one_db
+    md = MetaData()
+    md.reflect(engine, only=["dag_run", "task_instance", "task_state_store"])
+    tss = md.tables["task_state_store"]
+    with engine.begin() as conn:
+        insert(conn, md.tables["dag_run"], [{"id": 999, "dag_id": "big", "run_id": "old",
+                                             "run_type": "manual", "start_date": T - 30 * DAY,
+                                             "run_after": T - 30 * DAY, "state": "success"}])
+        insert(conn, md.tables["task_instance"], [
+            {"id": uuid.uuid4(), "dag_id": "big", "run_id": "old", "task_id": f"t{i}",
+             "start_date": None, "try_number": 1, "pool": "p", "pool_slots": 1}
+            for i in range(40)])
+        layout = ({"region_index": -1, "region_id": uuid.UUID(int=0)}
+                  if "region_id" in tss.c else {"map_index": -1})
+        insert(conn, tss, [{"id": 10000 + i, "dag_run_id": 999, "task_id": f"t{i}", "key": "k",
+                            "dag_id": "big",
+                            "run_id": "old", "value": "v", "updated_at": T, "expires_at": None,
+                            **layout} for i in range(12)])
+    request = dbclean.Request(before=T, tables=("dag_run",), batch_size=5, skip_archive=True)
+    with capture_logs() as logs:
+        report = dbclean.clean(engine, request)
+    batches = [e for e in logs if e["event"] == "db_clean_dependants_deleted"]
+    assert batches and all(0 < e["rows"] <= 5 for e in batches)
+    by_table = {name: sum(e["rows"] for e in batches if e["dependant"] == name)
+                for name in ("task_instance", "task_state_store")}
+    assert by_table["task_instance"] >= 40 and by_table["task_state_store"] >= 12
+    chunks = [e for e in logs if e["event"] == "db_clean_chunk_moved"]
+    assert all(e["rows"] <= 5 for e in chunks)
+    [dag_run] = [r for r in report.tables if r.table == "dag_run"]
+    assert dag_run.dependants >= 52
+    assert 999 not in keys(engine, "dag_run")
+    with engine.connect() as conn:
+        ti = md.tables["task_instance"]
+        assert conn.execute(select(func.count()).select_from(ti)
+                            .where(ti.c.dag_id == "big")).scalar_one() == 0
+    want = expected(data)
+    assert keys(engine, "dag_run") == want["dag_run"]
+    assert keys(engine, "task_instance") == want["task_instance"]

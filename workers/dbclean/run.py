@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
-from sqlalchemy import Engine, inspect
+from sqlalchemy import Connection, Engine, Table, inspect
 from sqlalchemy.exc import DBAPIError
 
 from workers.db import db_now
+from workers.dbclean import cascade
 from workers.dbclean import statements as sql
 from workers.dbclean.rules import ARCHIVE_PREFIX, TableRule, airflow_version, effective_tables
 
@@ -49,6 +50,7 @@ class TableResult:
     archive: str | None = None
     skipped: str = ""  # why the table was not cleaned, if it was not
     failed: str = ""  # the database's error, if a chunk failed (earlier chunks stay done)
+    dependants: int = 0  # rows of dependant tables deleted before their parent chunks
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -87,6 +89,7 @@ def clean(engine: Engine, request: Request, *, on_chunk: ChunkHook | None = None
     filtered = bool(request.dag_ids or request.exclude_dag_ids)
     with engine.connect() as conn:
         tag = run_tag(db_now(conn))
+        fks = cascade.ForeignKeys(conn)
     for rule in rules:
         result = TableResult(rule.table)
         report.tables.append(result)
@@ -110,7 +113,8 @@ def clean(engine: Engine, request: Request, *, on_chunk: ChunkHook | None = None
         if request.dry_run or result.eligible == 0:
             continue
         try:
-            _clean_table(engine, rule, request, result, tag, live, on_chunk, on_progress)
+            _clean_table(engine, rule, request, result, tag, live, fks, on_chunk,
+                         on_progress)
         except DBAPIError as exc:
             # As Airflow: a table whose statement fails (a RESTRICT foreign key its cascade
             # meets, a lock timeout) is reported and the next table runs. The failed chunk
@@ -134,12 +138,13 @@ def _archive_name(tag: str, table: str, live: set[str]) -> str:
 
 
 def _clean_table(engine: Engine, rule: TableRule, request: Request, result: TableResult,
-                 tag: str, live: set[str], on_chunk: ChunkHook | None,
+                 tag: str, live: set[str], fks: cascade.ForeignKeys, on_chunk: ChunkHook | None,
                  on_progress: Callable[[TableResult], None] | None) -> None:
     with engine.connect() as conn:
         t = sql.reflect(conn, rule.table)
         cond = sql.eligible(conn, rule, t, request.before, request.dag_ids,
                             request.exclude_dag_ids)
+        dependants = _dependants(conn, fks, t)
     archive = None
     if not request.skip_archive:
         result.archive = _archive_name(tag, rule.table, live)
@@ -150,9 +155,18 @@ def _clean_table(engine: Engine, rule: TableRule, request: Request, result: Tabl
     lo: sql.Key | None = None
     while True:
         t0 = time.monotonic()
-        # One transaction per chunk: its cut, its archive and its delete commit together.
+        if dependants:
+            with engine.begin() as conn:
+                hi = sql.next_bound(conn, t, cond, lo, request.batch_size)
+            # The chunk's dependants first, batch by batch, so its own DELETE cascades into
+            # (almost) nothing.
+            result.dependants += _delete_dependants(engine, dependants, t,
+                                                    [*cond, *sql.in_range(t, lo, hi)],
+                                                    request.batch_size)
+        # One transaction per chunk: its archive and its delete commit together.
         with engine.begin() as conn:
-            hi = sql.next_bound(conn, t, cond, lo, request.batch_size)
+            if not dependants:
+                hi = sql.next_bound(conn, t, cond, lo, request.batch_size)
             rows = sql.move_chunk(conn, t, archive, cond, lo, hi)
             if on_chunk is not None:
                 on_chunk(rule.table, rows)
@@ -166,3 +180,42 @@ def _clean_table(engine: Engine, rule: TableRule, request: Request, result: Tabl
             return
         lo = hi
 
+
+Dependant = tuple[cascade.Path, Table, dict[str, Table]]
+
+
+def _dependants(conn: Connection, fks: cascade.ForeignKeys, t: Table) -> list[Dependant]:
+    """What a chunk of *t* deletes first: each cascade path to a table with a primary key
+    (one without is left to the cascade), deepest first; none when the tree can refuse."""
+    paths = fks.cascade_paths(t.name)
+    if paths is None:
+        log.info("db_clean_cascade_inline", table=t.name,
+                 reason="a referrer can refuse the delete (RESTRICT or NO ACTION)")
+        return []
+    tables: dict[str, Table] = {t.name: t}
+    out: list[Dependant] = []
+    for path in paths:
+        for edge in path:
+            if edge.child not in tables:
+                tables[edge.child] = sql.reflect(conn, edge.child)
+        target = tables[path[-1].child]
+        if sql.key_columns(target):
+            out.append((path, target, tables))
+    return out
+
+
+def _delete_dependants(engine: Engine, dependants: list[Dependant], t: Table,
+                       root_cond: list[Any], batch_size: int) -> int:
+    total = 0
+    for path, target, tables in dependants:
+        cond = cascade.descends_from_chunk(tables, path, target, root_cond)
+        while True:
+            with engine.begin() as conn:
+                rows = cascade.delete_batch(conn, target, cond, batch_size)
+            total += rows
+            if rows:
+                log.info("db_clean_dependants_deleted", table=t.name, dependant=target.name,
+                         rows=rows)
+            if batch_size <= 0 or rows < batch_size:
+                break
+    return total

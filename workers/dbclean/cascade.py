@@ -1,0 +1,104 @@
+"""Bounded cascades: a parent chunk's dependants are deleted before it, in batches of at most
+``batch_size`` rows, each batch a transaction of its own, so the parent's DELETE cascades into
+(almost) nothing and no transaction grows with a parent's fan-out (a dag run's task instances,
+their XComs, …).
+
+The dependants are what ``ON DELETE CASCADE`` would delete, read from the live schema's foreign
+keys: the cascade tree under the parent table. A batch deletes only rows whose ancestor row is
+in the parent chunk's range and satisfies the parent's rule at that moment (an EXISTS chain up
+to the parent, re-evaluated by every batch), so a parent that stopped being eligible (a dag run
+that became its dag's last) keeps its dependants from then on.
+
+A parent table with a referrer that can refuse its delete (``ON DELETE RESTRICT`` or ``NO
+ACTION``: ``task_instance.dag_version_id`` under ``dag``, ``callback.trigger_id``) anywhere in its
+tree is not pre-cleaned: a refused delete would leave the parent in place without the dependants
+already deleted. Its chunks cascade inside their own transaction, as Airflow's do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, Engine, Table, delete, exists, inspect, select, tuple_
+
+from workers.dbclean import statements as sql
+
+#: ON DELETE actions that remove or detach the referrer: a delete of the parent never fails.
+YIELDING = ("CASCADE", "SET NULL", "SET DEFAULT")
+
+
+@dataclass(frozen=True)
+class Edge:
+    """``child.child_cols`` references ``parent.parent_cols``."""
+
+    parent: str
+    child: str
+    child_cols: tuple[str, ...]
+    parent_cols: tuple[str, ...]
+    ondelete: str | None
+
+
+Path = tuple[Edge, ...]
+
+
+class ForeignKeys:
+    """The live schema's foreign keys, by referred table (one catalog read)."""
+
+    def __init__(self, bind: Engine | Connection) -> None:
+        self.referrers: dict[str, list[Edge]] = {}
+        for (_schema, child), fks in inspect(bind).get_multi_foreign_keys().items():
+            for fk in fks:
+                ondelete = (fk.get("options") or {}).get("ondelete")
+                edge = Edge(fk["referred_table"], child, tuple(fk["constrained_columns"]),
+                            tuple(fk["referred_columns"]), ondelete.upper() if ondelete else None)
+                self.referrers.setdefault(edge.parent, []).append(edge)
+
+    def cascade_paths(self, table: str) -> list[Path] | None:
+        """Every path of CASCADE edges down from *table*, deepest first (a grandchild's path
+        before its parent's); None when a referrer anywhere in the tree can refuse the delete."""
+        paths: list[Path] = []
+
+        def walk(name: str, path: Path, seen: frozenset[str]) -> bool:
+            for edge in self.referrers.get(name, []):
+                if edge.ondelete not in YIELDING:
+                    return False
+                if edge.ondelete != "CASCADE" or edge.child in seen:
+                    continue
+                if not walk(edge.child, (*path, edge), seen | {edge.child}):
+                    return False
+                paths.append((*path, edge))
+            return True
+
+        return paths if walk(table, (), frozenset({table})) else None
+
+
+def descends_from_chunk(tables: dict[str, Table], path: Path, target: Table,
+                        root_cond: list[Any]) -> Any:
+    """Condition on *target* (the path's last table): its ancestor row in the root table
+    satisfies *root_cond* (the parent chunk's range and rule), now."""
+    cond = root_cond
+    # From the root down: each level is EXISTS (parent row of this row, satisfying the level
+    # above); the last level is correlated to *target*.
+    for i, edge in enumerate(path):
+        parent = tables[edge.parent]
+        child = target if i == len(path) - 1 else tables[edge.child]
+        joined = [parent.c[p] == child.c[c]
+                  for c, p in zip(edge.child_cols, edge.parent_cols, strict=True)]
+        cond = [exists().select_from(parent).where(*joined, *cond)]
+    return cond[0]
+
+
+def delete_batch(conn: Connection, target: Table, cond: Any, batch_size: int) -> int:
+    """Delete at most *batch_size* rows of *target* matching *cond*: their keys locked first
+    (``SELECT … LIMIT … FOR UPDATE``), then deleted by key, in the caller's transaction."""
+    cols = sql.key_columns(target)
+    query = select(*cols).where(cond).with_for_update()
+    if batch_size > 0:
+        query = query.limit(batch_size)
+    keys = [tuple(r) for r in conn.execute(query)]
+    if not keys:
+        return 0
+    chosen = (cols[0].in_([k[0] for k in keys]) if len(cols) == 1
+              else tuple_(*cols).in_(keys))
+    return int(conn.execute(delete(target).where(chosen)).rowcount)
