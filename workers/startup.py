@@ -11,12 +11,12 @@ refuses to start with one line, rather than fail or lose work mid-run. The CLI's
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from workers.exceptions import SettingsError
 from workers.exit_codes import EXIT_SETTINGS, EXIT_UNAVAILABLE
-from workers.masking import mask_url
+from workers.masking import mask_secrets, mask_url
 from workers.settings import Settings, is_redis
 
 #: The oldest Redis the run store works on: its scripts set TTLs with ``EXPIRE key ttl GT``.
@@ -96,7 +96,7 @@ def redis_info(url: str) -> dict[str, Any]:
 
 
 def check_run_store_redis(settings: Settings,
-                          info_of: Any = redis_info) -> None:
+                          info_of: Callable[[str], Mapping[str, Any]] = redis_info) -> None:
     """StartupRefused when the run store's Redis is unreachable (EXIT_UNAVAILABLE), too old
     or may evict keys (EXIT_SETTINGS). *info_of* reads INFO from a URL (a seam for tests)."""
     import redis
@@ -110,7 +110,7 @@ def check_run_store_redis(settings: Settings,
     except redis.RedisError as exc:
         cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise StartupRefused(f"run store {where} is unreachable: {type(exc).__name__}: "
-                             f"{mask_url(cause)}", EXIT_UNAVAILABLE) from None
+                             f"{mask_secrets(cause)}", EXIT_UNAVAILABLE) from None
     problems = redis_info_problems(info)
     if problems:
         raise StartupRefused(f"run store {where}: {'; '.join(problems)}", EXIT_SETTINGS)
