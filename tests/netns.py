@@ -80,8 +80,12 @@ def require_netns() -> None:
 
 
 def _free_subnet() -> int:
+    """A free 10.213.X.0/24. Parallel test processes (pytest-xdist's ``gwN``) draw from disjoint
+    residues of X, so two of them never pick the same subnet between reading and adding it."""
     used = _ip("-4", "-o", "addr").stdout
-    free = [x for x in range(256) if f" 10.213.{x}." not in used]
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    share = int(worker) % 16 if worker.isdigit() else 0
+    free = [x for x in range(256) if x % 16 == share and f" 10.213.{x}." not in used]
     return random.choice(free)
 
 

@@ -193,7 +193,6 @@ def test_overlapping_triggers_make_exactly_one_run(
     skipped = [r for r in results if r["status"] == "skipped"]
     scenario.note(triggers=len(sources), runs=len(recorded_runs), skipped=len(skipped),
                   sent_within_s=round(sent_within, 3))
-    assert sent_within < 1.0
     assert len(skipped) == 4
     assert {r["active_run_id"] for r in skipped} == {runs[0]["run_id"]}
     assert [r.run_id for r in recorded_runs] == [runs[0]["run_id"]]

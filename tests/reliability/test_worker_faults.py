@@ -114,7 +114,7 @@ def test_coordinator_killed_while_sending_its_window_loses_no_work(
         pg_url: str, seeded: Seeder, isolation: dict[str, str], redis_server: RedisServer,
         tmp_path: Path, scenario: Scenario) -> None:
     """The coordinator is SIGKILLed while it cuts and sends its first window (walk planner,
-    tiny batch, a wide window: hundreds of index probes). The plan is already in the run store,
+    small batch, a wide window: hundreds of index probes). The plan is already in the run store,
     so the chunks it sent cut and send the rest, and the run completes with no coordinator.
 
     The kill can also land between a cut (its window entry recorded) and its publish, about one
@@ -122,9 +122,11 @@ def test_coordinator_killed_while_sending_its_window_loses_no_work(
     a slow chunk until resend_after has passed, so the run stalls with that one chunk out; the
     next trigger after that (beat's, here the test's, on a fresh control worker) sends it again,
     as for any lost message, and the run completes."""
+    # 550 chunks of 100 rows: enough cuts that the kill lands mid-window, few enough that a
+    # loaded machine (the suite runs tests side by side) deletes them well within the timeout.
     spec = SeedSpec(rows=100_000)
     engine, tables = seeded(spec)
-    env = pipeline_env(pg_url, redis_server.url, isolation, cleanup_batch_size=20,
+    env = pipeline_env(pg_url, redis_server.url, isolation, cleanup_batch_size=100,
                        planner="walk", max_chunks_in_flight=2000, chunk_time_limit=4,
                        chunk_soft_time_limit=3, statement_timeout_ms=2500)
     p = Pipeline(env, engine, tables, spec, tmp_path)
@@ -149,7 +151,7 @@ def test_coordinator_killed_while_sending_its_window_loses_no_work(
             at_kill = p.registry.get(run_id)
             assert at_kill is not None and at_kill.state == "running"
             assert not at_kill.planning_done
-            record = _finished_or_stalled(p, run_id, quiet=8.0, timeout=90)
+            record = _finished_or_stalled(p, run_id, quiet=8.0, timeout=120)
             resumed = None
             if record.state != "finished":
                 # Killed between a cut and its publish: exactly that one chunk is out.
