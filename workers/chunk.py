@@ -27,7 +27,15 @@ from workers.runs import Gate, RunStore
 from workers.schema import Tables
 from workers.selection import Selection
 from workers.settings import Settings
-from workers.window import Dispatch, Sender, gate, lag_reader, lag_reason, resend_after
+from workers.window import (
+    Dispatch,
+    Sender,
+    gate,
+    lag_reader,
+    lag_reason,
+    lock_lost,
+    resend_after,
+)
 
 log = structlog.get_logger("statesweep.chunk")
 
@@ -95,7 +103,7 @@ class ProgressNotRecorded(Exception):
 @dataclass(frozen=True)
 class ChunkResult:
     rows: int
-    status: str  # deleted | duplicate | ended | held
+    status: str  # deleted | duplicate | ended | held | lost
     counted: bool = False
 
 
@@ -152,6 +160,10 @@ def run_chunk(settings: Settings, engine: Engine, tables: Tables, registry: RunS
             # could not count before) are still the run's: FINISH adds them, uncounted.
             _count_carried(settings, tables, registry, args, carried_rows, g)
         return ChunkResult(carried_rows, status)
+    if status == "lost":
+        # The run's lock lapsed or passed on: this chunk deletes nothing and counts nothing.
+        lock_lost(args.run_id, registry, "begin", chunk=args.chunk, carried_rows=carried_rows)
+        return ChunkResult(carried_rows, "lost")
     if status == "held":
         reason, new_episode = str(detail[0]), bool(detail[1])
         if new_episode:
@@ -196,6 +208,11 @@ def run_chunk(settings: Settings, engine: Engine, tables: Tables, registry: RunS
             table=tables.task_state.name)
     except Exception as exc:
         raise ProgressNotRecorded(rows) from exc
+    if window.lost:
+        # Deleted (each row once, by the predicate), but the run lost its lock meanwhile: its
+        # count is refused; the rows are in this line, and the next run finds them gone.
+        lock_lost(args.run_id, registry, "finish", chunk=args.chunk, rows=rows)
+        return ChunkResult(rows, "lost")
     bound.info("chunk_deleted", kind=args.range.kind, range=args.range.encode(),
                rows=rows, ms=round(seconds * 1000, 1), counted=counted)
     Sender(settings, engine, tables, registry, dispatch).send(

@@ -87,8 +87,11 @@ def coordinate(settings: Settings, engine: Engine, tables: Tables, registry: Run
     # This delivery's own token: two deliveries of one coordinator message share the run id
     # (and so the lock), but only the one that claimed the run may fail it before it starts.
     token = uuid.uuid4().hex
-    holder = registry.acquire(run_id, settings.lock_ttl_seconds, token)
-    if holder is not None:
+    # One step: the lock, the end of a run that let it lapse, and this run -> planning.
+    taken = registry.take(run_id, settings.lock_ttl_seconds, token, source=source,
+                          external=gate(settings).external)
+    if taken.outcome == "held":
+        holder = taken.detail
         if not top_up_active:
             why = f"run {holder} is active"
             registry.close_queued(run_id, why)
@@ -96,28 +99,24 @@ def coordinate(settings: Settings, engine: Engine, tables: Tables, registry: Run
             bound.info("coordinator_skipped_active_run", active_run_id=holder)
             return RunSummary(run_id, "skipped", active_run_id=holder, reason=why)
         return _trigger_active(sender, run_id, holder, source)
-
-    existing = registry.get(run_id)
-    if existing is not None and existing.state == "running":
-        # This coordinator's own message came back (its worker died after planning): the plan
-        # stands; top up its window rather than plan again.
-        _, window = sender.pump(run_id)
-        bound.info("cleanup_run_resumed", chunks=len(window.chunks))
-        return RunSummary(run_id, "resumed", existing.cutoff, len(window.chunks),
-                          active_run_id=run_id)
-    if existing is not None and existing.state != "queued":
-        registry.release(run_id, token)
+    if taken.outcome == "ended":
         raise InvalidArgument(f"run id {run_id!r} belongs to a run that already ended "
-                              f"({existing.state}); a new run needs a new id")
-
-    held = _held_before_start(settings, registry)
-    if held:
-        registry.release(run_id, token)
-        status, why = held
+                              f"({taken.detail}); a new run needs a new id")
+    if taken.outcome == "gated":
+        status, why = _held_before_start(settings, registry) or (
+            "paused" if taken.detail == "paused" else "outside_active_hours", taken.detail)
         registry.close_queued(run_id, why)
         registry.note_trigger(status, run_id, source, why)
         bound.info("coordinator_held", status=status, reason=why)
         return RunSummary(run_id, status, reason=why)
+
+    if taken.detail == "running":
+        # This coordinator's own message came back (its worker died after planning): the plan
+        # stands; top up its window rather than plan again.
+        existing, window = sender.pump(run_id)
+        bound.info("cleanup_run_resumed", chunks=len(window.chunks))
+        return RunSummary(run_id, "resumed", existing.cutoff if existing else "",
+                          len(window.chunks), active_run_id=run_id)
 
     started = False
     try:

@@ -12,6 +12,8 @@ Keys (``<prefix>`` from STATESWEEP_KEY_PREFIX):
                                 the window; a chunk message must match its entry to delete
   <prefix>:run:<id>:claim       the token of the coordinator delivery planning the run (TTL of
                                 the lock): only it may fail the run before it starts
+  <prefix>:current              the run that took the lock last: when the lock passes on, that
+                                run (its lock lapsed) ends in the same step
   <prefix>:runs                 sorted set of run ids by start time, for `status`
   <prefix>:triggers             hash: the last trigger of each outcome (for `doctor`)
   <prefix>:triggers:failed      list: the latest failed triggers, newest first (for `status`)
@@ -23,6 +25,7 @@ Keys (``<prefix>`` from STATESWEEP_KEY_PREFIX):
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -39,7 +42,7 @@ ENDED = ("finished", "failed", "aborted", "skipped")
 @dataclass(frozen=True)
 class RunRecord:
     run_id: str
-    state: str  # queued | running | finished | failed | aborted | skipped
+    state: str  # queued | planning | running | finished | failed | aborted | skipped
     cutoff: str = ""
     batch_size: int = 0
     source: str = ""
@@ -96,11 +99,19 @@ class RunRecord:
     def ended(self) -> bool:
         return self.state in ENDED
 
+    @property
+    def phase(self) -> str:
+        """Where the run is in its one state machine (docs/design.md): a running run whose
+        plan is cut to its end is ``finishing`` (its window drains), stored as running with
+        planning_done, so every reader of ``running`` stays right."""
+        return "finishing" if self.state == "running" and self.planning_done else self.state
+
     def as_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
         d["duration"] = round(self.duration, 3)
         d["rows_per_second"] = round(self.rows_per_second, 1)
         d["estimated_chunks"] = self.estimated_chunks
+        d["phase"] = self.phase
         return d
 
     @classmethod
@@ -126,6 +137,17 @@ class Window:
     held: str = ""
     new_hold: bool = False  # this step started a hold episode: log it, once
     finished: RunRecord | None = None
+    lost: bool = False  # the run's lock no longer names it: nothing was applied
+
+
+@dataclass(frozen=True)
+class Taken:
+    """What a coordinator delivery's PLAN step found: outcome ``taken`` (detail: the run's state
+    before, '' if new), ``held`` (detail: the run holding the lock), ``ended`` (the run's final
+    state) or ``gated`` (why no new run may start)."""
+
+    outcome: str
+    detail: str
 
 
 @dataclass(frozen=True)
@@ -151,12 +173,16 @@ class Gate:
 class RunStore:
     """The run store on one Redis client (real, or fakeredis for ``memory://``)."""
 
-    def __init__(self, client: Any, prefix: str = "statesweep") -> None:
+    def __init__(self, client: Any, prefix: str = "statesweep",
+                 clock: Callable[[], float] = time.time) -> None:
         self.client = client
         self.prefix = prefix
+        # The time every step is judged by (sent_at, resend periods, run-time budgets); a test
+        # moves it to play out an hour in a second. Key TTLs stay Redis's own clock.
+        self.clock = clock
         self._scripts = {name: client.register_script(getattr(runs_lua, name)) for name in (
-            "START", "BEGIN", "PARK", "FINISH", "PUMP", "CUT", "ABORT", "ENQUEUE", "RENEW",
-            "RELEASE", "CLOSE_QUEUED", "SHRINK", "RATE", "FAIL")}
+            "PLAN", "START", "BEGIN", "PARK", "FINISH", "PUMP", "CUT", "ABORT", "ENQUEUE",
+            "RENEW", "RELEASE", "CLOSE_QUEUED", "SHRINK", "RATE", "FAIL")}
 
     # --- keys -----------------------------------------------------------------------------
 
@@ -171,28 +197,30 @@ class RunStore:
 
     # --- the single-flight lock -----------------------------------------------------------
 
+    def take(self, run_id: str, ttl: int, token: str = "", *, source: str = "",
+             external: str = "") -> Taken:
+        """One step (PLAN): take the lock for *run_id* (or find it *run_id*'s already), ending
+        the run that let it lapse before. With a *token* (one per coordinator delivery) the run
+        moves to ``planning`` and the delivery claims it (only the claimant may fail it before
+        it starts, see fail()), unless it has ended, or no new run may start: paused, or
+        *external* (a closed active-hours window) says why."""
+        for _ in range(5):
+            prev = str(self.client.get(self._k("current")) or "")
+            r = self._call("PLAN", [
+                self._k("lock"), self._k("run", run_id), self._k("run", run_id, "claim"),
+                self._k("runs"), self._k("current"), self._k("pause"),
+                *self._run_keys(prev or run_id)],
+                [run_id, ttl, token, self.clock(), RUN_RETENTION_SECONDS, "1" if token else "0",
+                 prev, external, source])
+            if r[0] != "retry":
+                return Taken(str(r[0]), str(r[1]))
+        return Taken("held", "unknown")
+
     def acquire(self, run_id: str, ttl: int, token: str = "") -> str | None:
         """Take the lock for *run_id*; None on success (or if *run_id* holds it already), else
-        the run id that holds it. With a *token* (one per coordinator delivery) the caller also
-        claims the run's planning, unless another delivery of it holds that claim: only the
-        claimant may fail the run before it starts (see fail())."""
-        for _ in range(3):
-            if self.client.set(self._k("lock"), run_id, nx=True, ex=ttl):
-                self._claim(run_id, token, ttl)
-                return None
-            holder = self.client.get(self._k("lock"))
-            if holder:
-                if holder != run_id:
-                    return str(holder)
-                self._claim(run_id, token, ttl)
-                return None
-        return "unknown"
-
-    def _claim(self, run_id: str, token: str, ttl: int) -> None:
-        # Lives no longer than the lock it was taken with; a claimant that died leaves a claim
-        # that lapses with it, so a redelivery is never locked out for good.
-        if token:
-            self.client.set(self._k("run", run_id, "claim"), token, nx=True, ex=ttl)
+        what kept it: the run id that holds it (see take())."""
+        taken = self.take(run_id, ttl, token)
+        return None if taken.outcome == "taken" else taken.detail
 
     def claimant(self, run_id: str) -> str | None:
         """The token of the coordinator delivery that claimed *run_id*'s planning, if any."""
@@ -219,7 +247,7 @@ class RunStore:
     def enqueue(self, run_id: str, source: str) -> bool:
         """Record *run_id* as queued the moment it is sent; False if the id is taken."""
         return bool(self._call("ENQUEUE", [self._k("run", run_id), self._k("runs")],
-                               [run_id, time.time(), source, RUN_RETENTION_SECONDS]))
+                               [run_id, self.clock(), source, RUN_RETENTION_SECONDS]))
 
     def start(self, run_id: str, plan: Plan, *, cutoff: str, batch_size: int, source: str,
               window: int, lock_ttl: int, resend_after: float, gate: Gate,
@@ -230,7 +258,7 @@ class RunStore:
         start, end = (plan.cursor, "") if plan.cursor else (plan.start, plan.end)
         r = self._call("START", [*self._run_keys(run_id), self._k("lock"), self._k("pause"),
                                  self._k("runs")],
-                       [run_id, time.time(), cutoff, batch_size, source, plan.planner,
+                       [run_id, self.clock(), cutoff, batch_size, source, plan.planner,
                         plan.reason[:500], plan.kind, start, end, max(1, plan.size),
                         plan.expected_rows, window, lock_ttl, resend_after, gate.external,
                         gate.max_run_seconds, RUN_RETENTION_SECONDS, plan.max_size,
@@ -253,15 +281,17 @@ class RunStore:
                     gate: Gate) -> tuple[str, list[Any]]:
         """Check a chunk message against the run's window before its DELETE. Returns (status,
         details): ok [cutoff, size, batch, max_size, selection], held [reason, new_episode],
-        duplicate, ended [state], unknown, forged [planned range]."""
-        r = self._call("BEGIN", [*self._run_keys(run_id), self._k("pause")],
-                       [chunk, rng.encode(), time.time(), gate.external, gate.max_run_seconds,
-                        rng.kind])
+        duplicate, ended [state], unknown, forged [planned range], lost [the lock's holder, or
+        '' when nobody holds it]: the run no longer holds its lock, nothing is applied."""
+        r = self._call("BEGIN", [*self._run_keys(run_id), self._k("pause"), self._k("lock")],
+                       [chunk, rng.encode(), self.clock(), gate.external, gate.max_run_seconds,
+                        rng.kind, run_id])
         return str(r[0]), list(r[1:])
 
     def park(self, run_id: str, chunk: int, reason: str) -> bool:
         """Hold a chunk that stopped before its DELETE; True if this starts a hold episode."""
-        return bool(self._call("PARK", self._run_keys(run_id), [chunk, reason, time.time()]))
+        return bool(self._call("PARK", [*self._run_keys(run_id), self._k("lock")],
+                               [chunk, reason, self.clock(), run_id]))
 
     def finish_chunk(self, run_id: str, chunk: int, kind: str, rows: int, units: int, *,
                      lock_ttl: int, window: int, resend_after: float, gate: Gate,
@@ -269,33 +299,39 @@ class RunStore:
                      table: str = "") -> tuple[bool, Window]:
         """Count a chunk once (rows, or *error* for one that failed for good), with its
         metrics (*table*'s rows, the *seconds* it took), and top up the window, in one atomic
-        step. Returns (counted, window)."""
+        step. Returns (counted, window); window.lost when the run no longer holds its lock
+        (nothing applied)."""
         r = self._call("FINISH", [*self._run_keys(run_id), self._k("lock"), self._k("pause"),
                                   metrics_key(self.prefix)],
-                       [run_id, chunk, rows, time.time(), lock_ttl, window, resend_after,
+                       [run_id, chunk, rows, self.clock(), lock_ttl, window, resend_after,
                         gate.external, gate.max_run_seconds, new_size, units, error[:500],
                         "" if seconds is None else seconds, table])
+        if int(r[0]) == -2:
+            return False, Window(lost=True)
         return int(r[0]) == 1, self._window(run_id, kind, r[1:])
 
     def pump(self, run_id: str, kind: str, *, lock_ttl: int, window: int, resend_after: float,
              gate: Gate, new_budget: bool = False) -> Window | None:
-        """Top up a running run's window (parked, lost and new chunks); None if it has ended.
-        *new_budget* restarts its STATESWEEP_MAX_RUN_SECONDS clock."""
+        """Top up a running run's window (parked, lost and new chunks); None if it has ended,
+        a Window with ``lost`` if its lock no longer names it (nothing applied). *new_budget*
+        restarts its STATESWEEP_MAX_RUN_SECONDS clock."""
         r = self._call("PUMP", [*self._run_keys(run_id), self._k("lock"), self._k("pause")],
-                       [run_id, time.time(), lock_ttl, window, resend_after, gate.external,
+                       [run_id, self.clock(), lock_ttl, window, resend_after, gate.external,
                         gate.max_run_seconds, "1" if new_budget else "0"])
         if r[0] == "ended":
             return None
+        if r[0] == "lost":
+            return Window(lost=True)
         return self._window(run_id, kind, r[1:])
 
     def cut(self, run_id: str, cursor: str, rng: ChunkRange, next_cursor: str | None,
             window: int) -> int:
         """Claim the chunk *rng* cut at *cursor* (a walk or expiry chunk); 0 if another process
-        cut there first, -1 if *window* chunks are in flight already. *next_cursor* None:
-        *rng* was the plan's last chunk."""
-        return int(self._call("CUT", self._run_keys(run_id), [
-            cursor, rng.encode(), "" if next_cursor is None else next_cursor, time.time(),
-            window]))
+        cut there first, -1 if *window* chunks are in flight already, -2 if the run no longer
+        holds its lock. *next_cursor* None: *rng* was the plan's last chunk."""
+        return int(self._call("CUT", [*self._run_keys(run_id), self._k("lock")], [
+            cursor, rng.encode(), "" if next_cursor is None else next_cursor, self.clock(),
+            window, run_id]))
 
     def note_protected(self, run_id: str, rows: int, oldest: str) -> None:
         """Record what a run found kept for unfinished dag runs (read once, at planning)."""
@@ -307,17 +343,18 @@ class RunStore:
         The lock is freed only if it names *run_id*."""
         return str(self._call("ABORT", [*self._run_keys(run_id), self._k("lock"),
                                         self._k("run", run_id, "claim")],
-                              [run_id, time.time(), why[:500]]))
+                              [run_id, self.clock(), why[:500]]))
 
     def close_queued(self, run_id: str, why: str) -> bool:
         """A queued run its trigger did not start (another run active, paused, outside active
         hours) ends 'skipped', saying why; True if it was queued."""
         return bool(self._call("CLOSE_QUEUED", [self._k("run", run_id)],
-                               ["skipped", why[:500], time.time()]))
+                               ["skipped", why[:500], self.clock()]))
 
     def shrink(self, run_id: str) -> None:
-        """Halve the run's chunk size for the chunks cut from now on."""
-        self._call("SHRINK", [self._k("run", run_id)], [])
+        """Halve the run's chunk size for the chunks cut from now on (while it holds its
+        lock)."""
+        self._call("SHRINK", [self._k("run", run_id), self._k("lock")], [run_id])
 
     def fail(self, run_id: str, error: str, *, started: bool = False, token: str = "") -> str:
         """Mark a run failed and free its lock, in one compare-and-set step on its owner: a
@@ -328,8 +365,9 @@ class RunStore:
         this caller does not own, 'planning' for a run another delivery is planning)."""
         # run_id too: a run can fail before its plan was written (the database was down).
         return str(self._call("FAIL", [self._k("run", run_id), self._k("lock"), self._k("runs"),
-                                       self._k("run", run_id, "claim")],
-                              [run_id, error[:500], time.time(), RUN_RETENTION_SECONDS,
+                                       self._k("run", run_id, "claim"),
+                                       self._k("run", run_id, "inflight")],
+                              [run_id, error[:500], self.clock(), RUN_RETENTION_SECONDS,
                                "1" if started else "0", token]))
 
     # --- reading ------------------------------------------------------------------------------
@@ -355,12 +393,12 @@ class RunStore:
     def rate_slot(self, per_second: float) -> float:
         """Reserve the next chunk start under STATESWEEP_CHUNK_RATE_LIMIT (all workers share
         it); returns the seconds to wait for that slot."""
-        return float(self._call("RATE", [self._k("rate")], [time.time(), 1.0 / per_second]))
+        return float(self._call("RATE", [self._k("rate")], [self.clock(), 1.0 / per_second]))
 
     # --- pause and triggers -------------------------------------------------------------------
 
     def pause(self, by: str, reason: str, seconds: float | None) -> Pause:
-        now = time.time()
+        now = self.clock()
         until = now + seconds if seconds else 0.0
         key = self._k("pause")
         pipe = self.client.pipeline()
@@ -385,7 +423,7 @@ class RunStore:
     def note_trigger(self, outcome: str, run_id: str, source: str, detail: str = "") -> None:
         """Remember the last trigger of each outcome (started, skipped, paused, failed, …),
         the latest failures with their error, and when beat last triggered (one pipeline)."""
-        now = time.time()
+        now = self.clock()
         entry = f"{now}|{run_id}|{source}|{detail[:300]}"
         pipe = self.client.pipeline()
         pipe.hset(self._k("triggers"), outcome, entry)
@@ -416,7 +454,7 @@ class RunStore:
         """Write (or update) orphan sweep *sweep_id*: state queued | running | finished |
         cut_short | retrying | failed, and rows, batches, seconds, error as given."""
         key = self._k("sweep", sweep_id)
-        now = time.time()
+        now = self.clock()
         pipe = self.client.pipeline()
         pipe.hsetnx(key, "started_at", now)
         pipe.hset(key, mapping={"sweep_id": sweep_id, "state": state, "updated_at": now,

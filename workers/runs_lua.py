@@ -114,7 +114,7 @@ local R, F, L, P, RUNS = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local run_id, now = ARGV[1], ARGV[2]
 if redis.call('GET', L) ~= run_id then return {'lost'} end
 local state = redis.call('HGET', R, 'state')
-if state and state ~= 'queued' then return {'exists', state} end
+if state and state ~= 'queued' and state ~= 'planning' then return {'exists', state} end
 local started = redis.call('HGET', R, 'started_at') or now
 local done = '0'
 -- A cut kind's plan that starts at a key has no end ('') until its last cut.
@@ -129,6 +129,7 @@ redis.call('HSET', R, 'run_id', run_id, 'state', 'running', 'cutoff', ARGV[3],
 redis.call('EXPIRE', R, ARGV[18])
 redis.call('EXPIRE', F, ARGV[18])
 redis.call('ZADD', RUNS, started, run_id)
+redis.call('EXPIRE', RUNS, ARGV[18])
 redis.call('EXPIRE', L, ARGV[14])
 local out = {}
 local g = gate_and_top_up(R, F, P, now, ARGV[16], ARGV[17], ARGV[13], ARGV[15], out)
@@ -136,14 +137,16 @@ local fin = finish_if_complete(R, F, L, run_id, now)
 return {'started', fin, g[1], g[2], g[3], unpack(out)}
 """
 
-# KEYS R F P; ARGV chunk range now external max_run kind
+# KEYS R F P L; ARGV chunk range now external max_run kind run_id
 BEGIN = _PRELUDE + r"""
-local R, F, P = KEYS[1], KEYS[2], KEYS[3]
+local R, F, P, L = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local chunk, rng, now = ARGV[1], ARGV[2], ARGV[3]
 local h = redis.call('HMGET', R, 'state', 'chunks_planned', 'cutoff', 'size', 'batch_size',
   'kind', 'max_size', 'selection')
 if not h[1] then return {'unknown'} end
 if h[1] ~= 'running' then return {'ended', h[1]} end
+local holder = redis.call('GET', L)
+if holder ~= ARGV[7] then return {'lost', holder or ''} end
 local entry = redis.call('HGET', F, chunk)
 if not entry then
   if tonumber(chunk) <= tonumber(h[2] or '0') then return {'duplicate'} end
@@ -160,9 +163,10 @@ end
 return {'ok', h[3], h[4], h[5], h[7] or '0', h[8] or ''}
 """
 
-# KEYS R F; ARGV chunk reason now  (the chunk stopped before its DELETE: replica lag)
+# KEYS R F L; ARGV chunk reason now run_id  (the chunk stopped before its DELETE: replica lag)
 PARK = _PRELUDE + r"""
-local R, F = KEYS[1], KEYS[2]
+local R, F, L = KEYS[1], KEYS[2], KEYS[3]
+if redis.call('GET', L) ~= ARGV[4] then return 0 end
 local entry = redis.call('HGET', F, ARGV[1])
 if not entry then return 0 end
 redis.call('HSET', F, ARGV[1], string.match(entry, '^([^|]*)|') .. '|' .. ARGV[3] .. '|p')
@@ -175,6 +179,11 @@ FINISH = _PRELUDE + COUNT_METRICS_LUA + r"""
 local R, F, L, P, M = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local run_id, chunk, rows, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 if redis.call('EXISTS', R) == 0 then return {-1, 0, 0, '', 0} end
+-- A running run changes only while its lock names it: a run whose lock lapsed (or passed on)
+-- neither counts nor sends; the next trigger ends it (PLAN).
+if redis.call('HGET', R, 'state') == 'running' and redis.call('GET', L) ~= run_id then
+  return {-2, 0, 0, '', 0}
+end
 if redis.call('HDEL', F, chunk) == 0 then
   -- Counted already (a resent copy finished first). Its rows still count: a row is deleted
   -- by one committed transaction only, so the sum over every attempt is exact.
@@ -214,7 +223,8 @@ local R, F, L, P = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local run_id, now = ARGV[1], ARGV[2]
 local state = redis.call('HGET', R, 'state')
 if state ~= 'running' then return {'ended', 0, 0, state or '', 0} end
-if redis.call('GET', L) == run_id then redis.call('EXPIRE', L, ARGV[3], 'GT') end
+if redis.call('GET', L) ~= run_id then return {'lost', 0, 0, redis.call('GET', L) or '', 0} end
+redis.call('EXPIRE', L, ARGV[3], 'GT')
 if ARGV[8] == '1' then redis.call('HSET', R, 'window_started_at', now) end
 local out = {}
 local g = gate_and_top_up(R, F, P, now, ARGV[6], ARGV[7], ARGV[4], ARGV[5], out)
@@ -222,12 +232,14 @@ local fin = finish_if_complete(R, F, L, run_id, now)
 return {'ok', fin, g[1], g[2], g[3], unpack(out)}
 """
 
-# KEYS R F; ARGV expected_cursor range next now window -> the new chunk's number, 0 if another
-# process cut from this cursor first (compare-and-set: a walk or expiry cut needs a query in
-# between), or -1 if the window is full: two finishers each handed the room they saw must not
-# both fill it. Cursors and ranges are opaque text here (ids, or expiry keys).
+# KEYS R F L; ARGV expected_cursor range next now window run_id -> the new chunk's number, 0
+# if another process cut from this cursor first (compare-and-set: a walk or expiry cut needs a
+# query in between), -1 if the window is full (two finishers each handed the room they saw
+# must not both fill it), -2 if the run's lock does not name it. Cursors and ranges are opaque
+# text here (ids, or expiry keys).
 CUT = _PRELUDE + r"""
-local R, F = KEYS[1], KEYS[2]
+local R, F, L = KEYS[1], KEYS[2], KEYS[3]
+if redis.call('GET', L) ~= ARGV[6] then return -2 end
 local h = redis.call('HMGET', R, 'cursor', 'state', 'planning_done', 'end')
 if h[1] ~= ARGV[1] or h[2] ~= 'running' or h[3] == '1' then return 0 end
 if redis.call('HLEN', F) >= tonumber(ARGV[5]) then return -1 end
@@ -247,7 +259,7 @@ return n
 ABORT = r"""
 local R, F, L, O = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local state = redis.call('HGET', R, 'state')
-if state ~= 'running' and state ~= 'queued' then return state or '' end
+if state ~= 'running' and state ~= 'queued' and state ~= 'planning' then return state or '' end
 redis.call('HSET', R, 'state', 'aborted', 'finished_at', ARGV[2], 'error', ARGV[3], 'held', '')
 redis.call('DEL', F, O)
 if redis.call('GET', L) == ARGV[1] then redis.call('DEL', L) end
@@ -261,8 +273,10 @@ redis.call('HSET', KEYS[1], 'state', ARGV[1], 'error', ARGV[2], 'finished_at', A
 return 1
 """
 
-# KEYS R; shrink the run's chunk size by half (a chunk hit its lock timeout)
+# KEYS R L; ARGV run_id: shrink the run's chunk size by half (a chunk hit its lock timeout),
+# only while the run holds its lock (and so exists: no record is made without a TTL)
 SHRINK = r"""
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
 local size = tonumber(redis.call('HGET', KEYS[1], 'size') or '0')
 if size > 1 then redis.call('HSET', KEYS[1], 'size', string.format('%d', math.floor(size / 2))) end
 return size
@@ -275,6 +289,7 @@ redis.call('HSET', KEYS[1], 'run_id', ARGV[1], 'state', 'queued', 'source', ARGV
   'started_at', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
 return 1
 """
 
@@ -287,6 +302,59 @@ local slot = math.max(now, tonumber(redis.call('GET', KEYS[1]) or '0'))
 redis.call('SET', KEYS[1], string.format('%.6f', slot + interval), 'EX',
   math.max(1, math.ceil(slot + interval - now) + 1))
 return string.format('%.6f', slot - now)
+"""
+
+# KEYS L R O RUNS C P PR PF; ARGV run_id ttl token now keep record prev external source
+# A coordinator delivery takes the single-flight lock for *run_id* (or finds it its own
+# already) -> {'held', holder} | {'ended', state} | {'gated', reason} | {'retry'} |
+# {'taken', state}. C names the run that took the lock last (prev, read by the caller, whose
+# record and window are PR and PF): when the lock passes from it to another run, that run let
+# its lock lapse (no step for its whole TTL), and it ends 'failed' in this same step, so two
+# runs are never planning or running at once. With *record* (a coordinator delivery, which has
+# a token), the run's record moves to 'planning' (made if absent, with its TTL) and the
+# delivery claims it (O: only the claimant may fail it before it starts); an ended run id, a
+# pause (P) or a closed window (external) takes nothing.
+PLAN = r"""
+local L, R, O, RUNS, C, P, PR, PF = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6],
+  KEYS[7], KEYS[8]
+local run_id, ttl, token, now, keep, prev = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[7]
+local holder = redis.call('GET', L)
+if holder and holder ~= run_id then return {'held', holder} end
+if (redis.call('GET', C) or '') ~= prev then return {'retry'} end
+local state = redis.call('HGET', R, 'state') or ''
+if ARGV[6] == '1' then
+  if state == 'finished' or state == 'failed' or state == 'aborted' or state == 'skipped' then
+    return {'ended', state}
+  end
+  if state ~= 'running' then
+    if redis.call('EXISTS', P) == 1 then return {'gated', 'paused'} end
+    if ARGV[8] ~= '' then return {'gated', ARGV[8]} end
+  end
+end
+if not holder then
+  if prev ~= '' and prev ~= run_id then
+    local was = redis.call('HGET', PR, 'state')
+    if was == 'planning' or was == 'running' then
+      redis.call('HSET', PR, 'state', 'failed', 'finished_at', now, 'held', '', 'error',
+        'its lock lapsed (no step for its whole TTL); run ' .. run_id .. ' took over')
+      redis.call('DEL', PF)
+    end
+  end
+  redis.call('SET', L, run_id, 'EX', ttl)
+  redis.call('SET', C, run_id, 'EX', keep)
+end
+if ARGV[6] == '1' then
+  redis.call('SET', O, token, 'NX', 'EX', ttl)
+  if state ~= 'running' then
+    redis.call('HSET', R, 'run_id', run_id, 'state', 'planning')
+    redis.call('HSETNX', R, 'started_at', now)
+    redis.call('HSETNX', R, 'source', ARGV[9])
+    redis.call('EXPIRE', R, keep)
+    redis.call('ZADD', RUNS, 'NX', now, run_id)
+    redis.call('EXPIRE', RUNS, keep)
+  end
+end
+return {'taken', state}
 """
 
 # KEYS L; ARGV run_id ttl — extends only: a renewal never shortens the TTL (Redis 7 GT).
@@ -307,10 +375,10 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
-# KEYS R L RUNS O; ARGV run_id error now keep started token -> the run's state afterwards.
+# KEYS R L RUNS O F; ARGV run_id error now keep started token -> the run's state afterwards.
 # Compare-and-set on the run's owner; nothing changes unless every check passes:
 # - an ended run never changes;
-# - a run not started yet (queued, or never recorded) fails only for the delivery of its
+# - a run not started yet (queued, planning, or never recorded) fails only for the delivery of its
 #   coordinator that claimed it (O holds that delivery's token; no claim: anyone may), so a
 #   duplicate delivery that errs while the first plans leaves the run to it ('planning');
 # - a running run fails only for the process that started it (started = 1), and only while
@@ -318,13 +386,13 @@ return 0
 #   and a duplicate delivery, which lost the race to START, never fails the winner's run.
 # The lock is freed in the same step, and only if it names this run.
 FAIL = r"""
-local R, L, RUNS, O = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local R, L, RUNS, O, F = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local run_id, now, token = ARGV[1], ARGV[3], ARGV[6]
 local state = redis.call('HGET', R, 'state')
 local lock = redis.call('GET', L)
 if state == 'running' then
   if ARGV[5] ~= '1' or (lock and lock ~= run_id) then return state end
-elseif state and state ~= 'queued' then
+elseif state and state ~= 'queued' and state ~= 'planning' then
   return state
 else
   local claim = redis.call('GET', O)
@@ -334,7 +402,8 @@ redis.call('HSET', R, 'run_id', run_id, 'state', 'failed', 'error', ARGV[2], 'fi
 redis.call('HSETNX', R, 'started_at', now)
 redis.call('EXPIRE', R, ARGV[4])
 redis.call('ZADD', RUNS, 'NX', now, run_id)
-redis.call('DEL', O)
+redis.call('EXPIRE', RUNS, ARGV[4])
+redis.call('DEL', O, F)
 if lock == run_id then redis.call('DEL', L) end
 return 'failed'
 """

@@ -125,6 +125,9 @@ class Sender:
                 rng, next_cursor = cut_next(conn, self.tables, when, record)
                 number = self.registry.cut(run_id, record.cursor, rng, next_cursor,
                                            self.settings.max_chunks_in_flight)
+                if number == -2:
+                    lock_lost(run_id, self.registry, "cut")
+                    break
                 if number < 0:
                     break  # the window filled meanwhile (another finisher cut into it)
                 if number:
@@ -143,10 +146,21 @@ class Sender:
             gate=gate(self.settings, self.engine, with_lag=True), new_budget=new_budget)
         if window is None:
             return self.registry.get(run_id), Window()
+        if window.lost:
+            lock_lost(run_id, self.registry, "pump")
+            return record, window
         self.send(run_id, record.cutoff, window, record.kind)
         if window.finished is not None:
             return window.finished, window
         return record, window
+
+
+def lock_lost(run_id: str, registry: RunStore, step: str, **data: object) -> None:
+    """A run whose lock no longer names it stops sending: its step was refused, not applied.
+    The next trigger that takes the lock ends it (or its own coordinator, redelivered, takes
+    the lock back and resumes it)."""
+    log.warning("cleanup_run_lock_lost", run_id=run_id, step=step,
+                holder=registry.active_run() or "", **data)
 
 
 def cut_next(conn: Connection, tables: Tables, cutoff: dt.datetime,

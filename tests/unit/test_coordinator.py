@@ -216,16 +216,16 @@ def test_fail_changes_only_a_run_the_caller_owns(db: Db) -> None:
     db.coordinate(outbox, run_id="owned")
     assert db.store.fail("owned", "someone else's error") == "running"
     assert db.store.active_run() == "owned"
-    db.store.release("owned")
-    assert db.store.acquire("another", 60) is None
-    assert db.store.fail("owned", "lost its lock", started=True) == "running"
-    assert db.store.active_run() == "another"
-    db.store.release("another")
+    db.store.release("owned")  # its lock lapsed: its own process may still fail it
     assert db.store.fail("owned", "its own error", started=True) == "failed"
     assert db.store.active_run() is None
     assert db.store.fail("owned", "again", started=True) == "failed"
     record = db.store.get("owned")
     assert record is not None and record.error == "its own error"
+    # Another run's lock is never freed by it.
+    assert db.store.acquire("another", 60) is None
+    assert db.store.fail("owned", "late", started=True) == "failed"
+    assert db.store.active_run() == "another"
 
 
 def test_a_coordinator_killed_before_its_plan_was_written_is_redone_by_its_redelivery(
