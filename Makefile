@@ -57,11 +57,15 @@ system-deps:
 	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
+# The suite's processes (pytest-xdist): most tests wait on services and workers, not the CPU,
+# so more processes than cores; tests/conftest.py keeps the fault tests in one serial lane.
+TEST_PROCESSES ?= 4
+
 test: $(STAMP) system-deps test-binaries prometheus-tools
 	$(BIN)/ruff check workers tests bench beat_schedule.py docs/gen_reference.py
 	$(BIN)/mypy workers beat_schedule.py
 	$(MKDOCS) build --strict
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadgroup
 
 lint: $(STAMP)
 	$(BIN)/ruff check workers tests bench beat_schedule.py docs/gen_reference.py

@@ -1,7 +1,11 @@
 """Shared fixtures: a fresh database per test on each dialect, Redis, settings built per test.
 
 Each test gets its own database (PostgreSQL, MariaDB) or file (SQLite), its own Redis key
-prefix and its own Celery queue names, so tests never see each other's rows or messages.
+prefix and its own Celery queue names, so tests never see each other's rows or messages. That is
+what lets `make test` run the suite on several processes (pytest-xdist, ``--dist loadgroup``).
+The tests that kill, partition or restart processes and wait for recovery (tests/reliability,
+and any test marked ``serial``) run one at a time in one lane, the group ``serial``, beside the
+rest: they load the machine most, and one of them at a time keeps their recovery bounds honest.
 """
 
 from __future__ import annotations
@@ -30,6 +34,19 @@ from workers.seed import SeedCounts, SeedSpec, seed
 from workers.settings import Settings
 
 DIALECTS = ["sqlite", "postgresql", "mariadb"]
+SERIAL_DIRS = ("reliability",)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Put every test of SERIAL_DIRS, and every test marked ``serial``, in the one serial lane
+    (an xdist group runs on a single process, in order), first: the lane is the longest unit of
+    work, so it starts at once while the other processes share the rest."""
+    serial = [i for i in items
+              if i.get_closest_marker("serial") or i.path.parent.name in SERIAL_DIRS]
+    for item in serial:
+        item.add_marker(pytest.mark.xdist_group("serial"))
+    chosen = set(map(id, serial))
+    items[:] = serial + [i for i in items if id(i) not in chosen]
 
 
 @pytest.fixture
