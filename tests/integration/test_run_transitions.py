@@ -114,3 +114,14 @@ def test_a_delivery_finds_an_ended_run_or_a_pause_without_taking_the_lock(
     assert (taken.outcome, taken.detail) == ("gated", "paused")
     assert store.take("r3", 60, "t", external="outside active hours").outcome == "gated"
     assert store.active_run() is None and store.get("r2") is None
+
+
+def test_a_chunk_failed_for_good_ends_the_run_failed_once_its_window_drains(
+        store: RunStore) -> None:
+    start_plan(store, "r1", id_plan(2), window=2)
+    store.finish_chunk("r1", 1, "ids", 0, 0, **{**KW, "resend_after": 0.0},
+                       error="chunk 1 failed: boom")
+    assert (store.get("r1") or pytest.fail("none")).phase == "finishing"
+    _, last = store.finish_chunk("r1", 2, "ids", 5, 10, **KW)
+    assert last.finished is not None and last.finished.state == "failed"
+    assert "chunk 1 failed" in last.finished.error and store.active_run() is None
