@@ -560,3 +560,30 @@ def test_a_dag_runs_dependants_go_first_in_batches_of_the_batch_size(
     want = expected(data)
     assert keys(engine, "dag_run") == want["dag_run"]
     assert keys(engine, "task_instance") == want["task_instance"]
+
+
+def test_state_of_a_running_dag_run_is_kept_unless_protection_is_off(
+        one_db: tuple[str, Engine, Data]) -> None:
+    """statesweep's protected-live-work rule holds in db-clean: task_state_store rows of a dag
+    run that is running stay, expired or not; STATESWEEP_PROTECT_UNFINISHED_DAG_RUNS=false gives
+    Airflow's exact rule."""
+    url, engine, data = one_db
+    md = MetaData()
+    md.reflect(engine, only=["dag_run"])
+    dr = md.tables["dag_run"]
+    running = next(r for r in data.dag_runs if (r["dag_id"], r["run_id"]) == ("beta", "r5"))
+    with engine.begin() as conn:
+        conn.execute(dr.update().where(dr.c.id == running["id"]).values(state="running"))
+    protected = {r["id"] for r in data.state if r["dag_run_id"] == running["id"]
+                 and r["expires_at"] is not None and r["expires_at"] < T}
+    assert protected
+    args = ("--clean-before-timestamp", T.isoformat(), "--tables", "task_state_store", "-y",
+            "--local")
+    assert invoke(url, *args).exit_code == 0
+    want = {r["id"] for r in data.state if r["expires_at"] is None or r["expires_at"] >= T}
+    assert keys(engine, "task_state_store") == want | protected
+    env = {"STATESWEEP_DATABASE_URL": url, "STATESWEEP_RUN_STORE_URL": "memory://",
+           "STATESWEEP_PROTECT_UNFINISHED_DAG_RUNS": "false"}
+    result = CliRunner().invoke(cli, ["db-clean", *args], env=env, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert keys(engine, "task_state_store") == want

@@ -100,7 +100,7 @@ def db_clean(ctx: click.Context, clean_before_timestamp: str | None, tables: str
     settings = load_settings(is_verbose(ctx))
     request = run.Request(before, names, only, excluded,
                           settings.cleanup_batch_size if batch_size is None else batch_size,
-                          skip_archive, dry_run)
+                          skip_archive, dry_run, settings.protect_unfinished_dag_runs)
     from workers.db import make_engine
 
     engine = make_engine(settings.database_url)

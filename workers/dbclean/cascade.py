@@ -73,7 +73,7 @@ class ForeignKeys:
         return paths if walk(table, (), frozenset({table})) else None
 
 
-def descends_from_chunk(tables: dict[str, Table], path: Path, target: Table,
+def descends_from_chunk(tables: dict[str, Table], path: Path, target: Any,
                         root_cond: list[Any]) -> Any:
     """Condition on *target* (the path's last table): its ancestor row in the root table
     satisfies *root_cond* (the parent chunk's range and rule), now."""
@@ -89,11 +89,29 @@ def descends_from_chunk(tables: dict[str, Table], path: Path, target: Table,
     return cond[0]
 
 
-def delete_batch(conn: Connection, target: Table, cond: Any, batch_size: int) -> int:
-    """Delete at most *batch_size* rows of *target* matching *cond*: their keys locked first
-    (``SELECT … LIMIT … FOR UPDATE``), then deleted by key, in the caller's transaction."""
+def delete_batch(conn: Connection, tables: dict[str, Table], path: Path, root_cond: list[Any],
+                 batch_size: int) -> int:
+    """Delete at most *batch_size* rows of the path's last table whose ancestor satisfies
+    *root_cond*, in the caller's transaction; their keys are locked first.
+
+    PostgreSQL: one statement, ``DELETE … WHERE key IN (SELECT key … LIMIT … FOR UPDATE)``.
+    MySQL/MariaDB (no LIMIT in an IN subquery): ``SELECT key … LIMIT … FOR UPDATE``, then the
+    DELETE of those keys."""
+    target = tables[path[-1].child]
     cols = sql.key_columns(target)
-    query = select(*cols).where(cond).with_for_update()
+    if not sql.is_mysql(conn):
+        # The candidates come from an alias, so the subquery's EXISTS chain is correlated to
+        # it and not to the DELETE's own table.
+        alias = target.alias("candidate")
+        query = (select(*[alias.c[c.name] for c in cols])
+                 .where(descends_from_chunk(tables, path, alias, root_cond))
+                 .with_for_update())
+        if batch_size > 0:
+            query = query.limit(batch_size)
+        key = cols[0] if len(cols) == 1 else tuple_(*cols)
+        return int(conn.execute(delete(target).where(key.in_(query))).rowcount)
+    query = (select(*cols).where(descends_from_chunk(tables, path, target, root_cond))
+             .with_for_update())
     if batch_size > 0:
         query = query.limit(batch_size)
     keys = [tuple(r) for r in conn.execute(query)]

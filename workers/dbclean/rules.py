@@ -80,7 +80,11 @@ def _common() -> list[TableRule]:
                   extra_filters=("partition_dag_run_gone",), after=("dag_run",)),
         TableRule("import_error", "timestamp"),
         TableRule("log", "dttm", dag_id="dag_id"),
-        TableRule("task_state_store", "expires_at", dag_id="dag_id"),
+        # statesweep's protected-live-work rule (invariant 14) holds here too: state of a dag
+        # run that is queued or running stays (STATESWEEP_PROTECT_UNFINISHED_DAG_RUNS=false
+        # drops it, for Airflow's exact rule).
+        TableRule("task_state_store", "expires_at", dag_id="dag_id",
+                  extra_filters=("dag_run_finished",)),
         TableRule("_xcom_archive", "timestamp", dag_id="dag_id"),
         # A dag run's delete cascades to its deadlines, freeing scheduled callbacks.
         TableRule("callback", "created_at", extra_filters=("callback_finished",),

@@ -39,6 +39,7 @@ class Request:
     batch_size: int = 10000
     skip_archive: bool = False
     dry_run: bool = False
+    protect_unfinished: bool = True  # STATESWEEP_PROTECT_UNFINISHED_DAG_RUNS
 
 
 @dataclass
@@ -108,7 +109,7 @@ def clean(engine: Engine, request: Request, *, on_chunk: ChunkHook | None = None
                 result.skipped = "it has no primary key to cut chunks by"
                 continue
             cond = sql.eligible(conn, rule, t, request.before, request.dag_ids,
-                                request.exclude_dag_ids)
+                                request.exclude_dag_ids, request.protect_unfinished)
             result.eligible = sql.count(conn, t, cond)
         if request.dry_run or result.eligible == 0:
             continue
@@ -143,7 +144,7 @@ def _clean_table(engine: Engine, rule: TableRule, request: Request, result: Tabl
     with engine.connect() as conn:
         t = sql.reflect(conn, rule.table)
         cond = sql.eligible(conn, rule, t, request.before, request.dag_ids,
-                            request.exclude_dag_ids)
+                            request.exclude_dag_ids, request.protect_unfinished)
         dependants = _dependants(conn, fks, t)
     archive = None
     if not request.skip_archive:
@@ -208,10 +209,9 @@ def _delete_dependants(engine: Engine, dependants: list[Dependant], t: Table,
                        root_cond: list[Any], batch_size: int) -> int:
     total = 0
     for path, target, tables in dependants:
-        cond = cascade.descends_from_chunk(tables, path, target, root_cond)
         while True:
             with engine.begin() as conn:
-                rows = cascade.delete_batch(conn, target, cond, batch_size)
+                rows = cascade.delete_batch(conn, tables, path, root_cond, batch_size)
             total += rows
             if rows:
                 log.info("db_clean_dependants_deleted", table=t.name, dependant=target.name,

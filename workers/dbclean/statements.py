@@ -34,6 +34,7 @@ from sqlalchemy import (
     tuple_,
 )
 
+from workers.cleanup import UNFINISHED_DAG_RUN_STATES
 from workers.dbclean.rules import TableRule
 
 Key = tuple[Any, ...]
@@ -77,6 +78,10 @@ def _extra_filter(name: str, t: Table) -> Any:
         return t.c.state.in_(("success", "failed"))
     if name == "not_in_working_set":
         return t.c.working_set.is_(None)
+    if name == "dag_run_finished":
+        dag_run = table("dag_run", column("id"), column("state"))
+        return ~exists().where(dag_run.c.id == t.c.dag_run_id,
+                               dag_run.c.state.in_(UNFINISHED_DAG_RUN_STATES))
     raise ValueError(f"unknown extra filter {name!r}")
 
 
@@ -99,18 +104,20 @@ def missing_columns(rule: TableRule, t: Table, filtered_by_dag: bool) -> list[st
     for name in rule.extra_filters:
         need += {"callback_finished": ["state", "id"], "connection_test_done": ["state"],
                  "partition_dag_run_gone": ["asset_partition_dag_run_id"],
-                 "not_in_working_set": ["working_set"]}[name]
+                 "not_in_working_set": ["working_set"], "dag_run_finished": ["dag_run_id"]}[name]
     if rule.skip_if_referenced:
         need.append(rule.referenced_pk)
     return [c for c in dict.fromkeys(need) if c not in t.c]
 
 
 def eligible(conn: Connection, rule: TableRule, t: Table, before: dt.datetime,
-             dag_ids: Sequence[str] = (), exclude_dag_ids: Sequence[str] = ()) -> list[Any]:
+             dag_ids: Sequence[str] = (), exclude_dag_ids: Sequence[str] = (),
+             protect_unfinished: bool = True) -> list[Any]:
     """The rule as conditions on *t*: Airflow's ``_build_query`` WHERE clause, with keep-last as
     NOT EXISTS instead of its outer join (the same rows; a DELETE cannot outer-join)."""
     cond: list[Any] = [t.c[rule.recency] < bind_time(conn, before)]
-    cond += [_extra_filter(name, t) for name in rule.extra_filters]
+    cond += [_extra_filter(name, t) for name in rule.extra_filters
+             if protect_unfinished or name != "dag_run_finished"]
     for ref_name, ref_fk in rule.skip_if_referenced:
         # ON DELETE RESTRICT: a referenced row cannot go; skip it rather than fail the chunk.
         referencing = table(ref_name, column(ref_fk))
