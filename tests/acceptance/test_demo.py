@@ -45,7 +45,14 @@ def test_demo_runs_with_every_service_unreachable(tmp_path: Path) -> None:
         lines[0])
     assert "orphaned asset state: 170 rows deleted" in lines[1]
     assert (tmp_path / "statesweep-demo.db").exists()
-    assert "demo run [" in done.stderr  # progress on stderr, data on stdout
+    # Progress on stderr, data on stdout; the bar from the moment the coordinator is sent
+    # (before the run's first log line), not only once the run is done (issue 22 item 12).
+    progress = [line for line in done.stderr.splitlines() if line.startswith("demo run ")]
+    assert progress and "demo run " not in done.stdout
+    first_log = next(i for i, line in enumerate(done.stderr.splitlines())
+                     if "cleanup_run_started" in line)
+    assert done.stderr.splitlines().index(progress[0]) < first_log, done.stderr
+    assert "100%|" in progress[-1] and "| 4/4 chunks  11,000 rows" in progress[-1]
 
 
 def test_demo_recreates_its_database_each_time(tmp_path: Path) -> None:

@@ -110,6 +110,7 @@ def _run_pipeline() -> tuple[dict[str, Any], dict[str, Any]]:
     from workers import tasks  # noqa: F401 - registers the tasks on the app
     from workers.celery_app import app, settings
     from workers.cli.progress import ProgressBar, follow_run
+    from workers.run_ids import new_run_id
     from workers.runs import registry_for
 
     # The in-memory transport polls; a short interval keeps the demo snappy.
@@ -124,11 +125,17 @@ def _run_pipeline() -> tuple[dict[str, Any], dict[str, Any]]:
         click.echo(f"worker demo@localhost consumes {settings.control_queue}, "
                    f"{settings.chunk_queue}; sending the coordinator as beat does", err=True)
         entry = schedule["statesweep-cleanup-task-state"]
-        summary = app.send_task(entry["task"], kwargs=entry["kwargs"], **entry["options"]).get(
-            timeout=RESULT_TIMEOUT)
+        # Recorded as queued before it is sent, as `statesweep cleanup` does, so the bar
+        # follows the run from the moment it is sent, planning included, not from the
+        # coordinator's answer (which came when the run was all but done).
+        run_id = new_run_id()
+        registry.enqueue(run_id, entry["kwargs"]["source"])
+        sent = app.send_task(entry["task"], kwargs={**entry["kwargs"], "run_id": run_id},
+                             **entry["options"])
+        record = follow_run(registry, run_id, ProgressBar("demo run"), settings=settings)
+        summary = sent.get(timeout=RESULT_TIMEOUT)
         if summary.get("status") not in ("started", "finished"):
             raise DemoError(f"the coordinator did not start a run: {summary}")
-        record = follow_run(registry, summary["run_id"], ProgressBar("demo run"))
         entry = schedule["statesweep-sweep-orphaned-asset-state"]
         orphans = app.send_task(entry["task"], kwargs=entry.get("kwargs", {}),
                                 **entry["options"]).get(timeout=RESULT_TIMEOUT)

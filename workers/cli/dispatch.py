@@ -179,18 +179,22 @@ def run_local(settings: Settings, batch_size: int | None,
         done = {"chunks": 0, "rows": 0}
         t0 = time.monotonic()
 
+        def snapshot(ended: bool = False) -> Snapshot:
+            return Snapshot(done["chunks"], max(chunks, done["chunks"]), done["rows"],
+                            expected, time.monotonic() - t0, ended=ended)
+
         def on_chunk(_number: int, _range: object, rows: int) -> None:
             done["chunks"] += 1
             done["rows"] += rows
-            bar.update(Snapshot(done["chunks"], max(chunks, done["chunks"]), done["rows"],
-                                expected, time.monotonic() - t0))
+            bar.update(snapshot())
 
+        bar.update(snapshot())  # from the start, before the first chunk's DELETE
         try:
             summary = chunk.run_local(settings, engine, tables, registry,
                                       batch_size=batch, source="cli-local",
                                       on_chunk=on_chunk, selection=selection or Selection())
         finally:
-            bar.close()
+            bar.close(snapshot(ended=True))
     if summary.status == "skipped":
         raise RefusedError(
             f"run {summary.active_run_id} is active; one run at a time, so no local run was "

@@ -1,16 +1,19 @@
 """Following a cleanup run on stderr: chunks done/planned, rows deleted, rows/s and an ETA.
 
-On a terminal one line redraws in place; into a file or pipe a plain line is written every few
-seconds, so logs of a cron job stay readable. Data never goes here: summaries go to stdout.
+The bar is tqdm's. On a terminal one line redraws in place and log lines go above it; into a
+file or pipe a plain line is written every few seconds, so logs of a cron job stay readable.
+A run still cutting chunks with no count of its rows (walk) says so instead of a total and an
+ETA it does not have. Data never goes here: summaries go to stdout.
 """
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, Any
 
 from workers.cli.watch import Watch
 from workers.exceptions import StatesweepError
@@ -55,7 +58,9 @@ PICKUP_TIMEOUT_SECONDS = 120.0
 
 @dataclass(frozen=True)
 class Snapshot:
-    """Progress of a run at one moment; totals may be estimates while it is still planning."""
+    """Progress of a run at one moment. ``planning``: chunks are still being cut and nothing
+    says how many there will be (walk), so there is no total and no ETA; ``estimate``: the
+    total is the plan's estimate (the rest of the plan at the current chunk size)."""
 
     chunks_done: int
     chunks_total: int
@@ -64,12 +69,20 @@ class Snapshot:
     seconds: float
     planning: bool = False
     note: str = ""  # queued, held or stalled: said instead of an ETA that stands still
+    chunks_cut: int = 0
+    estimate: bool = False
+    ended: bool = False
 
     @classmethod
     def of(cls, record: RunRecord, note: str = "") -> Snapshot:
+        cutting = record.state == "running" and not record.planning_done
         return cls(record.chunks_done, record.estimated_chunks, record.rows_deleted,
                    record.expected_rows, record.duration,
-                   planning=record.state == "running" and not record.planning_done, note=note)
+                   # The coordinator choosing a plan, or a plan cut as it goes with no count
+                   # of its rows (walk): its "estimate" is the id span over the batch size.
+                   planning=record.state == "planning" or (cutting and record.expected_rows <= 0),
+                   note=note or _state_note(record), chunks_cut=record.chunks_planned,
+                   estimate=cutting, ended=record.ended)
 
     @property
     def rate(self) -> float:
@@ -77,10 +90,18 @@ class Snapshot:
 
     @property
     def eta(self) -> float | None:
+        """Seconds left at the rate so far; None when unknown (planning, no rate yet, or more
+        rows deleted than the estimate said: a 0.0s that stands still would be a guess)."""
         left = self.rows_expected - self.rows_deleted
-        if self.planning or self.rate <= 0:
+        if self.planning or self.ended or self.rate <= 0 or left <= 0:
             return None
-        return max(0.0, left / self.rate)
+        return left / self.rate
+
+
+def _state_note(record: RunRecord) -> str:
+    if record.state == "queued":
+        return "queued: waiting for a worker to take the coordinator"
+    return ""
 
 
 def format_seconds(seconds: float | None) -> str:
@@ -94,30 +115,53 @@ def format_seconds(seconds: float | None) -> str:
     return f"{s // 60}:{s % 60:02d}"
 
 
-def render(snap: Snapshot) -> str:
+#: tqdm's meter: percentage, bar, chunks done of the total ('+' while it is an estimate), then
+#: rows, rate and ETA. In a log the bar is BAR_WIDTH '#' and '.'; on a terminal it fills the
+#: width left.
+METER = "{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}{plus} chunks  {tail}"
+
+
+def render(snap: Snapshot, width: int | None = None) -> str:
+    """The bar's text for *snap*: tqdm's meter for a run whose chunks can be counted, words for
+    one that is queued, held, stalled or still cutting an unknown number of chunks. *width*:
+    the terminal's columns (None: a log line, a fixed bar of '#' and '.')."""
+    from tqdm import tqdm
+
+    rows = f"{snap.rows_deleted:,} rows  {snap.rate:,.0f} rows/s"
+    if snap.planning:
+        # No total and no ETA: only what is certain so far.
+        cut = (f"{snap.chunks_cut:,} chunks cut so far, {snap.chunks_done:,} done"
+               if snap.chunks_cut else "choosing the chunks")
+        return f"planning: {cut}  {rows}" + (f"  {snap.note}" if snap.note else "")
     total = max(snap.chunks_total, snap.chunks_done)
-    if total == 0:
-        filled = 0 if snap.planning else BAR_WIDTH
+    if snap.ended:
+        tail = f"{rows}  in {format_seconds(snap.seconds)}"
+    elif snap.note:
+        tail = f"{rows}  {snap.note}"
     else:
-        filled = BAR_WIDTH * snap.chunks_done // total
-    plus = "+" if snap.planning else ""
-    return (f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] "
-            f"{snap.chunks_done}/{total}{plus} chunks  "
-            f"{snap.rows_deleted:,} rows  {snap.rate:,.0f} rows/s  "
-            + (snap.note if snap.note else f"ETA {format_seconds(snap.eta)}"
-               + ("  (planning)" if snap.planning else "")))
+        tail = f"{rows}  ETA {format_seconds(snap.eta)}"
+    if total == 0 and snap.ended:
+        return f"nothing to delete: 0 chunks  {tail}"
+    if total == 0 and snap.note:  # queued, or held before its first chunk: no bar to show
+        return snap.note
+    return tqdm.format_meter(
+        snap.chunks_done, total, snap.seconds, ncols=width,
+        bar_format=METER if width else METER.replace("{bar}", f"{{bar:{BAR_WIDTH}}}"),
+        ascii=None if width else ".#", plus="+" if snap.estimate else "", tail=tail)
 
 
 class ProgressBar:
-    """One progress line on stderr (or *stream*), redrawn in place on a terminal."""
+    """The run's progress on stderr (or *stream*). On a terminal, a tqdm bar redrawn in place,
+    with log lines written above it (tqdm.write) while it is open, so they never tear it;
+    into a file or pipe a plain line every few seconds, so a cron job's log stays readable."""
 
     def __init__(self, label: str, stream: IO[str] | None = None) -> None:
         self.label = label
         self.stream = stream if stream is not None else sys.stderr
         self.tty = self.stream.isatty()
         self._last = 0.0
-        self._width = 0
-        self._open = False
+        self._bar: Any = None
+        self._logs: Any = None
 
     def update(self, snap: Snapshot, *, force: bool = False) -> None:
         now = time.monotonic()
@@ -125,23 +169,41 @@ class ProgressBar:
         if not force and now - self._last < every:
             return
         self._last = now
-        line = f"{self.label} {render(snap)}"
-        if self.tty:
-            pad = " " * max(0, self._width - len(line))
-            self.stream.write(f"\r{line}{pad}")
-            self._width = len(line)
-            self._open = True
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
+        if not self.tty:
+            self.stream.write(f"{self.label} {render(snap)}\n")
+            self.stream.flush()
+            return
+        if self._bar is None:
+            self._open()
+        # Read each time: the terminal may be resized (a pty that reports no size: 80).
+        columns = shutil.get_terminal_size().columns
+        self._bar.ncols = columns
+        text = render(snap, max(40, columns - len(self.label) - 2))
+        self._bar.set_description_str(f"{self.label} {text}", refresh=True)
+
+    def _open(self) -> None:
+        from tqdm import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        class Bar(tqdm):  # type: ignore[type-arg]
+            monitor_interval = 0  # no monitor thread: this bar is redrawn by its follower
+
+        # tqdm draws the line; the text is render()'s, so a terminal and a log say the same.
+        size = shutil.get_terminal_size()  # a pty that reports no size: 80x24, not hidden
+        self._bar = Bar(file=self.stream, bar_format="{desc}", leave=True, mininterval=0,
+                        ncols=size.columns, nrows=size.lines)
+        # The console log handler (structlog's formatter) writes through tqdm.write while the
+        # bar is open: each line above the bar, the bar redrawn under it.
+        self._logs = logging_redirect_tqdm(tqdm_class=Bar)
+        self._logs.__enter__()
 
     def close(self, snap: Snapshot | None = None) -> None:
         if snap is not None:
             self.update(snap, force=True)
-        if self._open:
-            self.stream.write("\n")
-            self.stream.flush()
-            self._open = False
+        if self._bar is not None:
+            self._bar.close()
+            self._logs.__exit__(None, None, None)
+            self._bar = self._logs = None
 
 
 def follow_run(registry: RunRegistry, run_id: str, bar: ProgressBar,
@@ -194,5 +256,6 @@ def follow_run(registry: RunRegistry, run_id: str, bar: ProgressBar,
             bar.update(Snapshot.of(record, note))
             watch.wait(next(delays))
     except KeyboardInterrupt:
-        bar.close()
         raise FollowInterrupted.run(run_id) from None
+    finally:
+        bar.close()  # on any way out: the terminal's line ends, log lines go straight again

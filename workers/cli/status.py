@@ -132,7 +132,11 @@ def status(ctx: click.Context, run_id: str | None, follow: bool, limit: int, fmt
         echo_json(sweep_json(sweep)) if fmt == "json" else click.echo(render.sweep(sweep))
         return
     if follow and not record.ended:
-        record = follow_run(registry, run_id, ProgressBar(f"run {run_id}"), settings=settings)
+        from workers.cli.watch import watch_run
+
+        with watch_run(settings.effective_run_store_url, settings.key_prefix, run_id) as watch:
+            record = follow_run(registry, run_id, ProgressBar(f"run {run_id}"),
+                                settings=settings, watch=watch)
     now = stalls.condition(settings, registry, record)
     if fmt == "json":
         echo_json({**record_json(record), "condition": now.as_dict()})
