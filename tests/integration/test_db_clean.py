@@ -587,3 +587,21 @@ def test_state_of_a_running_dag_run_is_kept_unless_protection_is_off(
     result = CliRunner().invoke(cli, ["db-clean", *args], env=env, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert keys(engine, "task_state_store") == want
+
+
+def test_a_database_that_is_not_airflows_is_one_line_exit_4(pg_url: str) -> None:
+    result = invoke(pg_url, "--clean-before-timestamp", T.isoformat(), "--dry-run")
+    assert result.exit_code == 4, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "task_state_store" in lines[0], result.output
+
+
+def test_without_local_it_says_the_distributed_run_is_not_built(
+        one_db: tuple[str, Engine, Data]) -> None:
+    url, engine, _ = one_db
+    before = snapshot(engine)
+    result = CliRunner().invoke(cli, ["db-clean", "--clean-before-timestamp", T.isoformat(),
+                                      "-y"], env={"STATESWEEP_DATABASE_URL": url})
+    assert result.exit_code == EXIT_BAD_ARGUMENT, result.output
+    assert "--local" in result.output and len(result.output.strip().splitlines()) == 1
+    assert snapshot(engine) == before
