@@ -8,8 +8,9 @@ Keys (``<prefix>`` from STATESWEEP_KEY_PREFIX):
   <prefix>:lock                 the active run's id; TTL renewed by every finished chunk and pump
   <prefix>:pause                hash by/reason/at/until while paused (TTL = until, if given)
   <prefix>:run:<id>             hash: state, cutoff, plan (kind, cursor, end, size), counts, times
-  <prefix>:run:<id>:inflight    hash chunk number -> "lo:hi|sent_at|s" (sent) or "|p" (parked):
-                                the window; a chunk message must match its entry to delete
+  <prefix>:run:<id>:inflight    hash chunk number -> "lo:hi|sent_at|s" (sent), "|t" (taken by
+                                a worker) or "|p" (parked), and "|n" resends since a worker
+                                last took it: the window; a chunk message must match its entry
   <prefix>:run:<id>:claim       the token of the coordinator delivery planning the run (TTL of
                                 the lock): only it may fail the run before it starts
   <prefix>:current              the run that took the lock last: when the lock passes on, that
@@ -70,6 +71,8 @@ class RunRecord:
     held: str = ""
     held_since: float = 0.0
     holds: int = 0
+    # Chunk messages sent again (lost, unconsumed, or their worker died), over the whole run.
+    resends: int = 0
     started_at: float = 0.0
     planned_at: float = 0.0
     window_started_at: float = 0.0
@@ -382,7 +385,7 @@ class RunStore:
         kind = record.kind if record else ""
         out = []
         for n, v in self.client.hgetall(self._k("run", run_id, "inflight")).items():
-            rng, sent, st = v.split("|")
+            rng, sent, st = v.split("|")[:3]  # a fourth part counts the chunk's resends
             out.append((int(n), ChunkRange.decode(kind, rng), float(sent), st == "p"))
         return sorted(out)
 

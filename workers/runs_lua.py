@@ -60,17 +60,41 @@ local function keep_with(R, F)
   if ttl > 0 and redis.call('TTL', F) == -1 then redis.call('EXPIRE', F, ttl) end
 end
 
--- Tops up the window: parked chunks and chunks sent longer than resend_after ago are sent
--- again (a lost message, a dead publisher), then new chunks are cut from the cursor until
--- the window is full. Appends number, range pairs to out. Returns the room left for chunks
--- the caller must cut itself (the walk planner needs the database for each cut).
+-- A window entry: range|sent_at|state[|resends]; state s (sent, no worker has taken it yet),
+-- t (a worker took it: BEGIN), p (parked by a hold). resends counts the times it was sent
+-- again since a worker last took it.
+local function entry(v)
+  local rng, sent, st, n = string.match(v, '^([^|]*)|([^|]*)|(%a)|?(%d*)$')
+  return rng, tonumber(sent), st, tonumber(n) or 0
+end
+
+-- A chunk sent and not taken by any worker is sent again after resend_after, then after
+-- twice that, four times, at most 2^MAX_DOUBLINGS times (no worker consumes: its message
+-- waits in the queue, and a copy a period only fills the queue); one taken by a worker that
+-- has not finished it is sent again after resend_after (past its hard time limit it runs
+-- nowhere). Never more than one copy of a chunk a period: sent_at moves with each send.
+local MAX_DOUBLINGS = 3
+local function resend_due(st, sent, n, now, resend_after)
+  local period = tonumber(resend_after)
+  if st == 's' then period = period * 2 ^ math.min(n, MAX_DOUBLINGS) end
+  return tonumber(now) - sent > period
+end
+
+-- Tops up the window: parked chunks, and chunks whose resend is due (a lost message, a dead
+-- publisher or worker), are sent again, then new chunks are cut from the cursor until the
+-- window is full. Appends number, range pairs to out. Returns the room left for chunks the
+-- caller must cut itself (the walk planner needs the database for each cut).
 local function top_up(R, F, now, window, resend_after, out)
   clear_hold(R)
   local all = redis.call('HGETALL', F)
   for i = 1, #all, 2 do
-    local rng, sent, st = string.match(all[i + 1], '^([^|]*)|([^|]*)|(%a)$')
-    if st == 'p' or tonumber(now) - tonumber(sent) > tonumber(resend_after) then
+    local rng, sent, st, n = entry(all[i + 1])
+    if st == 'p' then
       redis.call('HSET', F, all[i], rng .. '|' .. now .. '|s')
+      table.insert(out, all[i]); table.insert(out, rng)
+    elseif resend_due(st, sent, n, now, resend_after) then
+      redis.call('HSET', F, all[i], rng .. '|' .. now .. '|s|' .. d(n + 1))
+      redis.call('HINCRBY', R, 'resends', 1)
       table.insert(out, all[i]); table.insert(out, rng)
     end
   end
@@ -124,7 +148,7 @@ redis.call('HSET', R, 'run_id', run_id, 'state', 'running', 'cutoff', ARGV[3],
   'kind', ARGV[8], 'cursor', ARGV[9], 'start', ARGV[9], 'end', ARGV[10], 'size', ARGV[11],
   'expected_rows', ARGV[12], 'chunks_planned', 0, 'chunks_done', 0, 'rows_deleted', 0,
   'chunks_failed', 0, 'planning_done', done, 'started_at', started, 'planned_at', now,
-  'window_started_at', now, 'last_progress_at', now, 'held', '', 'holds', 0,
+  'window_started_at', now, 'last_progress_at', now, 'held', '', 'holds', 0, 'resends', 0,
   'max_size', ARGV[19], 'selection', ARGV[20])
 redis.call('EXPIRE', R, ARGV[18])
 redis.call('EXPIRE', F, ARGV[18])
@@ -160,6 +184,8 @@ if reason ~= '' then
   redis.call('HSET', F, chunk, planned .. '|' .. now .. '|p')
   return {'held', reason, note_hold(R, reason, now)}
 end
+-- A worker took it: its resends start again from resend_after (workers are consuming).
+redis.call('HSET', F, chunk, planned .. '|' .. now .. '|t')
 return {'ok', h[3], h[4], h[5], h[7] or '0', h[8] or ''}
 """
 

@@ -32,6 +32,8 @@ def run_summary(record: RunRecord) -> str:
         f"  rows deleted  {record.rows_deleted:,} (planned {record.expected_rows:,})",
         *([f"  kept          {record.protected_rows:,} expired rows of queued or running dag "
            f"runs (oldest expired {record.protected_oldest})"] if record.protected_rows else []),
+        *([f"  resends       {record.resends:,} chunk messages sent again (lost, waiting "
+           f"for a worker, or their worker died)"] if record.resends else []),
         f"  started       {_when(record.started_at)}",
         f"  duration      {record.duration:.2f}s",
         f"  rate          {record.rows_per_second:,.0f} rows/s",

@@ -1,0 +1,83 @@
+"""Resends are bounded (issue 21, repro 9): with no worker consuming, the pump used to send
+every unfinished chunk again every resend_after (60 s by default): 960 durable messages an hour
+for a window of 16. A chunk no worker has taken is now sent again after resend_after, then
+twice that, four times, at most eight times; one copy a period; counted on the run record.
+Played out over a simulated hour (the run store's clock), with the default settings, on a
+real Redis and on memory://."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+
+import pytest
+
+from tests.cleanup_runs import id_plan, start_plan
+from workers.runs import Gate, RunStore
+from workers.settings import Settings
+from workers.window import resend_after
+
+pytestmark = pytest.mark.integration
+
+T0 = 1_800_000_000.0
+
+
+def test_with_no_worker_an_hour_of_pumps_sends_a_bounded_number_of_messages(
+        store: RunStore, make_settings: Callable[..., Settings]) -> None:
+    settings = make_settings()  # the defaults: window 16, pump every 15 s, resend after 60 s
+    window, every, again = (settings.max_chunks_in_flight, settings.pump_interval_seconds,
+                            resend_after(settings))
+    now = [T0]
+    clocked = RunStore(store.client, store.prefix, clock=lambda: now[0])
+    step = {"lock_ttl": settings.run_timeout_seconds, "window": window, "resend_after": again,
+            "gate": Gate()}
+    first = start_plan(clocked, "r1", id_plan(200), window=window, resend_after=again)
+    sends: defaultdict[int, list[float]] = defaultdict(list)
+    for number, _ in first.chunks:
+        sends[number].append(0.0)
+    t = 0.0
+    while t < 3600:
+        t += every
+        now[0] = T0 + t
+        pumped = clocked.pump("r1", "ids", **step)
+        assert pumped is not None
+        for number, _ in pumped.chunks:
+            sends[number].append(t)
+    messages = sum(len(v) for v in sends.values())
+    assert len(sends) == window  # nothing new is cut while the window is full
+    assert messages <= window * 10, messages  # 960 before; 160 now (16 sent, 144 again)
+    for number, times in sends.items():
+        gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+        # One copy a period, the period doubling from resend_after up to eight times it.
+        assert gaps and all(g > again for g in gaps), (number, gaps)
+        assert gaps == sorted(gaps) and gaps[-1] <= 8 * again + every, (number, gaps)
+    record = clocked.get("r1")
+    assert record is not None and record.resends == messages - window
+    assert record.as_dict()["resends"] == record.resends
+
+    # A worker takes chunk 1 at last (then dies): workers are consuming, so its next resend
+    # comes resend_after later, not after the backed-off period.
+    status, _ = clocked.begin_chunk("r1", 1, dict(first.chunks)[1], Gate())
+    assert status == "ok"
+    taken_at = t
+    resent_at = None
+    while resent_at is None and t < taken_at + 8 * again:
+        t += every
+        now[0] = T0 + t
+        pumped = clocked.pump("r1", "ids", **step)
+        if pumped is not None and 1 in dict(pumped.chunks):
+            resent_at = t
+    assert resent_at is not None and again < resent_at - taken_at <= again + every
+
+
+def test_status_shows_the_resends(store: RunStore) -> None:
+    from workers.cli.render import run_summary
+
+    now = [T0]
+    clocked = RunStore(store.client, store.prefix, clock=lambda: now[0])
+    start_plan(clocked, "r1", id_plan(4), window=2, resend_after=60.0)
+    now[0] = T0 + 61
+    clocked.pump("r1", "ids", lock_ttl=3600, window=2, resend_after=60.0, gate=Gate())
+    record = clocked.get("r1")
+    assert record is not None and record.resends == 2
+    assert "resends       2 chunk messages sent again" in run_summary(record)
