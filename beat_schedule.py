@@ -5,6 +5,10 @@ Each entry carries ``expires``: a beat that fires while no worker consumes (a ba
 outage) leaves messages that expire instead of piling up runs. The coordinator's single-flight
 lock makes any that do run at once harmless; expiry keeps the queue from filling with them.
 Run exactly one beat: two beats double every trigger (still one run, but twice the noise).
+
+The coordinator entry carries beat's selection (STATESWEEP_DAG_IDS, STATESWEEP_EXCLUDE_DAG_IDS,
+STATESWEEP_CLEAN_GRACE) as the coordinator task's own arguments. The grace travels as seconds,
+not as a timestamp: each run takes it from the database's now() when it fixes its cutoff.
 """
 
 from __future__ import annotations
@@ -31,6 +35,18 @@ def _schedule(raw: str) -> tuple[float | crontab, float]:
             CRONTAB_EXPIRES_SECONDS)
 
 
+def beat_selection(settings: Settings) -> dict[str, Any]:
+    """The coordinator task's selection arguments for beat's runs; only those set."""
+    out: dict[str, Any] = {}
+    if settings.dag_id_list:
+        out["dag_ids"] = settings.dag_id_list
+    if settings.exclude_dag_id_list:
+        out["exclude_dag_ids"] = settings.exclude_dag_id_list
+    if settings.clean_grace:
+        out["clean_grace_seconds"] = settings.clean_grace
+    return out
+
+
 def build_beat_schedule(settings: Settings | None = None) -> dict[str, dict[str, Any]]:
     settings = settings or get_settings()
     coord, coord_expires = _schedule(settings.coordinator_schedule)
@@ -39,7 +55,7 @@ def build_beat_schedule(settings: Settings | None = None) -> dict[str, dict[str,
         "statesweep-cleanup-task-state": {
             "task": COORDINATE,
             "schedule": coord,
-            "kwargs": {"source": "beat"},
+            "kwargs": {"source": "beat", **beat_selection(settings)},
             "options": {"queue": settings.control_queue, "expires": coord_expires},
         },
         # The active run's heartbeat: a window that nothing else tops up (a hold that lifted by

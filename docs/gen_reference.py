@@ -118,6 +118,16 @@ DESCRIPTIONS: dict[str, str] = {
                                    "Airflow's `dag_run.state` (statesweep's standalone schema "
                                    "has none, so nothing is protected there). `false` deletes "
                                    "it as Airflow's own cleanup does.",
+    "dag_ids": "Beat's runs clean only these dag ids (comma-separated, as `airflow db clean "
+               "--dag-ids`); empty: every dag. Ad-hoc runs take `--dag-ids` instead "
+               "([choosing what to clean](../airflow.md#choosing-what-to-clean-as-airflow-db-"
+               "clean-does)).",
+    "exclude_dag_ids": "Beat's runs leave these dag ids alone (comma-separated, as `airflow db "
+                       "clean --exclude-dag-ids`); a dag id may not be in both lists.",
+    "clean_grace": "Beat's grace period, a duration (`600`, `90s`, `30m`, `6h`, `2d`, `1w`; "
+                   "`0` = none): each beat run cleans state that expired before the "
+                   "database's now() minus it, so state stays that long past its expiry. "
+                   "It only narrows: the cutoff is never later than now().",
     "orphan_soft_time_limit": "Soft time limit of the orphan sweep (its hard limit is 30 s "
                               "more); its batches commit on their own, so a sweep cut short "
                               "keeps its progress.",

@@ -97,6 +97,13 @@ class Settings:
     # (retries share their task's state; Airflow's own cleanup deletes it anyway). Needs
     # Airflow's dag_run.state; statesweep's standalone schema has no such column.
     protect_unfinished_dag_runs: bool = True
+    # Beat's runs only (its coordinator entry's kwargs; ad-hoc runs take their own options):
+    # the dag ids to clean, those to leave alone (comma-separated, as `airflow db clean`
+    # spells them), and a grace period, a duration (600, 90s, 30m, 6h, 2d, 1w): each beat run
+    # cleans state expired before the database's now() minus it.
+    dag_ids: str = ""
+    exclude_dag_ids: str = ""
+    clean_grace: float = 0.0
     # The orphan sweep's own soft limit (its hard limit is 30 s more): batches commit on their
     # own, so a sweep cut short keeps its progress and the next one goes on.
     orphan_soft_time_limit: int = 600
@@ -282,6 +289,19 @@ class Settings:
             if urlsplit(url).scheme.split("+")[0] not in ("mysql", "mariadb"):
                 errors.append(f"{PREFIX}REPLICA_URLS={mask_url(url)!r}: each must be a "
                               "mysql:// or mariadb:// URL of a replica")
+        from workers.selection import MAX_GRACE_SECONDS, parse_dag_ids
+
+        for name in ("dag_ids", "exclude_dag_ids"):
+            try:
+                parse_dag_ids(getattr(self, name))
+            except ValueError as exc:
+                bad(name, str(exc))
+        if not 0 <= self.clean_grace <= MAX_GRACE_SECONDS:
+            bad("clean_grace", f"must be a duration from 0 to ten years ({MAX_GRACE_SECONDS} s)")
+        both = sorted(set(self.dag_id_list) & set(self.exclude_dag_id_list))
+        if both:
+            bad("exclude_dag_ids", f"excludes dag ids STATESWEEP_DAG_IDS names ({', '.join(both)})"
+                "; a beat run would clean nothing of them")
         if self.active_hours:
             try:
                 parse_active_hours(self.active_hours)
@@ -329,6 +349,14 @@ class Settings:
             return 0.0
         count, _, unit = self.chunk_rate_limit.partition("/")
         return float(count) / {"s": 1, "m": 60, "h": 3600}[unit]
+
+    @property
+    def dag_id_list(self) -> list[str]:
+        return [d for d in self.dag_ids.split(",") if d]
+
+    @property
+    def exclude_dag_id_list(self) -> list[str]:
+        return [d for d in self.exclude_dag_ids.split(",") if d]
 
     @property
     def replica_url_list(self) -> list[str]:
@@ -452,6 +480,20 @@ def _parse_positive_int(raw: str) -> int:
     return value
 
 
+def _parse_dag_ids(raw: str) -> str:
+    """Comma-separated dag ids, each once, spaces dropped; empty for none."""
+    from workers.selection import parse_dag_ids
+
+    return ",".join(parse_dag_ids(raw))
+
+
+def _parse_duration(raw: str) -> float:
+    """Seconds, or a number with a unit (90s, 30m, 6h, 2d, 1w); empty or 0 for none."""
+    from workers.selection import parse_duration
+
+    return parse_duration(raw) if raw.strip() else 0.0
+
+
 def parse_active_hours(text: str) -> Any:
     from workers.flow.hours import parse_active_hours as parse
 
@@ -500,6 +542,9 @@ _PARSERS = {
     "orphan_soft_time_limit": _parse_positive_int,
     "chunk_task_events": _parse_bool,
     "protect_unfinished_dag_runs": _parse_bool,
+    "dag_ids": _parse_dag_ids,
+    "exclude_dag_ids": _parse_dag_ids,
+    "clean_grace": _parse_duration,
     "database_url": _parse_database_url,
     "broker_url": _parse_broker_url,
     "result_backend": _parse_broker_url,

@@ -75,15 +75,18 @@ def _on_held(run_id: str) -> Any:
           time_limit=settings.lock_ttl_seconds)
 def coordinate(self: Task, batch_size: int | None = None, source: str = "beat",
                run_id: str | None = None, dag_ids: Any = None, exclude_dag_ids: Any = None,
-               clean_before_timestamp: Any = None) -> dict[str, Any]:
+               clean_before_timestamp: Any = None,
+               clean_grace_seconds: Any = None) -> dict[str, Any]:
     """Plan a cleanup run and send its first window. Planning takes milliseconds, so the task
     is acknowledged late: a coordinator killed mid-plan is redelivered, and its run id (the
     caller's, else this task's id) makes the redelivered copy resume rather than plan twice.
     ``dag_ids``, ``exclude_dag_ids`` (comma-separated or lists) and ``clean_before_timestamp``
-    (ISO-8601) narrow the run as ``airflow db clean`` does."""
+    (ISO-8601) narrow the run as ``airflow db clean`` does; ``clean_grace_seconds`` is beat's
+    grace period, a cutoff that many seconds before the database's now()."""
     if batch_size is not None:
         coordinator.check_batch_size(batch_size)
-    selection = Selection.from_args(dag_ids, exclude_dag_ids, clean_before_timestamp)
+    selection = Selection.from_args(dag_ids, exclude_dag_ids, clean_before_timestamp,
+                                    clean_grace_seconds)
     if not isinstance(source, str):
         raise InvalidArgument(f"source must be a string, got {source!r}")
     run_id = coordinator.check_run_id(run_id if run_id is not None else self.request.id)

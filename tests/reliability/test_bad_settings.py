@@ -50,6 +50,9 @@ BAD_SETTINGS = [
     ("STATESWEEP_COORDINATOR_SCHEDULE", "inf", "finite"),
     ("STATESWEEP_ORPHAN_SCHEDULE", "nan", "finite"),
     ("STATESWEEP_COORDINATOR_SCHEDULE", "1e309", "finite"),
+    # Beat's selection: refused at start, not at the first trigger.
+    ("STATESWEEP_CLEAN_GRACE", "soon", "must be a duration"),
+    ("STATESWEEP_DAG_IDS", "etl,,billing", "must name dag ids"),
 ]
 
 
