@@ -20,6 +20,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -54,6 +55,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="task_state rows, about half expired: the big run before the empty ones")
     p.add_argument("--workers", type=int, default=2, help="worker processes, both queues")
     p.add_argument("--batch-size", type=int, default=10_000)
+    p.add_argument("--baseline", type=Path, default=None, metavar="DIR",
+                   help="also time the CLI of this checkout (e.g. `git archive` of an older "
+                        "commit), turn about with this one")
+    p.add_argument("--baseline-label", default="", metavar="TEXT",
+                   help="what the baseline is, for the results (e.g. its commit)")
     add_service_args(p, "statesweep_bench_fixed")
     args = p.parse_args(argv)
     if args.repeats < 3:
@@ -61,25 +67,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float, str]:
-    """(wall seconds, epoch at exit, stdout) of *cmd*; RuntimeError if it fails."""
+def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float, str, float]:
+    """(wall seconds, epoch at exit, stdout, CPU seconds) of *cmd*; RuntimeError if it fails.
+    The CPU time (user + system, the process alone: workers are children not yet reaped) is
+    what a busy host does not inflate the way it inflates wall time."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     seconds, ended = time.perf_counter() - t0, time.time()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[1:])} exited {done.returncode}: {done.stderr[-500:]}")
-    return seconds, ended, done.stdout
+    return seconds, ended, done.stdout, cpu
 
 
 def cleanup_wait(env: dict[str, str]) -> dict[str, Any]:
     """One `statesweep cleanup --wait`, timed, with its run record's times: the CLI before
     the run was recorded, the workers from then to its end, and its end to the exit."""
     started = time.time()
-    wall, exited, out = timed([STATESWEEP, "cleanup", "--wait", "--format", "json"], env)
+    wall, exited, out, cpu = timed([STATESWEEP, "cleanup", "--wait", "--format", "json"], env)
     record = json.loads(out)
     queued = dt.datetime.fromisoformat(record["started_at"]).timestamp()
     finished = dt.datetime.fromisoformat(record["finished_at"]).timestamp()
-    return {"wall": wall, "cli_start": queued - started, "workers": finished - queued,
+    return {"wall": wall, "cpu": cpu, "cli_start": queued - started,
+            "workers": finished - queued,
             "end_to_exit": exited - finished, "rows": record["rows_deleted"],
             "chunks": record["chunks_done"], "planner": record["planner"],
             "state": record["state"]}
@@ -107,7 +119,12 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         registry = registry_for(settings.effective_run_store_url, settings.key_prefix)
         cli_env = child_env(env)
         samples: dict[str, list[float]] = {k: [] for k in (
-            "cleanup_wait", "cli_start", "workers", "end_to_exit", "version", "in_process")}
+            "cleanup_wait", "cleanup_wait_cpu", "cli_start", "workers", "end_to_exit",
+            "version", "version_cpu", "in_process", "baseline_cleanup_wait",
+            "baseline_cleanup_wait_cpu", "baseline_version", "baseline_version_cpu")}
+        # The CLI of another checkout, on the same workers, turn about with this one: a
+        # before/after under the same load.
+        base_env = {**cli_env, "PYTHONPATH": str(args.baseline)} if args.baseline else None
         try:
             timed([STATESWEEP, "--version"], cli_env)  # the page cache, not the run
             big = cleanup_wait(cli_env)
@@ -123,8 +140,21 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 for key in ("cli_start", "workers", "end_to_exit"):
                     samples[key].append(empty[key])
                 samples["cleanup_wait"].append(empty["wall"])
+                samples["cleanup_wait_cpu"].append(empty["cpu"])
+                if base_env is not None:
+                    old = cleanup_wait(base_env)
+                    if old["state"] != "finished" or old["rows"]:
+                        raise RuntimeError(f"not an empty finished run: {old}")
+                    samples["baseline_cleanup_wait"].append(old["wall"])
+                    samples["baseline_cleanup_wait_cpu"].append(old["cpu"])
             for _ in range(args.repeats):
-                samples["version"].append(timed([STATESWEEP, "--version"], cli_env)[0])
+                wall, _, _, cpu = timed([STATESWEEP, "--version"], cli_env)
+                samples["version"].append(wall)
+                samples["version_cpu"].append(cpu)
+                if base_env is not None:
+                    wall, _, _, cpu = timed([STATESWEEP, "--version"], base_env)
+                    samples["baseline_version"].append(wall)
+                    samples["baseline_version_cpu"].append(cpu)
                 run_id = new_run_id()
                 t0 = time.perf_counter()
                 app.send_task(COORDINATE, queue=settings.control_queue,
@@ -141,10 +171,11 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             for worker in workers:
                 worker.stop()
             forget_redis_keys(args.redis_url, env)
-    out = {k: stats(v) for k, v in samples.items()}
+    out = {k: stats(v) for k, v in samples.items() if v}
     return {"meta": {"started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                      "load_after": load(), "cpus": os.cpu_count(), "rows": args.rows,
                      "workers": args.workers, "batch_size": args.batch_size,
+                     "baseline": args.baseline_label or str(args.baseline or ""),
                      "command": "python -m bench.fixed_cost " + " ".join(sys.argv[1:])},
             "big_run": {k: round(v, 3) if isinstance(v, float) else v for k, v in big.items()},
             "first_empty": {k: round(v, 3) if isinstance(v, float) else v
@@ -157,14 +188,20 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 def markdown(r: dict[str, Any]) -> str:
     m, res, tgt, big, first = (r["meta"], r["results"], r["target"], r["big_run"],
                                r["first_empty"])
-    rows = [("`statesweep cleanup --wait`, empty, end to end", res["cleanup_wait"]),
+    rows = [("`statesweep cleanup --wait`, empty, end to end", "cleanup_wait"),
+            ("… its CPU (user + system of the CLI process)", "cleanup_wait_cpu"),
             ("… of it: process start to the run recorded (imports, settings, connecting)",
-             res["cli_start"]),
-            ("… of it: recorded to ended (pickup, plan, finish in the workers)", res["workers"]),
+             "cli_start"),
+            ("… of it: recorded to ended (pickup, plan, finish in the workers)", "workers"),
             ("… of it: the run's end to the process's exit (following, summary)",
-             res["end_to_exit"]),
-            ("`statesweep --version` (process start and imports)", res["version"]),
-            ("coordinator sent from a running process, followed to its end", res["in_process"])]
+             "end_to_exit"),
+            ("`statesweep --version` (process start and imports)", "version"),
+            ("… its CPU", "version_cpu"),
+            ("coordinator sent from a running process, followed to its end", "in_process"),
+            (f"baseline `{m.get('baseline')}`: `cleanup --wait`, empty, end to end",
+             "baseline_cleanup_wait"),
+            ("… its CPU", "baseline_cleanup_wait_cpu"),
+            ("baseline `--version`", "baseline_version"), ("… its CPU", "baseline_version_cpu")]
     lines = [
         "# Fixed cost of an empty run", "",
         f"Command: `{m['command']}`; {m['started']}, load after {m['load_after']} on "
@@ -172,10 +209,11 @@ def markdown(r: dict[str, Any]) -> str:
         f"{m['batch_size']:,}. First a big `cleanup --wait` on {m['rows']:,} rows: "
         f"{big['rows']:,} deleted in {big['chunks']:,} chunks ({big['planner']}), "
         f"{big['wall']} s wall, its end to the CLI's exit {big['end_to_exit']} s. Then, with no "
-        "VACUUM between, the empty runs; each figure over the same repeats.", "",
+        "VACUUM between, the empty runs; each figure over the same repeats. Wall time grows "
+        "with the host's load (other processes on its CPUs); CPU time much less.", "",
         "| what | median s | min s | max s | n |", "| --- | ---: | ---: | ---: | ---: |",
-        *[f"| {label} | {s['median_s']} | {s['min_s']} | {s['max_s']} | {s['n']} |"
-          for label, s in rows], "",
+        *[f"| {label} | {res[k]['median_s']} | {res[k]['min_s']} | {res[k]['max_s']} | "
+          f"{res[k]['n']} |" for label, k in rows if k in res], "",
         f"The first empty run after the big one: {first.get('wall')} s "
         f"(workers {first.get('workers')} s).", "",
         f"Target: an empty `cleanup --wait` within {tgt['goal_s']} s: "
