@@ -605,3 +605,36 @@ def test_without_local_it_says_the_distributed_run_is_not_built(
     assert result.exit_code == EXIT_BAD_ARGUMENT, result.output
     assert "--local" in result.output and len(result.output.strip().splitlines()) == 1
     assert snapshot(engine) == before
+
+
+def test_a_chunk_that_waits_too_long_for_a_lock_is_retried_and_finishes(
+        one_db: tuple[str, Engine, Data]) -> None:
+    """A writer holds a lock on an old log row for 2.5 s; each chunk's lock wait is bounded,
+    so the chunk gives up, rolls back and is tried again until the writer is done."""
+    import threading
+
+    from structlog.testing import capture_logs
+
+    _, engine, data = one_db
+    md = MetaData()
+    md.reflect(engine, only=["log"])
+    lg = md.tables["log"]
+    old = min(r["id"] for r in data.logs if r["dttm"] < T)
+    held = threading.Event()
+
+    def writer() -> None:
+        with engine.begin() as conn:
+            conn.execute(select(lg.c.id).where(lg.c.id == old).with_for_update())
+            held.set()
+            time.sleep(2.5)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    assert held.wait(10)
+    request = dbclean.Request(before=T, tables=("log",), batch_size=100, skip_archive=True,
+                              lock_timeout_ms=300, statement_timeout_ms=10000)
+    with capture_logs() as logs:
+        dbclean.clean(engine, request)
+    thread.join()
+    assert any(e["event"] == "db_clean_retry" for e in logs)
+    assert keys(engine, "log") == expected(data)["log"]

@@ -100,7 +100,8 @@ def db_clean(ctx: click.Context, clean_before_timestamp: str | None, tables: str
     settings = load_settings(is_verbose(ctx))
     request = run.Request(before, names, only, excluded,
                           settings.cleanup_batch_size if batch_size is None else batch_size,
-                          skip_archive, dry_run, settings.protect_unfinished_dag_runs)
+                          skip_archive, dry_run, settings.protect_unfinished_dag_runs,
+                          settings.lock_timeout_ms, settings.statement_timeout_ms)
     from workers.db import make_engine
 
     engine = make_engine(settings.database_url)

@@ -13,13 +13,14 @@ import datetime as dt
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 import structlog
 from sqlalchemy import Connection, Engine, Table, inspect
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, OperationalError
 
-from workers.db import db_now
+from workers.db import db_now, set_timeouts
 from workers.dbclean import cascade
 from workers.dbclean import statements as sql
 from workers.dbclean.rules import ARCHIVE_PREFIX, TableRule, airflow_version, effective_tables
@@ -40,6 +41,8 @@ class Request:
     skip_archive: bool = False
     dry_run: bool = False
     protect_unfinished: bool = True  # STATESWEEP_PROTECT_UNFINISHED_DAG_RUNS
+    lock_timeout_ms: int = 5000  # STATESWEEP_LOCK_TIMEOUT_MS, per chunk transaction
+    statement_timeout_ms: int = 20000  # STATESWEEP_STATEMENT_TIMEOUT_MS
 
 
 @dataclass
@@ -156,21 +159,19 @@ def _clean_table(engine: Engine, rule: TableRule, request: Request, result: Tabl
     lo: sql.Key | None = None
     while True:
         t0 = time.monotonic()
+        hi: sql.Key | None = None
         if dependants:
-            with engine.begin() as conn:
-                hi = sql.next_bound(conn, t, cond, lo, request.batch_size)
+            hi = _in_transaction(engine, request, rule.table, partial(
+                sql.next_bound, t=t, cond=cond, lo=lo, batch_size=request.batch_size))
             # The chunk's dependants first, batch by batch, so its own DELETE cascades into
             # (almost) nothing.
-            result.dependants += _delete_dependants(engine, dependants, t,
-                                                    [*cond, *sql.in_range(t, lo, hi)],
-                                                    request.batch_size)
-        # One transaction per chunk: its archive and its delete commit together.
-        with engine.begin() as conn:
-            if not dependants:
-                hi = sql.next_bound(conn, t, cond, lo, request.batch_size)
-            rows = sql.move_chunk(conn, t, archive, cond, lo, hi)
-            if on_chunk is not None:
-                on_chunk(rule.table, rows)
+            result.dependants += _delete_dependants(engine, request, dependants, t,
+                                                    [*cond, *sql.in_range(t, lo, hi)])
+        # One transaction per chunk: its archive and its delete commit together (and, without
+        # dependants, its cut).
+        rows, hi = _in_transaction(engine, request, rule.table, partial(
+            _move, t=t, archive=archive, cond=cond, lo=lo, hi=hi, cut=not dependants,
+            batch_size=request.batch_size, on_chunk=on_chunk))
         result.chunks += 1
         result.deleted += rows
         log.info("db_clean_chunk_moved", table=rule.table, lo=lo, hi=hi, rows=rows,
@@ -180,6 +181,17 @@ def _clean_table(engine: Engine, rule: TableRule, request: Request, result: Tabl
         if hi is None:
             return
         lo = hi
+
+
+def _move(conn: Connection, *, t: Table, archive: Table | None, cond: list[Any],
+          lo: sql.Key | None, hi: sql.Key | None, cut: bool, batch_size: int,
+          on_chunk: ChunkHook | None) -> tuple[int, sql.Key | None]:
+    if cut:
+        hi = sql.next_bound(conn, t, cond, lo, batch_size)
+    rows = sql.move_chunk(conn, t, archive, cond, lo, hi)
+    if on_chunk is not None:
+        on_chunk(t.name, rows)
+    return rows, hi
 
 
 Dependant = tuple[cascade.Path, Table, dict[str, Table]]
@@ -205,17 +217,44 @@ def _dependants(conn: Connection, fks: cascade.ForeignKeys, t: Table) -> list[De
     return out
 
 
-def _delete_dependants(engine: Engine, dependants: list[Dependant], t: Table,
-                       root_cond: list[Any], batch_size: int) -> int:
+def _delete_dependants(engine: Engine, request: Request, dependants: list[Dependant],
+                       t: Table, root_cond: list[Any]) -> int:
     total = 0
     for path, target, tables in dependants:
         while True:
-            with engine.begin() as conn:
-                rows = cascade.delete_batch(conn, tables, path, root_cond, batch_size)
+            rows = _in_transaction(engine, request, target.name, partial(
+                cascade.delete_batch, tables=tables, path=path, root_cond=root_cond,
+                batch_size=request.batch_size))
             total += rows
             if rows:
                 log.info("db_clean_dependants_deleted", table=t.name, dependant=target.name,
                          rows=rows)
-            if batch_size <= 0 or rows < batch_size:
+            if request.batch_size <= 0 or rows < request.batch_size:
                 break
     return total
+
+
+#: How often a transaction that hit its lock timeout is retried before its table fails.
+LOCK_RETRIES = 5
+R = TypeVar("R")
+
+
+def _in_transaction(engine: Engine, request: Request, table: str,
+                    work: Callable[[Connection], R]) -> R:
+    """*work* in a transaction of its own whose lock wait and statements are bounded (so a
+    chunk never queues writers behind it for long); one that waited too long for a lock rolled
+    back whole and is tried again, a little later."""
+    tried = 0
+    while True:
+        try:
+            with engine.begin() as conn:
+                set_timeouts(conn, request.lock_timeout_ms, request.statement_timeout_ms)
+                return work(conn)
+        except OperationalError as exc:
+            text = str(exc.orig or exc).lower()
+            if ("lock timeout" not in text and "lock wait timeout" not in text) \
+                    or tried >= LOCK_RETRIES:
+                raise
+            log.warning("db_clean_retry", table=table, reason="lock timeout", retries=tried)
+            time.sleep(min(5.0, 0.2 * 2 ** tried))
+            tried += 1
