@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +25,7 @@ from workers.flow.sizing import ChunkTiming, SizingPolicy
 from workers.planners import BLOCKS, CUT_KINDS, EXPIRY, KINDS, ChunkRange
 from workers.planners.blocks import MAX_PAGES_PER_CHUNK
 from workers.planners.ids import MAX_BATCHES_PER_CHUNK
-from workers.runs import Gate, RunStore
+from workers.runs import BEAT_EVERY_SECONDS, Gate, RunStore
 from workers.schema import Tables
 from workers.selection import Selection
 from workers.settings import Settings
@@ -178,6 +180,39 @@ def run_chunk(settings: Settings, engine: Engine, tables: Tables, registry: RunS
         raise InvalidArgument(
             f"cutoff {args.cutoff.isoformat()} is not run {args.run_id}'s cutoff {cutoff_text}")
 
+    with heartbeat(registry, args.run_id, args.chunk):
+        return _delete_and_count(settings, engine, tables, registry, dispatch, args, g, size,
+                                 batch, max_size, selection, carried_rows, on_held)
+
+
+@contextmanager
+def heartbeat(registry: RunStore, run_id: str, chunk: int) -> Iterator[None]:
+    """Renew the chunk's heartbeat while it runs, from a thread (the DELETE blocks this one):
+    a worker killed mid-chunk stops beating, and its chunk is sent again within seconds, while
+    a live chunk, however long, never is."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(BEAT_EVERY_SECONDS):
+            try:
+                registry.beat(run_id, chunk)
+            except Exception:  # the run store is away: at worst the chunk is sent again
+                log.warning("chunk_heartbeat_missed", run_id=run_id, chunk=chunk)
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{run_id}-{chunk}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+def _delete_and_count(settings: Settings, engine: Engine, tables: Tables, registry: RunStore,
+                      dispatch: Dispatch, args: ChunkArgs, g: Gate, size: int, batch: int,
+                      max_size: int, selection: Selection, carried_rows: int,
+                      on_held: Callable[[str], None] | None) -> ChunkResult:
+    bound = log.bind(run_id=args.run_id, chunk=args.chunk)
     t0 = time.perf_counter()
     try:
         rows = cleanup.delete_range(
@@ -283,6 +318,7 @@ def run_local(settings: Settings, engine: Engine, tables: Tables, registry: RunS
                     raise
                 retries[number] = tried + 1
                 registry.shrink(run_id)
+                registry.requeue(run_id, number)
                 bound.warning("chunk_retry", chunk=number, error=type(exc).__name__,
                               reason="lock timeout", retries=tried)
                 # Back off a little; the rest of the window goes first.

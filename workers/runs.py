@@ -37,6 +37,10 @@ from workers.planners.base import EXPIRY, ChunkRange, Plan
 RUN_RETENTION_SECONDS = 7 * 24 * 3600
 RECENT_RUNS_KEPT = 200
 RECENT_TRIGGERS_KEPT = 20
+# A running chunk's heartbeat: BEGIN sets it, its worker renews it every BEAT_EVERY_SECONDS, and
+# it lapses BEAT_TTL_SECONDS after the worker died, when the next top-up sends the chunk again.
+BEAT_TTL_SECONDS = 6
+BEAT_EVERY_SECONDS = 2.0
 ENDED = ("finished", "failed", "aborted", "skipped")
 
 
@@ -64,6 +68,8 @@ class RunRecord:
     planning_done: bool = False
     # What the run is narrowed to (workers.selection, encoded; "" = everything expired).
     selection: str = ""
+    # The database the run cleans, as its server names it (workers.identity; "" before).
+    database: str = ""
     # Expired rows kept at planning because their dag run was queued or running, and when the
     # oldest of them expired (ISO-8601; "" when none).
     protected_rows: int = 0
@@ -185,7 +191,7 @@ class RunStore:
         self.clock = clock
         self._scripts = {name: client.register_script(getattr(runs_lua, name)) for name in (
             "PLAN", "START", "BEGIN", "PARK", "FINISH", "PUMP", "CUT", "ABORT", "ENQUEUE",
-            "RENEW", "RELEASE", "CLOSE_QUEUED", "SHRINK", "RATE", "FAIL")}
+            "RENEW", "RELEASE", "CLOSE_QUEUED", "SHRINK", "RATE", "FAIL", "REQUEUE")}
 
     # --- keys -----------------------------------------------------------------------------
 
@@ -194,6 +200,15 @@ class RunStore:
 
     def _run_keys(self, run_id: str) -> list[str]:
         return [self._k("run", run_id), self._k("run", run_id, "inflight")]
+
+    def _beat_key(self, run_id: str, chunk: int | str) -> str:
+        return self._k("run", run_id, "beat", str(chunk))
+
+    def _beats(self, run_id: str) -> tuple[list[str], list[str]]:
+        """The heartbeat keys of the chunks in the run's window, and their numbers (a step
+        reads which are alive itself; a chunk taken after this read is judged by time)."""
+        numbers = [str(n) for n in self.client.hkeys(self._k("run", run_id, "inflight"))]
+        return [self._beat_key(run_id, n) for n in numbers], numbers
 
     def _call(self, name: str, keys: list[str], args: list[Any]) -> Any:
         return self._scripts[name](keys=keys, args=args)
@@ -286,10 +301,21 @@ class RunStore:
         details): ok [cutoff, size, batch, max_size, selection], held [reason, new_episode],
         duplicate, ended [state], unknown, forged [planned range], lost [the lock's holder, or
         '' when nobody holds it]: the run no longer holds its lock, nothing is applied."""
-        r = self._call("BEGIN", [*self._run_keys(run_id), self._k("pause"), self._k("lock")],
+        r = self._call("BEGIN", [*self._run_keys(run_id), self._k("pause"), self._k("lock"),
+                                 self._beat_key(run_id, chunk)],
                        [chunk, rng.encode(), self.clock(), gate.external, gate.max_run_seconds,
-                        rng.kind, run_id])
+                        rng.kind, run_id, BEAT_TTL_SECONDS])
         return str(r[0]), list(r[1:])
+
+    def beat(self, run_id: str, chunk: int) -> None:
+        """The running chunk's worker is alive (its heartbeat, renewed)."""
+        self.client.set(self._beat_key(run_id, chunk), "1", ex=BEAT_TTL_SECONDS)
+
+    def requeue(self, run_id: str, chunk: int) -> bool:
+        """A chunk a worker took waits for its retry (a new message, with a countdown): it is
+        sent, no longer running, so its missing heartbeat is no death."""
+        return bool(self._call("REQUEUE", [self._k("run", run_id, "inflight")],
+                               [chunk, self.clock()]))
 
     def park(self, run_id: str, chunk: int, reason: str) -> bool:
         """Hold a chunk that stopped before its DELETE; True if this starts a hold episode."""
@@ -304,11 +330,12 @@ class RunStore:
         metrics (*table*'s rows, the *seconds* it took), and top up the window, in one atomic
         step. Returns (counted, window); window.lost when the run no longer holds its lock
         (nothing applied)."""
+        beat_keys, numbers = self._beats(run_id)
         r = self._call("FINISH", [*self._run_keys(run_id), self._k("lock"), self._k("pause"),
-                                  metrics_key(self.prefix)],
+                                  metrics_key(self.prefix), *beat_keys],
                        [run_id, chunk, rows, self.clock(), lock_ttl, window, resend_after,
                         gate.external, gate.max_run_seconds, new_size, units, error[:500],
-                        "" if seconds is None else seconds, table])
+                        "" if seconds is None else seconds, table, *numbers])
         if int(r[0]) == -2:
             return False, Window(lost=True)
         return int(r[0]) == 1, self._window(run_id, kind, r[1:])
@@ -318,9 +345,11 @@ class RunStore:
         """Top up a running run's window (parked, lost and new chunks); None if it has ended,
         a Window with ``lost`` if its lock no longer names it (nothing applied). *new_budget*
         restarts its STATESWEEP_MAX_RUN_SECONDS clock."""
-        r = self._call("PUMP", [*self._run_keys(run_id), self._k("lock"), self._k("pause")],
+        beat_keys, numbers = self._beats(run_id)
+        r = self._call("PUMP", [*self._run_keys(run_id), self._k("lock"), self._k("pause"),
+                                *beat_keys],
                        [run_id, self.clock(), lock_ttl, window, resend_after, gate.external,
-                        gate.max_run_seconds, "1" if new_budget else "0"])
+                        gate.max_run_seconds, "1" if new_budget else "0", *numbers])
         if r[0] == "ended":
             return None
         if r[0] == "lost":
@@ -340,6 +369,10 @@ class RunStore:
         """Record what a run found kept for unfinished dag runs (read once, at planning)."""
         self.client.hset(self._k("run", run_id),
                          mapping={"protected_rows": rows, "protected_oldest": oldest})
+
+    def note_database(self, run_id: str, identity: str) -> None:
+        """Record which database the run cleans, once its coordinator took it to plan."""
+        self.client.hset(self._k("run", run_id), "database", identity[:500])
 
     def abort(self, run_id: str, why: str) -> str:
         """End a queued or running run now: 'aborted', or the state it had already ended in.

@@ -73,26 +73,41 @@ end
 -- waits in the queue, and a copy a period only fills the queue); one taken by a worker that
 -- has not finished it is sent again after resend_after (past its hard time limit it runs
 -- nowhere). Never more than one copy of a chunk a period: sent_at moves with each send.
+-- A taken chunk whose worker's heartbeat lapsed (alive false: its process died) is due at
+-- once, and one whose worker beats (alive true) never is, however long it runs; where the step
+-- was not told (alive nil), resend_after since it was taken.
 local MAX_DOUBLINGS = 3
-local function resend_due(st, sent, n, now, resend_after)
+local function resend_due(st, sent, n, now, resend_after, alive)
+  if st == 't' and alive ~= nil then return not alive end
   local period = tonumber(resend_after)
   if st == 's' then period = period * 2 ^ math.min(n, MAX_DOUBLINGS) end
   return tonumber(now) - sent > period
+end
+
+-- Which taken chunks' workers are alive: KEYS from first on are the heartbeat keys of the
+-- chunks named in beats (chunk numbers, in the same order), read in this step.
+local function heartbeats(first, beats)
+  local alive = {}
+  for i, n in ipairs(beats) do
+    alive[n] = redis.call('EXISTS', KEYS[first + i - 1]) == 1
+  end
+  return alive
 end
 
 -- Tops up the window: parked chunks, and chunks whose resend is due (a lost message, a dead
 -- publisher or worker), are sent again, then new chunks are cut from the cursor until the
 -- window is full. Appends number, range pairs to out. Returns the room left for chunks the
 -- caller must cut itself (the walk planner needs the database for each cut).
-local function top_up(R, F, now, window, resend_after, out)
+local function top_up(R, F, now, window, resend_after, out, alive)
   clear_hold(R)
+  alive = alive or {}
   local all = redis.call('HGETALL', F)
   for i = 1, #all, 2 do
     local rng, sent, st, n = entry(all[i + 1])
     if st == 'p' then
       redis.call('HSET', F, all[i], rng .. '|' .. now .. '|s')
       table.insert(out, all[i]); table.insert(out, rng)
-    elseif resend_due(st, sent, n, now, resend_after) then
+    elseif resend_due(st, sent, n, now, resend_after, alive[all[i]]) then
       redis.call('HSET', F, all[i], rng .. '|' .. now .. '|s|' .. d(n + 1))
       redis.call('HINCRBY', R, 'resends', 1)
       table.insert(out, all[i]); table.insert(out, rng)
@@ -124,10 +139,11 @@ local function top_up(R, F, now, window, resend_after, out)
 end
 
 -- Holds or tops up; returns {room, reason, new_episode}.
-local function gate_and_top_up(R, F, P, now, external, max_run, window, resend_after, out)
+local function gate_and_top_up(R, F, P, now, external, max_run, window, resend_after, out,
+                               alive)
   local reason = hold_reason(R, P, now, external, max_run)
   if reason ~= '' then return {0, reason, note_hold(R, reason, now)} end
-  return {top_up(R, F, now, window, resend_after, out), '', 0}
+  return {top_up(R, F, now, window, resend_after, out, alive), '', 0}
 end
 """
 
@@ -161,9 +177,9 @@ local fin = finish_if_complete(R, F, L, run_id, now)
 return {'started', fin, g[1], g[2], g[3], unpack(out)}
 """
 
-# KEYS R F P L; ARGV chunk range now external max_run kind run_id
+# KEYS R F P L B; ARGV chunk range now external max_run kind run_id beat_ttl
 BEGIN = _PRELUDE + r"""
-local R, F, P, L = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local R, F, P, L, B = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local chunk, rng, now = ARGV[1], ARGV[2], ARGV[3]
 local h = redis.call('HMGET', R, 'state', 'chunks_planned', 'cutoff', 'size', 'batch_size',
   'kind', 'max_size', 'selection')
@@ -186,6 +202,9 @@ if reason ~= '' then
 end
 -- A worker took it: its resends start again from resend_after (workers are consuming).
 redis.call('HSET', F, chunk, planned .. '|' .. now .. '|t')
+-- Its worker's heartbeat, from this step on: renewed while the chunk runs, it lapses within
+-- beat_ttl of the worker's death, and the next top-up sends the chunk again.
+redis.call('SET', B, '1', 'EX', ARGV[8])
 return {'ok', h[3], h[4], h[5], h[7] or '0', h[8] or ''}
 """
 
@@ -199,8 +218,9 @@ redis.call('HSET', F, ARGV[1], string.match(entry, '^([^|]*)|') .. '|' .. ARGV[3
 return note_hold(R, ARGV[2], ARGV[3])
 """
 
-# KEYS R F L P M; ARGV run_id chunk rows now lock_ttl window resend_after external max_run
-# new_size units error seconds table
+# KEYS R F L P M beat...; ARGV run_id chunk rows now lock_ttl window resend_after external
+# max_run new_size units error seconds table chunk-number...  (the heartbeat key of each
+# chunk number at ARGV 15 on is KEYS 6 on)
 FINISH = _PRELUDE + COUNT_METRICS_LUA + r"""
 local R, F, L, P, M = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local run_id, chunk, rows, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
@@ -237,13 +257,17 @@ if redis.call('HGET', R, 'state') ~= 'running' then return {1, 0, 0, '', 0} end
 local out = {}
 local g = {0, '', 0}
 if ARGV[12] == '' then
-  g = gate_and_top_up(R, F, P, now, ARGV[8], ARGV[9], ARGV[6], ARGV[7], out)
+  local beats = {}
+  for i = 15, #ARGV do table.insert(beats, ARGV[i]) end
+  g = gate_and_top_up(R, F, P, now, ARGV[8], ARGV[9], ARGV[6], ARGV[7], out,
+                      heartbeats(6, beats))
 end
 local fin = finish_if_complete(R, F, L, run_id, now)
 return {1, fin, g[1], g[2], g[3], unpack(out)}
 """
 
-# KEYS R F L P; ARGV run_id now lock_ttl window resend_after external max_run new_budget
+# KEYS R F L P beat...; ARGV run_id now lock_ttl window resend_after external max_run
+# new_budget chunk-number...  (the heartbeat key of each chunk number at ARGV 9 on is KEYS 5 on)
 PUMP = _PRELUDE + r"""
 local R, F, L, P = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local run_id, now = ARGV[1], ARGV[2]
@@ -252,8 +276,11 @@ if state ~= 'running' then return {'ended', 0, 0, state or '', 0} end
 if redis.call('GET', L) ~= run_id then return {'lost', 0, 0, redis.call('GET', L) or '', 0} end
 redis.call('EXPIRE', L, ARGV[3], 'GT')
 if ARGV[8] == '1' then redis.call('HSET', R, 'window_started_at', now) end
+local beats = {}
+for i = 9, #ARGV do table.insert(beats, ARGV[i]) end
 local out = {}
-local g = gate_and_top_up(R, F, P, now, ARGV[6], ARGV[7], ARGV[4], ARGV[5], out)
+local g = gate_and_top_up(R, F, P, now, ARGV[6], ARGV[7], ARGV[4], ARGV[5], out,
+                          heartbeats(5, beats))
 local fin = finish_if_complete(R, F, L, run_id, now)
 return {'ok', fin, g[1], g[2], g[3], unpack(out)}
 """
@@ -290,6 +317,17 @@ redis.call('HSET', R, 'state', 'aborted', 'finished_at', ARGV[2], 'error', ARGV[
 redis.call('DEL', F, O)
 if redis.call('GET', L) == ARGV[1] then redis.call('DEL', L) end
 return 'aborted'
+"""
+
+# KEYS F; ARGV chunk now -> 1 if the chunk, taken by a worker, is waiting for its retry: sent
+# again (by Celery, with a countdown), not running, so no heartbeat is missed.
+REQUEUE = r"""
+local v = redis.call('HGET', KEYS[1], ARGV[1])
+if not v then return 0 end
+local rng, sent, st = string.match(v, '^([^|]*)|([^|]*)|(%a)')
+if st ~= 't' then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], rng .. '|' .. ARGV[2] .. '|s')
+return 1
 """
 
 # KEYS R; ARGV state why now -> 1 if a queued run was closed (its trigger did not start it)

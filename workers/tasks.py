@@ -28,6 +28,7 @@ from workers.celery_app import (
     settings,
 )
 from workers.exceptions import InvalidArgument, NotFound
+from workers.identity import DatabaseIdentity, other_database, read_identity
 from workers.planners import EXPIRY, ChunkRange
 from workers.selection import Selection
 from workers.window import Sender, gate, wait_out_lag
@@ -76,13 +77,14 @@ def _on_held(run_id: str) -> Any:
 def coordinate(self: Task, batch_size: int | None = None, source: str = "beat",
                run_id: str | None = None, dag_ids: Any = None, exclude_dag_ids: Any = None,
                clean_before_timestamp: Any = None,
-               clean_grace_seconds: Any = None) -> dict[str, Any]:
+               clean_grace_seconds: Any = None, expect_database: Any = None) -> dict[str, Any]:
     """Plan a cleanup run and send its first window. Planning takes milliseconds, so the task
     is acknowledged late: a coordinator killed mid-plan is redelivered, and its run id (the
     caller's, else this task's id) makes the redelivered copy resume rather than plan twice.
     ``dag_ids``, ``exclude_dag_ids`` (comma-separated or lists) and ``clean_before_timestamp``
     (ISO-8601) narrow the run as ``airflow db clean`` does; ``clean_grace_seconds`` is beat's
-    grace period, a cutoff that many seconds before the database's now()."""
+    grace period, a cutoff that many seconds before the database's now(). ``expect_database``
+    (workers.identity, as the CLI read its own) refuses a run meant for another database."""
     if batch_size is not None:
         coordinator.check_batch_size(batch_size)
     selection = Selection.from_args(dag_ids, exclude_dag_ids, clean_before_timestamp,
@@ -90,16 +92,34 @@ def coordinate(self: Task, batch_size: int | None = None, source: str = "beat",
     if not isinstance(source, str):
         raise InvalidArgument(f"source must be a string, got {source!r}")
     run_id = coordinator.check_run_id(run_id if run_id is not None else self.request.id)
+    expected = None if expect_database is None else DatabaseIdentity.decode(expect_database)
     structlog.contextvars.bind_contextvars(run_id=run_id)
     try:
         r = resources()
+        with r.engine.connect() as conn:
+            identity = read_identity(conn, r.tables.naming)
     except Exception as exc:  # the database went away: coordinate() never ran to record it
         _note_failed_trigger(run_id, source, exc)
         raise
+    if expected is not None and expected != identity:
+        return _refuse_other_database(r.registry, run_id, source, expected, identity)
     summary = coordinator.coordinate(r.settings, r.engine, r.tables, r.registry, send_chunk,
                                      run_id=run_id, batch_size=batch_size, source=source,
-                                     selection=selection)
+                                     selection=selection, database=str(identity))
     return summary.as_dict()
+
+
+def _refuse_other_database(registry: Any, run_id: str, source: str,
+                           expected: DatabaseIdentity, identity: DatabaseIdentity
+                           ) -> dict[str, Any]:
+    """The trigger names another database than the workers clean: nothing is planned or
+    deleted; its queued run ends skipped, saying both."""
+    why = other_database(expected, identity)
+    registry.close_queued(run_id, why)
+    registry.note_trigger("refused", run_id, source, why)
+    log.warning("coordinator_refused_database", run_id=run_id, expected=str(expected),
+                database=str(identity))
+    return {"run_id": run_id, "status": "refused", "reason": why}
 
 
 def _note_failed_trigger(run_id: str, source: str, exc: Exception) -> None:
@@ -164,6 +184,7 @@ def delete_chunk(self: Task, run_id: str, chunk: int, kind: str, lo: int, hi: in
     except chunks.ProgressNotRecorded as exc:
         # The rows are deleted and committed; only the count failed. Carry it into the retry.
         metrics.count_retry(r.registry)
+        _requeue(r.registry, run_id, chunk)
         raise self.retry(exc=exc.__cause__ or exc, countdown=_backoff(self.request.retries),
                          kwargs={**self.request.kwargs, "carried_rows": exc.rows}) from exc
     except TRANSIENT as exc:
@@ -174,8 +195,18 @@ def delete_chunk(self: Task, run_id: str, chunk: int, kind: str, lo: int, hi: in
         log.warning("chunk_retry", run_id=run_id, chunk=chunk, error=type(exc).__name__,
                     retries=self.request.retries)
         metrics.count_retry(r.registry)
+        _requeue(r.registry, run_id, chunk)
         raise self.retry(exc=exc, countdown=_backoff(self.request.retries)) from exc
     return {"run_id": run_id, "chunk": chunk, "rows": result.rows, "status": result.status}
+
+
+def _requeue(registry: Any, run_id: str, chunk: int) -> None:
+    """The chunk waits for its retry: no heartbeat is due (else the pump would send a second
+    copy to run beside the retry). A run store that is down costs at most that copy."""
+    try:
+        registry.requeue(run_id, chunk)
+    except Exception:
+        log.warning("chunk_requeue_not_recorded", run_id=run_id, chunk=chunk)
 
 
 def _backoff(retries: int) -> float:
@@ -227,11 +258,13 @@ def abort(run_id: str, by: str = "celery") -> dict[str, Any]:
 @app.task(name=SWEEP_ORPHANS, bind=True, max_retries=5, acks_late=False,
           soft_time_limit=settings.orphan_soft_time_limit,
           time_limit=settings.orphan_soft_time_limit + 30)
-def sweep_orphaned_asset_state(self: Task, batch_size: int | None = None) -> dict[str, Any]:
+def sweep_orphaned_asset_state(self: Task, batch_size: int | None = None,
+                               expect_database: Any = None) -> dict[str, Any]:
     """Delete asset state of assets that are no longer active, in committed batches.
 
     Acknowledged on receipt and bounded by its own time limits: each batch commits on its own,
-    so a sweep cut short by its soft limit keeps what it deleted and the next sweep goes on."""
+    so a sweep cut short by its soft limit keeps what it deleted and the next sweep goes on.
+    ``expect_database`` (workers.identity): refused, nothing deleted, if it is not ours."""
     from celery.exceptions import SoftTimeLimitExceeded
 
     if settings.airflow_custom_backend:  # Airflow keeps its state elsewhere: nothing here
@@ -239,14 +272,23 @@ def sweep_orphaned_asset_state(self: Task, batch_size: int | None = None) -> dic
         return {"status": "custom_backend", "rows": 0, "batches": 0}
 
     batch = coordinator.batch_size_for(settings, batch_size)
+    expected = None if expect_database is None else DatabaseIdentity.decode(expect_database)
     # Not a cleanup run, but its lines carry a run id like every task's; stable across retries.
     run_id = f"orphans-{self.request.id}"
     structlog.contextvars.bind_contextvars(run_id=run_id)
     try:
         r = resources()
+        with r.engine.connect() as conn:
+            identity = read_identity(conn, r.tables.naming)
     except Exception as exc:
         _record_sweep_failure(run_id, exc)
         raise
+    if expected is not None and expected != identity:
+        why = other_database(expected, identity)
+        r.registry.record_sweep(run_id, "refused", error=why)
+        log.warning("orphan_sweep_refused_database", expected=str(expected),
+                    database=str(identity))
+        return {"run_id": run_id, "status": "refused", "reason": why, "rows": 0, "batches": 0}
     t0 = time.perf_counter()
     done = cleanup.OrphanSweep()
     r.registry.record_sweep(run_id, "running", table=r.tables.asset_state.name)

@@ -55,19 +55,24 @@ def test_with_no_worker_an_hour_of_pumps_sends_a_bounded_number_of_messages(
     assert record is not None and record.resends == messages - window
     assert record.as_dict()["resends"] == record.resends
 
-    # A worker takes chunk 1 at last (then dies): workers are consuming, so its next resend
-    # comes resend_after later, not after the backed-off period.
+    # A worker takes chunk 1 at last, and dies: the next pump sends it again, and its backoff
+    # starts over (workers are consuming): that copy, unconsumed, goes again after twice
+    # resend_after, not eight times.
     status, _ = clocked.begin_chunk("r1", 1, dict(first.chunks)[1], Gate())
     assert status == "ok"
-    taken_at = t
-    resent_at = None
-    while resent_at is None and t < taken_at + 8 * again:
+    store.client.delete(f"{store.prefix}:run:r1:beat:1")  # its heartbeat lapsed
+    t += 1
+    now[0] = T0 + t
+    pumped = clocked.pump("r1", "ids", **step)
+    assert pumped is not None and 1 in dict(pumped.chunks)
+    died_at, resent_at = t, None
+    while resent_at is None and t < died_at + 8 * again:
         t += every
         now[0] = T0 + t
         pumped = clocked.pump("r1", "ids", **step)
         if pumped is not None and 1 in dict(pumped.chunks):
             resent_at = t
-    assert resent_at is not None and again < resent_at - taken_at <= again + every
+    assert resent_at is not None and 2 * again < resent_at - died_at <= 2 * again + every
 
 
 def test_status_shows_the_resends(store: RunStore) -> None:
@@ -81,3 +86,35 @@ def test_status_shows_the_resends(store: RunStore) -> None:
     record = clocked.get("r1")
     assert record is not None and record.resends == 2
     assert "resends       2 chunk messages sent again" in run_summary(record)
+
+
+def test_a_killed_workers_chunk_is_sent_again_at_once_and_a_live_one_never(
+        store: RunStore) -> None:
+    """Issue 21: recovery after a worker is killed took resend_after (the hard limit + 30 s).
+    A taken chunk's worker beats; the first top-up after its heartbeat lapsed sends it again,
+    whatever resend_after says, and a chunk whose worker beats is never sent again, however
+    long it runs."""
+    now = [T0]
+    clocked = RunStore(store.client, store.prefix, clock=lambda: now[0])
+    step = {"lock_ttl": 3600, "window": 2, "resend_after": 60.0, "gate": Gate()}
+    first = dict(start_plan(clocked, "r1", id_plan(4), window=2, resend_after=60.0).chunks)
+    assert clocked.begin_chunk("r1", 1, first[1], Gate())[0] == "ok"  # killed mid-chunk
+    assert clocked.begin_chunk("r1", 2, first[2], Gate())[0] == "ok"  # runs for hours
+    now[0] = T0 + 1
+    assert (clocked.pump("r1", "ids", **step) or pytest.fail("ended")).chunks == []
+    store.client.delete(f"{store.prefix}:run:r1:beat:1")  # its TTL ran out: nobody renewed it
+    pumped = clocked.pump("r1", "ids", **step)
+    assert pumped is not None and [n for n, _ in pumped.chunks] == [1]
+    for hours in range(1, 4):
+        now[0] = T0 + 3600 * hours
+        clocked.beat("r1", 2)
+        again = clocked.pump("r1", "ids", **step)
+        assert again is not None and 2 not in dict(again.chunks)
+    # A chunk waiting for its retry (requeued) is a sent message again, not a dead worker.
+    assert clocked.begin_chunk("r1", 1, first[1], Gate())[0] == "ok"
+    assert clocked.requeue("r1", 1)
+    store.client.delete(f"{store.prefix}:run:r1:beat:1")
+    now[0] += 1
+    assert 1 not in dict((clocked.pump("r1", "ids", **step) or pytest.fail("ended")).chunks)
+    assert all(store.client.ttl(k) > 0 for k in store.client.scan_iter(
+        match=f"{store.prefix}:run:r1:beat:*"))
