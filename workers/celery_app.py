@@ -34,6 +34,7 @@ PAUSE = "statesweep.pause"
 RESUME = "statesweep.resume"
 ABORT = "statesweep.abort"
 CONTROL_TASKS = (COORDINATE, SWEEP_ORPHANS, PUMP, PAUSE, RESUME, ABORT)
+IDENTITY_COMMAND = "statesweep_identity"  # a remote control command each worker answers
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -148,6 +149,7 @@ def _check_database_at_start(**_: Any) -> None:
     from workers.db import get_engine
     from workers.exceptions import SchemaError
     from workers.exit_codes import EXIT_SCHEMA, EXIT_UNAVAILABLE
+    from workers.identity import read_identity
     from workers.privileges import check_privileges
     from workers.schema import resolve_tables
     from workers.settings import mask_url
@@ -158,6 +160,8 @@ def _check_database_at_start(**_: Any) -> None:
         # A read-only user would fail every chunk it takes: SELECT and DELETE, both tables.
         check_privileges(engine, [tables.task_state, tables.asset_state],
                          settings.database_origin)
+        with engine.connect() as conn:
+            worker_database.append(read_identity(conn, tables.naming).encode())
     except SchemaError as exc:  # PrivilegeError too: exit 4, the user and GRANT named
         sys.stderr.write(f"statesweep: worker not started: {exc}\n")
         raise SystemExit(EXIT_SCHEMA) from None
@@ -169,6 +173,21 @@ def _check_database_at_start(**_: Any) -> None:
         raise SystemExit(EXIT_UNAVAILABLE) from None
     finally:
         engine.dispose()
+
+
+#: The database identity this worker cleans (workers.identity), read once at start; doctor asks
+#: every worker for it (the statesweep_identity control command) and compares with its own.
+worker_database: list[dict[str, str]] = []
+
+
+@signals.worker_init.connect
+def _answer_identity(**_: Any) -> None:
+    from celery.worker.control import inspect_command
+
+    @inspect_command(name=IDENTITY_COMMAND)
+    def statesweep_identity(state: Any) -> dict[str, Any]:
+        """The database this worker cleans, as its server names it."""
+        return {"database": worker_database[-1] if worker_database else None}
 
 
 @signals.worker_process_init.connect

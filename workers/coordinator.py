@@ -69,11 +69,12 @@ class LockLost(StatesweepError):
 def coordinate(settings: Settings, engine: Engine, tables: Tables, registry: RunStore,
                dispatch: Dispatch, *, run_id: str | None = None, batch_size: int | None = None,
                source: str = "beat", selection: Selection = EVERYTHING,
-               top_up_active: bool = True) -> RunSummary:
+               top_up_active: bool = True, database: str = "") -> RunSummary:
     """Plan one cleanup run and send its first window; at most one run is active at a time.
     A *selection* narrows the run to some dag ids and an earlier cutoff. A trigger that finds
     another run active tops that run up, unless *top_up_active* is False (a local run, which
-    must not take another process's chunks): then it is skipped, naming the active run."""
+    must not take another process's chunks): then it is skipped, naming the active run.
+    *database* (workers.identity) is recorded in the run it plans."""
     batch = batch_size_for(settings, batch_size)
     run_id = check_run_id(run_id or new_run_id())
     bound = log.bind(run_id=run_id, source=source)
@@ -118,6 +119,8 @@ def coordinate(settings: Settings, engine: Engine, tables: Tables, registry: Run
         return RunSummary(run_id, "resumed", existing.cutoff if existing else "",
                           len(window.chunks), active_run_id=run_id)
 
+    if database:
+        registry.note_database(run_id, database)
     started = False
     try:
         t0 = time.perf_counter()

@@ -220,6 +220,9 @@ def orphans(ctx: click.Context, dry_run: bool, wait: bool, batch_size: int | Non
                 echo_json({"task_id": result.id}) if fmt == "json" else click.echo(result.id)
                 return
             data = dispatch.wait_for_task(result, "orphan sweep")
+            if data.get("status") == "refused":
+                raise RefusedError(f"refused: {data.get('reason')}; orphan sweep {result.id} "
+                                   "deleted nothing")
     echo_json(data) if fmt == "json" else click.echo(render.orphans(data))
 
 

@@ -21,6 +21,7 @@ from workers.cli.services import (
     check_broker,
     check_result_backend,
     database,
+    own_identity,
     run_store,
 )
 from workers.cli.watch import Watch
@@ -68,10 +69,13 @@ def dispatch_cleanup(app: Celery, settings: Settings, registry: RunRegistry,
                      batch_size: int | None, source: str,
                      selection: dict[str, Any] | None = None) -> tuple[str, AsyncResult]:
     """Send the coordinator to the control queue, as beat does, with a run id chosen here and
-    recorded as ``queued`` first, so `status <id>` knows the run from the moment it is sent."""
+    recorded as ``queued`` first, so `status <id>` knows the run from the moment it is sent.
+    The run carries this CLI's database identity: the coordinator refuses it if the workers
+    clean another database."""
     from workers.celery_app import COORDINATE
     from workers.run_ids import new_run_id
 
+    identity = own_identity(settings)
     check_broker(app, settings)
     check_result_backend(settings)
     run_id = new_run_id()
@@ -80,7 +84,8 @@ def dispatch_cleanup(app: Celery, settings: Settings, registry: RunRegistry,
     try:
         result = app.send_task(COORDINATE, queue=settings.control_queue,
                                kwargs={"batch_size": batch_size, "source": source,
-                                       "run_id": run_id, **(selection or {})})
+                                       "run_id": run_id, **(selection or {}),
+                                       "expect_database": identity.encode()})
     except BaseException:
         registry.close_queued(run_id, "the coordinator could not be sent")
         raise
@@ -96,8 +101,9 @@ def coordinator_outcome(result: AsyncResult) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-#: Coordinator outcomes that start no run (the queued record ends 'skipped', saying why).
-NOT_STARTED = ("skipped", "paused", "outside_active_hours")
+#: Coordinator outcomes that start no run (the queued record ends 'skipped', saying why);
+#: 'refused': the workers clean another database than this CLI's.
+NOT_STARTED = ("skipped", "paused", "outside_active_hours", "refused")
 
 
 def await_pickup(registry: RunRegistry, run_id: str, result: AsyncResult, *,
@@ -139,7 +145,8 @@ def _outcome_pickup(registry: RunRegistry, run_id: str, outcome: dict[str, Any])
     if status in NOT_STARTED:
         active = str(outcome.get("active_run_id", ""))
         why = str(outcome.get("reason", "")) or f"run {active} is active"
-        note(f"this trigger was {status.replace('_', ' ')}: {why}")
+        if status != "refused":  # the command's error says why, once
+            note(f"this trigger was {status.replace('_', ' ')}: {why}")
         return Pickup(active if status == "skipped" else run_id, status, why)
     if status == "resumed":
         # A stalled run held the lock: the trigger re-sent its missing chunks instead of
@@ -269,13 +276,15 @@ def dispatch_orphans(app: Celery, settings: Settings, batch_size: int | None) ->
     from workers.celery_app import SWEEP_ORPHANS
     from workers.settings import is_redis_store
 
+    identity = own_identity(settings)
     check_broker(app, settings)
     check_result_backend(settings)
     task_id = str(uuid.uuid4())
     if is_redis_store(settings.effective_run_store_url):
         run_store(settings).record_sweep(f"orphans-{task_id}", "queued")
     return app.send_task(SWEEP_ORPHANS, queue=settings.control_queue, task_id=task_id,
-                         kwargs={"batch_size": batch_size})
+                         kwargs={"batch_size": batch_size,
+                                 "expect_database": identity.encode()})
 
 
 def wait_for_task(result: AsyncResult, what: str) -> dict[str, Any]:

@@ -27,6 +27,8 @@ from workers.settings import Settings, is_redis, is_redis_store, mask_url
 if TYPE_CHECKING:
     from celery import Celery
 
+    from workers.identity import DatabaseIdentity
+
 CONTROL_TIMEOUT = 1.5  # seconds workers get to answer a ping or an inspect
 
 
@@ -114,13 +116,23 @@ def layout_check(engine: Engine, tables: Tables, settings: Settings) -> Check:
     return Check("task state layout", "ok", f"{airflow}{at}; {protect}")
 
 
-def database_checks(settings: Settings) -> list[Check]:
+def database_checks(settings: Settings, found: list[DatabaseIdentity] | None = None
+                    ) -> list[Check]:
+    """The database, its tables, layout, index and privileges; its identity is appended to
+    *found* for the workers' check."""
+    from workers.identity import read_identity
+
     where = settings.database_origin
     try:
         with database(settings) as (engine, tables):
             version = ".".join(str(v) for v in (engine.dialect.server_version_info or ()))
+            with engine.connect() as conn:
+                identity = read_identity(conn, tables.naming)
+            if found is not None:
+                found.append(identity)
             return [
-                Check("database", "ok", f"{where} ({engine.dialect.name} {version})".strip()),
+                Check("database", "ok", f"{where} ({engine.dialect.name} {version}): "
+                      f"{identity}"),
                 Check("table naming", "ok",
                       f"{tables.naming}: {tables.task_state.name}, {tables.asset_state.name} "
                       f"(STATESWEEP_TABLE_NAMING={settings.table_naming})"),
@@ -160,8 +172,10 @@ def run_store_check(settings: Settings, info_of: Callable[[str], Mapping[str, An
                   f"maxmemory-policy {info.get('maxmemory_policy')})")]
 
 
-def worker_checks(app: Celery, settings: Settings) -> list[Check]:
-    """Which workers answer, and whether each statesweep queue has a consumer."""
+def worker_checks(app: Celery, settings: Settings,
+                  own: DatabaseIdentity | None = None) -> list[Check]:
+    """Which workers answer, whether each statesweep queue has a consumer, and (with *own*,
+    doctor's database identity) whether each of those workers cleans the same database."""
     pongs = app.control.ping(timeout=CONTROL_TIMEOUT) or []
     queues: dict[str, list[dict[str, Any]]] = (
         app.control.inspect(timeout=CONTROL_TIMEOUT).active_queues() or {})
@@ -180,6 +194,36 @@ def worker_checks(app: Celery, settings: Settings) -> list[Check]:
         names = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
         checks.append(Check("other workers", "ok", f"{names} answered the ping but consume "
                             "none of these queues"))
+    if own is not None and consuming:
+        checks += identity_checks(app, sorted(consuming), own)
+    return checks
+
+
+def identity_checks(app: Celery, hosts: list[str], own: DatabaseIdentity) -> list[Check]:
+    """Each worker's database identity (read at its start, workers.identity) against doctor's:
+    a worker cleaning another database would refuse every run this CLI sends."""
+    from workers.celery_app import IDENTITY_COMMAND
+    from workers.identity import DatabaseIdentity
+
+    replies = app.control.broadcast(IDENTITY_COMMAND, destination=hosts, reply=True,
+                                    timeout=CONTROL_TIMEOUT) or []
+    answers = {host: body for reply in replies for host, body in reply.items()}
+    checks = []
+    for host in hosts:
+        body = answers.get(host)
+        if not isinstance(body, dict) or not isinstance(body.get("database"), dict):
+            checks.append(Check("worker database", "warn",
+                                f"{host} did not say which database it cleans (an older "
+                                "statesweep, or it did not answer in time)"))
+            continue
+        theirs = DatabaseIdentity.decode(body["database"])
+        if theirs == own:
+            checks.append(Check("worker database", "ok", f"{host} cleans {theirs}"))
+        else:
+            checks.append(Check("worker database", "fail",
+                                f"{host} cleans {theirs}, but these settings name {own}: runs "
+                                "sent from here are refused; point STATESWEEP_DATABASE_URL of "
+                                "both at the same database"))
     return checks
 
 
@@ -213,7 +257,8 @@ def batch_check(settings: Settings) -> Check | None:
 
 
 def run_checks(settings: Settings) -> list[Check]:
-    checks = database_checks(settings)
+    found: list[DatabaseIdentity] = []
+    checks = database_checks(settings, found)
     for extra in (backend_check(settings), batch_check(settings)):
         if extra is not None:
             checks.append(extra)
@@ -227,7 +272,8 @@ def run_checks(settings: Settings) -> list[Check]:
             checks.append(Check("workers", "skip", "not asked: the broker is unreachable"))
         else:
             checks.append(Check("broker", "ok", mask_url(settings.broker_url)))
-            checks += _guarded("workers", lambda: worker_checks(app, settings))
+            checks += _guarded("workers", lambda: worker_checks(
+                app, settings, found[0] if found else None))
         if is_redis(settings.result_backend) and (
                 settings.result_backend != settings.effective_run_store_url):
             checks += _guarded("result backend", lambda: _ping_backend(settings))

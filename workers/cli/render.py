@@ -24,6 +24,7 @@ def run_summary(record: RunRecord) -> str:
     lines = [
         f"run {record.run_id} {record.state}",
         f"  source        {record.source or '-'}",
+        *([f"  database      {record.database}"] if record.database else []),
         f"  cutoff        {record.cutoff or '-'}",
         f"  planner       {record.planner or '-'}"
         + (f" ({record.planner_reason})" if record.planner_reason else ""),

@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # dispatching a run needs neither Celery's worker side nor th
     from celery import Celery
     from sqlalchemy import Engine
 
+    from workers.identity import DatabaseIdentity
     from workers.schema import Tables
 
 CONNECT_TIMEOUT = 3.0
@@ -60,6 +61,59 @@ def database(settings: Settings) -> Iterator[tuple[Engine, Tables]]:
         yield engine, tables
     finally:
         engine.dispose()
+
+
+def own_identity(settings: Settings) -> DatabaseIdentity:
+    """The identity of the database this CLI's settings name (workers.identity), read before a
+    run is sent so the coordinator can refuse one meant for another database. One line, with
+    the URL masked, when the database does not exist or holds no state tables: nothing is
+    sent, rather than a run the workers make on their own database."""
+    from sqlalchemy.exc import DBAPIError
+
+    from workers.db import make_engine
+    from workers.identity import read_identity
+
+    refuse_missing_sqlite_file(settings)
+    engine = make_engine(settings.database_url, **_connect_args(settings.database_url))
+    try:
+        with engine.connect() as conn:
+            identity = read_identity(conn, settings.table_naming)
+    except DBAPIError as exc:
+        cause = str(exc.orig or exc).strip().splitlines()
+        if _no_such_database(exc):
+            raise SchemaError(
+                f"the database {settings.database_origin} does not exist on its server; point "
+                "STATESWEEP_DATABASE_URL at the Airflow metadata database the workers clean; "
+                "nothing was sent") from None
+        raise ServiceUnavailable(
+            f"the database {settings.database_origin} is unreachable: "
+            f"{cause[0] if cause else type(exc.orig or exc).__name__}; nothing was sent"
+        ) from None
+    except OSError as exc:
+        raise ServiceUnavailable(f"the database {settings.database_origin} cannot be reached: "
+                                 f"{exc}; nothing was sent") from None
+    finally:
+        engine.dispose()
+    if not identity.tables:
+        raise SchemaError(
+            f"the database {settings.database_origin} ({identity}) holds no "
+            f"{'task_state or task_state_store' if settings.table_naming == 'auto' else 'state'}"
+            " table to clean; point STATESWEEP_DATABASE_URL at the Airflow metadata database "
+            "the workers clean (or set STATESWEEP_TABLE_NAMING); nothing was sent")
+    return identity
+
+
+def _no_such_database(exc: Exception) -> bool:
+    """PostgreSQL's invalid_catalog_name (3D000; at connect psycopg gives no SQLSTATE, only the
+    message) and MySQL/MariaDB's 1049 Unknown database."""
+    orig = getattr(exc, "orig", None)
+    if getattr(orig, "sqlstate", None) == "3D000":
+        return True
+    args = getattr(orig, "args", ())
+    if args and args[0] == 1049:
+        return True
+    text = str(orig or exc)
+    return "does not exist" in text and "database" in text
 
 
 def refuse_missing_sqlite_file(settings: Settings) -> None:
