@@ -17,7 +17,7 @@ from celery import Celery, signals
 from workers.brokers import broker_config
 from workers.exceptions import SettingsError
 from workers.exit_codes import EXIT_SETTINGS
-from workers.logs import configure_logging
+from workers.logs import configure_logging, quiet_routine_tasks
 from workers.runs import RunRegistry, registry_for
 from workers.settings import Settings, get_settings
 
@@ -111,6 +111,8 @@ app = build_app(settings)
 def _setup_logging(**_: Any) -> None:
     # Connecting here stops Celery from configuring the root logger itself.
     configure_logging(settings.log_format, settings.log_level)
+    # The pump runs every few seconds, run or no run: its routine lines are noise at INFO.
+    quiet_routine_tasks((PUMP,))
 
 
 @signals.worker_init.connect

@@ -42,3 +42,34 @@ def configure_logging(fmt: str = "console", level: str = "INFO", *, force: bool 
     root.handlers[:] = [handler]
     root.setLevel(level)
     _configured = True
+
+
+#: Where Celery logs each task it receives and each it finishes (at INFO), and beat each entry
+#: it sends: for the pump, every STATESWEEP_PUMP_INTERVAL_SECONDS, run or no run.
+ROUTINE_TASK_LOGGERS = ("celery.worker.strategy", "celery.app.trace", "celery.beat")
+
+
+class QuietTasks(logging.Filter):
+    """Drops Celery's INFO records about the named tasks (received, succeeded, beat sending
+    them): an idle deployment logs nothing at INFO. Warnings and errors about them pass."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        super().__init__()
+        self.names = frozenset(names)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.INFO:
+            return True
+        data = getattr(record, "data", None)
+        if isinstance(data, dict):  # worker.strategy and app.trace pass the task as data
+            return data.get("name") not in self.names
+        args = record.args if isinstance(record.args, tuple) else ()
+        return not (len(args) == 2 and args[1] in self.names)  # beat: (entry name, task)
+
+
+def quiet_routine_tasks(names: tuple[str, ...]) -> None:
+    """Install QuietTasks on Celery's loggers for *names* (idempotent)."""
+    for name in ROUTINE_TASK_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.filters[:] = [f for f in logger.filters if not isinstance(f, QuietTasks)]
+        logger.addFilter(QuietTasks(names))
