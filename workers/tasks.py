@@ -27,6 +27,7 @@ from workers.celery_app import (
     resources,
     settings,
 )
+from workers.chunk_failures import record_chunk_failure
 from workers.exceptions import InvalidArgument, NotFound
 from workers.identity import DatabaseIdentity, other_database, read_identity
 from workers.planners import EXPIRY, ChunkRange
@@ -152,19 +153,20 @@ class ChunkTask(Task):
         if not isinstance(run_id, str) or isinstance(number, bool) or not isinstance(number, int):
             return
         error = f"chunk {number} failed: {type(exc).__name__}: {exc}"
-        log.error("chunk_failed", run_id=run_id, chunk=number, error=error)
         try:
             r = resources()
-            _, window = r.registry.finish_chunk(
-                run_id, number, str(kwargs.get("kind", "")), 0, 0,
-                lock_ttl=settings.run_timeout_seconds, window=settings.max_chunks_in_flight,
-                resend_after=0, gate=gate(settings), error=error, table=r.tables.task_state.name)
-        except Exception as record_exc:  # the run store is down too; the lock TTL frees it
-            log.warning("chunk_failure_not_recorded", run_id=run_id, chunk=number,
-                        error=type(record_exc).__name__)
+        except Exception as resources_exc:  # the database is down: the run store is not read
+            log.warning("chunk_failure_not_recorded", run_id=run_id, chunk=number, error=error,
+                        store_error=type(resources_exc).__name__)
             return
-        if window.finished is not None:
-            coordinator.log_finished(window.finished)
+        # Logged as what the run store counted: the hard time limit also ends a chunk counted
+        # already (it was sending the next chunks to a broker that was down).
+        finished = record_chunk_failure(
+            r.registry, run_id, number, str(kwargs.get("kind", "")), error,
+            lock_ttl=settings.run_timeout_seconds, window=settings.max_chunks_in_flight,
+            gate=gate(settings), table=r.tables.task_state.name)
+        if finished is not None:
+            coordinator.log_finished(finished)
 
 
 @app.task(name=DELETE_CHUNK, bind=True, base=ChunkTask, max_retries=10, ignore_result=True,
