@@ -638,3 +638,17 @@ def test_a_chunk_that_waits_too_long_for_a_lock_is_retried_and_finishes(
     thread.join()
     assert any(e["event"] == "db_clean_retry" for e in logs)
     assert keys(engine, "log") == expected(data)["log"]
+
+
+def test_excluding_dag_ids_keeps_rows_without_a_dag_id_eligible(
+        one_db: tuple[str, Engine, Data]) -> None:
+    """As Airflow: --exclude-dag-ids spares the named dags' rows, and a row with no dag id (a
+    job no dag ran) belongs to no excluded dag, so it goes."""
+    url, engine, data = one_db
+    result = invoke(url, "--clean-before-timestamp", T.isoformat(), "--exclude-dag-ids",
+                    "alpha,beta", "--tables", "job", "-y", "--local")
+    assert result.exit_code == 0, result.output
+    gone = {r["id"] for r in data.jobs if r["latest_heartbeat"] < T
+            and r["dag_id"] not in ("alpha", "beta")}
+    assert any(r["dag_id"] is None for r in data.jobs if r["id"] in gone)
+    assert keys(engine, "job") == {r["id"] for r in data.jobs} - gone
