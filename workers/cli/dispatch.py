@@ -75,7 +75,7 @@ def dispatch_cleanup(app: Celery, settings: Settings, registry: RunRegistry,
     from workers.celery_app import COORDINATE
     from workers.run_ids import new_run_id
 
-    identity = own_identity(settings)
+    identity = database_identity(settings, registry)
     check_broker(app, settings)
     check_result_backend(settings)
     run_id = new_run_id()
@@ -85,11 +85,38 @@ def dispatch_cleanup(app: Celery, settings: Settings, registry: RunRegistry,
         result = app.send_task(COORDINATE, queue=settings.control_queue,
                                kwargs={"batch_size": batch_size, "source": source,
                                        "run_id": run_id, **(selection or {}),
-                                       "expect_database": identity.encode()})
+                                       "expect_database": identity})
     except BaseException:
         registry.close_queued(run_id, "the coordinator could not be sent")
         raise
     return run_id, result
+
+
+#: How long the CLI trusts the database identity it read last for the same URL. Reading it
+#: costs SQLAlchemy, the driver and a connection, most of an empty `cleanup --wait`; a stale
+#: one cannot delete anything wrongly: the coordinator compares it with the workers' own and
+#: refuses a run meant for another database, so it only delays the CLI's own early message.
+IDENTITY_CACHE_SECONDS = 300
+
+
+def database_identity(settings: Settings, registry: RunRegistry) -> dict[str, str]:
+    """This CLI's database identity (services.own_identity, encoded), read from the database at
+    most once per IDENTITY_CACHE_SECONDS for a URL: kept in the run store under a hash of the
+    URL with its password masked, beside the runs it is sent with."""
+    import hashlib
+    import json
+
+    from workers.settings import mask_url
+
+    name = hashlib.sha256(f"{mask_url(settings.database_url)}|{settings.table_naming}"
+                          .encode()).hexdigest()[:32]
+    key = f"{registry.prefix}:identity:{name}"
+    cached = registry.client.get(key)
+    if cached:
+        return dict(json.loads(cached))
+    identity = own_identity(settings).encode()
+    registry.client.set(key, json.dumps(identity), ex=IDENTITY_CACHE_SECONDS)
+    return identity
 
 
 def coordinator_outcome(result: AsyncResult) -> dict[str, Any]:
