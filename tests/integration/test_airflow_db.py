@@ -1,6 +1,7 @@
-"""statesweep on a simulated Airflow 3.3 metadata database (tests/airflow_db.py): it finds the
-airflow naming, writes and reads state, runs a cleanup and the orphan sweep, refuses to
-upgrade, and leaves the schema byte-for-byte as it found it."""
+"""statesweep on real Airflow metadata databases (tests/airflow_schemas: made by `airflow db
+migrate` of Airflow 3.3.2 and 3.4.0b2, on PostgreSQL and MariaDB): it finds the airflow naming,
+writes and reads state, runs a cleanup and the orphan sweep, keeps the state of unfinished dag
+runs, refuses to upgrade, and leaves the schema byte-for-byte as it found it."""
 
 from __future__ import annotations
 
@@ -8,17 +9,20 @@ import datetime as dt
 from collections.abc import Callable, Iterator
 
 import pytest
-from sqlalchemy import Engine, func, select, text
+from sqlalchemy import Engine, func, literal_column, select, text
 
-from tests.airflow_db import (
-    add_asset,
-    add_dag_run,
-    add_task_instance,
-    airflow_database,
+from tests.airflow_schemas import VERSIONS, airflow_schema_database
+from tests.airflow_schemas.fingerprint import (
     inspector_view,
     schema_fingerprint,
     server_schema_dump,
+)
+from tests.airflow_schemas.rows import (
+    asset,
+    dag_run,
+    seed_airflow,
     set_asset_active,
+    task_instance,
 )
 from tests.cleanup_runs import memory_store
 from tests.conftest import database_now
@@ -34,7 +38,6 @@ from workers.seed import (
     asset_state_rows,
     expected_live_asset_state,
     expected_survivors,
-    seed,
     task_state_rows,
 )
 from workers.settings import Settings
@@ -43,13 +46,16 @@ from workers.store import NEVER, AssetScope, MetastoreStateBackend, TaskScope
 pytestmark = pytest.mark.integration
 
 AIRFLOW_DIALECTS = ["postgresql", "mariadb"]
+#: Every Airflow database these tests use: each version on each dialect.
+AIRFLOWS = [(d, v) for v, _ in VERSIONS for d in AIRFLOW_DIALECTS]
+AIRFLOW_IDS = [f"{d}-airflow-{v}" for d, v in AIRFLOWS]
 # Rows of Airflow's own tables; statesweep must never change them.
 AIRFLOW_OWN = ("dag", "dag_run", "task_instance", "asset", "asset_active", "alembic_version")
 
 
-@pytest.fixture(params=AIRFLOW_DIALECTS)
+@pytest.fixture(params=AIRFLOWS, ids=AIRFLOW_IDS)
 def airflow_url(request: pytest.FixtureRequest) -> Iterator[str]:
-    with airflow_database(request.param) as url:
+    with airflow_schema_database(*request.param) as url:
         yield url
 
 
@@ -69,9 +75,9 @@ def own_rows(engine: Engine) -> dict[str, list[tuple[object, ...]]]:
 
 def test_fingerprint_is_stable_and_sees_a_schema_change(engine: Engine) -> None:
     dump, view = server_schema_dump(engine), inspector_view(engine)
-    assert "task_state_store_dag_run_id_fkey" in dump
+    assert "task_state_store_dag_run_fkey" in dump
     assert "idx_task_state_store_expires_at" in view
-    add_dag_run(engine, "etl", "run")  # data, not schema
+    dag_run(engine, "etl", "run")  # data, not schema
     assert (server_schema_dump(engine), inspector_view(engine)) == (dump, view)
     with engine.begin() as conn:
         conn.execute(text("CREATE INDEX idx_probe ON dag_run (clear_number)"))
@@ -97,9 +103,9 @@ def test_resolves_airflow_naming_and_refuses_to_upgrade(engine: Engine) -> None:
 def test_store_writes_and_reads_on_airflow_database(
     engine: Engine, make_settings: Callable[..., Settings]
 ) -> None:
-    run_pk = add_dag_run(engine, "etl", "manual__1")
-    add_task_instance(engine, "etl", "manual__1", "extract")
-    add_asset(engine, "orders", "s3://lake/orders")
+    run_pk = dag_run(engine, "etl", "manual__1")
+    task_instance(engine, "etl", "manual__1", "extract")
+    asset(engine, "orders", "s3://lake/orders")
     before, rows_before = schema_fingerprint(engine), own_rows(engine)
 
     backend = MetastoreStateBackend(make_settings(default_retention_days=7), engine,
@@ -112,11 +118,12 @@ def test_store_writes_and_reads_on_airflow_database(
     backend.set(TaskScope("etl", "manual__1", "extract", map_index=3), "cursor", "m3")
     t1 = database_now(engine)
     assert backend.get(scope, "cursor") == "42"
-    t = resolve_tables(engine).task_state
+    tables = resolve_tables(engine)
+    t, index = tables.task_state, tables.index_column  # map_index, or 3.4's region_index
     with engine.connect() as conn:
-        rows = conn.execute(select(t.c.dag_run_id, t.c.map_index, t.c.key, t.c.expires_at)
-                            .order_by(t.c.map_index, t.c.key)).all()
-    assert [(r.dag_run_id, r.map_index, r.key) for r in rows] == [
+        rows = conn.execute(select(t.c.dag_run_id, index.label("index"), t.c.key, t.c.expires_at)
+                            .order_by(index, t.c.key)).all()
+    assert [(r.dag_run_id, r.index, r.key) for r in rows] == [
         (run_pk, -1, "cursor"), (run_pk, -1, "forever"), (run_pk, 3, "cursor")]
     assert t0 + dt.timedelta(days=7) <= rows[0].expires_at <= t1 + dt.timedelta(days=7)
     assert rows[1].expires_at is None
@@ -145,8 +152,8 @@ def test_local_cleanup_and_orphan_sweep_on_airflow_database(
     before = schema_fingerprint(engine)
     tables = resolve_tables(engine)
     spec = SeedSpec(rows=3000, assets=30, keys_per_asset=4)
-    counts = seed(engine, tables, spec, database_now(engine))
-    add_task_instance(engine, "dag_0", "run_0", "task_0")
+    counts = seed_airflow(engine, tables, spec, database_now(engine))
+    task_instance(engine, "dag_0", "run_0", "task_0")
     rows_before = own_rows(engine)
     assets_before = asset_state_rows(engine, tables)
 
@@ -190,11 +197,11 @@ AIRFLOW_SESSION = {
 }
 
 
-@pytest.mark.parametrize("dialect", AIRFLOW_DIALECTS)
+@pytest.mark.parametrize(("dialect", "version"), AIRFLOWS, ids=AIRFLOW_IDS)
 def test_session_time_zone_does_not_shift_expiry(
-    dialect: str, make_settings: Callable[..., Settings]
+    dialect: str, version: str, make_settings: Callable[..., Settings]
 ) -> None:
-    with airflow_database(dialect) as url:
+    with airflow_schema_database(dialect, version) as url:
         airflow = make_engine(url, connect_args=AIRFLOW_SESSION[dialect])
         sweeper = make_engine(url, connect_args=SKEWED_SESSION[dialect])
         try:
@@ -207,19 +214,21 @@ def test_session_time_zone_does_not_shift_expiry(
 def _check_time_zone_independence(dialect: str, url: str, airflow: Engine, sweeper: Engine,
                                   make_settings: Callable[..., Settings]) -> None:
     # A finished run: state of a running one is protected, which is not what this test is about.
-    run_pk = add_dag_run(airflow, "tz", "run", state="success")
+    run_pk = dag_run(airflow, "tz", "run", state="success")
     hour = "INTERVAL '1 hour'" if dialect == "postgresql" else "INTERVAL 1 HOUR"
     now = "now()" if dialect == "postgresql" else "UTC_TIMESTAMP(6)"
     key_column = "`key`" if dialect == "mariadb" else "key"
+    tables = resolve_tables(sweeper)
     with airflow.begin() as conn:
         for key, sign in (("live", "+"), ("stale", "-")):
-            # Only dialect constants are formatted in; the values are bound.
-            sql = ("INSERT INTO task_state_store (dag_id, run_id, dag_run_id, task_id, "  # noqa: S608
-                   f"map_index, {key_column}, value, expires_at, updated_at) VALUES ('tz', "
-                   f"'run', :pk, 't', -1, :k, 'v', {now} {sign} {hour}, {now})")
-            conn.execute(text(sql), {"pk": run_pk, "k": key})
+            # The timestamps are computed by the server in Airflow's session (UTC); only
+            # dialect constants are formatted in.
+            conn.execute(tables.task_state.insert().values(
+                dag_id="tz", run_id="run", dag_run_id=run_pk, task_id="t",
+                **tables.scope_columns(-1, None), key=key, value="v",
+                expires_at=literal_column(f"{now} {sign} {hour}"),
+                updated_at=literal_column(now)))
 
-    tables = resolve_tables(sweeper)
     backend = MetastoreStateBackend(make_settings(), sweeper, tables)
     scope = TaskScope("tz", "run", "t")
     assert backend.get(scope, "live") == "v"
@@ -248,7 +257,7 @@ def _check_time_zone_independence(dialect: str, url: str, airflow: Engine, sweep
 
 def _expired_state(engine: Engine, dag_id: str, run_id: str, state: str, keys: int) -> int:
     """A dag run in *state* with *keys* rows of task state that expired an hour ago."""
-    pk = add_dag_run(engine, dag_id, run_id, state=state)
+    pk = dag_run(engine, dag_id, run_id, state=state)
     tables = resolve_tables(engine)
     hour_ago = database_now(engine) - dt.timedelta(hours=1)
     with engine.begin() as conn:

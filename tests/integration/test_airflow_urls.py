@@ -1,6 +1,6 @@
-"""Airflow's connection strings, as Airflow's documentation writes them, reach a real
-Airflow-shaped database on PostgreSQL and MariaDB (and a standalone SQLite file) through the
-drivers statesweep installs: `statesweep cleanup --local` given only
+"""Airflow's connection strings, as Airflow's documentation writes them, reach a real Airflow
+database (3.3 and 3.4, made by `airflow db migrate`) on PostgreSQL and MariaDB (and a standalone
+SQLite file) through the drivers statesweep installs: `statesweep cleanup --local` given only
 AIRFLOW__DATABASE__SQL_ALCHEMY_CONN deletes exactly the expired rows, and the URL's query
 options reach the server."""
 
@@ -16,7 +16,8 @@ from click.testing import CliRunner, Result
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
-from tests.airflow_db import airflow_database
+from tests.airflow_schemas import VERSIONS, airflow_schema_database
+from tests.airflow_schemas.rows import seed_airflow
 from tests.conftest import database_now
 from workers.cli import EXIT_OK, cli
 from workers.db import make_engine, normalise_url
@@ -57,15 +58,17 @@ def airflow_home(tmp_path: Path) -> Iterator[dict[str, str]]:
     yield {"AIRFLOW_HOME": str(tmp_path), "STATESWEEP_RUN_STORE_URL": "memory://"}
 
 
+@pytest.mark.parametrize("version", [v for v, _ in VERSIONS])
 @pytest.mark.parametrize(("dialect", "scheme", "query"), SPELLINGS,
                          ids=[f"{s}?{q}" if q else s for _, s, q in SPELLINGS])
 def test_airflow_spelling_reaches_a_real_airflow_database(
-        dialect: str, scheme: str, query: str, airflow_home: dict[str, str]) -> None:
-    with airflow_database(dialect) as url:
+        dialect: str, scheme: str, query: str, version: str,
+        airflow_home: dict[str, str]) -> None:
+    with airflow_schema_database(dialect, version) as url:
         engine = make_engine(url)
         try:
             tables = resolve_tables(engine)
-            seed(engine, tables, SPEC, database_now(engine))
+            seed_airflow(engine, tables, SPEC, database_now(engine))
             conn_string = spelled(url, scheme, query)
             result = invoke({**airflow_home, "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": conn_string},
                             "cleanup", "--local", "--format", "json")

@@ -14,26 +14,14 @@ from typing import Any
 
 import pytest
 from sqlalchemy import (
-    JSON,
-    Boolean,
-    Connection,
-    DateTime,
     Engine,
-    Float,
-    Integer,
-    LargeBinary,
-    MetaData,
-    String,
-    Table,
-    Text,
-    Uuid,
-    func,
     inspect,
     select,
     text,
 )
 
 from tests.airflow_schemas import VERSIONS, airflow_schema_database
+from tests.airflow_schemas.rows import dag_run, insert_row
 from tests.cleanup_runs import memory_store
 from tests.conftest import database_now
 from workers.chunk import run_local
@@ -56,48 +44,6 @@ def airflow(request: pytest.FixtureRequest) -> Iterator[tuple[Engine, str]]:
         engine = make_engine(url)
         yield engine, version
         engine.dispose()
-
-
-def _filler(column: Any) -> Any:
-    """A value Airflow would accept for a required column this test does not care about."""
-    kind = column.type
-    if isinstance(kind, Boolean):
-        return False
-    if isinstance(kind, (Integer, Float)):
-        return 0
-    if isinstance(kind, DateTime):
-        return func.now()
-    if isinstance(kind, JSON):
-        return {}
-    if column.name == "extra":  # JSON kept as checked text on MySQL
-        return "{}"
-    if isinstance(kind, Uuid):
-        return uuid.uuid4()
-    if isinstance(kind, LargeBinary):
-        return b"\0" * 16
-    if isinstance(kind, (String, Text)):
-        return "manual" if column.name.endswith("type") else "x"
-    return "x"
-
-
-def insert_row(conn: Connection, table_name: str, **values: Any) -> Any:
-    """Insert into Airflow's table *table_name*, filling every required column not given;
-    returns the primary key."""
-    table = Table(table_name, MetaData(), autoload_with=conn)
-    row = dict(values)
-    for c in table.columns:
-        if c.name in row or c.nullable or c.server_default is not None:
-            continue
-        if c.primary_key and isinstance(c.type, Integer):
-            continue  # autoincrement
-        row[c.name] = _filler(c)
-    return conn.execute(table.insert().values(**row)).inserted_primary_key[0]
-
-
-def dag_run(engine: Engine, dag_id: str, run_id: str, state: str) -> int:
-    """A dag run as the scheduler makes one (dag_run references no dag row)."""
-    with engine.begin() as conn:
-        return int(insert_row(conn, "dag_run", dag_id=dag_id, run_id=run_id, state=state))
 
 
 def structure(engine: Engine) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from sqlalchemy import (
     select,
 )
 
-from tests.airflow_db import inspector_view
+from tests.airflow_schemas.fingerprint import inspector_view
 from tests.conftest import create_schema, database_now
 from workers.db import make_engine
 from workers.exceptions import RefusedError, SchemaError
