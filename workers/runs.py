@@ -8,9 +8,10 @@ Keys (``<prefix>`` from STATESWEEP_KEY_PREFIX):
   <prefix>:lock                 the active run's id; TTL renewed by every finished chunk and pump
   <prefix>:pause                hash by/reason/at/until while paused (TTL = until, if given)
   <prefix>:run:<id>             hash: state, cutoff, plan (kind, cursor, end, size), counts, times
-  <prefix>:run:<id>:inflight    hash chunk number -> "lo:hi|sent_at|s" (sent), "|t" (taken by
-                                a worker) or "|p" (parked), and "|n" resends since a worker
-                                last took it: the window; a chunk message must match its entry
+  <prefix>:run:<id>:inflight    hash chunk number -> "lo:hi|sent_at|c" (cut), "|s" (sent),
+                                "|t" (taken by a worker) or "|p" (parked), and "|n" resends
+                                since a worker last took it: the window; a chunk message must
+                                match its entry
   <prefix>:run:<id>:claim       the token of the coordinator delivery planning the run (TTL of
                                 the lock): only it may fail the run before it starts
   <prefix>:current              the run that took the lock last: when the lock passes on, that
@@ -191,7 +192,7 @@ class RunStore:
         self.clock = clock
         self._scripts = {name: client.register_script(getattr(runs_lua, name)) for name in (
             "PLAN", "START", "BEGIN", "PARK", "FINISH", "PUMP", "CUT", "ABORT", "ENQUEUE",
-            "RENEW", "RELEASE", "CLOSE_QUEUED", "SHRINK", "RATE", "FAIL", "REQUEUE")}
+            "RENEW", "RELEASE", "CLOSE_QUEUED", "SHRINK", "RATE", "FAIL", "REQUEUE", "CONFIRM")}
 
     # --- keys -----------------------------------------------------------------------------
 
@@ -310,6 +311,12 @@ class RunStore:
     def beat(self, run_id: str, chunk: int) -> None:
         """The running chunk's worker is alive (its heartbeat, renewed)."""
         self.client.set(self._beat_key(run_id, chunk), "1", ex=BEAT_TTL_SECONDS)
+
+    def confirm(self, run_id: str, chunks: list[int]) -> None:
+        """These chunks' messages are published: until then a chunk is only cut, and one left
+        so for seconds (its publisher died between the cut and the publish) is sent again."""
+        if chunks:
+            self._call("CONFIRM", [self._k("run", run_id, "inflight")], chunks)
 
     def requeue(self, run_id: str, chunk: int) -> bool:
         """A chunk a worker took waits for its retry (a new message, with a countdown): it is

@@ -60,8 +60,9 @@ local function keep_with(R, F)
   if ttl > 0 and redis.call('TTL', F) == -1 then redis.call('EXPIRE', F, ttl) end
 end
 
--- A window entry: range|sent_at|state[|resends]; state s (sent, no worker has taken it yet),
--- t (a worker took it: BEGIN), p (parked by a hold). resends counts the times it was sent
+-- A window entry: range|sent_at|state[|resends]; state c (cut, its message not yet known to be
+-- published), s (published, no worker has taken it yet), t (a worker took it: BEGIN), p
+-- (parked by a hold). resends counts the times it was sent
 -- again since a worker last took it.
 local function entry(v)
   local rng, sent, st, n = string.match(v, '^([^|]*)|([^|]*)|(%a)|?(%d*)$')
@@ -76,9 +77,13 @@ end
 -- A taken chunk whose worker's heartbeat lapsed (alive false: its process died) is due at
 -- once, and one whose worker beats (alive true) never is, however long it runs; where the step
 -- was not told (alive nil), resend_after since it was taken.
+-- A chunk cut and not confirmed published within CONFIRM_GRACE seconds: the process that cut
+-- it died before it published (or the broker refused it); it is sent again at once.
 local MAX_DOUBLINGS = 3
+local CONFIRM_GRACE = 10
 local function resend_due(st, sent, n, now, resend_after, alive)
   if st == 't' and alive ~= nil then return not alive end
+  if st == 'c' then return tonumber(now) - sent > CONFIRM_GRACE end
   local period = tonumber(resend_after)
   if st == 's' then period = period * 2 ^ math.min(n, MAX_DOUBLINGS) end
   return tonumber(now) - sent > period
@@ -105,10 +110,10 @@ local function top_up(R, F, now, window, resend_after, out, alive)
   for i = 1, #all, 2 do
     local rng, sent, st, n = entry(all[i + 1])
     if st == 'p' then
-      redis.call('HSET', F, all[i], rng .. '|' .. now .. '|s')
+      redis.call('HSET', F, all[i], rng .. '|' .. now .. '|c')
       table.insert(out, all[i]); table.insert(out, rng)
     elseif resend_due(st, sent, n, now, resend_after, alive[all[i]]) then
-      redis.call('HSET', F, all[i], rng .. '|' .. now .. '|s|' .. d(n + 1))
+      redis.call('HSET', F, all[i], rng .. '|' .. now .. '|c|' .. d(n + 1))
       redis.call('HINCRBY', R, 'resends', 1)
       table.insert(out, all[i]); table.insert(out, rng)
     end
@@ -130,7 +135,7 @@ local function top_up(R, F, now, window, resend_after, out, alive)
       redis.call('HSET', R, 'cursor', d(lo + size))
     end
     local n = redis.call('HINCRBY', R, 'chunks_planned', 1)
-    redis.call('HSET', F, n, rng .. '|' .. now .. '|s')
+    redis.call('HSET', F, n, rng .. '|' .. now .. '|c')
     table.insert(out, d(n)); table.insert(out, rng)
     room = room - 1
   end
@@ -297,7 +302,7 @@ local h = redis.call('HMGET', R, 'cursor', 'state', 'planning_done', 'end')
 if h[1] ~= ARGV[1] or h[2] ~= 'running' or h[3] == '1' then return 0 end
 if redis.call('HLEN', F) >= tonumber(ARGV[5]) then return -1 end
 local n = redis.call('HINCRBY', R, 'chunks_planned', 1)
-redis.call('HSET', F, n, ARGV[2] .. '|' .. ARGV[4] .. '|s')
+redis.call('HSET', F, n, ARGV[2] .. '|' .. ARGV[4] .. '|c')
 if ARGV[3] == '' then
   redis.call('HSET', R, 'cursor', h[4], 'planning_done', '1', 'planned_at', ARGV[4])
 else
@@ -317,6 +322,21 @@ redis.call('HSET', R, 'state', 'aborted', 'finished_at', ARGV[2], 'error', ARGV[
 redis.call('DEL', F, O)
 if redis.call('GET', L) == ARGV[1] then redis.call('DEL', L) end
 return 'aborted'
+"""
+
+# KEYS F; ARGV chunk... : their messages are published (c -> s; any other state stays)
+CONFIRM = r"""
+for i = 1, #ARGV do
+  local v = redis.call('HGET', KEYS[1], ARGV[i])
+  if v then
+    local rng, sent, st, n = string.match(v, '^([^|]*)|([^|]*)|(%a)|?(%d*)$')
+    if st == 'c' then
+      if n ~= '' then n = '|' .. n end
+      redis.call('HSET', KEYS[1], ARGV[i], rng .. '|' .. sent .. '|s' .. n)
+    end
+  end
+end
+return 1
 """
 
 # KEYS F; ARGV chunk now -> 1 if the chunk, taken by a worker, is waiting for its retry: sent

@@ -102,6 +102,7 @@ class Sender:
     def send(self, run_id: str, cutoff: str, window: Window, kind: str) -> int:
         for number, rng in window.chunks:
             self.dispatch(run_id, number, rng, cutoff)
+        self.registry.confirm(run_id, [number for number, _ in window.chunks])
         sent = len(window.chunks)
         if window.cut_room and kind in CUT_KINDS:
             sent += self.cut_more(run_id, cutoff, window.cut_room)
@@ -132,6 +133,7 @@ class Sender:
                     break  # the window filled meanwhile (another finisher cut into it)
                 if number:
                     self.dispatch(run_id, number, rng, cutoff)
+                    self.registry.confirm(run_id, [number])
                     sent += 1
         return sent
 

@@ -32,6 +32,7 @@ def test_with_no_worker_an_hour_of_pumps_sends_a_bounded_number_of_messages(
     step = {"lock_ttl": settings.run_timeout_seconds, "window": window, "resend_after": again,
             "gate": Gate()}
     first = start_plan(clocked, "r1", id_plan(200), window=window, resend_after=again)
+    clocked.confirm("r1", [number for number, _ in first.chunks])  # published, as Sender says
     sends: defaultdict[int, list[float]] = defaultdict(list)
     for number, _ in first.chunks:
         sends[number].append(0.0)
@@ -41,6 +42,7 @@ def test_with_no_worker_an_hour_of_pumps_sends_a_bounded_number_of_messages(
         now[0] = T0 + t
         pumped = clocked.pump("r1", "ids", **step)
         assert pumped is not None
+        clocked.confirm("r1", [number for number, _ in pumped.chunks])
         for number, _ in pumped.chunks:
             sends[number].append(t)
     messages = sum(len(v) for v in sends.values())
@@ -65,6 +67,7 @@ def test_with_no_worker_an_hour_of_pumps_sends_a_bounded_number_of_messages(
     now[0] = T0 + t
     pumped = clocked.pump("r1", "ids", **step)
     assert pumped is not None and 1 in dict(pumped.chunks)
+    clocked.confirm("r1", [1])
     died_at, resent_at = t, None
     while resent_at is None and t < died_at + 8 * again:
         t += every
@@ -72,6 +75,7 @@ def test_with_no_worker_an_hour_of_pumps_sends_a_bounded_number_of_messages(
         pumped = clocked.pump("r1", "ids", **step)
         if pumped is not None and 1 in dict(pumped.chunks):
             resent_at = t
+        clocked.confirm("r1", [n for n, _ in (pumped.chunks if pumped else [])])
     assert resent_at is not None and 2 * again < resent_at - died_at <= 2 * again + every
 
 
@@ -118,3 +122,27 @@ def test_a_killed_workers_chunk_is_sent_again_at_once_and_a_live_one_never(
     assert 1 not in dict((clocked.pump("r1", "ids", **step) or pytest.fail("ended")).chunks)
     assert all(store.client.ttl(k) > 0 for k in store.client.scan_iter(
         match=f"{store.prefix}:run:r1:beat:*"))
+
+
+def test_a_chunk_cut_but_never_published_is_sent_again_within_seconds(
+        store: RunStore) -> None:
+    """Issue 21, repro 10: a process killed between a top-up's cut (the window entry written)
+    and its publish left a chunk no broker held, which waited out resend_after (40.6 s seen).
+    Until its publisher confirms it, a chunk is only cut; unconfirmed after 10 s it is sent
+    again, while a published one waits resend_after."""
+    now = [T0]
+    clocked = RunStore(store.client, store.prefix, clock=lambda: now[0])
+    step = {"lock_ttl": 3600, "window": 2, "resend_after": 60.0, "gate": Gate()}
+    first = start_plan(clocked, "r1", id_plan(4), window=2, resend_after=60.0)
+    clocked.confirm("r1", [1])  # chunk 1 published; the publisher died before chunk 2
+    now[0] = T0 + 5
+    assert (clocked.pump("r1", "ids", **step) or pytest.fail("ended")).chunks == []
+    now[0] = T0 + 11
+    pumped = clocked.pump("r1", "ids", **step)
+    assert pumped is not None and pumped.chunks == [(2, dict(first.chunks)[2])]
+    now[0] = T0 + 59
+    assert (clocked.pump("r1", "ids", **step) or pytest.fail("ended")).chunks == [(2, dict(
+        first.chunks)[2])]  # resent at 11 s and not confirmed either: again after 10 s
+    clocked.confirm("r1", [2])
+    now[0] = T0 + 61
+    assert [n for n, _ in (clocked.pump("r1", "ids", **step) or pytest.fail("x")).chunks] == [1]

@@ -129,6 +129,8 @@ class RunProtocol(RuleBasedStateMachine):
     def send(self, run_id: str, window: Window | None) -> None:
         for number, rng in (window.chunks if window else []):
             self.broker.append(Message(run_id, number, rng))
+        if window and window.chunks:  # published, as the Sender says once it has
+            self.store.confirm(run_id, [number for number, _ in window.chunks])
 
     def states(self) -> dict[str, str]:
         return {r: rec.state if rec else "" for r, (rec, _) in self.records().items()}

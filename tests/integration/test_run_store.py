@@ -170,6 +170,7 @@ def test_parked_chunks_are_sent_again_after_resume(store: RunStore) -> None:
 
 def test_stale_chunks_are_sent_again_by_the_pump(store: RunStore) -> None:
     start_plan(store, "run-a", id_plan(5), window=2)
+    store.confirm("run-a", [1, 2])  # published, as the coordinator's sender confirms
     fresh = store.pump("run-a", "ids", **W2)
     assert fresh is not None and fresh.chunks == []  # sent a moment ago: not lost yet
     time.sleep(0.01)  # let the clock move past the send time
