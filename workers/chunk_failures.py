@@ -38,9 +38,22 @@ def record_chunk_failure(registry: RunStore, run_id: str, number: int, kind: str
     elif counted:
         log.error("chunk_failed", run_id=run_id, chunk=number, error=error)
     else:
-        log.warning("chunk_interrupted_after_counted", run_id=run_id, chunk=number,
-                    error=error,
-                    note="not a failed chunk: it was counted already (its DELETE committed, "
-                         "in this or another copy); what was cut short came after it, such as "
-                         "sending the next chunks, which the pump sends again")
+        log_interrupted_after_counted(run_id, number, error)
     return top_up.finished
+
+
+def counted_already(registry: RunStore, run_id: str, number: int) -> bool:
+    """Whether chunk *number* has left its run's window (counted, by this or another copy, or
+    the run ended); False when the run store does not answer."""
+    try:
+        return registry.get(run_id) is not None and number not in {
+            n for n, *_ in registry.inflight(run_id)}
+    except Exception:
+        return False
+
+
+def log_interrupted_after_counted(run_id: str, number: int, error: str) -> None:
+    log.warning("chunk_interrupted_after_counted", run_id=run_id, chunk=number, error=error,
+                note="not a failed chunk: it was counted already (its DELETE committed, in this "
+                     "or another copy); what was cut short came after it, such as sending the "
+                     "next chunks, which the pump sends again")

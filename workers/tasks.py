@@ -9,6 +9,7 @@ from typing import Any
 
 import structlog
 from celery import Task
+from celery.exceptions import SoftTimeLimitExceeded
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -27,7 +28,11 @@ from workers.celery_app import (
     resources,
     settings,
 )
-from workers.chunk_failures import record_chunk_failure
+from workers.chunk_failures import (
+    counted_already,
+    log_interrupted_after_counted,
+    record_chunk_failure,
+)
 from workers.exceptions import InvalidArgument, NotFound
 from workers.identity import DatabaseIdentity, other_database, read_identity
 from workers.planners import EXPIRY, ChunkRange
@@ -199,6 +204,13 @@ def delete_chunk(self: Task, run_id: str, chunk: int, kind: str, lo: int, hi: in
         metrics.count_retry(r.registry)
         _requeue(r.registry, run_id, chunk)
         raise self.retry(exc=exc, countdown=_backoff(self.request.retries)) from exc
+    except SoftTimeLimitExceeded as exc:
+        if not counted_already(r.registry, run_id, chunk):
+            raise
+        # Its DELETE committed and was counted; the limit cut short what came after (sending
+        # the next chunks to a broker that stopped answering): not a failed chunk.
+        log_interrupted_after_counted(run_id, chunk, f"chunk {chunk}: {type(exc).__name__}")
+        return {"run_id": run_id, "chunk": chunk, "rows": 0, "status": "counted"}
     return {"run_id": run_id, "chunk": chunk, "rows": result.rows, "status": result.status}
 
 
