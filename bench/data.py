@@ -140,6 +140,24 @@ def build(url: str, tables: Tables, spec: SeedSpec, now: dt.datetime) -> Dataset
                    EndState(int(survivors[0]), int(survivors[1])), time.perf_counter() - t0)
 
 
+def add_run_state(url: str) -> int:
+    """Give dag_run Airflow's ``state`` column, every run finished ('success'), so workers see
+    dag run state (workers.schema reads the live columns) and each chunk's DELETE carries the
+    protection check. With no run queued or running the check keeps nothing: every expired row
+    pays it and the end state is unchanged, so protected and unprotected runs do the same work.
+    Returns the dag runs marked."""
+    engine = make_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("ALTER TABLE dag_run ADD COLUMN state VARCHAR(50)"))
+            marked = conn.execute(text("UPDATE dag_run SET state = 'success'")).rowcount
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(text("VACUUM ANALYZE dag_run"))
+    finally:
+        engine.dispose()
+    return int(marked)
+
+
 def end_state(url: str, tables: Tables) -> tuple[EndState, int]:
     """(survivors, rows still expired) of the live table."""
     ts = tables.task_state.name

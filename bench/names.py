@@ -10,6 +10,9 @@
 ``statesweep_throttled_<n>w``          auto, with STATESWEEP_TARGET_CHUNK_SECONDS and
                                        STATESWEEP_MAX_CHUNKS_IN_FLIGHT from one --throttle
                                        TARGET:WINDOW each; named ``…[TARGET:WINDOW]`` in results
+``statesweep_unprotected_<n>w``        auto, with STATESWEEP_PROTECT_UNFINISHED_DAG_RUNS=false:
+                                       beside ``statesweep_<n>w`` on data with dag_run.state
+                                       (``--run-state``), the cost of protecting live runs
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ class Method:
     throttle: tuple[float, int] | None = None
     #: the chunk workers' Celery pool (``-P``)
     pool: str = "prefork"
+    #: STATESWEEP_PROTECT_UNFINISHED_DAG_RUNS of the workers
+    protect: bool = True
 
     @property
     def is_sweep(self) -> bool:
@@ -59,6 +64,8 @@ class Method:
         if self.throttle is not None:
             out["STATESWEEP_TARGET_CHUNK_SECONDS"] = f"{self.throttle[0]:g}"
             out["STATESWEEP_MAX_CHUNKS_IN_FLIGHT"] = str(self.throttle[1])
+        if not self.protect:
+            out["STATESWEEP_PROTECT_UNFINISHED_DAG_RUNS"] = "false"
         return out
 
 
@@ -89,17 +96,20 @@ def parse_methods(names: list[str], throttles: list[str]) -> list[Method]:
             continue
         m = _SWEEP.fullmatch(name)
         mode = m.group("mode") if m else None
-        if m is None or (mode is not None and mode not in ("throttled", "solo")
+        if m is None or (mode is not None and mode not in ("throttled", "solo", "unprotected")
                          and mode not in PLANNERS):
             raise ValueError(
                 f"--methods: unknown method {name!r}; use single, upstream, sql_chunks_<n>t, "
                 f"statesweep_<n>w, statesweep_<planner>_<n>w (planner: {', '.join(PLANNERS)}), "
-                f"statesweep_solo_<n>w or statesweep_throttled_<n>w")
+                f"statesweep_solo_<n>w, statesweep_unprotected_<n>w or "
+                f"statesweep_throttled_<n>w")
         workers = int(m.group("workers"))
         if mode == "throttled":
             out += [Method(f"{name}[{t:g}:{w}]", workers, throttle=(t, w)) for t, w in settings]
         elif mode == "solo":
             out.append(Method(name, workers, pool="solo"))
+        elif mode == "unprotected":
+            out.append(Method(name, workers, protect=False))
         else:
             out.append(Method(name, workers, mode or "auto"))
     seen = [m.name for m in out]
@@ -118,9 +128,10 @@ def seed_spec(rows: int, expired_percent: float | None) -> SeedSpec:
 
 
 def results_stem(rows: int, batch: int, expired_percent: float | None,
-                 chunk_rate_limit: str = "") -> str:
-    """rows_<N>[_batch_<B>][_exp_<P>][_rate_<R>]: each part only when not the default."""
+                 chunk_rate_limit: str = "", run_state: bool = False) -> str:
+    """rows_<N>[_batch_<B>][_exp_<P>][_rate_<R>][_run_state]: each part only when not the
+    default."""
     rate = chunk_rate_limit.replace("/", "") if chunk_rate_limit else ""
     return (f"rows_{rows}" + ("" if batch == 10_000 else f"_batch_{batch}")
             + ("" if expired_percent is None else f"_exp_{expired_percent:g}")
-            + (f"_rate_{rate}" if rate else ""))
+            + (f"_rate_{rate}" if rate else "") + ("_run_state" if run_state else ""))

@@ -12,7 +12,9 @@ if it has any and warm them up on a small copy, clone the template afresh (same 
 physical state), start a writer, measure the writer idle, run the method to completion while
 sampling pg_stat_activity, then check the end state (count and sum(id) of survivors).
 Methods: single, upstream, statesweep_<n>w (planner auto), statesweep_<planner>_<n>w (blocks,
-ids, walk, expiry forced), statesweep_throttled_<n>w (one per --throttle TARGET:WINDOW).
+ids, walk, expiry forced), statesweep_throttled_<n>w (one per --throttle TARGET:WINDOW),
+statesweep_unprotected_<n>w (STATESWEEP_PROTECT_UNFINISHED_DAG_RUNS=false: with --run-state,
+which gives dag_run Airflow's state column, beside statesweep_<n>w it is the cost of protection).
 Outputs go to bench/results/ as latest.{json,md,png} and
 rows_<N>[_batch_<B>][_exp_<P>][_rate_<R>].{json,md,png}; `python -m bench.compare` puts
 several side by side.
@@ -57,6 +59,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--chunk-rate-limit", default="",
                    help="STATESWEEP_CHUNK_RATE_LIMIT for the statesweep workers, e.g. 20/s")
     p.add_argument("--quick", action="store_true", help="shorter idle windows, for development")
+    p.add_argument("--run-state", action="store_true",
+                   help="give dag_run Airflow's state column (every run finished), so chunks "
+                        "check protection; compare statesweep_2w with statesweep_unprotected_2w")
     add_service_args(p, "statesweep_bench")
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per method")
     p.add_argument("--keep", action="store_true", help="keep the scratch databases")
@@ -114,8 +119,11 @@ def main(argv: list[str] | None = None) -> int:
             version = str(conn.exec_driver_sql("SHOW server_version").scalar_one())
         engine.dispose()
         dataset = data.build(template, tables, spec, now)
-        data.build(data.database_url(args.pg_url, f"{args.database}_warm"), tables,
-                   SeedSpec(rows=data.WARM_ROWS), now)
+        warm = data.database_url(args.pg_url, f"{args.database}_warm")
+        data.build(warm, tables, SeedSpec(rows=data.WARM_ROWS), now)
+        if args.run_state:
+            progress(f"dag_run.state added: {data.add_run_state(template):,} dag runs finished")
+            data.add_run_state(warm)
         keys = data.writer_keys(template)
         progress(f"built in {dataset.build_seconds:.1f} s: {dataset}")
         prof, dry = profile_planners(args, tmp)
@@ -139,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             timespec="seconds"), "load_before": load_before, "load_after": load(),
             "cpus": os.cpu_count(), "postgres": f"PostgreSQL {version}", "command": command,
             "writer_rate": args.writer_rate, "quick": args.quick,
-            "expired_percent": args.expired_percent,
+            "expired_percent": args.expired_percent, "run_state": args.run_state,
             "chunk_rate_limit": args.chunk_rate_limit or None},
         "dataset": {"rows": dataset.rows, "expired": dataset.expired, "never": dataset.never,
                     "refreshed": dataset.refreshed, "survivors_rows": dataset.survivors.rows,
@@ -151,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     report.add_ratios(results)
     results["targets"] = report.check_targets(results)
     sized = names.results_stem(args.rows, args.batch, args.expired_percent,
-                               args.chunk_rate_limit)
+                               args.chunk_rate_limit, args.run_state)
     for stem in (sized, "latest"):
         paths = report.write_outputs(results, args.out, stem)
     progress(f"wrote {', '.join(str(p) for p in paths)} and {sized}.*")

@@ -77,6 +77,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated (bench.names)")
     p.add_argument("--writer-rate", type=float, default=200.0, help="writer upserts per second")
     p.add_argument("--quick", action="store_true", help="small and short, for development")
+    p.add_argument("--run-state", action="store_true",
+                   help="give dag_run Airflow's state column (every run finished), so chunks "
+                        "check protection; compare statesweep_2w with statesweep_unprotected_2w")
     add_service_args(p, "statesweep_steady")
     p.add_argument("--timeout", type=float, default=600, help="seconds allowed per run")
     args = p.parse_args(argv)
@@ -166,6 +169,8 @@ def measure_method(args: argparse.Namespace, method: Method, tmp: Path,
         per_interval = int(args.rows * PER_INTERVAL)
         built = steady_data.build(url, tables, args.rows, per_interval,
                                   per_interval * (args.cycles + 3), args.interval, anchor, now)
+        if args.run_state:
+            data.add_run_state(url)
         progress(f"{method.name}: built {built['pages']:,} pages, anchor in "
                  f"{(anchor - dt.datetime.now(dt.UTC)).total_seconds():.0f} s")
         if fleet is not None:
@@ -222,8 +227,10 @@ def main(argv: list[str] | None = None) -> int:
             now = db_now(conn)
             version = str(conn.exec_driver_sql("SHOW server_version").scalar_one())
         engine.dispose()
-        data.build(data.database_url(args.pg_url, f"{args.database}_warm"), build_tables("seed"),
-                   names.seed_spec(data.WARM_ROWS, None), now)
+        warm = data.database_url(args.pg_url, f"{args.database}_warm")
+        data.build(warm, build_tables("seed"), names.seed_spec(data.WARM_ROWS, None), now)
+        if args.run_state:
+            data.add_run_state(warm)
         for method in args.method_list:
             row, setup = measure_method(args, method, tmp, setup_s)
             setup_s = setup * 1.2 + 5
@@ -234,10 +241,12 @@ def main(argv: list[str] | None = None) -> int:
         "meta": {"rows": args.rows, "cycles": args.cycles, "interval": args.interval,
                  "batch": args.batch, "writer_rate": args.writer_rate, "command": command,
                  "started": started.isoformat(timespec="seconds"), "load_before": load_before,
-                 "load_after": load(), "cpus": os.cpu_count(), "postgres": version},
+                 "load_after": load(), "cpus": os.cpu_count(), "postgres": version,
+                 "run_state": args.run_state},
         "methods": methods}
     steady_report.summarise(results)
-    paths = steady_report.write_outputs(results, args.out, f"steady_{args.rows}")
+    stem = f"steady_{args.rows}" + ("_run_state" if args.run_state else "")
+    paths = steady_report.write_outputs(results, args.out, stem)
     progress(f"wrote {', '.join(str(p) for p in paths)}")
     print(steady_report.markdown(results))
     return 0

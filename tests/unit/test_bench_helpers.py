@@ -45,6 +45,14 @@ def test_sql_chunks_baseline_and_solo_pool_parse() -> None:
     assert sql_chunk_threads("sql_chunks_0t") == sql_chunk_threads("single") == 0
 
 
+def test_unprotected_method_turns_protection_off_and_run_state_names_the_results() -> None:
+    on, off = parse_methods(["statesweep_2w", "statesweep_unprotected_2w"], [])
+    assert (on.protect, off.protect, off.workers, off.planner) == (True, False, 2, "auto")
+    assert "STATESWEEP_PROTECT_UNFINISHED_DAG_RUNS" not in on.env()
+    assert off.env()["STATESWEEP_PROTECT_UNFINISHED_DAG_RUNS"] == "false"
+    assert results_stem(1_000_000, 10_000, None, "", True) == "rows_1000000_run_state"
+
+
 def test_sql_chunks_plan_ranges_cover_the_plan_once_and_leave_the_last_open() -> None:
     plan = Plan("blocks", "blocks", 0, 10, 4, 0, "")
     assert list(plan_ranges(plan)) == [ChunkRange("blocks", 0, 4), ChunkRange("blocks", 4, 8),
