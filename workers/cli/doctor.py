@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from workers.identity import DatabaseIdentity
 
 CONTROL_TIMEOUT = 1.5  # seconds workers get to answer a ping or an inspect
+IDENTITY_TIMEOUT = 5.0  # seconds the workers that consume the queues get to say their database
 
 
 @dataclass(frozen=True)
@@ -205,8 +206,9 @@ def identity_checks(app: Celery, hosts: list[str], own: DatabaseIdentity) -> lis
     from workers.celery_app import IDENTITY_COMMAND
     from workers.identity import DatabaseIdentity
 
+    # Waits only until every worker asked has answered (limit): a busy one gets longer.
     replies = app.control.broadcast(IDENTITY_COMMAND, destination=hosts, reply=True,
-                                    timeout=CONTROL_TIMEOUT) or []
+                                    timeout=IDENTITY_TIMEOUT, limit=len(hosts)) or []
     answers = {host: body for reply in replies for host, body in reply.items()}
     checks = []
     for host in hosts:
