@@ -298,8 +298,13 @@ def run_local(settings: Settings, engine: Engine, tables: Tables, registry: RunS
     def dispatch(run_id: str, number: int, rng: ChunkRange, cutoff: str) -> None:
         queue.append((run_id, number, rng, cutoff))
 
+    from workers.identity import read_identity
+
+    with engine.connect() as conn:  # recorded in the run, as a worker's coordinator does
+        database = str(read_identity(conn, tables.naming))
     summary = coordinate(settings, engine, tables, registry, dispatch, batch_size=batch_size,
-                         source=source, selection=selection, top_up_active=False)
+                         source=source, selection=selection, top_up_active=False,
+                         database=database)
     if summary.status not in ("started", "finished", "resumed"):
         return summary
     run_id = summary.run_id

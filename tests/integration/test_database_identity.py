@@ -4,9 +4,12 @@ reads the same identity through two engines, another database does not."""
 
 from __future__ import annotations
 
+import json
+
 from sqlalchemy.engine import make_url
 
 from tests.conftest import create_schema
+from tests.integration.test_cli import Seeded
 from workers.db import make_engine
 from workers.identity import DatabaseIdentity, read_identity
 from workers.schema import TABLE_NAMES
@@ -50,3 +53,14 @@ def test_another_database_on_the_same_server_is_another_identity(pg_url: str) ->
         a, b = identity(pg_url), identity(other)
     assert a.server == b.server and a.tables == b.tables
     assert a != b and a.database != b.database
+
+
+def test_a_local_run_records_the_database_it_cleaned(seeded: Seeded) -> None:
+    result = seeded.invoke("cleanup", "--local", "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    run = json.loads(result.stdout)
+    name = make_url(seeded.env["STATESWEEP_DATABASE_URL"]).database
+    assert run["database"] == str(identity(seeded.env["STATESWEEP_DATABASE_URL"]))
+    assert run["database"].startswith(f"database '{name}' on ")
+    shown = seeded.invoke("status", run["run_id"])
+    assert f"database      {run['database']}" in shown.stdout
