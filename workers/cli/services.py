@@ -7,6 +7,7 @@ know now that Redis is down.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -112,8 +113,7 @@ def _no_such_database(exc: Exception) -> bool:
     args = getattr(orig, "args", ())
     if args and args[0] == 1049:
         return True
-    text = str(orig or exc)
-    return "does not exist" in text and "database" in text
+    return re.search(r'database "[^"]*" does not exist', str(orig or exc)) is not None
 
 
 def refuse_missing_sqlite_file(settings: Settings) -> None:
