@@ -74,6 +74,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "timezone": "UTC",
         "enable_utc": True,
         "worker_hijack_root_logger": False,
+        # Broadcasts (inspect, ping, Flower's and doctor's questions to workers) go to this
+        # deployment's workers only: the control exchange is named after the control queue, so
+        # two deployments sharing a broker (or a vhost) never answer each other's inspect.
+        "control_exchange": settings.control_queue,
         "task_default_exchange": settings.control_queue,
         "task_default_routing_key": settings.control_queue,
         "task_default_queue": settings.control_queue,
