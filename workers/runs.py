@@ -38,6 +38,10 @@ from workers.planners.base import EXPIRY, ChunkRange, Plan
 RUN_RETENTION_SECONDS = 7 * 24 * 3600
 RECENT_RUNS_KEPT = 200
 RECENT_TRIGGERS_KEPT = 20
+# How long a coordinator message's id keeps the run id it was given: far longer than any
+# redelivery of it (visibility timeout, a broker outage).
+DELIVERY_TTL_SECONDS = 24 * 3600
+
 # A running chunk's heartbeat: BEGIN sets it, its worker renews it every BEAT_EVERY_SECONDS, and
 # it lapses BEAT_TTL_SECONDS after the worker died, when the next top-up sends the chunk again.
 BEAT_TTL_SECONDS = 6
@@ -198,6 +202,14 @@ class RunStore:
 
     def _k(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
+
+    def run_id_for_delivery(self, message_id: str, fresh: str) -> str:
+        """The run id of a coordinator message whose sender named none (beat, ``celery call``,
+        Flower's API): *fresh*, of the one format the CLI's ids have, kept for the message's
+        id so that every redelivery of that message resumes the same run."""
+        key = self._k("delivery", message_id)
+        self.client.set(key, fresh, nx=True, ex=DELIVERY_TTL_SECONDS)
+        return str(self.client.get(key) or fresh)
 
     def _run_keys(self, run_id: str) -> list[str]:
         return [self._k("run", run_id), self._k("run", run_id, "inflight")]

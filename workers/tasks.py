@@ -97,7 +97,8 @@ def coordinate(self: Task, batch_size: int | None = None, source: str = "beat",
                                     clean_grace_seconds)
     if not isinstance(source, str):
         raise InvalidArgument(f"source must be a string, got {source!r}")
-    run_id = coordinator.check_run_id(run_id if run_id is not None else self.request.id)
+    run_id = coordinator.check_run_id(run_id if run_id is not None
+                                      else _run_id_of_message(str(self.request.id)))
     expected = None if expect_database is None else DatabaseIdentity.decode(expect_database)
     structlog.contextvars.bind_contextvars(run_id=run_id)
     try:
@@ -126,6 +127,20 @@ def _refuse_other_database(registry: Any, run_id: str, source: str,
     log.warning("coordinator_refused_database", run_id=run_id, expected=str(expected),
                 database=str(identity))
     return {"run_id": run_id, "status": "refused", "reason": why}
+
+
+def _run_id_of_message(message_id: str) -> str:
+    """A trigger that names no run id (beat, ``celery call``, Flower) gets one in the CLI's one
+    format, the same for each redelivery of its message; with the run store unreachable, the
+    message id (planning needs the run store anyway, and says so)."""
+    from workers.run_ids import new_run_id
+    from workers.runs import registry_for
+
+    try:
+        registry = registry_for(settings.effective_run_store_url, settings.key_prefix)
+        return registry.run_id_for_delivery(message_id, new_run_id())
+    except Exception:  # noqa: BLE001 - the trigger fails at planning, naming the run store
+        return message_id
 
 
 def _note_failed_trigger(run_id: str, source: str, exc: Exception) -> None:

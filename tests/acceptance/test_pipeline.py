@@ -9,6 +9,7 @@ ran which chunk, and check that every statesweep event carries task name, task i
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -363,6 +364,8 @@ def test_beat_triggers_the_coordinator_and_the_orphan_sweep(
 
     runs = sorted(p.registry.recent(50), key=lambda r: r.started_at)
     assert runs and all((r.source, r.state) == ("beat", "finished") for r in runs)
+    # Beat's runs are named as the CLI names its own (one format of run id).
+    assert all(re.fullmatch(r"\d{8}T\d{6}Z-[0-9a-f]{8}", r.run_id) for r in runs), runs
     assert runs[0].rows_deleted == p.counts.expired
     assert sum(r.rows_deleted for r in runs) == p.counts.expired
     # Single flight across beat's triggers: no two runs were ever active at once.
