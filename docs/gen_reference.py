@@ -105,7 +105,9 @@ DESCRIPTIONS: dict[str, str] = {
     "target_chunk_seconds": "Size chunks to take about this many seconds each, from the last "
                             "chunks' timing; unset, by rows (`STATESWEEP_CLEANUP_BATCH_SIZE`).",
     "pump_interval_seconds": "How often beat's pump tops up the active run's window and sends "
-                             "again what was parked or lost.",
+                             "again what was parked or lost: with a chunk's 6 s heartbeat, what "
+                             "a killed worker held goes out again within about this plus 6 s. "
+                             "An idle pump logs nothing.",
     "replica_urls": "MySQL/MariaDB: the replicas whose lag to read, comma-separated URLs "
                     "(required with the lag limit there); PostgreSQL reads its standbys on the "
                     "primary and needs none.",

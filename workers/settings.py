@@ -86,7 +86,8 @@ class Settings:
     max_run_seconds: float = 0.0
     max_replica_lag_seconds: float = 0.0
     target_chunk_seconds: float = 0.0
-    pump_interval_seconds: float = 15.0
+    # 5 s: a killed worker's chunk (its heartbeat lapses in 6 s) is sent again within ~11 s.
+    pump_interval_seconds: float = 5.0
     # MySQL/MariaDB replicas whose lag holds chunks (comma-separated URLs); PostgreSQL reads
     # its standbys' lag on the primary and needs none.
     replica_urls: str = ""
