@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import inspect
 import random
 import time
 from typing import Any
@@ -161,13 +162,24 @@ def _note_failed_trigger(run_id: str, source: str, exc: Exception) -> None:
     log.error("cleanup_run_failed", run_id=run_id, error=error)
 
 
+def _fits_signature(task: Task, args: Any, kwargs: Any) -> bool:
+    """Whether a message's arguments bind to the task's parameters: one with arguments missing
+    or unknown never ran (Python refused the call), so it is no failed chunk of any run."""
+    try:
+        inspect.signature(task.run).bind(*(args or ()), **(kwargs or {}))
+    except TypeError:
+        return False
+    return True
+
+
 class ChunkTask(Task):
     """Records a chunk that failed for good in its run, so the run ends 'failed' once its window
     drains rather than holding the single-flight lock until run_timeout_seconds."""
 
     def on_failure(self, exc: Exception, task_id: str, args: Any, kwargs: Any,
                    einfo: Any) -> None:
-        if isinstance(exc, (InvalidArgument, NotFound)):
+        if isinstance(exc, (InvalidArgument, NotFound)) or not _fits_signature(self, args,
+                                                                                  kwargs):
             return  # a malformed or forged message is no chunk of the run it names
         run_id, number = kwargs.get("run_id"), kwargs.get("chunk")
         if not isinstance(run_id, str) or isinstance(number, bool) or not isinstance(number, int):

@@ -42,8 +42,10 @@ def test_bad_task_arguments_fail_clearly_and_delete_nothing(
     # Every chunk below spans the whole table with a cutoff that makes its rows deletable:
     # only argument checking stands between it and a DELETE.
     past, future = now.isoformat(), (now + dt.timedelta(days=2)).isoformat()
-    for run_id, cutoff in (("known-run", past), ("future-run", future)):
-        _planned_whole_table(p, run_id, cutoff, spec.rows)
+    # Each planned run holds the lock while its messages arrive (a chunk of a run that does not
+    # hold it is refused anyway): future-run first, then known-run, planned once future-run's
+    # message has been answered.
+    _planned_whole_table(p, "future-run", future, spec.rows)
     whole = {"run_id": "known-run", "chunk": 1, "kind": "ids", "lo": 1, "hi": spec.rows + 1,
              "cutoff": past}
     chunk_cases: list[tuple[dict[str, Any], str]] = [
@@ -63,7 +65,6 @@ def test_bad_task_arguments_fail_clearly_and_delete_nothing(
         ({**whole, "chunk": 2}, "chunk 2 (ids 1:5001) is not in run known-run's plan"),
         ({**whole, "lo": 0, "hi": 10**12}, "is not in run known-run's plan (planned: ids 1:5001)"),
         ({**whole, "cutoff": future}, "is not run known-run's cutoff"),
-        ({**whole, "run_id": "future-run", "cutoff": future}, "is in the future"),
         ({"run_id": "known-run", "chunk": 1}, "missing"),
     ]
     control_cases: list[tuple[str, dict[str, Any], str]] = [
@@ -81,6 +82,11 @@ def test_bad_task_arguments_fail_clearly_and_delete_nothing(
     worker = start_worker(env, tmp_path, "a")
     try:
         with p.client() as app:
+            ahead = {**whole, "run_id": "future-run", "cutoff": future}
+            outcomes = [(_failure(p.send_chunk(app, **ahead), "future-run"), "is in the future",
+                         f"delete_chunk {ahead}")]
+            p.registry.release("future-run")
+            _planned_whole_table(p, "known-run", past, spec.rows)
             sent: list[tuple[AsyncResult[Any], str, str]] = []
             for kwargs, says in chunk_cases:
                 sent.append((p.send_chunk(app, **kwargs), says, f"delete_chunk {kwargs}"))
@@ -88,7 +94,7 @@ def test_bad_task_arguments_fail_clearly_and_delete_nothing(
                 result = (p.trigger(app, **kwargs) if task == "coordinate" else app.send_task(
                     SWEEP_ORPHANS, kwargs=kwargs, queue=p.settings.control_queue))
                 sent.append((result, says, f"{task} {kwargs}"))
-            outcomes = [(_failure(r), says, what) for r, says, what in sent]
+            outcomes += [(_failure(r, what), says, what) for r, says, what in sent]
     finally:
         worker.stop()
     after = p.counts()
@@ -99,25 +105,28 @@ def test_bad_task_arguments_fail_clearly_and_delete_nothing(
     assert after == before
     assert _asset_rows(p) == assets_before
     assert p.registry.get("no-such-run") is None
+    # No malformed message, not even one Python refused to call (arguments missing), counts as
+    # a failed chunk of the run it names.
+    known = p.registry.get("known-run")
+    assert known is not None and (known.state, known.chunks_failed) == ("running", 0), known
     assert p.rows() == {(i + 1, f"value_{i}") for i in range(spec.rows)}
     assert "Retry in" not in worker.log(), "bad arguments must fail at once, not retry"
 
 
 def _planned_whole_table(p: Pipeline, run_id: str, cutoff: str, rows: int) -> None:
-    """Record *run_id* as a run whose one chunk is ids 1..rows: the message below that matches
-    it exactly would delete every row expired at *cutoff*."""
-    assert p.registry.acquire(run_id, 60) is None
+    """Record *run_id* as a running run, holding the lock, whose one chunk is ids 1..rows: a
+    message that matches it exactly would delete every row expired at *cutoff*."""
+    assert p.registry.acquire(run_id, 600) is None
     plan = Plan("ids", "ids", 1, rows + 1, rows, 0, "test: the whole table in one chunk")
     window = p.registry.start(run_id, plan, cutoff=cutoff, batch_size=rows, source="test",
                               window=1, lock_ttl=60, resend_after=3600, gate=Gate())
     assert not isinstance(window, str) and [n for n, _ in window.chunks] == [1]
-    p.registry.release(run_id)
 
 
-def _failure(result: AsyncResult[Any]) -> str:
+def _failure(result: AsyncResult[Any], what: str) -> str:
     with pytest.raises(Exception) as info:
         result.get(timeout=30)
-    assert result.state == "FAILURE", (result.id, result.state)
+    assert result.state == "FAILURE", (what, result.id, result.state, info.value)
     return f"{type(info.value).__name__}: {info.value}"
 
 
