@@ -4,7 +4,8 @@ and the orphan sweep, each on its own period from settings (seconds, or a five-f
 Each entry carries ``expires``: a beat that fires while no worker consumes (a backlog after an
 outage) leaves messages that expire instead of piling up runs. The coordinator's single-flight
 lock makes any that do run at once harmless; expiry keeps the queue from filling with them.
-Run exactly one beat: two beats double every trigger (still one run, but twice the noise).
+One beat schedules: a second waits as its standby on the run store's beat lock
+(workers.beat_lock) and takes over when the first stops.
 
 The coordinator entry carries beat's selection (STATESWEEP_DAG_IDS, STATESWEEP_EXCLUDE_DAG_IDS,
 STATESWEEP_CLEAN_GRACE) as the coordinator task's own arguments. The grace travels as seconds,

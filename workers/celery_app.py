@@ -146,6 +146,19 @@ def _check_run_store_at_beat_start(**_: Any) -> None:
     _refuse_without_run_store("beat")
 
 
+@signals.beat_init.connect
+def _one_beat(**_: Any) -> None:
+    """One beat per deployment (workers.beat_lock): beat starts ticking once this returns, and
+    it returns once this beat holds the run store's beat lock; a second beat waits here as a
+    standby, saying so once, and takes over when the first stops."""
+    from workers.beat_lock import BeatLock, lost_lock_exit
+    from workers.runs import registry_for
+
+    lock = BeatLock(registry_for(settings.effective_run_store_url, settings.key_prefix))
+    lock.wait_to_hold()
+    lock.keep(on_lost=lost_lock_exit)
+
+
 @signals.worker_init.connect
 def _check_database_at_start(**_: Any) -> None:
     """A worker that cannot reach its database, find the state tables or delete from them (a
