@@ -84,6 +84,11 @@ class RunRecord:
     holds: int = 0
     # Chunk messages sent again (lost, unconsumed, or their worker died), over the whole run.
     resends: int = 0
+    # Chunks waiting to retry a transient error (the database or broker away): how many times,
+    # the latest error and when, so `--wait` and `status` say why a run does not move.
+    retries: int = 0
+    retry_error: str = ""
+    retry_at: float = 0.0
     started_at: float = 0.0
     planned_at: float = 0.0
     window_started_at: float = 0.0
@@ -330,11 +335,13 @@ class RunStore:
         if chunks:
             self._call("CONFIRM", [self._k("run", run_id, "inflight")], chunks)
 
-    def requeue(self, run_id: str, chunk: int) -> bool:
+    def requeue(self, run_id: str, chunk: int, error: str = "") -> bool:
         """A chunk a worker took waits for its retry (a new message, with a countdown): it is
-        sent, no longer running, so its missing heartbeat is no death."""
-        return bool(self._call("REQUEUE", [self._k("run", run_id, "inflight")],
-                               [chunk, self.clock()]))
+        sent, no longer running, so its missing heartbeat is no death. *error* (the transient
+        error it retries) goes on the run's record with a count of retries."""
+        return bool(self._call("REQUEUE", [self._k("run", run_id, "inflight"),
+                                           self._k("run", run_id)],
+                               [chunk, self.clock(), error[:200]]))
 
     def park(self, run_id: str, chunk: int, reason: str) -> bool:
         """Hold a chunk that stopped before its DELETE; True if this starts a hold episode."""

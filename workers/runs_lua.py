@@ -339,9 +339,15 @@ end
 return 1
 """
 
-# KEYS F; ARGV chunk now -> 1 if the chunk, taken by a worker, is waiting for its retry: sent
-# again (by Celery, with a countdown), not running, so no heartbeat is missed.
+# KEYS F R; ARGV chunk now error -> 1 if the chunk, taken by a worker, is waiting for its
+# retry: sent again (by Celery, with a countdown), not running, so no heartbeat is missed. With
+# *error*, the run's record (if it exists: no key without a TTL) keeps the latest transient
+# error its chunks retry and counts the retries, for `--wait` and `status` to say.
 REQUEUE = r"""
+if ARGV[3] ~= '' and redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('HSET', KEYS[2], 'retry_error', ARGV[3], 'retry_at', ARGV[2])
+  redis.call('HINCRBY', KEYS[2], 'retries', 1)
+end
 local v = redis.call('HGET', KEYS[1], ARGV[1])
 if not v then return 0 end
 local rng, sent, st = string.match(v, '^([^|]*)|([^|]*)|(%a)')

@@ -229,7 +229,7 @@ def delete_chunk(self: Task, run_id: str, chunk: int, kind: str, lo: int, hi: in
         log.warning("chunk_retry", run_id=run_id, chunk=chunk, error=type(exc).__name__,
                     retries=self.request.retries)
         metrics.count_retry(r.registry)
-        _requeue(r.registry, run_id, chunk)
+        _requeue(r.registry, run_id, chunk, _retry_error(exc))
         raise self.retry(exc=exc, countdown=_backoff(self.request.retries)) from exc
     except SoftTimeLimitExceeded as exc:
         if not counted_already(r.registry, run_id, chunk):
@@ -241,11 +241,19 @@ def delete_chunk(self: Task, run_id: str, chunk: int, kind: str, lo: int, hi: in
     return {"run_id": run_id, "chunk": chunk, "rows": result.rows, "status": result.status}
 
 
-def _requeue(registry: Any, run_id: str, chunk: int) -> None:
+def _retry_error(exc: BaseException) -> str:
+    """A transient error as the run record keeps it: its type and first line, secrets masked."""
+    from workers.settings import mask_secrets
+
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return mask_secrets(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
+
+
+def _requeue(registry: Any, run_id: str, chunk: int, error: str = "") -> None:
     """The chunk waits for its retry: no heartbeat is due (else the pump would send a second
     copy to run beside the retry). A run store that is down costs at most that copy."""
     try:
-        registry.requeue(run_id, chunk)
+        registry.requeue(run_id, chunk, error)
     except Exception:
         log.warning("chunk_requeue_not_recorded", run_id=run_id, chunk=chunk)
 

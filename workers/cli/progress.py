@@ -98,9 +98,17 @@ class Snapshot:
         return left / self.rate
 
 
-def _state_note(record: RunRecord) -> str:
+# A chunk retry this recent is news: the run is waiting on it.
+RETRY_NEWS_SECONDS = 60.0
+
+
+def _state_note(record: RunRecord, now: float | None = None) -> str:
     if record.state == "queued":
         return "queued: waiting for a worker to take the coordinator"
+    now = time.time() if now is None else now
+    if not record.ended and record.retry_error and now - record.retry_at <= RETRY_NEWS_SECONDS:
+        return (f"chunks retrying {record.retry_error} ({record.retries:,} "
+                f"{'retry' if record.retries == 1 else 'retries'} so far)")
     return ""
 
 

@@ -35,6 +35,9 @@ def run_summary(record: RunRecord) -> str:
            f"runs (oldest expired {record.protected_oldest})"] if record.protected_rows else []),
         *([f"  resends       {record.resends:,} chunk messages sent again (lost, waiting "
            f"for a worker, or their worker died)"] if record.resends else []),
+        *([f"  retries       {record.retries:,} chunk retries of a transient error; the "
+           f"latest {_when(record.retry_at)}: {record.retry_error}"]
+          if record.retries else []),
         f"  started       {_when(record.started_at)}",
         f"  duration      {record.duration:.2f}s",
         f"  rate          {record.rows_per_second:,.0f} rows/s",
