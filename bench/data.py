@@ -141,7 +141,8 @@ def build(url: str, tables: Tables, spec: SeedSpec, now: dt.datetime) -> Dataset
 
 
 def add_run_state(url: str) -> int:
-    """Give dag_run Airflow's ``state`` column, every run finished ('success'), so workers see
+    """Give dag_run Airflow's ``state`` column and its partial indexes on the queued and running
+    states, every run finished ('success'), so workers see
     dag run state (workers.schema reads the live columns) and each chunk's DELETE carries the
     protection check. With no run queued or running the check keeps nothing: every expired row
     pays it and the end state is unchanged, so protected and unprotected runs do the same work.
@@ -151,6 +152,11 @@ def add_run_state(url: str) -> int:
         with engine.begin() as conn:
             conn.execute(text("ALTER TABLE dag_run ADD COLUMN state VARCHAR(50)"))
             marked = conn.execute(text("UPDATE dag_run SET state = 'success'")).rowcount
+            # Airflow's own partial indexes on the unfinished states (3.3.2's schema has both):
+            # the protection check finds the few unfinished runs through them.
+            for state in ("queued", "running"):
+                conn.execute(text(f"CREATE INDEX idx_dag_run_{state}_dags ON dag_run "
+                                  f"(state, dag_id) WHERE state = '{state}'"))
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             conn.execute(text("VACUUM ANALYZE dag_run"))
     finally:
