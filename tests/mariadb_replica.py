@@ -118,11 +118,22 @@ class ReplicaPair:
             engine.dispose()
 
 
+def _tmpdir(server: MariaServer) -> Path:
+    """The server's own temporary directory beside its data directory, owned as its parent."""
+    tmp = server.datadir.parent / f"{server.name}-tmp"
+    if not tmp.exists():
+        tmp.mkdir()
+        owner = tmp.parent.stat()
+        os.chown(tmp, owner.st_uid, owner.st_gid)
+    return tmp
+
+
 def _start(server: MariaServer, server_id: int, as_user: list[str]) -> None:
     mariadbd = _binary("mariadbd", "mysqld")
     assert mariadbd is not None
     root = server.datadir.parent
     cmd = [mariadbd, "--no-defaults", *as_user, f"--datadir={server.datadir}",
+           f"--tmpdir={_tmpdir(server)}",
            f"--port={server.port}", "--bind-address=127.0.0.1",
            f"--socket={root / (server.name + '.sock')}",
            f"--pid-file={root / (server.name + '.pid')}",
@@ -176,8 +187,12 @@ def mariadb_replica_pair() -> Iterator[ReplicaPair]:
                        MariaServer("replica", root / "replica"))
     try:
         for server in (pair.primary, pair.replica):
+            # Its own temporary directory, not /tmp: two harnesses bootstrapping at once (the
+            # suite runs on several processes) removed each other's temporary tables there.
+            tmp = _tmpdir(server)
             done = subprocess.run(
                 [install, "--no-defaults", *as_user, f"--datadir={server.datadir}",
+                 f"--tmpdir={tmp}",
                  "--auth-root-authentication-method=normal", "--skip-test-db"],
                 capture_output=True, text=True, timeout=120)
             if done.returncode != 0:
