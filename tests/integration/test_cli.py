@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,9 +15,14 @@ from pathlib import Path
 
 import pytest
 import redis
-from click.testing import CliRunner, Result
+from click.testing import Result
 from sqlalchemy import Engine, func, select, text
 
+from tests.cli_runner import (  # noqa: F401 - restore_logging: autouse fixture
+    closed_port,
+    invoke,
+    restore_logging,
+)
 from tests.conftest import seed_postgres
 from tests.processes import child_env
 from tests.services import REDIS_URL
@@ -31,7 +35,6 @@ from workers.cli import (
     EXIT_SETTINGS,
     EXIT_UNAVAILABLE,
     EXIT_UNHEALTHY,
-    cli,
 )
 from workers.runs import registry_for
 from workers.schema import Tables
@@ -40,13 +43,6 @@ pytestmark = pytest.mark.integration
 
 ROWS = 20_000
 STATESWEEP = str(Path(sys.executable).with_name("statesweep"))
-
-
-def closed_port() -> int:
-    """A local TCP port nothing listens on (bound, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -73,36 +69,6 @@ class Seeded:
 
     def invoke(self, *args: str, **env: str) -> Result:
         return invoke(*args, env={**self.env, **env})
-
-
-def invoke(*args: str, env: dict[str, str]) -> Result:
-    # Unset any STATESWEEP_* the developer's shell carries; the test's env is the whole config.
-    import os
-
-    clean: dict[str, str | None] = {k: None for k in os.environ if k.startswith("STATESWEEP_")}
-    clean.update(env)
-    return CliRunner().invoke(cli, list(args), env=clean, catch_exceptions=False)
-
-
-@pytest.fixture(autouse=True)
-def restore_logging() -> Iterator[None]:
-    """The CLI routes logging to its own stderr; put the process's logging back afterwards."""
-    import logging
-
-    import structlog
-
-    from workers import logs
-
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    config, configured = structlog.get_config(), logs._configured
-    try:
-        yield
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
-        structlog.configure(**config)
-        logs._configured = configured
 
 
 @pytest.fixture

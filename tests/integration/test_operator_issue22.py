@@ -5,47 +5,23 @@ only a run store that is down is an error."""
 from __future__ import annotations
 
 import json
-import os
-import socket
 from collections.abc import Iterator
 
 import pytest
 import redis
-from click.testing import CliRunner, Result
+from click.testing import Result
 
+from tests import cli_runner
 from tests.cleanup_runs import id_plan, start_plan
+from tests.cli_runner import (  # noqa: F401 - restore_logging: autouse fixture
+    closed_port,
+    restore_logging,
+)
 from tests.services import REDIS_URL, require
-from workers.cli import cli
 from workers.exit_codes import EXIT_OK, EXIT_UNAVAILABLE
 from workers.runs import RunStore
 
 SECRET = "hunter2-issue22"
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture(autouse=True)
-def restore_logging() -> Iterator[None]:
-    import logging
-
-    import structlog
-
-    from workers import logs
-
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    config, configured = structlog.get_config(), logs._configured
-    try:
-        yield
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
-        structlog.configure(**config)
-        logs._configured = configured
 
 
 @pytest.fixture
@@ -61,10 +37,8 @@ def redis_store(isolation: dict[str, str]) -> Iterator[RunStore]:
 
 
 def invoke(*args: str, env: dict[str, str]) -> Result:
-    clean: dict[str, str | None] = {k: None for k in os.environ
-                                    if k.startswith(("STATESWEEP_", "AIRFLOW"))}
-    clean.update(env)
-    return CliRunner().invoke(cli, list(args), env=clean, catch_exceptions=False)
+    """The CLI with *env* its whole configuration: Airflow's variables are unset too."""
+    return cli_runner.invoke(*args, env=env, unset=("STATESWEEP_", "AIRFLOW"))
 
 
 def dead_database_env(isolation: dict[str, str], redis_url: str = REDIS_URL) -> dict[str, str]:

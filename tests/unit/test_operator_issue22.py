@@ -5,40 +5,18 @@ second beat seen from the first interleaved trigger (item 9)."""
 
 from __future__ import annotations
 
-import os
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import Result
 
-from workers.cli import cli
+from tests import cli_runner
+from tests.cli_runner import restore_logging  # noqa: F401 - autouse fixture
 from workers.cli.doctor import Check, batch_check, interleave_check, render, report
 from workers.exceptions import SettingsError
 from workers.exit_codes import EXIT_BAD_ARGUMENT, EXIT_SETTINGS
 from workers.settings import MAX_BATCH_SIZE, METASTORE_BACKEND, Settings, check_batch_size_value
-
-
-@pytest.fixture(autouse=True)
-def restore_logging() -> Iterator[None]:
-    """The CLI routes logging to its own stderr; put the process's logging back afterwards."""
-    import logging
-
-    import structlog
-
-    from workers import logs
-
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    config, configured = structlog.get_config(), logs._configured
-    try:
-        yield
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
-        structlog.configure(**config)
-        logs._configured = configured
 
 
 def write_cfg(home: Path, **sections: dict[str, str]) -> Path:
@@ -49,10 +27,8 @@ def write_cfg(home: Path, **sections: dict[str, str]) -> Path:
 
 
 def invoke(*args: str, env: dict[str, str]) -> Result:
-    clean: dict[str, str | None] = {k: None for k in os.environ
-                                    if k.startswith(("STATESWEEP_", "AIRFLOW"))}
-    clean.update(env)
-    return CliRunner().invoke(cli, list(args), env=clean, catch_exceptions=False)
+    """The CLI with *env* its whole configuration: Airflow's variables are unset too."""
+    return cli_runner.invoke(*args, env=env, unset=("STATESWEEP_", "AIRFLOW"))
 
 
 def doctor_lines(settings: Settings, monkeypatch: pytest.MonkeyPatch, home: Path) -> dict[str, str]:
