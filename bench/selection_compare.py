@@ -1,6 +1,10 @@
 """``python -m bench.selection_compare``: statesweep's selection against ``airflow db clean``.
 
     python -m bench.selection_compare --airflow /opt/af-3.3.2/bin/airflow
+    python -m bench.selection_compare --airflow /opt/af-3.4/bin/airflow
+
+The schema is the one of the Airflow the command runs (``airflow version``: 3.3.x loads the 3.3.2
+dump, 3.4.x the 3.4.0b2 dump), so each version's ``db clean`` runs on its own tables.
 
 Airflow's ``db clean`` cleans ``task_state_store`` by ``expires_at < --clean-before-timestamp``
 within ``--dag-ids`` / outside ``--exclude-dag-ids``. statesweep's ``cleanup`` takes the same
@@ -13,7 +17,8 @@ protection of unfinished dag runs keeps nothing) and state rows whose ``expires_
 ten days either side of now, a tenth never expiring; cloned twice. ``airflow db clean
 --tables task_state_store --skip-archive -y`` runs on one clone, ``statesweep cleanup --local``
 with the same options on the other, and the primary keys left are compared. The expected set
-(computed here from the predicate) is a third witness. Output: bench/results/selection_compare.md.
+(computed here from the predicate) is a third witness. Output:
+bench/results/selection_compare_<schema version>.md.
 Airflow runs from its own environment (``--airflow``), never statesweep's.
 """
 
@@ -32,7 +37,7 @@ from typing import Any
 
 from sqlalchemy import Engine, select
 
-from tests.airflow_schemas import airflow_schema_database
+from tests.airflow_schemas import VERSIONS, airflow_schema_database
 from tests.conftest import database_now
 from tests.integration.test_airflow_versions import dag_run
 from workers.db import make_engine
@@ -96,8 +101,19 @@ def expected(engine: Engine, cutoff: dt.datetime, case: dict[str, Any]) -> set[t
     return keep
 
 
-def clone(dialect: str, stack: ExitStack, seed_value: int) -> tuple[str, Engine, dt.datetime]:
-    url = stack.enter_context(airflow_schema_database(dialect, "3.3.2"))
+def schema_version(airflow_version: str) -> str:
+    """The committed schema dump made by the same minor version of Airflow."""
+    minor = ".".join(airflow_version.split(".")[:2])
+    for version, _layout in VERSIONS:
+        if version.startswith(minor + "."):
+            return version
+    raise SystemExit(f"--airflow: no schema dump of Airflow {minor} in tests/airflow_schemas "
+                     f"(have {', '.join(v for v, _ in VERSIONS)})")
+
+
+def clone(dialect: str, version: str, stack: ExitStack,
+          seed_value: int) -> tuple[str, Engine, dt.datetime]:
+    url = stack.enter_context(airflow_schema_database(dialect, version))
     engine = make_engine(url)
     stack.callback(engine.dispose)
     return url, engine, seed(engine, random.Random(seed_value))
@@ -136,23 +152,26 @@ def statesweep_clean(url: str, args: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--airflow", default="/opt/af-3.3.2/bin/airflow",
-                   help="the airflow command of an environment with apache-airflow-core 3.3.x")
+                   help="the airflow command of an apache-airflow-core 3.3.x or 3.4.x environment")
     p.add_argument("--dialects", default="postgresql,mariadb")
     args = p.parse_args(argv)
-    lines = ["# statesweep selection vs `airflow db clean` (task_state_store)", "",
-             f"Airflow: `{args.airflow}` "
-             f"({subprocess.run([args.airflow, 'version'], capture_output=True, text=True, check=False).stdout.strip()}); "  # noqa: E501
+    airflow_version = subprocess.run([args.airflow, "version"], capture_output=True, text=True,
+                                     check=False).stdout.strip()
+    version = schema_version(airflow_version)
+    lines = [f"# statesweep selection vs `airflow db clean` {airflow_version} (task_state_store)",
+             "", f"Airflow: `{args.airflow}` ({airflow_version}) on the schema it migrates to "
+             f"(tests/airflow_schemas, {version}); "
              f"{len(DAG_IDS)} dag ids x 3 finished runs x {ROWS_PER_RUN} rows, expires_at "
              "spread over now +- 10 days, 10% never. Command: "
-             "`python -m bench.selection_compare`", "",
+             f"`python -m bench.selection_compare --airflow {args.airflow}`", "",
              "| dialect | case | rows | airflow left | statesweep left | expected left | "
              "same rows |", "|---|---|---:|---:|---:|---:|---|"]
     failures = 0
     for dialect in args.dialects.split(","):
         for i, (name, case) in enumerate(CASES):
             with ExitStack() as stack, tempfile.TemporaryDirectory() as home:
-                url_a, eng_a, now = clone(dialect, stack, i)
-                url_s, eng_s, _ = clone(dialect, stack, i)
+                url_a, eng_a, now = clone(dialect, version, stack, i)
+                url_s, eng_s, _ = clone(dialect, version, stack, i)
                 before = remaining(eng_a)
                 assert before == remaining(eng_s), "clones differ"
                 cutoff = now - dt.timedelta(days=case["before_days"])
@@ -168,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["", "same rows: the primary keys (dag_id, run_id, task_id, key) left by both "
               "tools and by the predicate are one set."]
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "selection_compare.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"selection_compare_{version}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 1 if failures else 0
 
