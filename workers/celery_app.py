@@ -33,7 +33,11 @@ PUMP = "statesweep.pump"
 PAUSE = "statesweep.pause"
 RESUME = "statesweep.resume"
 ABORT = "statesweep.abort"
-CONTROL_TASKS = (COORDINATE, SWEEP_ORPHANS, PUMP, PAUSE, RESUME, ABORT)
+# db-clean on the workers (workers.dbclean.tasks): its coordinator, its chunks, its pump.
+DB_CLEAN = "statesweep.db_clean"
+DB_CLEAN_CHUNK = "statesweep.db_clean_chunk"
+DB_CLEAN_PUMP = "statesweep.db_clean_pump"
+CONTROL_TASKS = (COORDINATE, SWEEP_ORPHANS, PUMP, PAUSE, RESUME, ABORT, DB_CLEAN, DB_CLEAN_PUMP)
 IDENTITY_COMMAND = "statesweep_identity"  # a remote control command each worker answers
 
 
@@ -85,6 +89,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_routes": {
             **{name: {"queue": settings.control_queue} for name in CONTROL_TASKS},
             DELETE_CHUNK: {"queue": settings.chunk_queue},
+            DB_CLEAN_CHUNK: {"queue": settings.chunk_queue},
         },
         "beat_schedule": build_beat_schedule(settings),
         # STATESWEEP_CHUNK_RATE_LIMIT is statesweep's own, shared by all workers (the run
@@ -96,7 +101,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 def build_app(settings: Settings, *, include_tasks: bool = True) -> Celery:
     """A Celery app for *settings*. Clients (CLI, tests) send tasks by name with one whose
     tasks are not included, so they need no database."""
-    new = Celery("statesweep", include=["workers.tasks"] if include_tasks else [])
+    new = Celery("statesweep",
+                 include=["workers.tasks", "workers.dbclean.tasks"] if include_tasks else [])
     new.conf.update(celery_config(settings))
     return new
 

@@ -2,7 +2,9 @@
 archived and deleted in one transaction (workers.dbclean), and its archives: ``db-clean
 archives`` (list), ``db-clean export`` (CSV/JSON), ``db-clean drop``.
 
-Options are spelled as Airflow spells them. Every argument is checked before the database is
+Without ``--local`` the run goes to the workers (workers.dbclean.tasks) and the command waits
+for it to end (workers.cli.dbclean_wait), printing the same report. Options are spelled as
+Airflow spells them. Every argument is checked before the database is
 touched: a bad one is one line naming it and its value, exit 6, nothing deleted.
 """
 
@@ -75,7 +77,8 @@ def _confirm(question: str, answer: str) -> None:
               help="Rows per chunk (one transaction each) [default: "
                    "STATESWEEP_CLEANUP_BATCH_SIZE]; 0 = one chunk per table.")
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
-@click.option("--local", is_flag=True, help="Run the chunks in this process.")
+@click.option("--local", is_flag=True, help="Run the chunks in this process (default: on the "
+                                            "workers, waiting for the run to end).")
 @FORMAT
 @click.pass_context
 def db_clean(ctx: click.Context, clean_before_timestamp: str | None, tables: str | None,
@@ -94,9 +97,6 @@ def db_clean(ctx: click.Context, clean_before_timestamp: str | None, tables: str
     only = _dag_ids("--dag-ids", dag_ids)
     excluded = _dag_ids("--exclude-dag-ids", exclude_dag_ids)
     check_batch_option(batch_size)
-    if not (local or dry_run):
-        raise InvalidArgument("db-clean runs in this process only so far: pass --local (or "
-                              "--dry-run); the distributed run is not built yet")
     settings = load_settings(is_verbose(ctx))
     request = run.Request(before, names, only, excluded,
                           settings.cleanup_batch_size if batch_size is None else batch_size,
@@ -118,7 +118,12 @@ def db_clean(ctx: click.Context, clean_before_timestamp: str | None, tables: str
             click.echo(f"{result.table}: {result.deleted:,} of {result.eligible:,} rows, "
                        f"{result.chunks} chunks", err=True)
 
-        report = run.clean(engine, request, on_progress=progress if not dry_run else None)
+        if local or dry_run:
+            report = run.clean(engine, request, on_progress=progress if not dry_run else None)
+        else:
+            from workers.cli.dbclean_wait import dispatch_and_wait
+
+            report = dispatch_and_wait(settings, request, version)
     finally:
         engine.dispose()
     if fmt == "json":

@@ -1,0 +1,248 @@
+"""`statesweep db-clean` on real workers: the same rows left and archived as `--local` on the same
+data (PostgreSQL and MariaDB, with and without --skip-archive); status, pause and abort of a
+db-clean run; bad input refused before anything is sent.
+
+Each test has its own databases (real Airflow schemas), Redis key prefix and queues, and its own
+worker subprocess.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from sqlalchemy import Engine, MetaData, Table, inspect, select
+
+from tests.airflow_schemas import airflow_schema_database
+from tests.cli_runner import invoke, restore_logging  # noqa: F401 - an autouse fixture
+from tests.integration.test_db_clean import (
+    TABLES,
+    T,
+    expected,
+    insert,
+    populate,
+    snapshot,
+)
+from tests.processes import workers
+from tests.services import REDIS_URL
+from workers.db import make_engine
+from workers.dbclean.rules import ARCHIVE_PREFIX
+from workers.exit_codes import EXIT_BAD_ARGUMENT
+
+pytestmark = [pytest.mark.acceptance, pytest.mark.timeout(600)]
+
+
+def same_populate(*engines: Engine, version: str) -> Any:
+    """The same rows in each database (populate's UUIDs drawn from one seeded generator)."""
+    data = None
+    for engine in engines:
+        rng = random.Random(24)
+        real = uuid.uuid4
+        uuid.uuid4 = lambda: uuid.UUID(int=rng.getrandbits(128), version=4)  # type: ignore[assignment]
+        try:
+            data = populate(engine, version)
+        finally:
+            uuid.uuid4 = real  # type: ignore[assignment]
+    return data
+
+
+def worker_env(url: str, isolation: dict[str, str], redis_url: str, **extra: str) -> dict[str, str]:
+    return {"STATESWEEP_DATABASE_URL": url, "STATESWEEP_BROKER_URL": redis_url,
+            "STATESWEEP_RESULT_BACKEND": redis_url, "STATESWEEP_RUN_STORE_URL": redis_url,
+            "STATESWEEP_LOG_FORMAT": "json", "STATESWEEP_PUMP_INTERVAL_SECONDS": "1",
+            **isolation, **{f"STATESWEEP_{k.upper()}": v for k, v in extra.items()}}
+
+
+@pytest.fixture
+def cleanup_keys(isolation: dict[str, str]) -> Iterator[None]:
+    yield
+    queues = [isolation["STATESWEEP_CONTROL_QUEUE"], isolation["STATESWEEP_CHUNK_QUEUE"]]
+    with redis.Redis.from_url(REDIS_URL) as r:
+        keys = list(r.scan_iter(match=f"{isolation['STATESWEEP_KEY_PREFIX']}:*"))
+        keys += queues + [f"_kombu.binding.{q}" for q in queues]
+        r.delete(*keys)
+
+
+def archived(engine: Engine) -> dict[str, list[Any]]:
+    """Each archive's source table -> the primary keys it holds (duplicates kept)."""
+    out: dict[str, list[Any]] = {}
+    with engine.connect() as conn:
+        for name in sorted(n for n in inspect(conn).get_table_names()
+                           if n.startswith(ARCHIVE_PREFIX)):
+            source = name[len(ARCHIVE_PREFIX):].rsplit("__", 1)[0]
+            t = Table(name, MetaData(), autoload_with=conn)
+            live = Table(source, MetaData(), autoload_with=conn)
+            pk = [c.name for c in live.primary_key.columns]
+            rows = conn.execute(select(*[t.c[c] for c in pk])).all()
+            out[source] = sorted(str(tuple(r)) for r in rows)
+    return out
+
+
+@contextmanager
+def two_databases(dialect: str, version: str) -> Iterator[tuple[str, str]]:
+    with airflow_schema_database(dialect, version) as a, \
+            airflow_schema_database(dialect, version) as b:
+        yield a, b
+
+
+@pytest.mark.parametrize("skip_archive", [False, True], ids=["archive", "skip-archive"])
+@pytest.mark.parametrize(("dialect", "version"), [("postgresql", "3.3.2"), ("mysql", "3.4.0b2")],
+                         ids=["postgresql-3.3.2", "mysql-3.4.0b2"])
+def test_the_workers_leave_and_archive_what_local_does(
+        dialect: str, version: str, skip_archive: bool, isolation: dict[str, str],
+        redis_url: str, tmp_path: Path, cleanup_keys: None) -> None:
+    with two_databases(dialect, version) as (local_url, dist_url):
+        local, dist = make_engine(local_url), make_engine(dist_url)
+        try:
+            data = same_populate(local, dist, version=version)
+            args = ["db-clean", "--clean-before-timestamp", T.isoformat(), "--batch-size", "3",
+                    "-y", *(["--skip-archive"] if skip_archive else [])]
+            res = invoke(*args, "--local", env={"STATESWEEP_DATABASE_URL": local_url,
+                                                "STATESWEEP_RUN_STORE_URL": "memory://"})
+            assert res.exit_code == 0, res.output
+            env = worker_env(dist_url, isolation, redis_url, max_chunks_in_flight="4")
+            with workers(env, tmp_path, count=1, concurrency=2):
+                out = invoke(*args, env=env)
+            assert out.exit_code == 0, out.output
+            assert snapshot(dist) == snapshot(local) == expected(data)
+            assert archived(dist) == archived(local)
+            if skip_archive:
+                assert archived(dist) == {}
+            else:
+                assert set(archived(dist)) >= {"dag_run", "log", "job"}
+            # The same per-table report as --local.
+            lines = [ln for ln in out.stdout.splitlines() if ln.split(":")[0] in TABLES]
+            assert lines and all(("deleted" in ln) or ("skipped" in ln) for ln in lines)
+            assert "dag_run: deleted" in out.stdout
+        finally:
+            local.dispose()
+            dist.dispose()
+
+
+def _log_rows(engine: Engine, n: int) -> None:
+    md = MetaData()
+    md.reflect(engine, only=["log"])
+    with engine.begin() as conn:
+        insert(conn, md.tables["log"], [
+            {"id": 1000 + i, "dttm": T - (i + 1) * dt.timedelta(seconds=1), "event": "e"}
+            for i in range(n)])
+
+
+def _registry(env: dict[str, str]) -> Any:
+    from workers.runs import registry_for
+
+    return registry_for(env["STATESWEEP_RUN_STORE_URL"], env["STATESWEEP_KEY_PREFIX"])
+
+
+def _send(env: dict[str, str], name: str, **kwargs: Any) -> Any:
+    from workers.celery_app import build_app
+    from workers.settings import Settings
+
+    app = build_app(Settings.from_env(env), include_tasks=False)
+    try:
+        return app.send_task(name, kwargs=kwargs, queue=env["STATESWEEP_CONTROL_QUEUE"])
+    finally:
+        app.close()
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 240) -> Any:
+    """Poll *check* until it returns something true (the run store, not a clock, decides)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_status_pause_and_abort_of_a_db_clean_run(
+        isolation: dict[str, str], redis_url: str, tmp_path: Path, cleanup_keys: None) -> None:
+    from workers.celery_app import DB_CLEAN, DB_CLEAN_PUMP
+    from workers.dbclean.store import DbCleanStore
+
+    with airflow_schema_database("postgresql", "3.3.2") as url:
+        engine = make_engine(url)
+        try:
+            _log_rows(engine, 3000)
+            env = worker_env(url, isolation, redis_url, max_chunks_in_flight="2")
+            registry = _registry(env)
+            store = DbCleanStore(registry)
+            # Paused before it starts: the run is recorded, but no chunk is sent.
+            assert invoke("pause", "--reason", "test", env=env).exit_code == 0
+            run_id = "dbclean-status-1"
+            with workers(env, tmp_path, count=1, concurrency=2):
+                _send(env, DB_CLEAN, clean_before_timestamp=T.isoformat(), tables="log",
+                      batch_size=10, run_id=run_id)
+                record = wait_for("the run held", lambda: (r := registry.get(run_id)) and
+                                  r.held.startswith("paused") and r)
+                assert record.state == "running" and record.kind == "db_clean"
+                assert record.chunks_done == 0 and store.window(run_id) == []
+                out = invoke("status", run_id, "--format", "json", env=env)
+                assert out.exit_code == 0, out.output
+                assert '"kind": "db_clean"' in out.stdout and "paused" in out.stdout
+                assert "log" in invoke("status", run_id, env=env).stdout
+                # Resumed: chunks move.
+                assert invoke("resume", env=env).exit_code == 0
+                _send(env, DB_CLEAN_PUMP, run_id=run_id)
+                wait_for("chunks moved", lambda: (r := registry.get(run_id)) and
+                         r.chunks_done >= 3)
+                # Aborted: the run ends, its lock is freed, the rest of the rows stay.
+                out = invoke("abort", run_id, env=env)
+                assert out.exit_code == 0, out.output
+                _send(env, DB_CLEAN_PUMP, run_id=run_id)
+                wait_for("the lock freed", lambda: store.active_run() is None)
+                record = registry.get(run_id)
+                assert record is not None and record.state == "aborted"
+                # A new run may start and finish what the aborted one left.
+                _send(env, DB_CLEAN, clean_before_timestamp=T.isoformat(), tables="log",
+                      batch_size=500, run_id="dbclean-status-2")
+                done = wait_for("the second run", lambda: (r := registry.get(
+                    "dbclean-status-2")) and r.ended and r)
+                assert done.state == "finished", done.error
+            with engine.connect() as conn:
+                log = Table("log", MetaData(), autoload_with=conn)
+                assert conn.execute(select(log.c.id).where(log.c.dttm < T)).first() is None
+            tables = store.tables("dbclean-status-2")
+            assert [t["table"] for t in tables] == ["log"]
+            assert tables[0]["archive"].startswith(ARCHIVE_PREFIX + "log__")
+        finally:
+            engine.dispose()
+
+
+@pytest.mark.parametrize(("args", "names"), [
+    ((), "--clean-before-timestamp"),
+    (("--clean-before-timestamp", "yesterday"), "--clean-before-timestamp"),
+    (("--clean-before-timestamp", T.isoformat(), "--tables", "log,nosuch"), "--tables"),
+    (("--clean-before-timestamp", T.isoformat(), "--batch-size", "-3"), "--batch-size"),
+    (("--clean-before-timestamp", T.isoformat(), "--dag-ids", ","), "--dag-ids"),
+])
+def test_bad_input_to_the_distributed_run_is_one_line_and_sends_nothing(
+        args: tuple[str, ...], names: str, isolation: dict[str, str], redis_url: str,
+        cleanup_keys: None) -> None:
+    with airflow_schema_database("postgresql", "3.3.2") as url:
+        engine = make_engine(url)
+        try:
+            _log_rows(engine, 10)
+            env = worker_env(url, isolation, redis_url)
+            out = invoke("db-clean", *args, "-y", env=env)
+            assert out.exit_code == EXIT_BAD_ARGUMENT, out.output
+            [line] = [ln for ln in out.stderr.splitlines() if ln.strip()]
+            assert names in line
+            with redis.Redis.from_url(REDIS_URL) as r:  # nothing recorded, nothing queued
+                assert r.llen(isolation["STATESWEEP_CONTROL_QUEUE"]) == 0
+                assert not list(r.scan_iter(match=f"{isolation['STATESWEEP_KEY_PREFIX']}:run:*"))
+            with engine.connect() as conn:
+                log = Table("log", MetaData(), autoload_with=conn)
+                assert len(conn.execute(select(log.c.id)).all()) == 10
+        finally:
+            engine.dispose()

@@ -1,0 +1,357 @@
+"""A ``db-clean`` run on the workers: plain functions the Celery tasks call (workers.tasks).
+
+- start(): the coordinator. Reads the database's clock once (the archive names' time), resolves
+  the tables in Airflow's order, takes the db-clean lock and records the run, then steps it.
+- step(): under the run's step mutex, moves the run on: prepares the current table (its report
+  count and its archive table, made once, before its first chunk), sends chunks that were lost
+  (their worker died: heartbeat gone; or never taken: sent longer ago than the resend period),
+  cuts new chunks (``lo`` exclusive, ``hi`` inclusive, by an index probe each, the last one
+  open) while the window has room and flow control lets it, and, once a table is cut and its
+  window drained, goes on to the next table: the barrier. Every finished chunk, the pump and the
+  coordinator ask for a step; a step asked for while another runs is run by that one after it.
+- run_chunk(): a chunk on a worker: its dependants first (bounded batches), then archive and
+  delete in one transaction that repeats the rule (workers.dbclean.statements.move_chunk),
+  counted once, then a step.
+
+Redelivery is safe: a chunk's rows, once moved, are gone (the rule is re-checked at delete
+time, and PostgreSQL's and MySQL's row locks make a concurrent copy wait and find none), and a
+chunk is counted once (workers.dbclean.store).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from functools import partial
+from typing import Any
+
+import structlog
+from sqlalchemy import Column, Engine, MetaData, Table, inspect
+
+from workers.chunk import heartbeat
+from workers.db import db_now
+from workers.dbclean import cascade, run
+from workers.dbclean import statements as sql
+from workers.dbclean.rules import TableRule, effective_tables
+from workers.dbclean.store import DbCleanStore, decode_key, encode_key, payload
+from workers.runs import RunStore
+from workers.settings import Settings
+from workers.window import gate, resend_after
+
+log = structlog.get_logger("statesweep.dbclean")
+
+#: Sends one chunk message: (run_id, chunk number, table, lo, hi) with lo/hi encoded keys.
+SendChunk = Callable[[str, int, str, str | None, str | None], None]
+
+
+def encode_request(request: run.Request) -> str:
+    d = asdict(request)
+    d["before"] = request.before.isoformat()
+    return json.dumps(d)
+
+
+def decode_request(text: str) -> run.Request:
+    d = json.loads(text)
+    d["before"] = dt.datetime.fromisoformat(d["before"])
+    for name in ("tables", "dag_ids", "exclude_dag_ids"):
+        d[name] = tuple(d[name])
+    return run.Request(**d)
+
+
+@dataclass
+class Context:
+    settings: Settings
+    engine: Engine
+    registry: RunStore
+    send: SendChunk
+
+    @property
+    def store(self) -> DbCleanStore:
+        return DbCleanStore(self.registry)
+
+
+def start(ctx: Context, run_id: str, request: run.Request, source: str) -> dict[str, Any]:
+    """Record and start the run (a redelivered coordinator resumes its own); one at a time."""
+    version, rules = run.plan(ctx.engine, request)
+    with ctx.engine.connect() as conn:
+        tag = run.run_tag(db_now(conn))
+    names = [r.table for r in rules]
+    outcome, detail = ctx.store.start(
+        run_id, ttl=ctx.settings.run_timeout_seconds, source=source,
+        before=request.before.isoformat(), batch_size=request.batch_size,
+        request=encode_request(request), version=version, tables=names, tag=tag)
+    if outcome == "held":
+        why = f"db-clean run {detail} is active"
+        ctx.registry.close_queued(run_id, why)
+        ctx.registry.note_trigger("skipped", run_id, source, why)
+        log.info("db_clean_skipped_active_run", run_id=run_id, active_run_id=detail)
+        return {"run_id": run_id, "status": "skipped", "active_run_id": detail, "reason": why}
+    if outcome == "ended":
+        return {"run_id": run_id, "status": "skipped", "reason": f"run {run_id} is {detail}"}
+    if outcome == "started":
+        ctx.registry.note_trigger("started", run_id, source)
+        log.info("db_clean_run_started", run_id=run_id, airflow=version, tables=names,
+                 before=request.before.isoformat(), batch_size=request.batch_size,
+                 skip_archive=request.skip_archive)
+    step(ctx, run_id)
+    return {"run_id": run_id, "status": "started" if outcome == "started" else "resumed",
+            "airflow": version, "tables": names}
+
+
+def step(ctx: Context, run_id: str) -> None:
+    """Move the run on, once (or again, for each step asked for meanwhile)."""
+    store = ctx.store
+    store.ask_step(run_id)
+    while True:
+        token = store.try_step(run_id)
+        if token is None:
+            return  # the holder runs the step asked for when it is done
+        try:
+            store.take_ask(run_id)
+            _step(ctx, store, run_id)
+        finally:
+            store.end_step(run_id, token)
+        if not store.take_ask(run_id):
+            return
+        store.ask_step(run_id)
+
+
+def _step(ctx: Context, store: DbCleanStore, run_id: str) -> None:
+    record = ctx.registry.get(run_id)
+    meta = store.meta(run_id)
+    if record is None or not meta:
+        return
+    if record.state != "running":
+        store.end(run_id, record.state)  # aborted: free the lock, drop the window
+        return
+    if not store.renew(run_id, ctx.settings.run_timeout_seconds):
+        log.warning("db_clean_lock_lost", run_id=run_id, holder=store.active_run() or "")
+        return
+    request = decode_request(meta["request"])
+    rules = {r.table: r for r in effective_tables(meta["version"], request.tables)}
+    names: list[str] = json.loads(meta["tables"])
+    index = int(meta.get("index") or 0)
+    while index < len(names):
+        name = names[index]
+        table = store.table(run_id, name)
+        if not table.get("state"):
+            table = _prepare(ctx, store, run_id, rules[name], request, meta["tag"])
+        if table["state"] == "running" and not _advance_table(ctx, store, run_id, rules[name],
+                                                              request, table):
+            return
+        index += 1
+        store.client.hset(store.meta_key(run_id), "index", index)
+    reports = store.tables(run_id)
+    failed = [t for t in reports if t["failed"]]
+    error = "; ".join(f"{t['table']}: {t['failed']}" for t in failed)
+    state = "failed" if failed else "finished"
+    if store.end(run_id, state, f"{len(failed)} table(s) failed: {error}" if failed else ""):
+        ended = ctx.registry.get(run_id)
+        log.info("db_clean_run_finished", run_id=run_id, state=state,
+                 rows=ended.rows_deleted if ended else 0,
+                 chunks=ended.chunks_done if ended else 0, tables_failed=len(failed))
+
+
+def _prepare(ctx: Context, store: DbCleanStore, run_id: str, rule: TableRule,
+             request: run.Request, tag: str) -> dict[str, str]:
+    """A table's start: its count and archive (once), or why it is skipped."""
+    live = set(inspect(ctx.engine).get_table_names())
+    filtered = bool(request.dag_ids or request.exclude_dag_ids)
+    done: dict[str, Any] = {}
+    if rule.table not in live:
+        done = {"state": "skipped", "skipped": "not in this database"}
+    else:
+        with ctx.engine.connect() as conn:
+            t = sql.reflect(conn, rule.table)
+            missing = sql.missing_columns(rule, t, filtered)
+            if missing:
+                done = {"state": "skipped",
+                        "skipped": f"its rule needs {', '.join(missing)}, which {rule.table} "
+                                   "lacks"}
+            elif not sql.key_columns(t):
+                done = {"state": "skipped", "skipped": "it has no primary key to cut chunks by"}
+            else:
+                cond = _eligible(conn, rule, t, request)
+                eligible = sql.count(conn, t, cond)
+                done = {"eligible": eligible, "state": "running" if eligible else "done"}
+    if done.get("state") == "running" and not request.skip_archive:
+        archive = store.table(run_id, rule.table).get("archive")
+        if not archive:  # named before it is made: a step that dies between makes it next
+            archive = run._archive_name(tag, rule.table, live)
+            store.set_table(run_id, rule.table, archive=archive)
+        if archive not in live:
+            with ctx.engine.begin() as conn:
+                sql.create_archive(conn, sql.reflect(conn, rule.table), archive)
+            log.info("db_clean_archive_created", run_id=run_id, table=rule.table,
+                     archive=archive)
+    if done.get("skipped"):
+        log.warning("db_clean_table_skipped", run_id=run_id, table=rule.table,
+                    reason=done["skipped"])
+    store.set_table(run_id, rule.table, **done)
+    return store.table(run_id, rule.table)
+
+
+def _eligible(conn: Any, rule: TableRule, t: Table, request: run.Request) -> list[Any]:
+    return sql.eligible(conn, rule, t, request.before, request.dag_ids,
+                        request.exclude_dag_ids, request.protect_unfinished)
+
+
+def _advance_table(ctx: Context, store: DbCleanStore, run_id: str, rule: TableRule,
+                   request: run.Request, table: dict[str, str]) -> bool:
+    """Resend lost chunks and cut new ones; True once the table is cut and drained."""
+    window = store.window(run_id)
+    cut_done = table.get("cut") == "1" or bool(table.get("failed"))
+    if not window and cut_done:
+        store.set_table(run_id, rule.table, state="done")
+        log.info("db_clean_table_done", run_id=run_id, table=rule.table,
+                 rows=int(table.get("deleted") or 0), failed=table.get("failed", ""))
+        return True
+    held = _held(ctx)
+    _note_held(ctx, store, run_id, held)
+    if held:
+        return False
+    now = time.time()
+    late = resend_after(ctx.settings)
+    for number, st, sent_at, resends, body in window:
+        lost = (st == "t" and not store.alive(run_id, number)) or \
+            (st == "s" and now - sent_at > late)
+        if lost:
+            name, lo, hi = json.loads(body)
+            store.put(run_id, number, body, resends + 1)
+            store.client.hincrby(store.run_key(run_id), "resends", 1)
+            log.warning("db_clean_chunk_resent", run_id=run_id, chunk=number, table=name,
+                        was="running" if st == "t" else "sent")
+            ctx.send(run_id, number, name, lo, hi)
+    room = ctx.settings.max_chunks_in_flight - len(window)
+    if cut_done or room <= 0:
+        return False
+    with ctx.engine.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT")
+        t = sql.reflect(conn, rule.table)
+        cond = _eligible(conn, rule, t, request)
+        lo_text = table.get("cursor") or None
+        for _ in range(room):
+            hi = sql.next_bound(conn, t, cond, decode_key(lo_text), request.batch_size)
+            hi_text = encode_key(hi)
+            number = store.next_number(run_id)
+            body = payload(rule.table, lo_text, hi_text)
+            store.put(run_id, number, body)
+            store.set_table(run_id, rule.table, cursor=hi_text or "",
+                            cut="1" if hi is None else "0")
+            ctx.send(run_id, number, rule.table, lo_text, hi_text)
+            if hi is None:
+                break
+            lo_text = hi_text
+    return False
+
+
+def _held(ctx: Context) -> str:
+    """Why no chunk may be sent now: paused, outside active hours, replicas lagging."""
+    paused = ctx.registry.paused()
+    if paused is not None:
+        return f"paused by {paused.by or 'someone'}: {paused.reason or '-'}"
+    return gate(ctx.settings, ctx.engine, with_lag=True).external
+
+
+def _note_held(ctx: Context, store: DbCleanStore, run_id: str, held: str) -> None:
+    key = store.run_key(run_id)
+    was = str(store.client.hget(key, "held") or "")
+    if held == was:
+        return
+    if held:
+        store.client.hset(key, mapping={"held": held, "held_since": time.time()})
+        store.client.hincrby(key, "holds", 1)
+        log.warning("db_clean_run_held", run_id=run_id, reason=held)
+    else:
+        store.client.hset(key, mapping={"held": "", "held_since": 0})
+
+
+# --- a chunk ------------------------------------------------------------------------------------
+
+_schema: dict[tuple[str, str], Any] = {}
+
+
+def _cached(run_id: str, name: str, make: Callable[[], Any]) -> Any:
+    """Per process and run: reflected tables and the foreign keys (one catalog read each)."""
+    key = (run_id, name)
+    if key not in _schema:
+        if len(_schema) > 64:
+            _schema.clear()
+        _schema[key] = make()
+    return _schema[key]
+
+
+@dataclass(frozen=True)
+class ChunkOutcome:
+    status: str  # moved | ended | duplicate | forged | failed
+    rows: int = 0
+    dependants: int = 0
+
+
+def run_chunk(ctx: Context, run_id: str, chunk: int, table: str, lo: str | None,
+              hi: str | None) -> ChunkOutcome:
+    """Move one chunk (its dependants first), count it once, and step the run. A database
+    error that is not worth a retry fails the chunk's table (recorded; its other chunks drain
+    and the next table runs); transient ones propagate for the task to retry."""
+    store = ctx.store
+    status = store.begin(run_id, chunk, payload(table, lo, hi))
+    if status != "ok":
+        log.info("db_clean_chunk_skipped", run_id=run_id, chunk=chunk, status=status)
+        return ChunkOutcome(status)
+    meta = store.meta(run_id)
+    request = decode_request(meta["request"])
+    rule = {r.table: r for r in effective_tables(meta["version"], request.tables)}[table]
+    archive_name = store.table(run_id, table).get("archive") or None
+    t0 = time.monotonic()
+    with heartbeat(ctx.registry, run_id, chunk):
+        rows, deps = _move(ctx, run_id, rule, request, archive_name, decode_key(lo),
+                           decode_key(hi))
+    counted = store.finish(run_id, chunk, table, rows, deps)
+    log.info("db_clean_chunk_moved", run_id=run_id, chunk=chunk, table=table, lo=lo, hi=hi,
+             rows=rows, dependants=deps, counted=counted,
+             ms=round((time.monotonic() - t0) * 1000, 1))
+    step(ctx, run_id)
+    return ChunkOutcome("moved", rows, deps)
+
+
+def fail_chunk(ctx: Context, run_id: str, chunk: int, table: str, error: str) -> None:
+    """A chunk that failed for good: its table is reported failed, the run goes on."""
+    if ctx.store.finish(run_id, chunk, table, 0, 0, error or "failed"):
+        log.warning("db_clean_table_failed", run_id=run_id, table=table, chunk=chunk,
+                    error=error)
+    step(ctx, run_id)
+
+
+def requeue(ctx: Context, run_id: str, chunk: int, error: str) -> None:
+    ctx.store.requeue(run_id, chunk, error)
+
+
+def _move(ctx: Context, run_id: str, rule: TableRule, request: run.Request,
+          archive_name: str | None, lo: sql.Key | None, hi: sql.Key | None) -> tuple[int, int]:
+    engine = ctx.engine
+
+    def reflect() -> tuple[Table, list[run.Dependant]]:
+        with engine.connect() as conn:
+            fks = _cached(run_id, "", lambda: cascade.ForeignKeys(conn))
+            t = sql.reflect(conn, rule.table)
+            return t, run._dependants(conn, fks, t)
+
+    t, dependants = _cached(run_id, rule.table, reflect)
+    archive = None
+    if archive_name:
+        # The archive's columns are the table's (create_archive made it so): no reflection.
+        archive = Table(archive_name, MetaData(),
+                        *[Column(c.name, c.type, nullable=True) for c in t.c])
+    with engine.connect() as conn:
+        cond = _eligible(conn, rule, t, request)
+    deps = 0
+    if dependants:
+        deps = run._delete_dependants(engine, request, dependants, t,
+                                      [*cond, *sql.in_range(t, lo, hi)])
+    # One transaction: the chunk's archive and its delete, with the whole rule re-checked.
+    rows = run._in_transaction(engine, request, rule.table, partial(
+        sql.move_chunk, t=t, archive=archive, cond=cond, lo=lo, hi=hi))
+    return rows, deps
