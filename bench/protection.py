@@ -3,7 +3,9 @@
     python -m bench.protection --rows 1000000 --rounds 3
 
 Protection (STATESWEEP_PROTECT_UNFINISHED_DAG_RUNS, on by default) adds one thing to a run: a
-``NOT EXISTS`` on dag_run by primary key in each chunk's DELETE (plus one count at planning).
+``dag_run_id NOT IN (SELECT id FROM dag_run WHERE state = 'queued' OR state = 'running')`` in
+each chunk's DELETE (``workers.cleanup.unfinished_run``: the unfinished runs read once per
+statement from Airflow's partial indexes, one hash probe per row), plus one count at planning.
 This bench times exactly that, with the rest held still: statesweep's own plan and chunk
 statements (``workers.cleanup.delete_range``, the statement the chunk task runs) on 2 threads of
 this process, protection on and off, on fresh file copies of one template, alternating which

@@ -17,7 +17,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Delete, Engine, and_, delete, exists, func, select, text, tuple_
+from sqlalchemy import (
+    Connection,
+    Delete,
+    Engine,
+    and_,
+    delete,
+    exists,
+    func,
+    or_,
+    select,
+    text,
+    tuple_,
+)
 
 from workers.db import begin_chunk, db_now, set_timeouts
 from workers.exceptions import InvalidArgument
@@ -65,13 +77,31 @@ def range_condition(tables: Tables, rng: ChunkRange) -> list[Any]:
 UNFINISHED_DAG_RUN_STATES = ("queued", "running")
 
 
+def unfinished_state(tables: Tables) -> Any:
+    """dag_run.state is queued or running, spelled ``state = 'queued' OR state = 'running'``:
+    Airflow's partial indexes (``idx_dag_run_queued_dags``, ``idx_dag_run_running_dags``, one
+    per state on PostgreSQL) each match one arm, so PostgreSQL reads the few unfinished runs
+    from them (a BitmapOr). ``state IN (…)`` is ``= ANY(array)`` there, which implies neither
+    index's predicate: every chunk scanned all of dag_run instead (issue 23)."""
+    state = tables.dag_run.c.state
+    return or_(*(state == s for s in UNFINISHED_DAG_RUN_STATES))
+
+
 def unfinished_run(tables: Tables) -> Any:
-    """The row's dag run is queued or running (by dag_run's primary key). Retries of a task
-    share its state, and retention counts from the last write, so a long retry delay or a run
-    queued for days lets state expire while its task still needs it."""
+    """The row's dag run is queued or running. Retries of a task share its state, and
+    retention counts from the last write, so a long retry delay or a run queued for days lets
+    state expire while its task still needs it.
+
+    An uncorrelated ``dag_run_id IN (SELECT id FROM dag_run WHERE <unfinished>)``, part of the
+    DELETE itself: the server reads the unfinished runs once per statement, in the DELETE's
+    own snapshot (PostgreSQL hashes them, a "hashed SubPlan"; SQLite builds one ephemeral
+    index; MariaDB materialises it or probes dag_run's key), and each row costs one probe.
+    Judged at the DELETE exactly as a correlated NOT EXISTS is: the same statement, the same
+    snapshot, no list fetched earlier that a run turning running could slip past. NOT IN's
+    NULL rule changes nothing here: dag_run.id is the primary key and task state's dag_run_id
+    is NOT NULL (and a NULL would only keep the row)."""
     t, dr = tables.task_state, tables.dag_run
-    return exists().where(dr.c.id == t.c.dag_run_id,
-                          dr.c.state.in_(UNFINISHED_DAG_RUN_STATES))
+    return t.c.dag_run_id.in_(select(dr.c.id).where(unfinished_state(tables)))
 
 
 def delete_statement(tables: Tables, rng: ChunkRange, cutoff: dt.datetime, *,
@@ -247,7 +277,7 @@ def count_protected(conn: Connection, tables: Tables, cutoff: dt.datetime) -> Pr
     row = conn.execute(
         select(func.count(), func.min(t.c.expires_at)).select_from(
             t.join(dr, dr.c.id == t.c.dag_run_id))
-        .where(dr.c.state.in_(UNFINISHED_DAG_RUN_STATES), t.c.expires_at < cutoff)).one()
+        .where(unfinished_state(tables), t.c.expires_at < cutoff)).one()
     oldest = row[1]
     if oldest is not None and oldest.tzinfo is None:
         oldest = oldest.replace(tzinfo=dt.UTC)
