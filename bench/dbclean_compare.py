@@ -1,18 +1,32 @@
 """``python -m bench.dbclean_compare``: ``statesweep db-clean`` against ``airflow db clean``.
 
-    python -m bench.dbclean_compare --airflow /opt/af-3.3.2/bin/airflow [--scale 1]
+    python -m bench.dbclean_compare --airflow /opt/af-3.3.2/bin/airflow [--db mariadb]
+        [--scale 1] [--tasks 5] [--cases archived,skip-archive] [--workers N]
 
-One PostgreSQL database holding Airflow 3.3.2's schema (tests/airflow_schemas, made by
-``airflow db migrate``; ``--migrate`` runs the migration here instead) is filled with Airflow
-rows spread around T = 2026-06-01: dags, dag versions (some still referenced by task
-instances), dag runs (scheduled and manual, some never started), task instances, XComs, task
-reschedules, task state, log, job, callbacks in every state with deadlines, import errors,
-revoked tokens. It is cloned twice per case; ``airflow db clean --clean-before-timestamp T -y``
-runs on one clone (Airflow's own environment, ``--airflow``), ``statesweep db-clean --local -y``
-with the same options on the other, and every table of the schema is compared by primary key.
-On statesweep's clone each archive must hold exactly the rows its table lost; Airflow's archives
-(one per batch) are compared with statesweep's (one per table) too. Output:
-bench/results/dbclean_compare.md and .json. Timings are one process each, for orientation only.
+One database (PostgreSQL, or MariaDB with ``--db mariadb``) holding the schema of the Airflow
+that ``--airflow`` runs (3.3.2 or 3.4.0b2: tests/airflow_schemas, made by ``airflow db
+migrate``; ``--migrate`` runs the migration here instead) is filled server-side
+(bench.dbclean_fill) with Airflow rows spread around T = 2026-06-01: dags, dag versions, dag
+runs (scheduled and manual, some never started), task instances, XComs, task reschedules, task
+state, log, job, callbacks in every state with deadlines, import errors, revoked tokens.
+``--scale 10 --tasks 10`` is the issue's size: 200k dag runs, 2M task instances, 2M XComs, 2M
+log rows. It is cloned twice per case (MariaDB: schema loaded, tables copied server-side);
+``airflow db clean --clean-before-timestamp T -y --batch-size B`` runs on one clone, ``statesweep
+db-clean`` with the same options on the other (``--local``, or on N workers of its own with
+``--workers N``, bench.dbclean_workers), and every table is compared by primary key. Each of
+statesweep's archives must hold only rows its table lost, each once; Airflow's archives (one
+per batch) are compared with statesweep's (one per table).
+
+Beside each tool's wall time (bench.dbclean_speed): the longest transaction it held open,
+sampled from the server every 20 ms, and the p99 latency of a writer on the cleaned tables
+during the run and in an idle window just before; load average before and after.
+
+Nothing to install by hand: when the ``--airflow`` path does not exist, apache-airflow-core
+(3.3.2, or 3.4.0b2 for an ``af-3.4`` path) and its drivers are installed into a venv under
+``~/.cache/statesweep-bench/af-<version>`` (tests.airflow_schemas.generate.install); with
+``--db mariadb``, mysqlclient is pip-installed into that venv when missing, after
+``apt-get install -y default-libmysqlclient-dev pkg-config`` when run as root and its headers
+are missing. Output: bench/results/dbclean_compare_<db>_<version>_x<scale>[_k<tasks>].md/.json.
 """
 
 from __future__ import annotations
@@ -20,131 +34,123 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, MetaData, Table, create_engine, inspect, select, text
+from sqlalchemy import Engine, MetaData, Table, inspect, select, text
+
+from bench import dbclean_fill as fill
+from bench.dbclean_speed import (
+    TransactionSampler,
+    Writer,
+    drop_writer_rows,
+    engine_for,
+    kept_ids,
+    uptime,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
-ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-T = "2026-06-01T00:00:00+00:00"
 PREFIX = "_airflow_deleted__"
-
-# One statement per table, over generate_series: the sizes are :d dags, :r dag runs, :k task
-# instances per run, :l log rows. Times spread from 90 days before T to 30 days after it, in a
-# scattered order (i * prime % 120), so each table is cut in many places.
-FILL = [
-    "INSERT INTO dag_bundle (name) VALUES ('b')",
-    # A third of the dags parsed recently: only their versions are referenced by task instances
-    # (a version still referenced cannot be deleted, and a dag's delete cascades to versions).
-    """INSERT INTO dag (dag_id, is_paused, is_stale, bundle_name, timetable_type,
-        partition_mapper_info, max_active_tasks, max_consecutive_failed_dag_runs,
-        has_task_concurrency_limits, last_parsed_time)
-       SELECT 'dag_' || i, false, false, 'b', 'cron', '{}', 16, 0, false,
-              TIMESTAMPTZ :t + ((i % 3) - 2) * INTERVAL '30 days'
-       FROM generate_series(1::bigint, :d) i""",
-    """INSERT INTO dag_version (id, version_number, dag_id, created_at, last_updated)
-       SELECT md5(i || 'v')::uuid, (i - 1) / :d + 1, 'dag_' || ((i - 1) % :d + 1),
-              TIMESTAMPTZ :t + (((i - 1) / :d) - 2) * INTERVAL '20 days' + i * INTERVAL '1 s',
-              TIMESTAMPTZ :t
-       FROM generate_series(1::bigint, 3 * :d) i""",
-    """INSERT INTO dag_run (id, dag_id, run_id, run_type, run_after, start_date, state)
-       SELECT i, 'dag_' || ((i - 1) % :d + 1), 'run_' || i,
-              CASE WHEN i % 10 = 0 THEN 'manual' ELSE 'scheduled' END,
-              TIMESTAMPTZ :t + ((i * 7919 % 120) - 90) * INTERVAL '1 day' + i * INTERVAL '1 s',
-              CASE WHEN i % 50 = 0 THEN NULL ELSE TIMESTAMPTZ :t
-                   + ((i * 7919 % 120) - 90) * INTERVAL '1 day' + i * INTERVAL '1 s' END,
-              'success'
-       FROM generate_series(1::bigint, :r) i""",
-    """INSERT INTO task_instance (id, task_id, dag_id, run_id, try_number, pool, pool_slots,
-        start_date, state, dag_version_id)
-       SELECT md5(i || 'ti')::uuid, 't' || ((i - 1) % :k),
-              'dag_' || (((i - 1) / :k) % :d + 1), 'run_' || ((i - 1) / :k + 1), 1,
-              'default_pool', 1,
-              CASE WHEN i % 13 = 0 THEN NULL
-                   ELSE TIMESTAMPTZ :t + ((i * 104729 % 120) - 90) * INTERVAL '1 day' END,
-              'success',
-              CASE WHEN (((i - 1) / :k) % :d + 1) % 3 = 2 AND i % 5 = 0
-                   THEN md5((((i - 1) / :k) % :d + 1) || 'v')::uuid END
-       FROM generate_series(1::bigint, :r * :k) i""",
-    """INSERT INTO xcom (dag_run_id, task_id, map_index, key, dag_id, run_id, timestamp, value)
-       SELECT (i - 1) / :k + 1, 't' || ((i - 1) % :k), -1, 'return_value',
-              'dag_' || (((i - 1) / :k) % :d + 1), 'run_' || ((i - 1) / :k + 1),
-              TIMESTAMPTZ :t + ((i * 31337 % 120) - 90) * INTERVAL '1 day', '1'
-       FROM generate_series(1::bigint, :r * :k) i""",
-    """INSERT INTO task_reschedule (ti_id, start_date, end_date, duration, reschedule_date)
-       SELECT md5(i || 'ti')::uuid, ts, ts, 1, ts FROM (
-         SELECT i, TIMESTAMPTZ :t + ((i * 613 % 120) - 90) * INTERVAL '1 day' AS ts
-         FROM generate_series(7::bigint, :r * :k, 7) i) s""",
-    """INSERT INTO task_state_store (dag_run_id, task_id, map_index, key, dag_id, run_id, value,
-        updated_at, expires_at)
-       SELECT (i - 1) / 2 + 1, 't0', -1, 'k' || (i % 2), 'dag_' || (((i - 1) / 2) % :d + 1),
-              'run_' || ((i - 1) / 2 + 1), 'v', TIMESTAMPTZ :t,
-              CASE WHEN i % 10 = 0 THEN NULL
-                   ELSE TIMESTAMPTZ :t + ((i * 17 % 120) - 90) * INTERVAL '1 day' END
-       FROM generate_series(1::bigint, 2 * :r) i""",
-    """INSERT INTO log (dttm, dag_id, event)
-       SELECT TIMESTAMPTZ :t + ((i * 31 % 120) - 90) * INTERVAL '1 day' + i * INTERVAL '1 s',
-              'dag_' || (i % :d + 1), 'e'
-       FROM generate_series(1::bigint, :l) i""",
-    """INSERT INTO job (dag_id, latest_heartbeat, state, job_type)
-       SELECT CASE WHEN i % 4 = 0 THEN NULL ELSE 'dag_' || (i % :d + 1) END,
-              TIMESTAMPTZ :t + ((i * 37 % 120) - 90) * INTERVAL '1 day', 'success', 'Job'
-       FROM generate_series(1::bigint, :r) i""",
-    # Callbacks in every state Airflow knows and NULL; half the scheduled ones have a deadline.
-    """INSERT INTO callback (id, type, fetch_method, data, priority_weight, state, created_at)
-       SELECT md5(i || 'cb')::uuid, 'triggerer', 'import_path', '{}', 1,
-              (ARRAY['success', 'failed', 'running', 'scheduled', NULL, 'pending',
-                     'queued'])[i % 7 + 1],
-              TIMESTAMPTZ :t + ((i * 41 % 120) - 90) * INTERVAL '1 day'
-       FROM generate_series(1::bigint, :r / 3) i""",
-    """INSERT INTO deadline (id, created_at, last_updated_at, dagrun_id, deadline_time, missed,
-        callback_id)
-       SELECT md5(i || 'dl')::uuid, TIMESTAMPTZ :t, TIMESTAMPTZ :t, i % :r + 1,
-              TIMESTAMPTZ :t + ((i * 43 % 120) - 90) * INTERVAL '1 day', false,
-              md5(i || 'cb')::uuid
-       FROM generate_series(1::bigint, :r / 3) i WHERE i % 7 = 3 AND i % 2 = 0""",
-    """INSERT INTO import_error (timestamp, filename)
-       SELECT TIMESTAMPTZ :t + ((i * 47 % 120) - 90) * INTERVAL '1 day', 'f' || i
-       FROM generate_series(1::bigint, :r / 20) i""",
-    """INSERT INTO revoked_token (jti, exp)
-       SELECT md5(i || 'jti'), TIMESTAMPTZ :t + ((i * 53 % 120) - 90) * INTERVAL '1 day'
-       FROM generate_series(1::bigint, :r / 4) i""",
-]
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "statesweep-bench"
+#: Airflow version per --airflow default: the venv the bench makes when the path is missing.
+DEFAULT_VERSION = {"af-3.3.2": "3.3.2", "af-3.4": "3.4.0b2"}
 
 
-def sql_with(statement: str, sizes: dict[str, int]) -> str:
-    for name, value in sizes.items():
-        statement = statement.replace(f":{name}", str(int(value)))
-    return statement.replace("TIMESTAMPTZ :t", f"TIMESTAMPTZ '{T}'")
+class Server:
+    """One database server: names become URLs (statesweep's form and Airflow's), databases
+    are made, cloned and dropped. MariaDB has no template databases: a clone is the schema
+    dump loaded again and every table copied server-side (INSERT … SELECT, checks off)."""
 
+    def __init__(self, db: str) -> None:
+        self.pg = db == "postgresql"
+        self.base = ("postgresql://postgres@127.0.0.1:5432" if self.pg
+                     else "mysql://root@127.0.0.1:3306")
 
-def admin() -> Engine:
-    return create_engine(ADMIN, isolation_level="AUTOCOMMIT")
+    def url(self, name: str) -> str:
+        return f"{self.base}/{name}"
 
+    def airflow_url(self, name: str) -> str:
+        return (self.url(name).replace("postgresql://", "postgresql+psycopg2://") if self.pg
+                else self.url(name).replace("mysql://", "mysql+mysqldb://"))
 
-def url_of(name: str) -> str:
-    return f"postgresql://postgres@127.0.0.1:5432/{name}"
+    def _admin(self) -> Engine:
+        return engine_for(self.url("postgres" if self.pg else "mysql"), "dbc_admin") \
+            .execution_options(isolation_level="AUTOCOMMIT")
 
-
-@contextmanager
-def database(name: str, template: str | None = None) -> Iterator[str]:
-    eng = admin()
-    with eng.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        conn.execute(text(f'CREATE DATABASE "{name}" TEMPLATE "{template or "template0"}"'))
-    try:
-        yield url_of(name)
-    finally:
+    def drop(self, name: str) -> None:
+        eng = self._admin()
         with eng.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)' if self.pg
+                              else f"DROP DATABASE IF EXISTS `{name}`"))
         eng.dispose()
+
+    def create(self, name: str, version: str, template: str | None = None) -> None:
+        self.drop(name)
+        eng = self._admin()
+        with eng.connect() as conn:
+            conn.execute(text(
+                f'CREATE DATABASE "{name}" TEMPLATE "{template or "template0"}"' if self.pg
+                else f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 "
+                     "COLLATE utf8mb4_unicode_ci"))
+        eng.dispose()
+        if template and not self.pg:
+            from tests.airflow_schemas import load
+
+            load(self.url(name), version)
+            copy_tables(self.url(template), name)
+
+    @contextmanager
+    def database(self, name: str, version: str,
+                 template: str | None = None) -> Iterator[str]:
+        self.create(name, version, template)
+        try:
+            yield self.url(name)
+        finally:
+            self.drop(name)
+
+
+def copy_tables(src_url: str, dst: str) -> None:
+    src = src_url.rsplit("/", 1)[1]
+    eng = engine_for(src_url, "dbc_copy")
+    with eng.connect() as conn:
+        conn.execute(text("SET FOREIGN_KEY_CHECKS = 0, UNIQUE_CHECKS = 0"))
+        for name in inspect(conn).get_table_names():
+            if conn.execute(text(f"SELECT 1 FROM `{src}`.`{name}` LIMIT 1")).first() is None:  # noqa: S608
+                continue
+            if conn.execute(text(f"SELECT 1 FROM `{dst}`.`{name}` LIMIT 1")).first():  # noqa: S608
+                continue  # alembic_version: the dump's own row
+            conn.execute(text(f"INSERT INTO `{dst}`.`{name}` SELECT * FROM `{src}`.`{name}`"))  # noqa: S608
+            conn.commit()
+    eng.dispose()
+
+
+def ensure_airflow(airflow: str, pg: bool) -> tuple[str, str]:
+    """The airflow executable and its version: *airflow* if it exists, else a venv made under
+    the cache dir (tests.airflow_schemas.generate.install: apache-airflow-core and its drivers);
+    for MariaDB, mysqlclient in that venv (pip; its headers from Debian's
+    default-libmysqlclient-dev and pkg-config, apt-get when run as root)."""
+    from tests.airflow_schemas.generate import install, installed_version
+
+    path = Path(airflow)
+    if not path.exists():
+        version = DEFAULT_VERSION.get(path.parent.parent.name, "3.3.2")
+        path = install(version, CACHE / f"af-{version}")
+    python = str(path.parent / "python")
+    if not pg and subprocess.run([python, "-c", "import MySQLdb"],
+                                 capture_output=True).returncode:
+        if os.geteuid() == 0 and subprocess.run(["pkg-config", "--exists", "mysqlclient"],
+                                                 capture_output=True).returncode:
+            subprocess.run(["apt-get", "install", "-y", "default-libmysqlclient-dev",
+                            "pkg-config"], check=True, capture_output=True)
+        subprocess.run([python, "-m", "pip", "install", "-q", "mysqlclient"], check=True)
+    return str(path), installed_version(path)
 
 
 def airflow_order(airflow: str) -> tuple[str, list[str]]:
@@ -171,37 +177,49 @@ def airflow_order(airflow: str) -> tuple[str, list[str]]:
 
 
 SEED = "0"
+#: Database names of this run (another run may be going on the same server).
+TAG = f"dbc_{os.getpid()}"
 
 
 def airflow_env(url: str, home: str) -> dict[str, str]:
     return {**{k: v for k, v in os.environ.items() if not k.startswith("STATESWEEP_")},
             "PYTHONHASHSEED": SEED,
             "AIRFLOW_HOME": home, "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": url.replace("postgresql://",
-                                                               "postgresql+psycopg2://")}
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": url}
 
 
-def build_source(url: str, airflow: str, migrate: bool, sizes: dict[str, int]) -> None:
+def build_source(server: Server, name: str, airflow: str, version: str, migrate: bool,
+                 sizes: dict[str, int]) -> None:
+    url = server.url(name)
     if migrate:
         with tempfile.TemporaryDirectory() as home:
-            subprocess.run([airflow, "db", "migrate"], env=airflow_env(url, home), check=True,
+            subprocess.run([airflow, "db", "migrate"],
+                           env=airflow_env(server.airflow_url(name), home), check=True,
                            capture_output=True)
     else:
         from tests.airflow_schemas import load
 
-        load(url, "3.3.2")
-    eng = create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
-    with eng.begin() as conn:
-        for statement in FILL:
-            conn.execute(text(sql_with(statement, sizes)))
+        load(url, version)
+    eng = engine_for(url, "dbc_fill")
+    for statement in fill.statements("postgresql" if server.pg else "mariadb", version,
+                                     **sizes):
+        t0 = time.monotonic()
+        with eng.begin() as conn:
+            conn.execute(text(statement))
+        print(f"  {statement.split('(')[0].strip()}: {time.monotonic() - t0:.1f} s",
+              file=sys.stderr)
     with eng.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.execute(text("VACUUM ANALYZE"))
+        if server.pg:
+            conn.execute(text("VACUUM ANALYZE"))
+        else:
+            for t in inspect(conn).get_table_names():
+                conn.execute(text(f"ANALYZE TABLE `{t}`")).all()
     eng.dispose()
 
 
 def snapshot(url: str) -> dict[str, set[Any]]:
-    """Primary keys of every table (archives included), as sets of tuples of text."""
-    eng = create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
+    """Primary keys of every table (archives included), as sets of hashes of their text."""
+    eng = engine_for(url, "dbc_snapshot")
     out: dict[str, set[Any]] = {}
     try:
         with eng.connect() as conn:
@@ -210,7 +228,10 @@ def snapshot(url: str) -> dict[str, set[Any]]:
                 cols = list(t.primary_key.columns) or list(t.c)
                 if name.startswith(PREFIX):  # archives have no key: the source's key columns
                     cols = [t.c[c] for c in _source_key(conn, name) if c in t.c] or list(t.c)
-                out[name] = {tuple(str(v) for v in row) for row in conn.execute(select(*cols))}
+                # A hash per key (this process's): 2M keys take ~100 MB, not a GB of tuples.
+                out[name] = {hash(tuple(str(v) for v in row))
+                             for row in conn.execute(select(*cols).execution_options(
+                                 yield_per=50000))}
     finally:
         eng.dispose()
     return out
@@ -233,31 +254,79 @@ def archived(snap: dict[str, set[Any]]) -> dict[str, list[Any]]:
     return out
 
 
-def run_case(src: str, airflow: str, skip_archive: bool, batch: int) -> dict[str, Any]:
+IDLE_SECONDS = 5.0
+
+
+def timed(server: Server, url: str, cmd: list[str], env: dict[str, str],
+          cwd: Path | None = None) -> dict[str, Any]:
+    """Run *cmd* against the database at *url* with the writer and the sampler beside it: an
+    idle window first (the writer alone), then the cleanup."""
+    runs, jobs = kept_ids(url, fill.T)
+    writer = Writer(url, runs, jobs)
+    writer.start()
+    writer.ready.wait(30)
+    idle_from = time.monotonic()
+    time.sleep(IDLE_SECONDS)
+    sampler = TransactionSampler(url, url.rsplit("/", 1)[1], writer.connection_ids)
+    sampler.start()
+    load_before = uptime()
+    t0 = time.monotonic()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=cwd)
+    t1 = time.monotonic()
+    longest = sampler.finish()
+    writer.finish()
+    if done.returncode != 0:
+        raise SystemExit(f"{cmd[0]} … failed:\n{done.stderr[-3000:]}")
+    drop_writer_rows(url)
+    return {"seconds": round(t1 - t0, 2), "longest_transaction_ms": longest,
+            "longest_transaction_query": sampler.longest_query,
+            "writer_p99_idle_ms": writer.p99(idle_from, t0),
+            "writer_p99_ms": writer.p99(t0, t1),
+            "writer_calls": sum(1 for at, _ in writer.samples if t0 <= at < t1),
+            "load_before": load_before, "load_after": uptime(),
+            "stdout": done.stdout, "stderr": done.stderr}
+
+
+def longest_chunk_ms(stderr: str) -> float | None:
+    """The slowest chunk statesweep logged (db_clean_chunk_moved ms=…: its dependants' batches
+    and its own archive+delete transaction together)."""
+    found = [float(m) for m in re.findall(r"db_clean_chunk_moved.*?\bms=([0-9.]+)", stderr)]
+    return max(found) if found else None
+
+
+def run_case(server: Server, src: str, airflow: str, version: str, skip_archive: bool,
+             batch: int, workers: int) -> dict[str, Any]:
     extra = ["--skip-archive"] if skip_archive else []
-    with database("dbclean_cmp_airflow", src) as af_url, \
-            database("dbclean_cmp_statesweep", src) as ss_url:
+    with server.database(f"{TAG}_airflow", version, src) as af_url, \
+            server.database(f"{TAG}_statesweep", version, src) as ss_url:
         with tempfile.TemporaryDirectory() as home:
-            t0 = time.monotonic()
-            done = subprocess.run([airflow, "db", "clean", "--clean-before-timestamp", T, "-y",
-                                   "--batch-size", str(batch), *extra],
-                                  env=airflow_env(af_url, home), capture_output=True, text=True)
-            af_seconds = time.monotonic() - t0
-        if done.returncode != 0:
-            raise SystemExit(f"airflow db clean failed:\n{done.stderr[-3000:]}")
+            af = timed(server, af_url,
+                       [airflow, "db", "clean", "--clean-before-timestamp", fill.T, "-y",
+                        "--batch-size", str(batch), *extra],
+                       airflow_env(server.airflow_url(f"{TAG}_airflow"), home))
         env = {**os.environ, "STATESWEEP_DATABASE_URL": ss_url,
-               "STATESWEEP_RUN_STORE_URL": "memory://"}
-        t0 = time.monotonic()
-        ours = subprocess.run([sys.executable, "-c", "from workers.cli import main; main()",
-                               "db-clean", "--clean-before-timestamp", T, "-y", "--local",
-                               "--batch-size", str(batch), "--format", "json", *extra],
-                              env=env, capture_output=True, text=True, cwd=ROOT)
-        ss_seconds = time.monotonic() - t0
-        if ours.returncode != 0:
-            raise SystemExit(f"statesweep db-clean failed:\n{ours.stderr[-3000:]}")
-        af, ss = snapshot(af_url), snapshot(ss_url)
-    return {"airflow": af, "statesweep": ss, "airflow_seconds": af_seconds,
-            "statesweep_seconds": ss_seconds, "report": json.loads(ours.stdout)}
+               "STATESWEEP_RUN_STORE_URL": "memory://", "STATESWEEP_LOG_LEVEL": "INFO"}
+        with ExitStack() as stack:
+            mode = ["--local"]
+            if workers:
+                from bench.dbclean_workers import distributed
+
+                env, mode = stack.enter_context(distributed(env, workers))
+            ss = timed(server, ss_url,
+                       [sys.executable, "-c", "from workers.cli import main; main()",
+                        "--verbose", "db-clean", "--clean-before-timestamp", fill.T, "-y",
+                        *mode, "--batch-size", str(batch), "--format", "json", *extra],
+                       env, cwd=ROOT)
+        ss["longest_chunk_ms"] = longest_chunk_ms(ss["stderr"])
+        report = json.loads(ss.pop("stdout"))
+        ss.pop("stderr")
+        # Airflow goes on past a table it failed to clean (a warning, exit 0): keep its words.
+        af["warnings"] = [line.strip() for line in (af.pop("stdout") + af.pop("stderr"))
+                          .splitlines() if "Encountered error" in line
+                          or "not cleaned due to errors" in line or "Error)" in line]
+        after_af, after_ss = snapshot(af_url), snapshot(ss_url)
+    return {"airflow": after_af, "statesweep": after_ss, "airflow_run": af,
+            "statesweep_run": ss, "report": report}
 
 
 def compare(before: dict[str, set[Any]], case: dict[str, Any]) -> dict[str, Any]:
@@ -290,20 +359,42 @@ def compare(before: dict[str, set[Any]], case: dict[str, Any]) -> dict[str, Any]
         })
     return {"tables": rows, "archives": archives,
             "identical": all(r["identical"] for r in rows),
-            "airflow_seconds": round(case["airflow_seconds"], 2),
-            "statesweep_seconds": round(case["statesweep_seconds"], 2)}
+            "archived_equals_deleted": all(a["statesweep_archived_once_and_deleted"]
+                                           for a in archives),
+            "airflow_run": case["airflow_run"], "statesweep_run": case["statesweep_run"]}
 
 
-def render(sizes: dict[str, int], results: dict[str, dict[str, Any]], airflow: str) -> str:
-    lines = ["# statesweep db-clean vs airflow db clean (Airflow 3.3.2, PostgreSQL)", "",
-             f"Generated by `python -m bench.dbclean_compare` ({airflow}); sizes: "
+def render(meta: dict[str, Any], results: dict[str, dict[str, Any]]) -> str:
+    sizes = meta["sizes"]
+    lines = [f"# statesweep db-clean vs airflow db clean (Airflow {meta['version']}, "
+             f"{meta['db']})", "",
+             f"Generated by `{meta['command']}` ({meta['airflow']}); sizes: "
              + ", ".join(f"{k}={v}" for k, v in sizes.items())
-             + f"; --clean-before-timestamp {T}.", ""]
+             + f" (dags, dag runs, task instances per run, log rows); rows per table below; "
+             f"--clean-before-timestamp {fill.T}; --batch-size {meta['batch_size']} for both; "
+             f"statesweep {meta['statesweep_mode']}. Load average (1/5/15 min) at start "
+             f"{meta['load_start']}, at end {meta['load_end']}; {os.cpu_count()} CPUs.", ""]
     for case, res in results.items():
+        af, ss = res["airflow_run"], res["statesweep_run"]
+        ratio = af["seconds"] / ss["seconds"] if ss["seconds"] else 0
         lines += [f"## {case}", "",
-                  f"Every table identical by primary key: **{res['identical']}**. "
-                  f"airflow db clean {res['airflow_seconds']} s, statesweep db-clean --local "
-                  f"{res['statesweep_seconds']} s (one process each).", "",
+                  f"Every table identical by primary key: **{res['identical']}**; each "
+                  f"statesweep archive holds only rows its table lost, each once: "
+                  f"**{res['archived_equals_deleted']}**.", "",
+                  "| | wall s | longest transaction ms (sampled) | writer p99 idle ms | "
+                  "writer p99 during ms | load before / after |",
+                  "| --- | ---: | ---: | ---: | ---: | --- |"]
+        for who, r in (("airflow db clean", af), ("statesweep db-clean", ss)):
+            lines.append(f"| {who} | {r['seconds']} | {r['longest_transaction_ms']} | "
+                         f"{r['writer_p99_idle_ms']} | {r['writer_p99_ms']} "
+                         f"({r['writer_calls']} calls) | {r['load_before']} / "
+                         f"{r['load_after']} |")
+        if af.get("warnings"):
+            lines += ["", "airflow db clean warned (and went on, exit 0):", ""]
+            lines += [f"    {w[:300]}" for w in af["warnings"]]
+        lines += ["", f"statesweep / airflow speed: **{ratio:.2f}x** (target >= 5x with 2 "
+                  f"workers); statesweep's slowest chunk (its dependants' batches and its own "
+                  f"archive+delete, several transactions) {ss.get('longest_chunk_ms')} ms.", "",
                   "| table | rows before | left by airflow | left by statesweep | identical |",
                   "| --- | ---: | ---: | ---: | --- |"]
         for r in res["tables"]:
@@ -312,9 +403,7 @@ def render(sizes: dict[str, int], results: dict[str, dict[str, Any]], airflow: s
                 lines.append(f"| {r['table']} | {r['before']} | {r['airflow']}{added} | "
                              f"{r['statesweep']} | {'yes' if r['identical'] else '**NO**'} |")
         if res["archives"]:
-            lines += ["", "Rows a table's own rule deletes are archived, each once; rows "
-                      "a parent's cascade deletes are not, in either tool.", "",
-                      "| archived table | statesweep rows (tables) | deleted in all | "
+            lines += ["", "| archived table | statesweep rows (tables) | deleted in all | "
                       "archived once and deleted | airflow rows (tables) | same rows as "
                       "airflow's |",
                       "| --- | ---: | ---: | --- | ---: | --- |"]
@@ -326,38 +415,73 @@ def render(sizes: dict[str, int], results: dict[str, dict[str, Any]], airflow: s
                     f"{a['airflow_archived']} ({a['airflow_archive_tables']}) | "
                     f"{'yes' if a['same_rows_as_airflows_archives'] else '**NO**'} |")
         lines.append("")
-    return "\n".join(lines)
+    lines.append(
+        f"Airflow ran with PYTHONHASHSEED={meta['airflow_hash_seed']}; its table order: "
+        f"{', '.join(meta['airflow_order'])}. Airflow orders tables by Python's set order, "
+        "which changes with the hash seed; under a seed that cleans callback before dag_run it "
+        "purges fewer callbacks (those whose only deadline goes with its dag run). statesweep "
+        "always cleans dag_run first. Longest transactions are sampled every 20 ms from "
+        "pg_stat_activity / information_schema.innodb_trx; the writer does 30 statements/s "
+        "(INSERT log, UPDATE dag_run, UPDATE job, rows both tools keep), one per transaction.")
+    if meta.get("notes"):
+        lines += ["", meta["notes"]]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--airflow", default="/opt/af-3.3.2/bin/airflow")
-    p.add_argument("--scale", type=float, default=1.0, help="x 20 000 dag runs, 5 tasks each")
+    p.add_argument("--airflow", default="/opt/af-3.3.2/bin/airflow",
+                   help="an airflow executable; when missing, a venv is made under "
+                        f"{CACHE} (af-3.3.2, or af-3.4 -> 3.4.0b2)")
+    p.add_argument("--db", choices=["postgresql", "mariadb"], default="postgresql")
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="x 20 000 dag runs and 200 000 log rows")
+    p.add_argument("--tasks", type=int, default=5,
+                   help="task instances (and xcoms) per dag run; 10 at --scale 10 is the "
+                        "issue's 2M")
     p.add_argument("--batch-size", type=int, default=10000)
+    p.add_argument("--workers", type=int, default=0,
+                   help="statesweep's distributed db-clean on N Celery workers (0: --local)")
+    p.add_argument("--cases", default="archived,skip-archive")
     p.add_argument("--migrate", action="store_true", help="airflow db migrate, not the dump")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "dbclean_compare"))
+    p.add_argument("--out", default=None, help="default: bench/results/dbclean_compare_"
+                                               "<db>_<version>_x<scale>[_k<tasks>]")
+    p.add_argument("--notes", default="", help="a paragraph appended to the results page")
     args = p.parse_args(argv)
-    sizes = {"d": 50, "r": int(20000 * args.scale), "k": 5, "l": int(200000 * args.scale)}
+    server = Server(args.db)
+    airflow, version = ensure_airflow(args.airflow, server.pg)
+    sizes = {"d": 50, "r": int(20000 * args.scale), "k": args.tasks,
+             "l": int(200000 * args.scale)}
+    out = args.out or str(ROOT / "bench" / "results" / (
+        f"dbclean_compare_{args.db}_{version}_x{args.scale:g}"
+        + (f"_k{args.tasks}" if args.tasks != 5 else "")
+        + (f"_w{args.workers}" if args.workers else "")))
     global SEED
-    SEED, order = airflow_order(args.airflow)
+    SEED, order = airflow_order(airflow)
+    meta: dict[str, Any] = {
+        "db": args.db, "version": version, "airflow": airflow, "sizes": sizes,
+        "batch_size": args.batch_size, "airflow_hash_seed": SEED, "airflow_order": order,
+        "command": "python -m bench.dbclean_compare " + " ".join(argv or sys.argv[1:]),
+        "statesweep_mode": f"on {args.workers} workers" if args.workers else "--local (one "
+                           "process)", "load_start": uptime(), "notes": args.notes}
     results: dict[str, dict[str, Any]] = {}
-    with database("dbclean_cmp_source") as src:
-        build_source(src, args.airflow, args.migrate, sizes)
+    with server.database(f"{TAG}_source", version) as src:
+        t0 = time.monotonic()
+        print(f"filling {sizes} …", file=sys.stderr)
+        build_source(server, f"{TAG}_source", airflow, version, args.migrate, sizes)
+        meta["fill_seconds"] = round(time.monotonic() - t0, 1)
         before = snapshot(src)
-        for case, skip in (("archived", False), ("--skip-archive", True)):
+        for case in args.cases.split(","):
             print(f"case {case} …", file=sys.stderr)
-            results[case] = compare(before, run_case("dbclean_cmp_source", args.airflow, skip,
-                                                     args.batch_size))
+            results[case] = compare(before, run_case(
+                server, f"{TAG}_source", airflow, version, case == "skip-archive",
+                args.batch_size, args.workers))
             print(f"  identical: {results[case]['identical']}", file=sys.stderr)
-    page = render(sizes, results, args.airflow) + (
-        f"\nAirflow ran with PYTHONHASHSEED={SEED}; its table order: {', '.join(order)}. "
-        "Airflow orders tables by Python's set order, which changes with the hash seed; under "
-        "a seed that cleans callback before dag_run it purges fewer callbacks (those whose only "
-        "deadline goes with its dag run). statesweep always cleans dag_run first.\n")
-    Path(args.out + ".md").write_text(page)
-    Path(args.out + ".json").write_text(json.dumps(
-        {"sizes": sizes, "airflow_hash_seed": SEED, "airflow_order": order,
-         "results": results}, indent=2, default=str))
+    meta["load_end"] = uptime()
+    page = render(meta, results)
+    Path(out + ".md").write_text(page)
+    Path(out + ".json").write_text(json.dumps({**meta, "results": results}, indent=2,
+                                              default=str))
     print(page)
     if not all(r["identical"] for r in results.values()):
         sys.exit(1)
