@@ -138,7 +138,22 @@ def status(ctx: click.Context, run_id: str | None, follow: bool, limit: int, fmt
             record = follow_run(registry, run_id, ProgressBar(f"run {run_id}"),
                                 settings=settings, watch=watch)
     now = stalls.condition(settings, registry, record)
+    tables = db_clean_tables(registry, record)
     if fmt == "json":
-        echo_json({**record_json(record), "condition": now.as_dict()})
+        echo_json({**record_json(record), "condition": now.as_dict(),
+                   **({"tables": tables} if tables else {})})
     else:
         click.echo(render.run_detail(record, now))
+        for t in tables:  # a db-clean run: each table's progress and archive
+            what = (f"FAILED ({t['failed']})" if t["failed"] else
+                    f"skipped ({t['skipped']})" if t["skipped"] else t["state"] or "waiting")
+            archive = f", archive {t['archive']}" if t["archive"] else ""
+            click.echo(f"  {t['table']:<28}{what}: {t['deleted']:,} of {t['eligible']:,} rows, "
+                       f"{t['chunks']} chunks{archive}")
+
+
+def db_clean_tables(registry: RunRegistry, record: RunRecord) -> list[dict[str, Any]]:
+    """Each table of a db-clean run (workers.dbclean.store); none for a cleanup run."""
+    from workers.dbclean.store import KIND, DbCleanStore
+
+    return DbCleanStore(registry).tables(record.run_id) if record.kind == KIND else []
