@@ -1,5 +1,6 @@
 """Celery beat's schedule for statesweep: the coordinator, the pump (the active run's heartbeat)
-and the orphan sweep, each on its own period from settings (seconds, or a five-field crontab).
+and the orphan sweep, each on its own period from settings (seconds, or a five-field crontab);
+db-clean and its pump only when STATESWEEP_DB_CLEAN_KEEP_DAYS turns it on.
 
 Each entry carries ``expires``: a beat that fires while no worker consumes (a backlog after an
 outage) leaves messages that expire instead of piling up runs. The coordinator's single-flight
@@ -23,6 +24,8 @@ from workers.settings import Settings, get_settings, parse_schedule
 COORDINATE = "statesweep.coordinate"
 SWEEP_ORPHANS = "statesweep.sweep_orphaned_asset_state"
 PUMP = "statesweep.pump"
+DB_CLEAN = "statesweep.db_clean"
+DB_CLEAN_PUMP = "statesweep.db_clean_pump"
 CRONTAB_EXPIRES_SECONDS = 300.0
 
 
@@ -48,11 +51,37 @@ def beat_selection(settings: Settings) -> dict[str, Any]:
     return out
 
 
+def db_clean_entries(settings: Settings) -> dict[str, dict[str, Any]]:
+    """Beat's db-clean (workers.dbclean), only with STATESWEEP_DB_CLEAN_KEEP_DAYS > 0: its run
+    (rows older than the database's now() minus that many days, archived) and its pump, which
+    resends chunks a dead worker held and sends chunks held by flow control once it lifts."""
+    if not settings.db_clean_keep_days:
+        return {}
+    schedule, expires = _schedule(settings.db_clean_schedule)
+    tables = [t for t in settings.db_clean_tables.split(",") if t]
+    return {
+        "statesweep-db-clean": {
+            "task": DB_CLEAN,
+            "schedule": schedule,
+            "kwargs": {"source": "beat", "keep_days": settings.db_clean_keep_days,
+                       **({"tables": tables} if tables else {})},
+            "options": {"queue": settings.control_queue, "expires": expires},
+        },
+        "statesweep-db-clean-pump": {
+            "task": DB_CLEAN_PUMP,
+            "schedule": settings.pump_interval_seconds,
+            "options": {"queue": settings.control_queue,
+                        "expires": settings.pump_interval_seconds},
+        },
+    }
+
+
 def build_beat_schedule(settings: Settings | None = None) -> dict[str, dict[str, Any]]:
     settings = settings or get_settings()
     coord, coord_expires = _schedule(settings.coordinator_schedule)
     orphans, orphans_expires = _schedule(settings.orphan_schedule)
     return {
+        **db_clean_entries(settings),
         "statesweep-cleanup-task-state": {
             "task": COORDINATE,
             "schedule": coord,

@@ -130,6 +130,14 @@ DESCRIPTIONS: dict[str, str] = {
                    "`0` = none): each beat run cleans state that expired before the "
                    "database's now() minus it, so state stays that long past its expiry. "
                    "It only narrows: the cutoff is never later than now().",
+    "db_clean_keep_days": "Beat's db-clean (`airflow db clean` on the workers, "
+                          "[db-clean](../db-clean.md)): `0` = off; N > 0 cleans Airflow's "
+                          "metadata tables of rows older than the database's now() minus N "
+                          "days, archived, every `STATESWEEP_DB_CLEAN_SCHEDULE`.",
+    "db_clean_tables": "The tables beat's db-clean cleans (comma-separated, as `airflow db "
+                       "clean --tables`); empty: every table of the detected Airflow version.",
+    "db_clean_schedule": "Beat's db-clean period: seconds or crontab (only with "
+                         "`STATESWEEP_DB_CLEAN_KEEP_DAYS` > 0).",
     "orphan_soft_time_limit": "Soft time limit of the orphan sweep (its hard limit is 30 s "
                               "more); its batches commit on their own, so a sweep cut short "
                               "keeps its progress.",

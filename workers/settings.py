@@ -105,6 +105,12 @@ class Settings:
     dag_ids: str = ""
     exclude_dag_ids: str = ""
     clean_grace: float = 0.0
+    # Beat's db-clean (`airflow db clean` on the workers, workers.dbclean): off at 0; N > 0
+    # cleans Airflow's metadata tables (STATESWEEP_DB_CLEAN_TABLES, empty = all) of rows older
+    # than the database's now() minus N days, every STATESWEEP_DB_CLEAN_SCHEDULE.
+    db_clean_keep_days: float = 0.0
+    db_clean_tables: str = ""
+    db_clean_schedule: str = "86400"
     # The orphan sweep's own soft limit (its hard limit is 30 s more): batches commit on their
     # own, so a sweep cut short keeps its progress and the next one goes on.
     orphan_soft_time_limit: int = 600
@@ -311,7 +317,9 @@ class Settings:
         if self.run_store_url and urlsplit(self.run_store_url).scheme not in RUN_STORE_SCHEMES:
             bad("run_store_url", "must be a redis://, rediss://, unix:// (a Redis socket) or "
                 "memory:// URL")
-        for name in ("coordinator_schedule", "orphan_schedule"):
+        if not 0 <= self.db_clean_keep_days <= 3650:
+            bad("db_clean_keep_days", "must be a number of days from 0 (off) to 3650")
+        for name in ("coordinator_schedule", "orphan_schedule", "db_clean_schedule"):
             try:
                 parse_schedule(getattr(self, name))
             except ValueError as exc:
@@ -481,6 +489,27 @@ def _parse_positive_int(raw: str) -> int:
     return value
 
 
+def _parse_days(raw: str) -> float:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise ValueError("must be a number of days") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError("must be a number of days from 0 (off) to 3650")
+    return value
+
+
+def _parse_table_names(raw: str) -> str:
+    """Comma-separated table names (db-clean's --tables); empty for all."""
+    names = [n.strip() for n in raw.split(",") if n.strip()]
+    if raw.strip() and not names:
+        raise ValueError("must name tables (comma-separated)")
+    bad = [n for n in names if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", n)]
+    if bad:
+        raise ValueError(f"is not a table name: {bad[0]!r}")
+    return ",".join(names)
+
+
 def _parse_dag_ids(raw: str) -> str:
     """Comma-separated dag ids, each once, spaces dropped; empty for none."""
     from workers.selection import parse_dag_ids
@@ -546,6 +575,8 @@ _PARSERS = {
     "dag_ids": _parse_dag_ids,
     "exclude_dag_ids": _parse_dag_ids,
     "clean_grace": _parse_duration,
+    "db_clean_keep_days": _parse_days,
+    "db_clean_tables": _parse_table_names,
     "database_url": _parse_database_url,
     "broker_url": _parse_broker_url,
     "result_backend": _parse_broker_url,

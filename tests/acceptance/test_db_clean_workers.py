@@ -43,9 +43,9 @@ def same_populate(*engines: Engine, version: str) -> Any:
     """The same rows in each database (populate's UUIDs drawn from one seeded generator)."""
     data = None
     for engine in engines:
-        rng = random.Random(24)
+        draw = random.Random(24).getrandbits
         real = uuid.uuid4
-        uuid.uuid4 = lambda: uuid.UUID(int=rng.getrandbits(128), version=4)  # type: ignore[assignment]
+        uuid.uuid4 = lambda draw=draw: uuid.UUID(int=draw(128), version=4)  # type: ignore[assignment,misc]
         try:
             data = populate(engine, version)
         finally:

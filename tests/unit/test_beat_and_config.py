@@ -11,6 +11,9 @@ from beat_schedule import CRONTAB_EXPIRES_SECONDS, build_beat_schedule
 from workers.celery_app import (
     ABORT,
     COORDINATE,
+    DB_CLEAN,
+    DB_CLEAN_CHUNK,
+    DB_CLEAN_PUMP,
     DELETE_CHUNK,
     PAUSE,
     PUMP,
@@ -24,7 +27,7 @@ from workers.settings import Settings
 COORD_ENTRY = "statesweep-cleanup-task-state"
 ORPHAN_ENTRY = "statesweep-sweep-orphaned-asset-state"
 PUMP_ENTRY = "statesweep-pump"
-CONTROL = (COORDINATE, SWEEP_ORPHANS, PUMP, PAUSE, RESUME, ABORT)
+CONTROL = (COORDINATE, SWEEP_ORPHANS, PUMP, PAUSE, RESUME, ABORT, DB_CLEAN, DB_CLEAN_PUMP)
 
 
 @pytest.fixture
@@ -98,16 +101,18 @@ def test_every_task_is_routed_to_its_queue(settings: Settings) -> None:
     assert {q.name for q in conf["task_queues"]} == {"q.ctl", "q.chunks"}
     assert conf["task_create_missing_queues"] is False
     assert conf["task_routes"] == {**{name: {"queue": "q.ctl"} for name in CONTROL},
-                                   DELETE_CHUNK: {"queue": "q.chunks"}}
+                                   DELETE_CHUNK: {"queue": "q.chunks"},
+                                   DB_CLEAN_CHUNK: {"queue": "q.chunks"}}
     assert conf["beat_schedule"] == build_beat_schedule(settings)
 
 
 def test_every_registered_task_has_a_route() -> None:
+    import workers.dbclean.tasks  # noqa: F401 - registers db-clean's tasks too
     import workers.tasks  # noqa: F401 - registers the tasks on the module's app
     from workers.celery_app import app
 
     registered = {name for name in app.tasks if name.startswith("statesweep.")}
-    assert registered == {*CONTROL, DELETE_CHUNK}
+    assert registered == {*CONTROL, DELETE_CHUNK, DB_CLEAN_CHUNK}
     assert registered == set(app.conf.task_routes)
 
 
