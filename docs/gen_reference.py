@@ -292,7 +292,8 @@ class _StandInRunStore:
 
         self.prefix = "statesweep"
         self.client = fakeredis.FakeRedis(decode_responses=True)
-        self.client.hset(metrics_key(self.prefix), mapping={"rows_deleted:task_state": 1})
+        self.client.hset(metrics_key(self.prefix), mapping={"rows_deleted:task_state": 1,
+                                                               "db_clean_rows_deleted:log": 1})
 
     def active_run(self) -> str | None:
         return "run"

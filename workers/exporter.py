@@ -190,6 +190,19 @@ class StatesweepCollector(Collector):
             ("chunks_retried", c.chunks_retried, "Retries of chunk tasks"),
         ):
             yield CounterMetricFamily(f"statesweep_{name}", doc, value=value)
+        moved = CounterMetricFamily("statesweep_db_clean_rows_deleted", "Rows db-clean moved "
+                                    "(archived unless --skip-archive, and deleted), by table",
+                                    labels=["table"])
+        for table, n in sorted(c.db_clean_rows_deleted.items()):
+            moved.add_metric([table], n)
+        yield moved
+        for name, value, doc in (
+            ("db_clean_chunks_done", c.db_clean_chunks_done,
+             "db-clean chunks moved and counted (once each)"),
+            ("db_clean_chunks_failed", c.db_clean_chunks_failed,
+             "db-clean chunks that failed for good (their table is reported failed)"),
+        ):
+            yield CounterMetricFamily(f"statesweep_{name}", doc, value=value)
         yield HistogramMetricFamily(
             "statesweep_chunk_duration_seconds", "Time a chunk's DELETE took",
             buckets=c.chunk_seconds_buckets, sum_value=c.chunk_seconds_sum)

@@ -11,6 +11,8 @@ Key (``<prefix>`` from STATESWEEP_KEY_PREFIX), one hash that never expires:
                      chunks_retried                retries of a chunk task (each attempt)
                      chunk_seconds_bucket:<le>     cumulative histogram of chunk durations
                      chunk_seconds_sum / _count
+                     db_clean_rows_deleted:<table>  db-clean's rows moved (workers.dbclean.store)
+                     db_clean_chunks_done / db_clean_chunks_failed
 """
 
 from __future__ import annotations
@@ -82,6 +84,10 @@ class Counters:
     chunk_seconds_buckets: list[tuple[str, int]] = field(default_factory=list)
     chunk_seconds_sum: float = 0.0
     chunk_seconds_count: int = 0
+    # db-clean's own (workers.dbclean.store counts them once, in its FINISH step).
+    db_clean_rows_deleted: dict[str, int] = field(default_factory=dict)
+    db_clean_chunks_done: int = 0
+    db_clean_chunks_failed: int = 0
 
     @classmethod
     def from_hash(cls, h: Mapping[str, str]) -> Counters:
@@ -96,6 +102,10 @@ class Counters:
                                    for le in les],
             chunk_seconds_sum=float(h.get("chunk_seconds_sum", 0.0)),
             chunk_seconds_count=int(h.get("chunk_seconds_count", 0)),
+            db_clean_rows_deleted={k.partition(":")[2]: int(v) for k, v in h.items()
+                                   if k.startswith("db_clean_rows_deleted:")},
+            db_clean_chunks_done=int(h.get("db_clean_chunks_done", 0)),
+            db_clean_chunks_failed=int(h.get("db_clean_chunks_failed", 0)),
         )
 
 

@@ -212,6 +212,14 @@ def test_status_pause_and_abort_of_a_db_clean_run(
             with engine.connect() as conn:
                 log = Table("log", MetaData(), autoload_with=conn)
                 assert conn.execute(select(log.c.id).where(log.c.dttm < T)).first() is None
+            # The exporter's counters count each chunk once, as the runs' records do.
+            from workers.metrics import read_counters
+
+            counters = read_counters(registry.client, registry.prefix)
+            runs = [registry.get(i) for i in (run_id, "dbclean-status-2")]
+            assert sum(counters.db_clean_rows_deleted.values()) == \
+                sum(r.rows_deleted for r in runs if r) > 0
+            assert counters.db_clean_chunks_done == sum(r.chunks_done for r in runs if r)
             tables = store.tables("dbclean-status-2")
             assert [t["table"] for t in tables] == ["log"]
             assert tables[0]["archive"].startswith(ARCHIVE_PREFIX + "log__")
