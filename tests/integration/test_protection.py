@@ -13,8 +13,10 @@ from dataclasses import dataclass
 import pytest
 from sqlalchemy import Engine, insert, select, text, update
 
+from tests.airflow_schemas import VERSIONS, airflow_schema_database
 from tests.conftest import create_schema, database_now
 from workers.cleanup import count_protected, delete_range, delete_statement
+from workers.db import make_engine
 from workers.planners import ChunkRange
 from workers.schema import Tables, resolve_tables
 
@@ -128,6 +130,17 @@ def test_many_unfinished_dag_runs_are_all_kept(af: Airflowish) -> None:
     assert sorted(kept) == [i for i, s in states.items() if s != "success"]
 
 
+def _assert_partial_index_plan(engine: Engine, tables: Tables, now: dt.datetime) -> None:
+    for rng in (ChunkRange("blocks", 0, 10), ChunkRange("expiry", 0, None, 0, 0)):
+        sql = delete_statement(tables, rng, now).compile(
+            dialect=engine.dialect, compile_kwargs={"literal_binds": True})
+        with engine.begin() as conn:
+            conn.execute(text("SET LOCAL enable_seqscan = off"))
+            plan = "\n".join(conn.execute(text(f"EXPLAIN {sql}")).scalars())
+        assert "Seq Scan on dag_run" not in plan, plan
+        assert "idx_dag_run_queued_dags" in plan and "idx_dag_run_running_dags" in plan, plan
+
+
 def test_postgres_reads_unfinished_runs_through_airflows_partial_indexes(
         af: Airflowish) -> None:
     """The check finds the unfinished runs from Airflow's two partial indexes, never a scan of
@@ -137,11 +150,15 @@ def test_postgres_reads_unfinished_runs_through_airflows_partial_indexes(
     if af.engine.dialect.name != "postgresql":
         pytest.skip("partial-index plans are PostgreSQL's")
     af.add_runs({1: "running", 2: "success"})
-    for rng in (ChunkRange("blocks", 0, 10), ChunkRange("expiry", 0, None, 0, 0)):
-        sql = delete_statement(af.tables, rng, af.now).compile(
-            dialect=af.engine.dialect, compile_kwargs={"literal_binds": True})
-        with af.engine.begin() as conn:
-            conn.execute(text("SET LOCAL enable_seqscan = off"))
-            plan = "\n".join(conn.execute(text(f"EXPLAIN {sql}")).scalars())
-        assert "Seq Scan on dag_run" not in plan, plan
-        assert "idx_dag_run_queued_dags" in plan and "idx_dag_run_running_dags" in plan, plan
+    _assert_partial_index_plan(af.engine, af.tables, af.now)
+
+
+@pytest.mark.parametrize("version", [v for v, _ in VERSIONS])
+def test_the_real_airflow_schemas_partial_indexes_serve_the_check(version: str) -> None:
+    """The same on the schemas ``airflow db migrate`` made (their own partial indexes)."""
+    with airflow_schema_database("postgresql", version) as url:
+        engine = make_engine(url)
+        try:
+            _assert_partial_index_plan(engine, resolve_tables(engine), database_now(engine))
+        finally:
+            engine.dispose()
