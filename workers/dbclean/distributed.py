@@ -30,9 +30,10 @@ from typing import Any
 
 import structlog
 from sqlalchemy import Column, Engine, MetaData, Table, inspect
+from sqlalchemy.exc import OperationalError
 
 from workers.chunk import heartbeat
-from workers.db import db_now
+from workers.db import db_now, set_timeouts
 from workers.dbclean import cascade, run
 from workers.dbclean import statements as sql
 from workers.dbclean.rules import TableRule, effective_tables
@@ -67,6 +68,9 @@ class Context:
     engine: Engine
     registry: RunStore
     send: SendChunk
+    #: Set in a chunk task: a table's start (a count, an archive) is left to a pump task, whose
+    #: time limit is made for it, rather than done inside the chunk's.
+    pump: Callable[[str], None] | None = None
 
     @property
     def store(self) -> DbCleanStore:
@@ -138,6 +142,9 @@ def _step(ctx: Context, store: DbCleanStore, run_id: str) -> None:
         name = names[index]
         table = store.table(run_id, name)
         if not table.get("state"):
+            if ctx.pump is not None:
+                ctx.pump(run_id)
+                return
             table = _prepare(ctx, store, run_id, rules[name], request, meta["tag"])
         if table["state"] == "running" and not _advance_table(ctx, store, run_id, rules[name],
                                                               request, table):
@@ -174,9 +181,9 @@ def _prepare(ctx: Context, store: DbCleanStore, run_id: str, rule: TableRule,
             elif not sql.key_columns(t):
                 done = {"state": "skipped", "skipped": "it has no primary key to cut chunks by"}
             else:
-                cond = _eligible(conn, rule, t, request)
-                eligible = sql.count(conn, t, cond)
-                done = {"eligible": eligible, "state": "running" if eligible else "done"}
+                eligible = _count(ctx, rule, t, request)
+                done = {"eligible": max(eligible, 0),
+                        "state": "running" if eligible else "done"}
     if done.get("state") == "running" and not request.skip_archive:
         archive = store.table(run_id, rule.table).get("archive")
         if not archive:  # named before it is made: a step that dies between makes it next
@@ -192,6 +199,23 @@ def _prepare(ctx: Context, store: DbCleanStore, run_id: str, rule: TableRule,
                     reason=done["skipped"])
     store.set_table(run_id, rule.table, **done)
     return store.table(run_id, rule.table)
+
+
+#: The longest a table's report count may take; past it the count is left unknown (the chunks
+#: find the rows all the same).
+COUNT_TIMEOUT_MS = 30_000
+
+
+def _count(ctx: Context, rule: TableRule, t: Table, request: run.Request) -> int:
+    """The table's eligible rows, for its report; -1 if the count took too long."""
+    try:
+        with ctx.engine.begin() as conn:
+            set_timeouts(conn, request.lock_timeout_ms, COUNT_TIMEOUT_MS)
+            return sql.count(conn, t, _eligible(conn, rule, t, request))
+    except OperationalError as exc:
+        log.warning("db_clean_count_skipped", table=rule.table,
+                    error=type(exc.orig or exc).__name__)
+        return -1
 
 
 def _eligible(conn: Any, rule: TableRule, t: Table, request: run.Request) -> list[Any]:

@@ -33,9 +33,14 @@ def send_chunk(run_id: str, chunk: int, table: str, lo: str | None, hi: str | No
         queue=settings.chunk_queue)
 
 
-def context() -> distributed.Context:
+def send_pump(run_id: str) -> None:
+    db_clean_pump.apply_async(kwargs={"run_id": run_id}, queue=settings.control_queue)
+
+
+def context(*, in_chunk: bool = False) -> distributed.Context:
     r = resources()
-    return distributed.Context(r.settings, r.engine, r.registry, send_chunk)
+    return distributed.Context(r.settings, r.engine, r.registry, send_chunk,
+                               send_pump if in_chunk else None)
 
 
 def _tables(value: Any) -> tuple[str, ...]:
@@ -137,7 +142,7 @@ def db_clean_chunk(self: Task, run_id: str, chunk: int, table: str, lo: str | No
 
     _check_chunk(run_id, chunk, table, lo, hi)
     structlog.contextvars.bind_contextvars(run_id=run_id)
-    ctx = context()
+    ctx = context(in_chunk=True)
     try:
         outcome = distributed.run_chunk(ctx, run_id, chunk, table, lo, hi)
     except DBAPIError as exc:
