@@ -99,7 +99,9 @@ def unfinished_run(tables: Tables) -> Any:
     Judged at the DELETE exactly as a correlated NOT EXISTS is: the same statement, the same
     snapshot, no list fetched earlier that a run turning running could slip past. NOT IN's
     NULL rule changes nothing here: dag_run.id is the primary key and task state's dag_run_id
-    is NOT NULL (and a NULL would only keep the row)."""
+    is NOT NULL (and a NULL would only keep the row). PostgreSQL hashes the set while its
+    estimate fits hash memory (work_mem x hash_mem_multiplier: some 250,000 unfinished runs at
+    the defaults); past that it would compare each row with the whole set, still correct."""
     t, dr = tables.task_state, tables.dag_run
     return t.c.dag_run_id.in_(select(dr.c.id).where(unfinished_state(tables)))
 
