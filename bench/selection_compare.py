@@ -149,15 +149,23 @@ def statesweep_clean(url: str, args: list[str]) -> None:
         raise SystemExit(f"statesweep cleanup failed ({proc.returncode}): {proc.stderr[-2000:]}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--airflow", default="/opt/af-3.3.2/bin/airflow",
+def parse_airflow_args(doc: str, default: str,
+                       argv: list[str] | None) -> tuple[argparse.Namespace, str, str]:
+    """``--airflow`` and ``--dialects``; with the Airflow version that command reports and the
+    schema dump of that version: (args, airflow version, schema version)."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--airflow", default=default,
                    help="the airflow command of an apache-airflow-core 3.3.x or 3.4.x environment")
     p.add_argument("--dialects", default="postgresql,mariadb")
     args = p.parse_args(argv)
     airflow_version = subprocess.run([args.airflow, "version"], capture_output=True, text=True,
                                      check=False).stdout.strip()
-    version = schema_version(airflow_version)
+    return args, airflow_version, schema_version(airflow_version)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, airflow_version, version = parse_airflow_args(__doc__ or "",
+                                                        "/opt/af-3.3.2/bin/airflow", argv)
     lines = [f"# statesweep selection vs `airflow db clean` {airflow_version} (task_state_store)",
              "", f"Airflow: `{args.airflow}` ({airflow_version}) on the schema it migrates to "
              f"(tests/airflow_schemas, {version}); "

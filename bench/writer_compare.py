@@ -18,7 +18,6 @@ bench/results/writer_compare_<schema version>.md; exit 1 on any difference.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -31,7 +30,7 @@ from typing import Any
 
 from sqlalchemy import Engine, MetaData, Table, select
 
-from bench.selection_compare import schema_version
+from bench.selection_compare import parse_airflow_args
 from tests.airflow_schemas import airflow_schema_database
 from tests.airflow_schemas.rows import asset, dag_run
 from workers.db import make_engine
@@ -175,14 +174,8 @@ def database(dialect: str, version: str, stack: ExitStack) -> tuple[str, Engine]
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--airflow", default="/opt/af-3.4/bin/airflow",
-                   help="the airflow command of an apache-airflow-core 3.3.x or 3.4.x environment")
-    p.add_argument("--dialects", default="postgresql,mariadb")
-    args = p.parse_args(argv)
-    airflow_version = subprocess.run([args.airflow, "version"], capture_output=True, text=True,
-                                     check=False).stdout.strip()
-    version = schema_version(airflow_version)
+    args, airflow_version, version = parse_airflow_args(__doc__ or "",
+                                                        "/opt/af-3.4/bin/airflow", argv)
     ops = operations(regions=version.startswith("3.4"))
     keys = reads(ops)
     lines = [f"# statesweep's writer vs Airflow {airflow_version}'s MetastoreBackend", "",
