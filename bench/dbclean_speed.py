@@ -4,7 +4,9 @@ the cleanup holds open, and what a writer on the cleaned tables sees meanwhile.
 - ``TransactionSampler``: a thread that reads the server's open transactions every 20 ms
   (PostgreSQL: pg_stat_activity.xact_start; MariaDB: information_schema.innodb_trx.trx_started
   of the connections to that database) and keeps the oldest age seen, leaving out the writer
-  and itself. A transaction shorter than the interval may be missed; a long one is not.
+  and itself; and the oldest of those that wrote (PostgreSQL: backend_xid set; MariaDB:
+  trx_rows_modified > 0, or a DELETE/INSERT/UPDATE/CREATE statement), which hold row locks.
+  A transaction shorter than the interval may be missed; a long one is not.
 - ``Writer``: a thread doing what a busy Airflow does to the cleaned tables, one statement per
   transaction, in turn: INSERT into log, UPDATE a dag_run, UPDATE a job (rows both tools keep).
   Its latencies are cut into an idle window (before the cleanup starts) and the run's window.
@@ -41,6 +43,8 @@ class TransactionSampler(threading.Thread):
         self.exclude = exclude  # connection ids of the writer
         self.longest_ms = 0.0
         self.longest_query = ""
+        self.longest_write_ms = 0.0  # of transactions that wrote (hold row locks)
+        self.longest_write_query = ""
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -48,27 +52,35 @@ class TransactionSampler(threading.Thread):
             (self._sample_pg if self.pg else self._sample_mariadb)(conn)
         self.engine.dispose()
 
-    def _seen(self, ms: float, query: Any) -> None:
+    def _seen(self, ms: float, query: Any, writing: bool) -> None:
         if ms > self.longest_ms:  # and the statement running when it was seen
             self.longest_ms, self.longest_query = ms, str(query)
+        if writing and ms > self.longest_write_ms:
+            self.longest_write_ms, self.longest_write_query = ms, str(query)
 
     def _sample_pg(self, conn: Any) -> None:
-        query = text("SELECT left(query, 200), extract(epoch FROM now() - xact_start) * 1000 "
+        # backend_xid: the transaction has written (it holds row locks), not only read.
+        query = text("SELECT left(query, 200), extract(epoch FROM now() - xact_start) * 1000, "
+                     "backend_xid IS NOT NULL "
                      "FROM pg_stat_activity WHERE datname = :db AND xact_start IS NOT NULL "
                      "AND pid <> pg_backend_pid() AND application_name <> :writer")
         while not self.stop.is_set():
-            for q, ms in conn.execute(query, {"db": self.database, "writer": WRITER_APP}):
-                self._seen(float(ms or 0), q)
+            for q, ms, writing in conn.execute(query, {"db": self.database,
+                                                       "writer": WRITER_APP}):
+                self._seen(float(ms or 0), q, bool(writing))
             time.sleep(0.02)
 
     def _sample_mariadb(self, conn: Any) -> None:
         """InnoDB refreshes innodb_trx only when it was not read for 100 ms, and its
         trx_started has whole seconds: a transaction is timed from its first to its last sight
-        every 150 ms (a lower bound), and each statement by processlist.time_ms every 20 ms."""
+        every 160 ms, capped by its age from trx_started (so within about -0.2 s..+1 s), and
+        each statement by processlist.time_ms every 20 ms."""
         statements = text("SELECT id, left(info, 200), time_ms FROM information_schema."
                           "processlist WHERE db = :db AND command = 'Query' "
                           "AND id <> CONNECTION_ID()")
-        trx = text("SELECT trx_id, trx_mysql_thread_id, left(trx_query, 200) "
+        trx = text("SELECT trx_id, trx_mysql_thread_id, left(trx_query, 200), "
+                   "trx_rows_modified > 0, trx_started, "
+                   "TIMESTAMPDIFF(MICROSECOND, trx_started, NOW(6)) / 1000 "
                    "FROM information_schema.innodb_trx")
         first: dict[str, float] = {}
         ours: set[int] = set()
@@ -77,13 +89,18 @@ class TransactionSampler(threading.Thread):
             for thread, info, ms in conn.execute(statements, {"db": self.database}):
                 if int(thread) not in self.exclude:
                     ours.add(int(thread))
-                    self._seen(float(ms or 0), info)
+                    self._seen(float(ms or 0), info, str(info or "").lstrip().upper()
+                               .startswith(("DELETE", "INSERT", "UPDATE", "CREATE")))
             if n % 8 == 0:
                 now = time.monotonic()
-                for trx_id, thread, info in conn.execute(trx):
+                for trx_id, thread, info, writing, started, upper in conn.execute(trx):
                     if int(thread) in ours:
-                        first.setdefault(str(trx_id), now)
-                        self._seen((now - first[str(trx_id)]) * 1000, info)
+                        # A read-only transaction's trx_id is reused by the connection's next
+                        # one: its start (whole seconds) tells them apart, and bounds the age.
+                        key = f"{trx_id}/{thread}/{started}"
+                        first.setdefault(key, now)
+                        self._seen(min((now - first[key]) * 1000, float(upper or 0)), info,
+                                   bool(writing))
             n += 1
             time.sleep(0.02)
 

@@ -1,8 +1,9 @@
 """``python -m bench.dbclean_compare --workers N``: statesweep's distributed ``db-clean`` (no
 ``--local``) on N Celery workers of its own: a key prefix and queue names of this run on the
 local Redis (run store and broker), each worker ``celery -A workers.celery_app worker -c 1`` on
-both queues, stopped with SIGTERM (then SIGKILL) when the run is over. The CLI is given
-``--wait`` so that its wall time is the run's.
+both queues, stopped with SIGTERM (then SIGKILL) when the run is over. ``db-clean`` without
+``--local`` dispatches the run and waits for it to end, so its wall time is the run's; the
+workers' logs (JSON, one file each) give the chunks' times.
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ REDIS = os.environ.get("STATESWEEP_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
 @contextmanager
-def distributed(env: dict[str, str], n: int) -> Iterator[tuple[dict[str, str], list[str]]]:
-    """(the CLI's environment, its mode options) while N workers consume this run's queues."""
+def distributed(env: dict[str, str], n: int) -> Iterator[tuple[dict[str, str], Path]]:
+    """(the CLI's environment, the workers' log directory) while N workers consume this run's
+    queues."""
     tag = f"dbc{os.getpid()}"
     env = {**env, "STATESWEEP_RUN_STORE_URL": REDIS, "STATESWEEP_BROKER_URL": REDIS,
+           "STATESWEEP_RESULT_BACKEND": REDIS, "STATESWEEP_LOG_FORMAT": "json",
            "STATESWEEP_KEY_PREFIX": tag, "STATESWEEP_CONTROL_QUEUE": f"{tag}-control",
            "STATESWEEP_CHUNK_QUEUE": f"{tag}-chunks", "PYTHONUNBUFFERED": "1"}
     queues = f"{env['STATESWEEP_CONTROL_QUEUE']},{env['STATESWEEP_CHUNK_QUEUE']}"
@@ -44,7 +47,7 @@ def distributed(env: dict[str, str], n: int) -> Iterator[tuple[dict[str, str], l
         while time.monotonic() < deadline and not all(
                 "ready" in (logs / f"w{i}.log").read_text() for i in range(n)):
             time.sleep(0.2)
-        yield env, ["--wait"]
+        yield env, logs
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)
