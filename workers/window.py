@@ -31,6 +31,9 @@ from workers.settings import Settings
 
 log = structlog.get_logger("statesweep.window")
 
+#: The longest the walk after a run (Sender.mark_deleted) may take: 10 s is millions of rows.
+MARK_TIMEOUT_MS = 10_000
+
 #: Sends one chunk message: (run_id, chunk number, range, cutoff).
 Dispatch = Callable[[str, int, ChunkRange, str], None]
 
@@ -108,7 +111,27 @@ class Sender:
             sent += self.cut_more(run_id, cutoff, window.cut_room)
         if window.new_hold:
             log.warning("cleanup_run_held", run_id=run_id, reason=window.held)
+        if window.finished is not None:
+            self.mark_deleted(window.finished)
         return sent
+
+    def mark_deleted(self, record: RunRecord) -> None:
+        """The run ended having deleted rows: flag their index entries dead for the next plan
+        (expiry.mark_deleted), on PostgreSQL, where they stay until VACUUM; InnoDB purges its
+        own and SQLite removes them with the rows. A failure here costs the next plan only."""
+        if (record.rows_deleted <= 0 or not record.cutoff
+                or self.engine.dialect.name != "postgresql"):
+            return
+        t0 = time.perf_counter()
+        try:
+            with self.engine.connect() as conn, conn.begin():
+                conn.exec_driver_sql(f"SET LOCAL statement_timeout = {MARK_TIMEOUT_MS}")
+                expiry.mark_deleted(conn, self.tables, dt.datetime.fromisoformat(record.cutoff))
+        except Exception as exc:
+            log.warning("index_mark_failed", run_id=record.run_id, error=str(exc))
+            return
+        log.info("index_marked", run_id=record.run_id, rows=record.rows_deleted,
+                 ms=round((time.perf_counter() - t0) * 1000, 1))
 
     def cut_more(self, run_id: str, cutoff: str, room: int) -> int:
         """Cut up to *room* walk or expiry chunks from the run's cursor and send each

@@ -124,11 +124,23 @@ def choose(conn: Connection, tables: Tables, cutoff: dt.datetime, batch_size: in
     fraction = backlog_fraction(conn.dialect.name)
     rows = expiry.table_rows(conn, tables)
     cap = max(1, int(rows * fraction))
+    # Where the expired rows start (one probe), then the server's estimate of them from there:
+    # well under the threshold, the steady state needs no count, which reads every expired
+    # row's index entry and, on PostgreSQL without a VACUUM, its heap tuple too.
+    first = expiry.first_key(conn, tables, cutoff)
+    if first is None:
+        return _steady(conn, tables, cutoff, batch_size,
+                       f"nothing expired of about {rows} rows (under {fraction:.0%})", counted=0)
+    estimated = expiry.estimate_expired(conn, tables, cutoff, first)
+    if estimated is not None and estimated < cap // 2:
+        return _steady(conn, tables, cutoff, batch_size,
+                       f"about {estimated} expired of about {rows} rows by the server's "
+                       f"estimate (under {fraction:.0%})", estimated=estimated, first=first)
     expired = expiry.count_expired(conn, tables, cutoff, cap=cap)
     if expired < cap:
         return _steady(conn, tables, cutoff, batch_size,
                        f"{expired} expired of about {rows} rows (under {fraction:.0%})",
-                       counted=expired)
+                       counted=expired, first=first)
     if conn.dialect.name == "postgresql":
         try:
             blocks.check(conn, tables)
@@ -155,10 +167,12 @@ def choose(conn: Connection, tables: Tables, cutoff: dt.datetime, batch_size: in
 
 
 def _steady(conn: Connection, tables: Tables, cutoff: dt.datetime, batch_size: int,
-            why: str, counted: int | None = None) -> Plan:
+            why: str, counted: int | None = None, estimated: int | None = None,
+            first: expiry.Key | None = None) -> Plan:
     from workers.planners.expiry import ExpiryPlanner
 
-    return _auto(ExpiryPlanner().plan(conn, tables, cutoff, batch_size, counted=counted), why)
+    return _auto(ExpiryPlanner().plan(conn, tables, cutoff, batch_size, counted=counted,
+                                      estimated=estimated, first=first), why)
 
 
 def _auto(plan: Plan, why: str) -> Plan:
