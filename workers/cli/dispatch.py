@@ -76,19 +76,21 @@ def dispatch_cleanup(app: Celery, settings: Settings, registry: RunRegistry,
     from workers.run_ids import new_run_id
 
     identity = database_identity(settings, registry)
-    check_broker(app, settings)
-    check_result_backend(settings)
-    run_id = new_run_id()
-    if not registry.enqueue(run_id, source):
-        raise RefusedError(f"run id {run_id} is already recorded; try again")
-    try:
-        result = app.send_task(COORDINATE, queue=settings.control_queue,
-                               kwargs={"batch_size": batch_size, "source": source,
-                                       "run_id": run_id, **(selection or {}),
-                                       "expect_database": identity})
-    except BaseException:
-        registry.close_queued(run_id, "the coordinator could not be sent")
-        raise
+    # The producer that sends is the one whose connection is checked: one broker connection.
+    with app.producer_or_acquire() as producer:
+        check_broker(app, settings, producer.connection)
+        check_result_backend(settings)
+        run_id = new_run_id()
+        if not registry.enqueue(run_id, source):
+            raise RefusedError(f"run id {run_id} is already recorded; try again")
+        try:
+            result = app.send_task(COORDINATE, queue=settings.control_queue, producer=producer,
+                                   kwargs={"batch_size": batch_size, "source": source,
+                                           "run_id": run_id, **(selection or {}),
+                                           "expect_database": identity})
+        except BaseException:
+            registry.close_queued(run_id, "the coordinator could not be sent")
+            raise
     return run_id, result
 
 

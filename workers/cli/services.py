@@ -153,9 +153,14 @@ def client_app(settings: Settings) -> Celery:
     return app
 
 
-def check_broker(app: Celery, settings: Settings) -> None:
-    """Connect to the broker once; ServiceUnavailable naming it (password masked) if not."""
+def check_broker(app: Celery, settings: Settings, connection: Any = None) -> None:
+    """Connect to the broker once (on *connection*, a producer's that will send, where one is
+    given: one connection, not two); ServiceUnavailable naming it (password masked) if not."""
     try:
+        if connection is not None:
+            connection.ensure_connection(max_retries=1, interval_start=0, interval_step=0.5,
+                                         timeout=CONNECT_TIMEOUT)
+            return
         with app.connection_for_write() as conn:
             conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0.5,
                                    timeout=CONNECT_TIMEOUT)
@@ -180,7 +185,9 @@ def ping_redis(url: str, what: str) -> None:
 
 
 def check_result_backend(settings: Settings) -> None:
-    if is_redis(settings.result_backend):
+    """PING a Redis result backend, unless it is the run store, which answered already."""
+    if (is_redis(settings.result_backend)
+            and settings.result_backend != settings.effective_run_store_url):
         ping_redis(settings.result_backend, "result backend STATESWEEP_RESULT_BACKEND")
 
 
