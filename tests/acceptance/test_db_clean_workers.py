@@ -297,3 +297,27 @@ def test_a_failed_table_is_reported_and_the_next_table_runs_on_the_workers(
             assert keys(engine, "log") == expected(data)["log"]
         finally:
             engine.dispose()
+
+
+def test_workers_cleaning_another_database_refuse_the_run(
+        isolation: dict[str, str], redis_url: str, tmp_path: Path, cleanup_keys: None) -> None:
+    """The command sends the identity of the database it read; workers that clean another one
+    refuse the run (recorded as skipped, naming both) and delete nothing in either."""
+    with two_databases("postgresql", "3.3.2") as (theirs, ours):
+        their_engine, our_engine = make_engine(theirs), make_engine(ours)
+        try:
+            _log_rows(their_engine, 10)
+            _log_rows(our_engine, 10)
+            with workers(worker_env(theirs, isolation, redis_url), tmp_path, count=1):
+                out = invoke("db-clean", "--clean-before-timestamp", T.isoformat(), "-y",
+                             env=worker_env(ours, isolation, redis_url))
+            assert out.exit_code != 0, out.output
+            assert "skipped" in out.output and "database" in out.output
+            for engine in (their_engine, our_engine):
+                with engine.connect() as conn:
+                    log = Table("log", MetaData(), autoload_with=conn)
+                    assert len(conn.execute(select(log.c.id)).all()) == 10
+                assert archived(engine) == {}
+        finally:
+            their_engine.dispose()
+            our_engine.dispose()

@@ -596,14 +596,16 @@ def test_a_database_that_is_not_airflows_is_one_line_exit_4(pg_url: str) -> None
     assert len(lines) == 1 and "task_state_store" in lines[0], result.output
 
 
-def test_without_local_it_says_the_distributed_run_is_not_built(
+def test_without_local_a_run_store_the_workers_cannot_share_is_refused(
         one_db: tuple[str, Engine, Data]) -> None:
+    """Without --local the run goes to the workers (tests/acceptance/test_db_clean_workers.py):
+    with the run store in memory:// (this process only) it cannot, and says so in one line
+    before anything is sent or deleted."""
     url, engine, _ = one_db
     before = snapshot(engine)
-    result = CliRunner().invoke(cli, ["db-clean", "--clean-before-timestamp", T.isoformat(),
-                                      "-y"], env={"STATESWEEP_DATABASE_URL": url})
-    assert result.exit_code == EXIT_BAD_ARGUMENT, result.output
-    assert "--local" in result.output and len(result.output.strip().splitlines()) == 1
+    result = invoke(url, "--clean-before-timestamp", T.isoformat(), "-y")
+    assert result.exit_code != 0, result.output
+    assert "memory://" in result.output and len(result.output.strip().splitlines()) == 1
     assert snapshot(engine) == before
 
 

@@ -24,7 +24,7 @@ PICKUP_SECONDS = 120.0
 
 def dispatch_and_wait(settings: Settings, request: Request, version: str) -> Report:
     from workers.celery_app import DB_CLEAN, DB_CLEAN_PUMP
-    from workers.cli.dispatch import RunAborted, RunFailed
+    from workers.cli.dispatch import RunAborted, RunFailed, database_identity
     from workers.cli.progress import RunStuck
     from workers.cli.services import check_broker, client_app, shared_run_store
     from workers.dbclean.run import Report, TableResult
@@ -33,6 +33,8 @@ def dispatch_and_wait(settings: Settings, request: Request, version: str) -> Rep
 
     registry = shared_run_store(settings)
     store = DbCleanStore(registry)
+    # The workers refuse the run if they clean another database than this command read.
+    identity = database_identity(settings, registry)
     with client_app(settings) as app:
         check_broker(app, settings)
         run_id = new_run_id()
@@ -43,7 +45,7 @@ def dispatch_and_wait(settings: Settings, request: Request, version: str) -> Rep
             "tables": list(request.tables), "dag_ids": list(request.dag_ids),
             "exclude_dag_ids": list(request.exclude_dag_ids),
             "batch_size": request.batch_size, "skip_archive": request.skip_archive,
-            "source": "cli", "run_id": run_id})
+            "source": "cli", "run_id": run_id, "expect_database": identity})
         click.echo(f"dispatched db-clean run {run_id} to {settings.control_queue}", err=True)
         shown: dict[str, tuple[Any, ...]] = {}
         start = last_pump = time.monotonic()

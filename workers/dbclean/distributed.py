@@ -30,7 +30,7 @@ from typing import Any
 
 import structlog
 from sqlalchemy import Column, Engine, MetaData, Table, inspect
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from workers.chunk import heartbeat
 from workers.db import db_now, set_timeouts
@@ -100,9 +100,19 @@ def start(ctx: Context, run_id: str, request: run.Request, source: str) -> dict[
         log.info("db_clean_run_started", run_id=run_id, airflow=version, tables=names,
                  before=request.before.isoformat(), batch_size=request.batch_size,
                  skip_archive=request.skip_archive)
-    step(ctx, run_id)
+    _step_quietly(ctx, run_id)
     return {"run_id": run_id, "status": "started" if outcome == "started" else "resumed",
             "airflow": version, "tables": names}
+
+
+def _step_quietly(ctx: Context, run_id: str) -> None:
+    """A step after the caller's own work is done (the run started, a chunk counted): one that
+    fails (the database away) is logged and left to the next step, the pump's."""
+    try:
+        step(ctx, run_id)
+    except Exception as exc:
+        log.warning("db_clean_step_failed", run_id=run_id, error=f"{type(exc).__name__}: "
+                    f"{' '.join(str(exc).split())[:300]}")
 
 
 def step(ctx: Context, run_id: str) -> None:
@@ -145,7 +155,17 @@ def _step(ctx: Context, store: DbCleanStore, run_id: str) -> None:
             if ctx.pump is not None:
                 ctx.pump(run_id)
                 return
-            table = _prepare(ctx, store, run_id, rules[name], request, meta["tag"])
+            try:
+                table = _prepare(ctx, store, run_id, rules[name], request, meta["tag"])
+            except DBAPIError as exc:
+                if exc.connection_invalidated:
+                    raise  # the database went away: the next step tries again
+                # As --local: a table that cannot be started (its archive refused) is reported
+                # failed and the next one runs.
+                error = " ".join(str(exc.orig or exc).split())[:500]
+                store.set_table(run_id, name, state="done", failed=error)
+                log.warning("db_clean_table_failed", run_id=run_id, table=name, error=error)
+                table = store.table(run_id, name)
         if table["state"] == "running" and not _advance_table(ctx, store, run_id, rules[name],
                                                               request, table):
             return
@@ -201,6 +221,8 @@ def _prepare(ctx: Context, store: DbCleanStore, run_id: str, rule: TableRule,
     return store.table(run_id, rule.table)
 
 
+#: How often a chunk is sent again before its table fails.
+MAX_RESENDS = 5
 #: The longest a table's report count may take; past it the count is left unknown (the chunks
 #: find the rows all the same).
 COUNT_TIMEOUT_MS = 30_000
@@ -242,6 +264,15 @@ def _advance_table(ctx: Context, store: DbCleanStore, run_id: str, rule: TableRu
     for number, st, sent_at, resends, body in window:
         lost = (st == "t" and not store.alive(run_id, number)) or \
             (st == "s" and now - sent_at > late)
+        if lost and resends >= MAX_RESENDS:
+            # Sent that often and never finished (its worker dies on it, or its time limit cuts
+            # it short each time): its table fails rather than the run going round for ever.
+            name = json.loads(body)[0]
+            error = f"chunk {number} was sent {resends + 1} times and never finished"
+            if store.finish(run_id, number, name, 0, 0, error):
+                log.warning("db_clean_table_failed", run_id=run_id, table=name, chunk=number,
+                            error=error)
+            continue
         if lost:
             name, lo, hi = json.loads(body)
             store.put(run_id, number, body, resends + 1)
@@ -337,7 +368,7 @@ def run_chunk(ctx: Context, run_id: str, chunk: int, table: str, lo: str | None,
     log.info("db_clean_chunk_moved", run_id=run_id, chunk=chunk, table=table, lo=lo, hi=hi,
              rows=rows, dependants=deps, counted=counted,
              ms=round((time.monotonic() - t0) * 1000, 1))
-    step(ctx, run_id)
+    _step_quietly(ctx, run_id)
     return ChunkOutcome("moved", rows, deps)
 
 
@@ -346,7 +377,7 @@ def fail_chunk(ctx: Context, run_id: str, chunk: int, table: str, error: str) ->
     if ctx.store.finish(run_id, chunk, table, 0, 0, error or "failed"):
         log.warning("db_clean_table_failed", run_id=run_id, table=table, chunk=chunk,
                     error=error)
-    step(ctx, run_id)
+    _step_quietly(ctx, run_id)
 
 
 def requeue(ctx: Context, run_id: str, chunk: int, error: str) -> None:

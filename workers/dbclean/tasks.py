@@ -12,6 +12,7 @@ from typing import Any
 
 import structlog
 from celery import Task
+from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.exc import DBAPIError
 
 from workers.celery_app import DB_CLEAN, DB_CLEAN_CHUNK, DB_CLEAN_PUMP, app, resources, settings
@@ -19,6 +20,7 @@ from workers.coordinator import batch_size_for, check_run_id
 from workers.db import db_now
 from workers.dbclean import distributed, run
 from workers.exceptions import InvalidArgument
+from workers.identity import DatabaseIdentity, other_database, read_identity
 from workers.selection import _dag_ids, _timestamp
 
 log = structlog.get_logger("statesweep.dbclean")
@@ -97,16 +99,28 @@ def request_from_args(clean_before_timestamp: Any, keep_days: Any, tables: Any, 
 def db_clean(self: Task, clean_before_timestamp: Any = None, keep_days: Any = None,
              tables: Any = None, dag_ids: Any = None, exclude_dag_ids: Any = None,
              batch_size: Any = None, skip_archive: Any = False, source: str = "celery",
-             run_id: str | None = None) -> dict[str, Any]:
+             run_id: str | None = None, expect_database: Any = None) -> dict[str, Any]:
     """Start a db-clean run (`airflow db clean` on the workers): its tables in Airflow's order,
     each table's chunks on any worker, the next table once they are all done. ``keep_days``
-    (beat's) cleans before the database's now() minus that many days."""
+    (beat's) cleans before the database's now() minus that many days. ``expect_database``
+    (workers.identity, as the CLI read its own) refuses a run meant for another database."""
     if not isinstance(source, str):
         raise InvalidArgument(f"source must be a string, got {source!r}")
     run_id = check_run_id(run_id if run_id is not None else f"dbclean-{self.request.id}")
     structlog.contextvars.bind_contextvars(run_id=run_id)
     ctx = context()
+    expected = None if expect_database is None else DatabaseIdentity.decode(expect_database)
     try:
+        if expected is not None:
+            with ctx.engine.connect() as conn:
+                identity = read_identity(conn, resources().tables.naming)
+            if identity != expected:
+                why = other_database(expected, identity)
+                ctx.registry.close_queued(run_id, why)
+                ctx.registry.note_trigger("refused", run_id, source, why)
+                log.warning("db_clean_refused_database", expected=str(expected),
+                            database=str(identity))
+                return {"run_id": run_id, "status": "refused", "reason": why}
         now = None
         if keep_days is not None:
             with ctx.engine.connect() as conn:
@@ -154,6 +168,13 @@ def db_clean_chunk(self: Task, run_id: str, chunk: int, table: str, lo: str | No
         distributed.fail_chunk(ctx, run_id, chunk, table,
                                " ".join(str(exc.orig or exc).split())[:500])
         return {"run_id": run_id, "chunk": chunk, "status": "failed"}
+    except SoftTimeLimitExceeded:
+        raise  # its heartbeat stops: the chunk is sent again (a few times at most)
+    except InvalidArgument:
+        raise
+    except Exception as exc:  # a bug would fail the same way again: its table fails now
+        distributed.fail_chunk(ctx, run_id, chunk, table, f"{type(exc).__name__}: {exc}"[:500])
+        raise
     return {"run_id": run_id, "chunk": chunk, "status": outcome.status, "rows": outcome.rows}
 
 
