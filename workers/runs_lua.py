@@ -78,9 +78,13 @@ end
 -- once, and one whose worker beats (alive true) never is, however long it runs; where the step
 -- was not told (alive nil), resend_after since it was taken.
 -- A chunk cut and not confirmed published within CONFIRM_GRACE seconds: the process that cut
--- it died before it published (or the broker refused it); it is sent again at once.
+-- it died before it published (or the broker refused it); it is sent again at once. 5 s: a
+-- publish (a RabbitMQ confirm included) takes milliseconds, and with the pump's 5 s period a
+-- window cut by a killed coordinator goes out again within ~10 s (issue 21: <= 15 s; 10 s here
+-- measured up to 15.4 s, bench/results/recovery.md). A publisher slower than that costs one
+-- extra copy, which deletes nothing more and is not counted twice.
 local MAX_DOUBLINGS = 3
-local CONFIRM_GRACE = 10
+local CONFIRM_GRACE = 5
 local function resend_due(st, sent, n, now, resend_after, alive)
   if st == 't' and alive ~= nil then return not alive end
   if st == 'c' then return tonumber(now) - sent > CONFIRM_GRACE end
