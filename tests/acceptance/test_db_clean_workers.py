@@ -191,6 +191,8 @@ def test_status_pause_and_abort_of_a_db_clean_run(
                 assert out.exit_code == 0, out.output
                 assert '"kind": "db_clean"' in out.stdout and "paused" in out.stdout
                 assert "log" in invoke("status", run_id, env=env).stdout
+                overview = invoke("status", env=env)  # listed among the runs
+                assert overview.exit_code == 0 and run_id in overview.stdout, overview.output
                 # Resumed: chunks move.
                 assert invoke("resume", env=env).exit_code == 0
                 _send(env, DB_CLEAN_PUMP, run_id=run_id)
@@ -220,6 +222,13 @@ def test_status_pause_and_abort_of_a_db_clean_run(
             assert sum(counters.db_clean_rows_deleted.values()) == \
                 sum(r.rows_deleted for r in runs if r) > 0
             assert counters.db_clean_chunks_done == sum(r.chunks_done for r in runs if r)
+            # Every key the runs made has a TTL (the window is gone once they ended).
+            with redis.Redis.from_url(REDIS_URL) as r:
+                mine = [k for k in r.scan_iter(match=f"{registry.prefix}:*")
+                        if b":run:" in k or b":dbclean" in k]
+                assert mine and all(r.ttl(k) > 0 for k in mine), \
+                    [k for k in mine if r.ttl(k) <= 0]
+                assert not [k for k in mine if k.endswith(b":dbclean:inflight")]
             tables = store.tables("dbclean-status-2")
             assert [t["table"] for t in tables] == ["log"]
             assert tables[0]["archive"].startswith(ARCHIVE_PREFIX + "log__")
