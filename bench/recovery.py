@@ -137,7 +137,7 @@ class Deployment:
 def window(r: redis.Redis, prefix: str, run_id: str) -> dict[str, str]:
     """chunk number -> state letter (c s t p) of the run's in-flight window."""
     raw = r.hgetall(f"{prefix}:run:{run_id}:inflight")
-    return {k.decode(): v.decode().split("|")[2] for k, v in raw.items()}
+    return {str(k): str(v).split("|")[2] for k, v in raw.items()}
 
 
 def owner_of_waiter(engine: Engine, procs: list[WorkerProcess],
@@ -172,14 +172,15 @@ def trial(broker: str, url: str, case: str, template: str, spec: SeedSpec, n: in
     settings = Settings.from_env(env)
     engine, tables = make_engine(PG + db), build_tables("seed")
     registry = registry_for(REDIS_URL, settings.key_prefix)
-    r = redis.Redis.from_url(REDIS_URL)
+    r = redis.Redis.from_url(REDIS_URL, decode_responses=True)
     tdir = logs / f"{broker}-{case}-{n}"
     tdir.mkdir(parents=True, exist_ok=True)
     out: dict[str, Any] = {"broker": broker, "case": case, "trial": n,
                            "load": os.getloadavg()[0]}
     expired_before = counts(engine, tables).expired
-    dep = Deployment.start(env, tdir)
+    dep: Deployment | None = None
     try:
+        dep = Deployment.start(env, tdir)
         with ExitStack() as held, client(settings) as app:
             conn = engine.connect()
             held.callback(conn.close)
@@ -269,14 +270,32 @@ def trial(broker: str, url: str, case: str, template: str, spec: SeedSpec, n: in
         out["correct"] = (rec.state == "finished" and rec.chunks_done == rec.chunks_planned
                           and after.expired == 0 and out["rows_exact"])
     finally:
-        dep.stop()
+        if dep is not None:
+            dep.stop()
         engine.dispose()
         for key in r.scan_iter(f"{settings.key_prefix}:*"):
             r.delete(key)
-        r.delete(settings.control_queue, settings.chunk_queue)
         r.close()
+        if url.startswith("redis"):
+            forget_queues(url, tag)
         admin(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
     return out
+
+
+def forget_queues(url: str, tag: str) -> None:
+    """Drop this trial's queues, kombu's bindings of them, and the dead worker's messages in
+    kombu's unacknowledged index (one per Redis database, shared by every queue on it), which
+    would otherwise be restored into a queue nobody reads."""
+    r = redis.Redis.from_url(url)
+    try:
+        for key in r.scan_iter(f"*bench.{tag}.*"):
+            r.delete(key)
+        for field, value in r.hscan_iter("unacked"):
+            if f"bench.{tag}.".encode() in value:
+                r.hdel("unacked", field)
+                r.zrem("unacked_index", field)
+    finally:
+        r.close()
 
 
 def summarise(trials: list[dict[str, Any]]) -> dict[str, Any]:
