@@ -611,8 +611,10 @@ def test_without_local_a_run_store_the_workers_cannot_share_is_refused(
 
 def test_a_chunk_that_waits_too_long_for_a_lock_is_retried_and_finishes(
         one_db: tuple[str, Engine, Data]) -> None:
-    """A writer holds a lock on an old log row for 2.5 s; each chunk's lock wait is bounded,
-    so the chunk gives up, rolls back and is tried again until the writer is done."""
+    """A writer holds a lock on an old log row until a chunk has given up waiting for it; each
+    chunk's lock wait is bounded, so the chunk rolls back and is tried again, and finishes once
+    the writer is done. (The writer lets go on the retry's log line, not after a fixed time: a
+    slow machine must not let the run reach the row only after the lock is gone.)"""
     import threading
 
     from structlog.testing import capture_logs
@@ -623,22 +625,26 @@ def test_a_chunk_that_waits_too_long_for_a_lock_is_retried_and_finishes(
     lg = md.tables["log"]
     old = min(r["id"] for r in data.logs if r["dttm"] < T)
     held = threading.Event()
-
-    def writer() -> None:
-        with engine.begin() as conn:
-            conn.execute(select(lg.c.id).where(lg.c.id == old).with_for_update())
-            held.set()
-            time.sleep(2.5)
-
-    thread = threading.Thread(target=writer)
-    thread.start()
-    assert held.wait(10)
     request = dbclean.Request(before=T, tables=("log",), batch_size=100, skip_archive=True,
                               lock_timeout_ms=300, statement_timeout_ms=10000)
     with capture_logs() as logs:
+        def retried() -> bool:
+            return any(e["event"] == "db_clean_retry" for e in list(logs))
+
+        def writer() -> None:
+            with engine.begin() as conn:
+                conn.execute(select(lg.c.id).where(lg.c.id == old).with_for_update())
+                held.set()
+                deadline = time.monotonic() + 120
+                while not retried() and time.monotonic() < deadline:
+                    time.sleep(0.05)
+
+        thread = threading.Thread(target=writer)
+        thread.start()
+        assert held.wait(10)
         dbclean.clean(engine, request)
-    thread.join()
-    assert any(e["event"] == "db_clean_retry" for e in logs)
+        thread.join()
+        assert retried()
     assert keys(engine, "log") == expected(data)["log"]
 
 
