@@ -79,9 +79,14 @@ def _extra_filter(name: str, t: Table) -> Any:
     if name == "not_in_working_set":
         return t.c.working_set.is_(None)
     if name == "dag_run_finished":
+        # As cleanup's check (workers.cleanup.unfinished_run): the unfinished runs once per
+        # statement, spelled one equality per state so PostgreSQL reads them from Airflow's
+        # partial indexes (state IN (...) scanned all of dag_run for every chunk); a row with
+        # no dag run belongs to no unfinished one and goes, as NOT EXISTS let it.
         dag_run = table("dag_run", column("id"), column("state"))
-        return ~exists().where(dag_run.c.id == t.c.dag_run_id,
-                               dag_run.c.state.in_(UNFINISHED_DAG_RUN_STATES))
+        unfinished = select(dag_run.c.id).where(
+            or_(*(dag_run.c.state == s for s in UNFINISHED_DAG_RUN_STATES)))
+        return or_(t.c.dag_run_id.is_(None), t.c.dag_run_id.not_in(unfinished))
     raise ValueError(f"unknown extra filter {name!r}")
 
 
