@@ -193,9 +193,10 @@ def test_status_pause_and_abort_of_a_db_clean_run(
                 assert "log" in invoke("status", run_id, env=env).stdout
                 overview = invoke("status", env=env)  # listed among the runs
                 assert overview.exit_code == 0 and run_id in overview.stdout, overview.output
-                # Resumed: chunks move.
-                assert invoke("resume", env=env).exit_code == 0
-                _send(env, DB_CLEAN_PUMP, run_id=run_id)
+                # Resumed: resume itself pumps the db-clean run, and its chunks move.
+                resumed = invoke("resume", "--format", "json", env=env)
+                assert resumed.exit_code == 0, resumed.output
+                assert '"pump_sent": true' in resumed.stdout and run_id in resumed.stdout
                 wait_for("chunks moved", lambda: (r := registry.get(run_id)) and
                          r.chunks_done >= 3)
                 # Aborted: the run ends, its lock is freed, the rest of the rows stay.

@@ -77,15 +77,21 @@ def resume(ctx: click.Context, fmt: str) -> None:
     settings = load_settings(is_verbose(ctx))
     registry = shared_run_store(settings)
     lifted = control.resume(registry, by=operator())
-    active = registry.active_run()
-    pumped = False
-    if active:
-        from workers.celery_app import PUMP
+    from workers.celery_app import DB_CLEAN_PUMP, PUMP
+    from workers.dbclean.store import DbCleanStore
 
+    # The active cleanup run and the active db-clean run (each has its own lock and pump).
+    runs = [(PUMP, registry.active_run()), (DB_CLEAN_PUMP, DbCleanStore(registry).active_run())]
+    runs = [(task, run_id) for task, run_id in runs if run_id]
+    active = ", ".join(run_id for _, run_id in runs if run_id)
+    pumped = False
+    if runs:
         try:
             with client_app(settings) as app:
                 check_broker(app, settings)
-                app.send_task(PUMP, queue=settings.control_queue, kwargs={"run_id": active})
+                for task, run_id in runs:
+                    app.send_task(task, queue=settings.control_queue,
+                                  kwargs={"run_id": run_id})
                 pumped = True
         except ServiceUnavailable as exc:
             click.echo(f"note: {exc}; the next beat pump (every "
