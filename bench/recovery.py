@@ -46,7 +46,7 @@ from tests.processes import CELERY, ROOT, WorkerProcess, child_env
 from tests.reliability.faults import owns_local_port
 from tests.reliability.pipeline import client, counts, seed_database
 from workers import runs_lua
-from workers.beat_lock import BEAT_LOCK_TTL_SECONDS
+from workers.beat_lock import BEAT_LOCK_TTL_SECONDS, STANDBY_POLL_SECONDS
 from workers.celery_app import COORDINATE
 from workers.db import make_engine
 from workers.runs import BEAT_TTL_SECONDS, registry_for
@@ -333,6 +333,7 @@ def defaults() -> dict[str, Any]:
             "pump_interval_seconds": s.pump_interval_seconds,
             "chunk_time_limit": s.chunk_time_limit, "resend_after": resend_after(s),
             "chunk_heartbeat_ttl": BEAT_TTL_SECONDS, "beat_lock_ttl": BEAT_LOCK_TTL_SECONDS,
+            "beat_standby_poll": STANDBY_POLL_SECONDS,
             "confirm_grace": confirm_grace(),
             "max_chunks_in_flight": s.max_chunks_in_flight,
             "cleanup_batch_size": s.cleanup_batch_size}
@@ -354,7 +355,7 @@ MECHANISM = {
                            "{pump_interval_seconds:g} s): <= {confirm_bound:g} s + pickup",
     "beat": "the run goes on without beat (finishing chunks top the window up); the standby "
             "takes the beat lock once it lapses ({beat_lock_ttl} s, renewed every "
-            "{beat_renew:g} s, the standby tries every {beat_renew:g} s): "
+            "{beat_renew:g} s, the standby tries every {beat_poll:g} s): "
             "<= {beat_bound:g} s; its first tick sends the overdue pump",
 }
 
@@ -363,8 +364,10 @@ def markdown(result: dict[str, Any]) -> str:
     d = result["defaults"]
     bounds = {"chunk_bound": d["chunk_heartbeat_ttl"] + d["pump_interval_seconds"],
               "confirm_bound": d["confirm_grace"] + d["pump_interval_seconds"],
-              "beat_renew": d["beat_lock_ttl"] / 3,
-              "beat_bound": d["beat_lock_ttl"] + d["beat_lock_ttl"] / 3}
+              "beat_renew": d["beat_lock_ttl"] / 4,
+              "beat_poll": d.get("beat_standby_poll", d["beat_lock_ttl"] / 3),
+              "beat_bound": d["beat_lock_ttl"] + d.get("beat_standby_poll",
+                                                       d["beat_lock_ttl"] / 3)}
     lines = [
         "# Recovery after one process kill, default settings (issue 21: <= 15 s)", "",
         f"Command: `{result['command']}`  ", f"Load before: `{result['uptime_before']}`  ",

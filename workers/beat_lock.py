@@ -1,11 +1,11 @@
 """One beat per deployment: the first beat holds ``<prefix>:beat`` in the run store and renews
 it; a second beat waits as a standby (one warning line naming the holder) and takes over within
-BEAT_LOCK_TTL_SECONDS of the first one stopping, however it stopped.
+BEAT_LOCK_TTL_SECONDS + STANDBY_POLL_SECONDS of the first one stopping, however it stopped.
 
 Two beats used to double every trigger (still one run, thanks to the run lock, but twice the
 messages) until ``doctor`` noticed the second from its triggers. Now the second schedules
 nothing: beat's scheduler starts only once ``beat_init`` returns, and ``beat_init`` returns once
-this beat holds the lock. The holder renews it from a daemon thread every third of its TTL; a
+this beat holds the lock. The holder renews it from a daemon thread every quarter of its TTL; a
 holder that finds the lock gone or taken (the run store lost it, or a long stall let it lapse
 and a standby took over) says so and exits, so two beats never schedule at once for longer than
 one renewal period.
@@ -28,7 +28,13 @@ from workers.runs import RunStore
 
 log = structlog.get_logger("statesweep.beat")
 
-BEAT_LOCK_TTL_SECONDS = 15
+#: A beat killed outright frees the lock this long after its last renewal: with the standby's
+#: poll, beat's pump is back within 13 s of the kill (issue 21: recovery <= 15 s; it was 15 s +
+#: a poll every 5 s, up to 20 s, measured 12.8-18.2 s by bench.recovery). A holder stalled
+#: for longer than this (four missed renewals) loses the lock and stands down.
+BEAT_LOCK_TTL_SECONDS = 12
+#: How often a standby tries the lock: one small script call a second.
+STANDBY_POLL_SECONDS = 1.0
 
 # KEYS beat; ARGV me ttl -> 1 when *me* holds the lock (taken now or renewed), else 0.
 _TAKE_OR_RENEW = """
@@ -70,20 +76,21 @@ class BeatLock:
                 holder = self.holder()
                 message = (f"another beat ({holder or 'one that just stopped'}) schedules this "
                            f"deployment (run store key {self.key}); this beat waits as its "
-                           f"standby and takes over within {self.ttl}s of it stopping")
+                           f"standby and takes over within "
+                           f"{self.ttl + STANDBY_POLL_SECONDS:g}s of it stopping")
                 log.warning("beat_standby", holder=holder, key=self.key)
                 (say or _stderr)(message)
                 said = True
-            sleep(self.ttl / 3)
+            sleep(STANDBY_POLL_SECONDS)
         if said:
             log.warning("beat_took_over", key=self.key)
 
     def keep(self, *, on_lost: Callable[[str], None]) -> threading.Thread:
-        """Renew the lock every third of its TTL from a daemon thread; *on_lost* (with the
+        """Renew the lock every quarter of its TTL from a daemon thread; *on_lost* (with the
         holder found) when it is no longer ours."""
         def renew() -> None:
             while True:
-                time.sleep(self.ttl / 3)
+                time.sleep(self.ttl / 4)
                 try:
                     if not self.try_hold():
                         on_lost(self.holder())
