@@ -191,19 +191,21 @@ def _prepare(ctx: Context, store: DbCleanStore, run_id: str, rule: TableRule,
     if rule.table not in live:
         done = {"state": "skipped", "skipped": "not in this database"}
     else:
+        # Closed before the count, which runs on a connection of its own: this one's
+        # transaction (the catalog reads) is not left open, idle, for as long as the count.
         with ctx.engine.connect() as conn:
             t = sql.reflect(conn, rule.table)
-            missing = sql.missing_columns(rule, t, filtered)
-            if missing:
-                done = {"state": "skipped",
-                        "skipped": f"its rule needs {', '.join(missing)}, which {rule.table} "
-                                   "lacks"}
-            elif not sql.key_columns(t):
-                done = {"state": "skipped", "skipped": "it has no primary key to cut chunks by"}
-            else:
-                eligible = _count(ctx, rule, t, request)
-                done = {"eligible": max(eligible, 0),
-                        "state": "running" if eligible else "done"}
+        missing = sql.missing_columns(rule, t, filtered)
+        if missing:
+            done = {"state": "skipped",
+                    "skipped": f"its rule needs {', '.join(missing)}, which {rule.table} "
+                               "lacks"}
+        elif not sql.key_columns(t):
+            done = {"state": "skipped", "skipped": "it has no primary key to cut chunks by"}
+        else:
+            eligible = _count(ctx, rule, t, request)
+            done = {"eligible": max(eligible, 0),
+                    "state": "running" if eligible else "done"}
     if done.get("state") == "running" and not request.skip_archive:
         archive = store.table(run_id, rule.table).get("archive")
         if not archive:  # named before it is made: a step that dies between makes it next
@@ -285,7 +287,9 @@ def _advance_table(ctx: Context, store: DbCleanStore, run_id: str, rule: TableRu
         return False
     with ctx.engine.connect() as conn:
         conn.execution_options(isolation_level="AUTOCOMMIT")
-        t = sql.reflect(conn, rule.table)
+        # Every step (one after each chunk) cuts here: the table is read from the catalog once
+        # per process and run, not once per step.
+        t = _cached(run_id, f"{rule.table}:cut", lambda: sql.reflect(conn, rule.table))
         cond = _eligible(conn, rule, t, request)
         lo_text = table.get("cursor") or None
         for _ in range(room):
