@@ -19,7 +19,7 @@ from sqlalchemy import Engine
 
 from workers import cleanup
 from workers.cleanup import EVERYTHING
-from workers.coordinator import RunSummary, check_run_id, coordinate, log_finished
+from workers.coordinator import RunSummary, check_run_id, coordinate
 from workers.exceptions import InvalidArgument, NotFound
 from workers.flow.sizing import ChunkTiming, SizingPolicy
 from workers.planners import BLOCKS, CUT_KINDS, EXPIRY, KINDS, ChunkRange
@@ -250,10 +250,8 @@ def _delete_and_count(settings: Settings, engine: Engine, tables: Tables, regist
         return ChunkResult(rows, "lost")
     bound.info("chunk_deleted", kind=args.range.kind, range=args.range.encode(),
                rows=rows, ms=round(seconds * 1000, 1), counted=counted)
-    Sender(settings, engine, tables, registry, dispatch).send(
+    Sender(settings, engine, tables, registry, dispatch).send(  # logs the finish, if it is one
         args.run_id, args.cutoff_text, window, args.range.kind)
-    if window.finished is not None:
-        log_finished(window.finished)
     return ChunkResult(rows, "deleted", counted)
 
 

@@ -160,8 +160,7 @@ def coordinate(settings: Settings, engine: Engine, tables: Tables, registry: Run
         registry.note_trigger("started", run_id, source)
         bound.info("cleanup_run_dispatched", chunks=sent,
                    ms=round((time.perf_counter() - t0) * 1000, 1))
-        if result.finished is not None:
-            log_finished(result.finished)
+        if result.finished is not None:  # logged by the sender
             return RunSummary(run_id, "finished", cutoff_iso, 0, 0, planner=plan.planner,
                               reason=plan.reason)
         return RunSummary(run_id, "started", cutoff_iso, sent, plan.expected_rows,

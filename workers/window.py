@@ -112,6 +112,11 @@ class Sender:
         if window.new_hold:
             log.warning("cleanup_run_held", run_id=run_id, reason=window.held)
         if window.finished is not None:
+            # The run's one finish line first, then the index tidy-up (up to seconds): whoever
+            # reads the finished record finds the line already written.
+            from workers.coordinator import log_finished
+
+            log_finished(window.finished)
             self.mark_deleted(window.finished)
         return sent
 

@@ -63,6 +63,11 @@ ALLOWED: dict[tuple[str, str, str, tuple[str, ...]], str] = {
         STATIC + " (reads Airflow's alembic revision)",
     ("planners/expiry.py", "table_rows", "text", ()):
         STATIC + " (catalog row estimates; the table name is bound)",
+    ("planners/expiry.py", "estimate_expired", "text", ("explain", "table", "column", "column")):
+        TABLE_NAME + " and its expires_at column, quoted by the dialect's identifier preparer; "
+        "explain is one of two constant EXPLAIN spellings; first and cutoff are bound",
+    ("window.py", "mark_deleted", "exec_driver_sql", ("MARK_TIMEOUT_MS",)):
+        TIMEOUTS + " (MARK_TIMEOUT_MS is a module constant int)",
     ("db.py", "set_timeouts", "execute", ()): STATIC + " (reads the session lock wait back)",
     ("db.py", "set_timeouts", "execute", ("seconds",)):
         TIMEOUTS + " (seconds = max(1, int(lock_timeout_ms) // 1000))",

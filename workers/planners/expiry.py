@@ -147,18 +147,19 @@ def estimate_expired(conn: Connection, tables: Tables, cutoff: dt.datetime,
     # Core has no EXPLAIN; the names are the schema's, quoted by the dialect, and the cutoff
     # is bound with the column's type (UTC on every backend).
     column = quote.quote(t.c.expires_at.name)
-    query = (f"SELECT 1 FROM {quote.format_table(t)} "  # noqa: S608
-             f"WHERE {column} >= :first AND {column} < :cutoff")
-    params = (bindparam("first", from_micros(first[0]), type_=t.c.expires_at.type),
-              bindparam("cutoff", cutoff, type_=t.c.expires_at.type))
+    table = quote.format_table(t)
+    explain = "EXPLAIN (FORMAT JSON)" if conn.dialect.name == "postgresql" else "EXPLAIN"
+    statement = text(f"{explain} SELECT 1 FROM {table} "  # noqa: S608
+                     f"WHERE {column} >= :first AND {column} < :cutoff").bindparams(
+        bindparam("first", from_micros(first[0]), type_=t.c.expires_at.type),
+        bindparam("cutoff", cutoff, type_=t.c.expires_at.type))
     try:
         if conn.dialect.name == "postgresql":
-            found = conn.execute(text(f"EXPLAIN (FORMAT JSON) {query}")
-                                 .bindparams(*params)).scalar()
+            found = conn.execute(statement).scalar()
             return int(found[0]["Plan"]["Plan Rows"])  # type: ignore[index]
         # A range on the index: InnoDB dives into it for the estimate. A full scan's rows are
         # the table's, which errs high as above.
-        rows = conn.execute(text(f"EXPLAIN {query}").bindparams(*params)).mappings().all()
+        rows = conn.execute(statement).mappings().all()
         return sum(int(r["rows"] or 0) for r in rows)
     except (KeyError, IndexError, TypeError, ValueError):
         return None
