@@ -271,29 +271,13 @@ def test_a_failed_table_is_reported_and_the_next_table_runs_on_the_workers(
     """As --local (tests/integration/test_db_clean.py): an old dag whose only version a task
     instance still references (ON DELETE RESTRICT refuses its cascade) fails its table, named
     in one error line, exit 1; log, cleaned after it, is cleaned all the same."""
-    from tests.integration.test_db_clean import DAY, keys
+    from tests.integration.test_db_clean import keys, pin_an_old_dags_version
 
     with airflow_schema_database("postgresql", "3.3.2") as url:
         engine = make_engine(url)
         try:
             data = populate(engine, "3.3.2")
-            md = MetaData()
-            md.reflect(engine, only=["dag_bundle", "dag", "dag_version", "task_instance"])
-            version_id = uuid.uuid4()
-            with engine.begin() as conn:
-                insert(conn, md.tables["dag_bundle"], [{"name": "x"}])
-                insert(conn, md.tables["dag"], [{"dag_id": "old", "bundle_name": "x",
-                                                 "last_parsed_time": T - 10 * DAY,
-                                                 "partition_mapper_info": "{}"}])
-                insert(conn, md.tables["dag_version"], [{"id": version_id, "dag_id": "old",
-                                                         "version_number": 1,
-                                                         "created_at": T - 10 * DAY}])
-                ti = md.tables["task_instance"]
-                newest = next(r for r in data.tis if r["dag_id"] == "alpha"
-                              and r["run_id"] == "r5" and r["start_date"] is not None
-                              and r["start_date"] >= T)
-                conn.execute(ti.update().where(ti.c.id == newest["id"])
-                             .values(dag_version_id=version_id))
+            version_id = pin_an_old_dags_version(engine, data)
             env = worker_env(url, isolation, redis_url)
             with workers(env, tmp_path, count=1, concurrency=2):
                 out = invoke("db-clean", "--clean-before-timestamp", T.isoformat(), "--tables",

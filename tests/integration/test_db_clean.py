@@ -453,12 +453,9 @@ def test_archives_are_listed_exported_and_dropped(one_db: tuple[str, Engine, Dat
             keys(engine, "log"))
 
 
-def test_a_table_whose_delete_fails_is_named_and_the_others_are_cleaned(
-        one_db: tuple[str, Engine, Data]) -> None:
-    """An old dag whose only version a task instance still references: its delete cascades to
-    that version, which ON DELETE RESTRICT refuses. The dag is reported failed in one line, exit
-    1, no traceback; log, cleaned after it, is cleaned all the same."""
-    url, engine, data = one_db
+def pin_an_old_dags_version(engine: Engine, data: Data) -> uuid.UUID:
+    """An old dag ("old") whose only version a kept task instance still references, so that
+    deleting the dag cascades to the version and ON DELETE RESTRICT refuses; the version id."""
     md = MetaData()
     md.reflect(engine, only=["dag_bundle", "dag", "dag_version", "task_instance"])
     version_id = uuid.uuid4()
@@ -475,6 +472,16 @@ def test_a_table_whose_delete_fails_is_named_and_the_others_are_cleaned(
                       and r["start_date"] is not None and r["start_date"] >= T)
         conn.execute(ti.update().where(ti.c.id == newest["id"])
                      .values(dag_version_id=version_id))
+    return version_id
+
+
+def test_a_table_whose_delete_fails_is_named_and_the_others_are_cleaned(
+        one_db: tuple[str, Engine, Data]) -> None:
+    """An old dag whose only version a task instance still references: its delete cascades to
+    that version, which ON DELETE RESTRICT refuses. The dag is reported failed in one line, exit
+    1, no traceback; log, cleaned after it, is cleaned all the same."""
+    url, engine, data = one_db
+    version_id = pin_an_old_dags_version(engine, data)
     result = invoke(url, "--clean-before-timestamp", T.isoformat(), "--tables", "dag,log",
                     "-y", "--local")
     assert result.exit_code == 1, result.output
