@@ -60,7 +60,7 @@ def test_pause_mid_run_holds_every_chunk_and_resume_finishes_the_same_run(
         p.client.send_task(RESUME, kwargs={"by": "test"},
                            queue=p.settings.control_queue).get(timeout=30)
         record = wait_for_run(p.env, run_id, timeout=90)
-        events = json_events(worker)
+        events = _every_chunk_logged(worker, record.chunks_planned)
     assert (paused["by"], paused["reason"]) == ("test", "incident 42")
     assert held is not None and (held.state, held.held) == ("running", "paused")
     assert held.chunks_done == at_pause < held.chunks_planned
@@ -139,7 +139,7 @@ def test_no_chunk_starts_while_the_standby_lags_and_the_run_finishes_after_it_ca
         record = wait_for_run(p.env, run_id, timeout=120)
         stop.set()
         sampler.join(10)
-        events = json_events(worker)
+        events = _every_chunk_logged(worker, record.chunks_planned)
     writer.dispose()
     assert held is not None and held.held.startswith("replica lag"), held
     assert (record.state, record.rows_deleted) == ("finished", p.counts.expired)
@@ -153,6 +153,18 @@ def test_no_chunk_starts_while_the_standby_lags_and_the_run_finishes_after_it_ca
     assert inside == [], (inside, over)
     assert named(events, "cleanup_run_held")
     p.assert_exactly_expired_rows_gone()
+
+
+def _every_chunk_logged(worker: Any, chunks: int) -> list[dict[str, Any]]:
+    """The worker's log events once it holds a counted chunk_deleted line for each chunk: the
+    run store says finished the moment the last chunk is counted, a moment before that chunk's
+    line is written."""
+    def logged() -> list[dict[str, Any]] | None:
+        events = json_events(worker)
+        counted = {e["chunk"] for e in named(events, "chunk_deleted") if e["counted"]}
+        return events if len(counted) >= chunks else None
+
+    return wait_until(logged, 30, "a counted chunk_deleted line for every chunk")
 
 
 def _iso(stamp: str) -> float:
