@@ -23,6 +23,7 @@ from sqlalchemy import Engine, MetaData, Table, inspect, select
 from tests.airflow_schemas import airflow_schema_database
 from tests.cli_runner import invoke, restore_logging  # noqa: F401 - an autouse fixture
 from tests.integration.test_db_clean import (
+    BAD_INPUT,
     TABLES,
     T,
     expected,
@@ -238,10 +239,7 @@ def test_status_pause_and_abort_of_a_db_clean_run(
 
 
 @pytest.mark.parametrize(("args", "names"), [
-    ((), "--clean-before-timestamp"),
-    (("--clean-before-timestamp", "yesterday"), "--clean-before-timestamp"),
-    (("--clean-before-timestamp", T.isoformat(), "--tables", "log,nosuch"), "--tables"),
-    (("--clean-before-timestamp", T.isoformat(), "--batch-size", "-3"), "--batch-size"),
+    *BAD_INPUT,
     (("--clean-before-timestamp", T.isoformat(), "--dag-ids", ","), "--dag-ids"),
 ])
 def test_bad_input_to_the_distributed_run_is_one_line_and_sends_nothing(

@@ -392,12 +392,16 @@ def test_a_killed_local_run_loses_nothing_and_archives_nothing_twice(dialect: st
             engine.dispose()
 
 
-@pytest.mark.parametrize(("args", "names"), [
+#: Bad db-clean arguments and the option each one's error line names.
+BAD_INPUT = [
     ((), "--clean-before-timestamp"),
     (("--clean-before-timestamp", "yesterday"), "--clean-before-timestamp"),
     (("--clean-before-timestamp", T.isoformat(), "--tables", "log,nosuch"), "--tables"),
     (("--clean-before-timestamp", T.isoformat(), "--batch-size", "-3"), "--batch-size"),
-])
+]
+
+
+@pytest.mark.parametrize(("args", "names"), BAD_INPUT)
 def test_bad_input_is_one_line_and_deletes_nothing(one_db: tuple[str, Engine, Data],
                                                    args: tuple[str, ...], names: str) -> None:
     url, engine, _ = one_db

@@ -77,11 +77,8 @@ def request_from_args(clean_before_timestamp: Any, keep_days: Any, tables: Any, 
         assert now is not None
         before = now - dt.timedelta(days=days)
     else:
-        try:
-            when = _timestamp(clean_before_timestamp)
-        except InvalidArgument:
-            raise InvalidArgument(f"clean_before_timestamp is not an ISO-8601 timestamp: "
-                                  f"{clean_before_timestamp!r}") from None
+        # Names clean_before_timestamp itself when the value is not a timestamp.
+        when = _timestamp(clean_before_timestamp)
         assert when is not None
         before = when
     if not isinstance(skip_archive, bool):
