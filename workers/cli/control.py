@@ -81,9 +81,10 @@ def resume(ctx: click.Context, fmt: str) -> None:
     from workers.dbclean.store import DbCleanStore
 
     # The active cleanup run and the active db-clean run (each has its own lock and pump).
-    runs = [(PUMP, registry.active_run()), (DB_CLEAN_PUMP, DbCleanStore(registry).active_run())]
-    runs = [(task, run_id) for task, run_id in runs if run_id]
-    active = ", ".join(run_id for _, run_id in runs if run_id)
+    runs = [(task, run_id) for task, run_id in (
+        (PUMP, registry.active_run()), (DB_CLEAN_PUMP, DbCleanStore(registry).active_run()))
+        if run_id]
+    active = ", ".join(run_id for _, run_id in runs)
     pumped = False
     if runs:
         try:
