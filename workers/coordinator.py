@@ -11,6 +11,7 @@ chunk whose message was lost and any chunk parked by a hold, and restarts a run-
 from __future__ import annotations
 
 import datetime as dt
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from workers import cleanup, planners
 from workers.cleanup import EVERYTHING
 from workers.exceptions import InvalidArgument, StatesweepError
 from workers.run_ids import RUN_ID, check_run_id, new_run_id  # noqa: F401 - the one format
-from workers.runs import Gate, RunRecord, RunStore
+from workers.runs import BEAT_EVERY_SECONDS, Gate, RunRecord, RunStore
 from workers.schema import Tables
 from workers.selection import Selection
 from workers.settings import Settings, check_batch_size_value
@@ -69,12 +70,13 @@ class LockLost(StatesweepError):
 def coordinate(settings: Settings, engine: Engine, tables: Tables, registry: RunStore,
                dispatch: Dispatch, *, run_id: str | None = None, batch_size: int | None = None,
                source: str = "beat", selection: Selection = EVERYTHING,
-               top_up_active: bool = True, database: str = "") -> RunSummary:
+               top_up_active: bool = True, database: str = "", request: str = "") -> RunSummary:
     """Plan one cleanup run and send its first window; at most one run is active at a time.
     A *selection* narrows the run to some dag ids and an earlier cutoff. A trigger that finds
     another run active tops that run up, unless *top_up_active* is False (a local run, which
     must not take another process's chunks): then it is skipped, naming the active run.
-    *database* (workers.identity) is recorded in the run it plans."""
+    *database* (workers.identity) is recorded in the run it plans. *request* (the coordinator
+    task's arguments, JSON) lets the pump send this coordinator again if it dies mid-plan."""
     batch = batch_size_for(settings, batch_size)
     run_id = check_run_id(run_id or new_run_id())
     bound = log.bind(run_id=run_id, source=source)
@@ -90,7 +92,7 @@ def coordinate(settings: Settings, engine: Engine, tables: Tables, registry: Run
     token = uuid.uuid4().hex
     # One step: the lock, the end of a run that let it lapse, and this run -> planning.
     taken = registry.take(run_id, settings.lock_ttl_seconds, token, source=source,
-                          external=gate(settings).external)
+                          external=gate(settings).external, request=request)
     if taken.outcome == "held":
         holder = taken.detail
         if not top_up_active:
@@ -101,6 +103,14 @@ def coordinate(settings: Settings, engine: Engine, tables: Tables, registry: Run
             return RunSummary(run_id, "skipped", active_run_id=holder, reason=why)
         return _trigger_active(sender, run_id, holder, source)
     if taken.outcome == "ended":
+        record = registry.get(run_id)
+        if record is not None and record.replans:
+            # A late copy of a coordinator message the pump sent again (its first planner
+            # died): the copy that planned the run saw it through.
+            why = f"run {run_id} was planned again and has ended ({taken.detail})"
+            bound.info("coordinator_late_copy", state=taken.detail)
+            return RunSummary(run_id, "skipped", record.cutoff, active_run_id=run_id,
+                              reason=why)
         raise InvalidArgument(f"run id {run_id!r} belongs to a run that already ended "
                               f"({taken.detail}); a new run needs a new id")
     if taken.outcome == "gated":
@@ -121,6 +131,8 @@ def coordinate(settings: Settings, engine: Engine, tables: Tables, registry: Run
 
     if database:
         registry.note_database(run_id, database)
+    keeper = PlanningBeat(registry, run_id, token)
+    keeper.start()
     started = False
     try:
         t0 = time.perf_counter()
@@ -174,6 +186,36 @@ def coordinate(settings: Settings, engine: Engine, tables: Tables, registry: Run
         else:
             bound.error("cleanup_run_failed", error=error)
         raise
+    finally:
+        keeper.stop()
+
+
+class PlanningBeat:
+    """Renews a coordinator delivery's planning heartbeat from a thread while it plans: one
+    that dies mid-plan stops beating, and the pump sends its message again (RunStore.replan)
+    within seconds, rather than after the broker's visibility timeout."""
+
+    def __init__(self, registry: RunStore, run_id: str, token: str,
+                 every: float = BEAT_EVERY_SECONDS) -> None:
+        self.registry, self.run_id, self.token, self.every = registry, run_id, token, every
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"planning-beat-{run_id}",
+                                        daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._done.set()
+
+    def _beat(self) -> None:
+        while not self._done.wait(self.every):
+            try:
+                if not self.registry.plan_beat(self.run_id, self.token):
+                    return  # the claim passed on: START decides which plan stands
+            except Exception as exc:  # noqa: BLE001 - a missed beat costs a resend at most
+                log.warning("planning_beat_failed", run_id=self.run_id,
+                            error=type(exc).__name__)
 
 
 def _held_before_start(settings: Settings, registry: RunStore) -> tuple[str, str] | None:

@@ -14,6 +14,9 @@ Keys (``<prefix>`` from STATESWEEP_KEY_PREFIX):
                                 match its entry
   <prefix>:run:<id>:claim       the token of the coordinator delivery planning the run (TTL of
                                 the lock): only it may fail the run before it starts
+  <prefix>:run:<id>:planner     that delivery's heartbeat while it plans (BEAT_TTL_SECONDS):
+                                once it lapses the pump sends the coordinator again (REPLAN)
+  <prefix>:run:<id>:replan      one such resend per REPLAN_EVERY_SECONDS, whoever pumps
   <prefix>:current              the run that took the lock last: when the lock passes on, that
                                 run (its lock lapsed) ends in the same step
   <prefix>:runs                 sorted set of run ids by start time, for `status`
@@ -47,6 +50,9 @@ DELIVERY_TTL_SECONDS = 24 * 3600
 BEAT_TTL_SECONDS = 6
 BEAT_EVERY_SECONDS = 2.0
 ENDED = ("finished", "failed", "aborted", "skipped")
+# A run left in planning by a dead coordinator is sent again at most once per this period (the
+# resent coordinator's first step beats, so a live one is never resent).
+REPLAN_EVERY_SECONDS = 15
 
 
 @dataclass(frozen=True)
@@ -84,6 +90,8 @@ class RunRecord:
     holds: int = 0
     # Chunk messages sent again (lost, unconsumed, or their worker died), over the whole run.
     resends: int = 0
+    # Coordinator messages sent again because the one planning the run died (REPLAN).
+    replans: int = 0
     # Chunks waiting to retry a transient error (the database or broker away): how many times,
     # the latest error and when, so `--wait` and `status` say why a run does not move.
     retries: int = 0
@@ -201,7 +209,8 @@ class RunStore:
         self.clock = clock
         self._scripts = {name: client.register_script(getattr(runs_lua, name)) for name in (
             "PLAN", "START", "BEGIN", "PARK", "FINISH", "PUMP", "CUT", "ABORT", "ENQUEUE",
-            "RENEW", "RELEASE", "CLOSE_QUEUED", "SHRINK", "RATE", "FAIL", "REQUEUE", "CONFIRM")}
+            "RENEW", "RELEASE", "CLOSE_QUEUED", "SHRINK", "RATE", "FAIL", "REQUEUE", "CONFIRM",
+            "PLAN_BEAT", "REPLAN")}
 
     # --- keys -----------------------------------------------------------------------------
 
@@ -234,20 +243,22 @@ class RunStore:
     # --- the single-flight lock -----------------------------------------------------------
 
     def take(self, run_id: str, ttl: int, token: str = "", *, source: str = "",
-             external: str = "") -> Taken:
+             external: str = "", request: str = "") -> Taken:
         """One step (PLAN): take the lock for *run_id* (or find it *run_id*'s already), ending
         the run that let it lapse before. With a *token* (one per coordinator delivery) the run
         moves to ``planning`` and the delivery claims it (only the claimant may fail it before
         it starts, see fail()), unless it has ended, or no new run may start: paused, or
-        *external* (a closed active-hours window) says why."""
+        *external* (a closed active-hours window) says why. The claimant's planner beats from
+        this step on (plan_beat()); a claim whose planner stopped beating passes to this
+        delivery. *request* (the coordinator's arguments, JSON) is kept for replan()."""
         for _ in range(5):
             prev = str(self.client.get(self._k("current")) or "")
             r = self._call("PLAN", [
                 self._k("lock"), self._k("run", run_id), self._k("run", run_id, "claim"),
                 self._k("runs"), self._k("current"), self._k("pause"),
-                *self._run_keys(prev or run_id)],
+                *self._run_keys(prev or run_id), self._k("run", run_id, "planner")],
                 [run_id, ttl, token, self.clock(), RUN_RETENTION_SECONDS, "1" if token else "0",
-                 prev, external, source])
+                 prev, external, source, request, BEAT_TTL_SECONDS])
             if r[0] != "retry":
                 return Taken(str(r[0]), str(r[1]))
         return Taken("held", "unknown")
@@ -262,6 +273,22 @@ class RunStore:
         """The token of the coordinator delivery that claimed *run_id*'s planning, if any."""
         v = self.client.get(self._k("run", run_id, "claim"))
         return str(v) if v else None
+
+    def plan_beat(self, run_id: str, token: str) -> bool:
+        """The delivery holding *run_id*'s planning claim (*token*) is alive and planning; False
+        if the claim passed to another delivery (this one had stalled past the heartbeat)."""
+        return bool(self._call("PLAN_BEAT", [self._k("run", run_id, "claim"),
+                                             self._k("run", run_id, "planner")],
+                               [token, BEAT_TTL_SECONDS]))
+
+    def replan(self, run_id: str, every: int = REPLAN_EVERY_SECONDS) -> str | None:
+        """The coordinator arguments (JSON) to send again for *run_id*, left in planning by a
+        coordinator whose heartbeat lapsed while it holds the lock; None when it needs none
+        (alive, no longer planning, its lock gone, sent already this period)."""
+        r = self._call("REPLAN", [self._k("run", run_id), self._k("lock"),
+                                  self._k("run", run_id, "planner"),
+                                  self._k("run", run_id, "replan")], [run_id, every])
+        return str(r[1]) if r[0] == "replan" else None
 
     def renew(self, run_id: str, ttl: int) -> bool:
         return bool(self._call("RENEW", [self._k("lock")], [run_id, ttl]))

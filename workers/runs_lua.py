@@ -398,7 +398,8 @@ redis.call('SET', KEYS[1], string.format('%.6f', slot + interval), 'EX',
 return string.format('%.6f', slot - now)
 """
 
-# KEYS L R O RUNS C P PR PF; ARGV run_id ttl token now keep record prev external source
+# KEYS L R O RUNS C P PR PF PB; ARGV run_id ttl token now keep record prev external source
+# request beat_ttl
 # A coordinator delivery takes the single-flight lock for *run_id* (or finds it its own
 # already) -> {'held', holder} | {'ended', state} | {'gated', reason} | {'retry'} |
 # {'taken', state}. C names the run that took the lock last (prev, read by the caller, whose
@@ -407,10 +408,14 @@ return string.format('%.6f', slot - now)
 # runs are never planning or running at once. With *record* (a coordinator delivery, which has
 # a token), the run's record moves to 'planning' (made if absent, with its TTL) and the
 # delivery claims it (O: only the claimant may fail it before it starts); an ended run id, a
-# pause (P) or a closed window (external) takes nothing.
+# pause (P) or a closed window (external) takes nothing. The claimant's planner beats (PB, the
+# claimant's token, a short TTL, renewed while it plans): a claim whose planner stopped beating
+# (its process died mid-plan) passes to this delivery, the pump's resend of the coordinator
+# (REPLAN), which plans the run again. *request* (the coordinator's arguments, JSON) is kept on
+# the record for that resend.
 PLAN = r"""
-local L, R, O, RUNS, C, P, PR, PF = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6],
-  KEYS[7], KEYS[8]
+local L, R, O, RUNS, C, P, PR, PF, PB = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5],
+  KEYS[6], KEYS[7], KEYS[8], KEYS[9]
 local run_id, ttl, token, now, keep, prev = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[7]
 local holder = redis.call('GET', L)
 if holder and holder ~= run_id then return {'held', holder} end
@@ -438,8 +443,15 @@ if not holder then
   redis.call('SET', C, run_id, 'EX', keep)
 end
 if ARGV[6] == '1' then
-  redis.call('SET', O, token, 'NX', 'EX', ttl)
+  local claim = redis.call('GET', O)
+  if claim and claim ~= token and state ~= 'running' and redis.call('EXISTS', PB) == 0 then
+    redis.call('SET', O, token, 'EX', ttl)
+  else
+    redis.call('SET', O, token, 'NX', 'EX', ttl)
+  end
   if state ~= 'running' then
+    if redis.call('GET', O) == token then redis.call('SET', PB, token, 'EX', ARGV[11]) end
+    if ARGV[10] ~= '' then redis.call('HSETNX', R, 'request', ARGV[10]) end
     redis.call('HSET', R, 'run_id', run_id, 'state', 'planning')
     redis.call('HSETNX', R, 'started_at', now)
     redis.call('HSETNX', R, 'source', ARGV[9])
@@ -500,4 +512,32 @@ redis.call('EXPIRE', RUNS, ARGV[4])
 redis.call('DEL', O, F)
 if lock == run_id then redis.call('DEL', L) end
 return 'failed'
+"""
+
+# KEYS O PB; ARGV token ttl -> 1 if the caller's delivery still holds the planning claim and its
+# heartbeat is renewed, else 0 (another delivery took the claim over: this one plans on, and
+# START decides which plan stands).
+PLAN_BEAT = r"""
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+# KEYS R L PB M; ARGV run_id every -> {'replan', request} | {why not}. A run left in planning
+# by a coordinator that died (its planner's heartbeat PB lapsed) while it still holds the lock,
+# with its coordinator's arguments on record: the caller sends the coordinator again with them.
+# M, a marker with a TTL of *every* seconds, lets one resend out per period, whoever pumps.
+REPLAN = r"""
+local R, L, PB, M = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+if redis.call('GET', L) ~= ARGV[1] then return {'lost'} end
+local state = redis.call('HGET', R, 'state') or ''
+if state ~= 'planning' then return {state} end
+if redis.call('EXISTS', PB) == 1 then return {'alive'} end
+local request = redis.call('HGET', R, 'request') or ''
+if request == '' then return {'no request'} end
+if not redis.call('SET', M, '1', 'NX', 'EX', ARGV[2]) then return {'sent'} end
+redis.call('HINCRBY', R, 'replans', 1)
+return {'replan', request}
 """

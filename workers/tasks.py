@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import random
 import time
 from typing import Any
@@ -111,10 +112,31 @@ def coordinate(self: Task, batch_size: int | None = None, source: str = "beat",
         raise
     if expected is not None and expected != identity:
         return _refuse_other_database(r.registry, run_id, source, expected, identity)
+    # What the pump sends again, with this run id, should this delivery die mid-plan.
+    request = json.dumps({
+        "batch_size": batch_size, "source": source, "dag_ids": dag_ids,
+        "exclude_dag_ids": exclude_dag_ids, "clean_before_timestamp": clean_before_timestamp,
+        "clean_grace_seconds": clean_grace_seconds, "expect_database": expect_database},
+        default=str)
     summary = coordinator.coordinate(r.settings, r.engine, r.tables, r.registry, send_chunk,
                                      run_id=run_id, batch_size=batch_size, source=source,
-                                     selection=selection, database=str(identity))
+                                     selection=selection, database=str(identity),
+                                     request=request)
     return summary.as_dict()
+
+
+def replan(registry: Any, run_id: str) -> bool:
+    """Send the coordinator of a run left in planning by a coordinator that died (its planning
+    heartbeat lapsed) again, with its arguments and run id: True if sent. The copy takes the
+    dead delivery's claim over and plans the run; at most one resend per period."""
+    request = registry.replan(run_id)
+    if request is None:
+        return False
+    kwargs = {k: v for k, v in json.loads(request).items() if v is not None}
+    coordinate.apply_async(kwargs={**kwargs, "run_id": run_id}, queue=settings.control_queue)
+    log.warning("coordinator_resent", run_id=run_id,
+                reason="its coordinator stopped beating while it planned")
+    return True
 
 
 def _refuse_other_database(registry: Any, run_id: str, source: str,
@@ -280,6 +302,9 @@ def pump(self: Task, run_id: str | None = None) -> dict[str, Any]:
     r.registry.client.delete(f"{settings.key_prefix}:pump:{run_id}")
     sender = Sender(r.settings, r.engine, r.tables, r.registry, send_chunk)
     record, window = sender.pump(run_id)
+    if record is not None and record.state == "planning":
+        return {"run_id": run_id, "sent": 0, "held": "", "state": "planning",
+                "replanned": replan(r.registry, run_id)}
     if window.held.startswith("replica lag") and not wait_out_lag(sender, run_id):
         send_pump_soon(run_id)  # still lagging: hand over rather than hold a worker for long
     return {"run_id": run_id, "sent": len(window.chunks), "held": window.held,

@@ -7,17 +7,21 @@ workers, the pump, the keeper and a person would, interleaved at random:
 - chunk messages taken (BEGIN), deleted and counted (FINISH), failing for good, redelivered,
   duplicated, lost, and their workers killed;
 - pumps (of the lock holder, and late ones naming any run), keeper renewals, lock lapses, a
-  simulated clock moving on, pauses, aborts and lock-timeout shrinks.
+  simulated clock moving on, pauses, aborts and lock-timeout shrinks;
+- planners beating while they plan, dying (their heartbeat lapses), and the pump sending the
+  coordinator of a run left in planning again, whose copy takes the dead one's claim over.
 
 After every step: at most one run is planning or running, and it is the one the lock names when
 the lock is held; a run changed only by a step its lock holder took (or an abort, its own
 failure, or the lock passing on, which ends it); each chunk counted once and each run's rows the
-sum its applied steps reported; a run whose work is done has ended; and every key the run store
-holds has a TTL. At the end, driving what is left to completion ends every run.
+sum its applied steps reported; a run whose work is done has ended; every key the run store
+holds has a TTL; a planning heartbeat is its claimant's. At the end, driving what is left to
+completion ends every run.
 """
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -46,6 +50,7 @@ ENDED = ("finished", "failed", "aborted", "skipped")
 # a duration lasts until someone resumes.
 KEPT = ("metrics", "pause")
 SEEN: Counter[str] = Counter()  # how runs ended, over every example
+REQUEST = '{"source": "sm"}'  # a coordinator's arguments, as the pump sends them again
 
 
 def plan() -> Plan:
@@ -154,9 +159,14 @@ class RunProtocol(RuleBasedStateMachine):
                   else f"r{len(self.runs)}")
         if run_id not in self.runs:
             self.runs.append(run_id)
+        self.deliver(run_id, plans_at_once)
+
+    def deliver(self, run_id: str, plans_at_once: bool = False) -> None:
         token = uuid.uuid4().hex
         before, lock_before = self.snapshot(), self.lock()
-        taken = self.store.take(run_id, LOCK_TTL, token, source="sm")
+        claim_before = self.client.get(f"{self.prefix}:run:{run_id}:claim")
+        beating = self.client.exists(f"{self.prefix}:run:{run_id}:planner")
+        taken = self.store.take(run_id, LOCK_TTL, token, source="sm", request=REQUEST)
         others = self.changed(before) - {run_id}
         if taken.outcome == "held":
             assert taken.detail == lock_before != run_id and not self.changed(before)
@@ -173,6 +183,12 @@ class RunProtocol(RuleBasedStateMachine):
         if taken.detail == "running":
             self.pump(run_id)  # its own coordinator came back: resume, never plan twice
         else:
+            claim = self.client.get(f"{self.prefix}:run:{run_id}:claim")
+            # A live planner keeps its claim; a dead one's (no heartbeat) passes to this copy.
+            if claim_before is not None and beating:
+                assert claim == claim_before
+            else:
+                assert claim == token
             self.planning[token] = run_id
             if plans_at_once:
                 self.start(sorted(self.planning).index(token))
@@ -210,7 +226,32 @@ class RunProtocol(RuleBasedStateMachine):
     @precondition(lambda self: self.planning)
     @rule(pick=st.integers(0, 50))
     def coordinator_dies(self, pick: int) -> None:
-        del self.planning[sorted(self.planning)[pick % len(self.planning)]]
+        token = sorted(self.planning)[pick % len(self.planning)]
+        self.planner_dies(token, self.planning.pop(token))
+
+    def planner_dies(self, token: str, run_id: str) -> None:
+        """Its planning heartbeat stops: the key lapses within seconds, as here at once."""
+        key = f"{self.prefix}:run:{run_id}:planner"
+        if self.client.get(key) == token:
+            self.client.delete(key)
+
+    @precondition(lambda self: self.planning)
+    @rule(pick=st.integers(0, 50), at_once=st.booleans())
+    def planner_dies_and_beat_pumps(self, pick: int, at_once: bool) -> None:
+        """The commonest order: the coordinator dies mid-plan, its heartbeat lapses, and the
+        next pump (of whichever run holds the lock) comes."""
+        self.coordinator_dies(pick)
+        self.beat_pumps_the_active_run(at_once)
+
+    @precondition(lambda self: self.planning)
+    @rule(pick=st.integers(0, 50))
+    def planner_beats(self, pick: int) -> None:
+        token = sorted(self.planning)[pick % len(self.planning)]
+        run_id = self.planning[token]
+        before = self.snapshot()
+        claimed = self.client.get(f"{self.prefix}:run:{run_id}:claim") == token
+        assert self.store.plan_beat(run_id, token) == claimed
+        assert not self.changed(before)
 
     # --- chunks ---------------------------------------------------------------------------------
 
@@ -281,11 +322,21 @@ class RunProtocol(RuleBasedStateMachine):
 
     # --- the pump, the keeper, the clock, people ------------------------------------------------
 
-    @rule()
-    def beat_pumps_the_active_run(self) -> None:
+    @rule(at_once=st.booleans())
+    def beat_pumps_the_active_run(self, at_once: bool = False) -> None:
         run_id = self.lock()
-        if run_id is not None:
-            self.pump(run_id)
+        if run_id is None:
+            return
+        self.pump(run_id)
+        record = self.store.get(run_id)
+        if record is None or record.state != "planning":
+            return
+        beating = self.client.exists(f"{self.prefix}:run:{run_id}:planner")
+        request = self.store.replan(run_id)
+        if request is not None:  # its planner died: its coordinator goes out again
+            assert not beating and request == REQUEST
+            SEEN["replanned"] += 1
+            self.deliver(run_id, at_once)
 
     @precondition(lambda self: self.runs)
     @rule(pick=st.integers(0, 50))
@@ -349,6 +400,14 @@ class RunProtocol(RuleBasedStateMachine):
                 assert record.ended, f"run {r}: every chunk counted, still {record.state}"
 
     @invariant()
+    def a_planning_heartbeat_is_its_claimants(self) -> None:
+        for r in self.runs:
+            beat = self.client.get(f"{self.prefix}:run:{r}:planner")
+            claim = self.client.get(f"{self.prefix}:run:{r}:claim")
+            if beat is not None and claim is not None:
+                assert beat == claim, f"run {r}: a planner beats for a claim it lost"
+
+    @invariant()
     def every_key_has_a_ttl(self) -> None:
         keys = [k for k in self.client.scan_iter(match=f"{self.prefix}:*", count=1000)
                 if k.rsplit(":", 1)[-1] not in KEPT]
@@ -372,10 +431,17 @@ class RunProtocol(RuleBasedStateMachine):
         """No more faults: the pump and the workers go on (and the lock lapses where nobody
         holds it alive, as its TTL would); every run ends."""
         self.store.resume()
-        self.planning.clear()  # what has not started by now died
+        for token, run_id in self.planning.items():  # what has not started by now died
+            self.planner_dies(token, run_id)
+        self.planning.clear()
         for _ in range(40):
             holder = self.lock()
             record = self.store.get(holder) if holder else None
+            if record is not None and record.state == "planning":
+                # The pump sends its coordinator again, once per period; that copy plans it.
+                self.client.delete(f"{self.prefix}:run:{holder}:replan")
+                self.beat_pumps_the_active_run(True)
+                record = self.store.get(holder) if holder else None
             if holder is not None and (record is None or record.state != "running"):
                 self.lock_lapses()  # a delivery that died planning: its lock's TTL runs out
             if not [r for r, state in self.states().items() if state in ACTIVE]:
@@ -386,6 +452,11 @@ class RunProtocol(RuleBasedStateMachine):
                 if self.planning:
                     self.start(0)
             self.time_passes(400)  # past resend_after: the pump sends lost chunks again
+            # No chunk is being worked here: the heartbeats of workers gone (one whose FINISH
+            # was refused stopped beating) lapse, as their TTL would.
+            beats = list(self.client.scan_iter(match=f"{self.prefix}:run:*:beat:*"))
+            if beats:
+                self.client.delete(*beats)
             self.beat_pumps_the_active_run()
             while self.broker or self.working:
                 if self.broker:
@@ -398,10 +469,16 @@ class RunProtocol(RuleBasedStateMachine):
 def test_run_protocol_under_interleaved_faults(client: redis.Redis) -> None:
     RunProtocol.client = client
     state_machine = RunProtocol.TestCase
-    state_machine.settings = settings(max_examples=30, stateful_step_count=40, deadline=None,
-                                      suppress_health_check=list(HealthCheck))
+    # Derandomized: the same examples every run, so the suite passes every time and the ends
+    # asserted below are reached every time; STATESWEEP_STATEFUL_EXAMPLES=N (random: set
+    # STATESWEEP_STATEFUL_RANDOM=1) explores further by hand.
+    state_machine.settings = settings(
+        max_examples=int(os.environ.get("STATESWEEP_STATEFUL_EXAMPLES", "60")),
+        stateful_step_count=40, deadline=None, suppress_health_check=list(HealthCheck),
+        derandomize=not os.environ.get("STATESWEEP_STATEFUL_RANDOM"), database=None)
     SEEN.clear()
     state_machine("runTest").runTest()
     # The examples reached every end: finished, failed (its lock lapsed, a chunk or planning
     # failed) and aborted; not a protocol that only ever refused.
     assert {"finished", "failed", "aborted"} <= set(SEEN), SEEN
+    assert SEEN["replanned"], f"no example sent a dead planner's coordinator again: {SEEN}"

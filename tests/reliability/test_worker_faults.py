@@ -19,7 +19,8 @@ from tests.reliability.faults import (
     wait_for_lock_waiter,
 )
 from tests.reliability.pipeline import Pipeline, pipeline_env
-from workers.runs import RunRecord
+from workers.celery_app import PUMP
+from workers.runs import BEAT_TTL_SECONDS, RunRecord
 from workers.seed import SeedSpec
 from workers.window import resend_after
 
@@ -178,6 +179,73 @@ def test_coordinator_killed_while_sending_its_window_loses_no_work(
     assert lock_after is None
     assert after.expired == 0
     assert p.rows() == p.survivors()
+
+
+@pytest.mark.timeout(150)
+def test_coordinator_killed_while_planning_is_sent_again_by_the_pump(
+        pg_url: str, seeded: Seeder, isolation: dict[str, str], redis_server: RedisServer,
+        tmp_path: Path, scenario: Scenario) -> None:
+    """The coordinator is SIGKILLed mid-plan (its probe waits on a table lock), on Redis as
+    broker with the default visibility timeout (90 s): Redis would give its message back only
+    then. Its planning heartbeat lapses within BEAT_TTL_SECONDS, and the next pump (beat's,
+    here the test's, every second) sends the coordinator again with the run's id and arguments;
+    that copy takes the dead delivery's claim over, plans, and the run completes, once."""
+    spec = SeedSpec(rows=20_000)
+    engine, tables = seeded(spec)
+    env = pipeline_env(pg_url, redis_server.url, isolation, cleanup_batch_size=2000)
+    p = Pipeline(env, engine, tables, spec, tmp_path)
+    control = p.settings.control_queue
+    assert p.settings.visibility_timeout >= 90  # the redelivery this test must not wait for
+    scenario.before(p.counts())
+    started: list[WorkerProcess] = []
+    try:
+        coord = start_worker(env, tmp_path, "coord", pool="solo", concurrency=1, queues=control)
+        started.append(coord)
+        with p.client() as app:
+            # The worker reads the schema at its first task: before the table is locked.
+            app.send_task(PUMP, queue=control).get(timeout=30)
+            holder = engine.connect()
+            try:
+                trans = holder.begin()
+                holder.exec_driver_sql(
+                    f"LOCK TABLE {tables.task_state.name} IN ACCESS EXCLUSIVE MODE")
+                p.trigger(app, batch_size=1000)
+                run_id = p.wait_for_run_id()
+                p.wait_for_state(run_id, ("planning",))
+                _, port = wait_for_lock_waiter(engine)
+                assert owns_local_port(coord.proc.pid, port), "the planner waits on the lock"
+                coord.kill()
+                killed_at = time.monotonic()
+                trans.rollback()
+            finally:
+                holder.close()
+            at_kill = p.registry.get(run_id)
+            assert at_kill is not None and at_kill.state == "planning"
+            started += [start_worker(env, tmp_path, "coord2", queues=control),
+                        start_worker(env, tmp_path, "chunks", queues=p.settings.chunk_queue)]
+            deadline = time.monotonic() + 60
+            record = at_kill
+            while not record.ended:  # beat's pump, every second
+                assert time.monotonic() < deadline, f"never finished: {record}"
+                app.send_task(PUMP, queue=control)
+                time.sleep(1)
+                record = p.registry.get(run_id) or record
+            recovery = time.monotonic() - killed_at
+    finally:
+        for w in started:
+            w.stop()
+    after = p.counts()
+    scenario.after(after)
+    scenario.note(recovery_s=round(recovery, 1), replans=record.replans)
+    assert record.state == "finished", record
+    assert record.replans == 1, record
+    assert record.source == "adhoc" and record.batch_size == 1000, record
+    assert record.chunks_done == record.chunks_planned
+    assert record.rows_deleted == scenario.data["expired_before"]
+    assert after.expired == 0
+    assert p.rows() == p.survivors()
+    # Well before Redis's redelivery: the heartbeat's TTL, a pump, a worker's start and a plan.
+    assert recovery < p.settings.visibility_timeout - 30, (recovery, BEAT_TTL_SECONDS)
 
 
 def _finished_or_stalled(p: Pipeline, run_id: str, *, quiet: float,

@@ -242,6 +242,34 @@ def test_a_coordinator_killed_before_its_plan_was_written_is_redone_by_its_redel
     assert db.store.active_run() is None
 
 
+def test_a_coordinator_that_died_planning_is_sent_again_and_its_late_copy_does_nothing(
+        db: Db) -> None:
+    """Its delivery took the lock and claimed the run, then died (its planning heartbeat
+    lapsed): the pump gets its arguments back once per period, the resent copy takes the dead
+    claim over and runs the run, and the original message, redelivered after the run ended,
+    is skipped rather than failing as a reused run id would."""
+    request = '{"source": "beat", "batch_size": 100}'
+    taken = db.store.take("coord-task-3", db.settings.lock_ttl_seconds, "dead-token",
+                          source="beat", request=request)
+    assert taken.outcome == "taken"
+    assert db.store.replan("coord-task-3") is None  # its planner still beats
+    db.store.client.delete(f"{db.store.prefix}:run:coord-task-3:planner")  # ... then died
+    assert db.store.replan("coord-task-3") == request
+    assert db.store.replan("coord-task-3") is None  # one resend per period
+    outbox = Outbox()
+    again = db.coordinate(outbox, run_id="coord-task-3", request=request)
+    assert again.status == "started"
+    assert db.store.claimant("coord-task-3") not in (None, "dead-token")
+    db.deliver(outbox)
+    record = db.store.get("coord-task-3")
+    assert record is not None and record.state == "finished" and record.replans == 1
+    assert record.rows_deleted == EXPIRED
+    late = db.coordinate(Outbox(), run_id="coord-task-3", request=request)
+    assert late.status == "skipped" and "planned again" in late.reason
+    with pytest.raises(InvalidArgument, match="already ended"):  # a reused id stays refused
+        db.coordinate(Outbox(), run_id=db.coordinate(Outbox()).run_id)
+
+
 # --- chunks -------------------------------------------------------------------------------------
 
 
