@@ -345,11 +345,12 @@ MECHANISM = {
                     "(every {pump_interval_seconds:g} s) or finishing chunk sends it again: "
                     "<= {chunk_bound:g} s + a worker picking it up; RabbitMQ also redelivers at "
                     "once, Redis after the visibility timeout ({visibility_timeout} s)",
-    "coordinator_planning": "the coordinator's own message comes back and plans again: RabbitMQ "
-                            "as the connection closes, Redis only after the visibility timeout "
-                            "({visibility_timeout} s); nothing else re-plans a run left in "
-                            "planning (the pump tops up running runs only; the lock lapses "
-                            "after {lock_ttl_seconds} s and beat's next coordinator ends it)",
+    "coordinator_planning": "its planning heartbeat lapses ({chunk_heartbeat_ttl} s) and the "
+                            "next pump (every {pump_interval_seconds:g} s) sends the "
+                            "coordinator again with the run's id, and that copy plans: "
+                            "<= {chunk_bound:g} s + pickup and a plan; RabbitMQ also "
+                            "redelivers its own message as the connection closes (Redis only "
+                            "after the visibility timeout, {visibility_timeout} s)",
     "coordinator_sending": "chunks cut and not confirmed published are sent again "
                            "{confirm_grace} s after the cut by the next pump (every "
                            "{pump_interval_seconds:g} s): <= {confirm_bound:g} s + pickup",
