@@ -22,7 +22,7 @@ from workers.cleanup import EVERYTHING
 from workers.coordinator import RunSummary, check_run_id, coordinate
 from workers.exceptions import InvalidArgument, NotFound
 from workers.flow.sizing import ChunkTiming, SizingPolicy
-from workers.planners import BLOCKS, CUT_KINDS, EXPIRY, KINDS, ChunkRange
+from workers.planners import BLOCKS, CUT_KINDS, DAGS, EXPIRY, KINDS, ChunkRange
 from workers.planners.blocks import MAX_PAGES_PER_CHUNK
 from workers.planners.ids import MAX_BATCHES_PER_CHUNK
 from workers.runs import BEAT_EVERY_SECONDS, Gate, RunStore
@@ -122,7 +122,11 @@ def next_size(settings: Settings, kind: str, size: int, batch: int, rows: int, u
     if kind in CUT_KINDS or batch == 0 or size <= 0:
         return 0
     cap = MAX_PAGES_PER_CHUNK if kind == BLOCKS else max(1000, batch * MAX_BATCHES_PER_CHUNK)
-    if max_size > 0:
+    if kind == DAGS and max_size > 0:
+        # A dags chunk's DELETE reads the selected dags' rows from the dag_id index however
+        # many ids it spans: only the plan's bound on its rows holds it.
+        cap = max_size
+    elif max_size > 0:
         cap = min(cap, max_size)
     if settings.target_chunk_seconds:
         # Bounds in the plan's own unit (pages or ids): at least one, at most the planner's

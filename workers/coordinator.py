@@ -141,7 +141,7 @@ def coordinate(settings: Settings, engine: Engine, tables: Tables, registry: Run
         protected = cleanup.Protected(0, None)
         with engine.connect() as conn:
             conn.execution_options(isolation_level="AUTOCOMMIT")
-            plan = planners.choose(conn, tables, cutoff, batch, settings.planner)
+            plan = planners.choose(conn, tables, cutoff, batch, settings.planner, selection)
             if settings.protect_unfinished_dag_runs:
                 protected = cleanup.count_protected(conn, tables, cutoff)
         planned_ms = (time.perf_counter() - t0) * 1000

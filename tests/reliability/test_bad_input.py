@@ -53,7 +53,8 @@ def test_bad_task_arguments_fail_clearly_and_delete_nothing(
         ({**whole, "lo": "1"}, "lo must be a whole number, got '1'"),
         ({**whole, "hi": 5000.0}, "hi must be a whole number, got 5000.0"),
         ({**whole, "lo": spec.rows, "hi": 1}, "hi must be above lo"),
-        ({**whole, "kind": "rows"}, "kind must be one of blocks, ids, walk, expiry, got 'rows'"),
+        ({**whole, "kind": "rows"},
+         "kind must be one of blocks, ids, walk, expiry, dags, got 'rows'"),
         ({**whole, "hi": None}, "only a blocks or expiry range may be open-ended"),
         ({**whole, "run_id": ""}, "run_id must be 1-64 letters"),
         # A run id with ':' would address another run's keys in the run store.

@@ -66,6 +66,9 @@ ALLOWED: dict[tuple[str, str, str, tuple[str, ...]], str] = {
     ("planners/expiry.py", "estimate_expired", "text", ("explain", "table", "column", "column")):
         TABLE_NAME + " and its expires_at column, quoted by the dialect's identifier preparer; "
         "explain is one of two constant EXPLAIN spellings; first and cutoff are bound",
+    ("planners/dags.py", "estimate_selected", "text", ("explain", "table", "column")):
+        TABLE_NAME + " and its dag_id column, quoted by the dialect's identifier preparer; "
+        "explain is one of two constant EXPLAIN spellings; the dag ids are bound (expanding)",
     ("window.py", "mark_deleted", "exec_driver_sql", ("MARK_TIMEOUT_MS",)):
         TIMEOUTS + " (MARK_TIMEOUT_MS is a module constant int)",
     ("db.py", "set_timeouts", "execute", ()): STATIC + " (reads the session lock wait back)",

@@ -261,7 +261,7 @@ def dry_run(settings: Settings, batch_size: int | None,
         # The planner a run would use, chosen as the coordinator does: probes, no row reads.
         with engine.connect() as conn:
             conn.execution_options(isolation_level="AUTOCOMMIT")
-            plan = planners.choose(conn, tables, cutoff, batch, settings.planner)
+            plan = planners.choose(conn, tables, cutoff, batch, settings.planner, selection)
     return {
         "dry_run": True, "table": table, "cutoff": summary.cutoff.isoformat(),
         "expired_rows": summary.expired_rows, "batch_size": batch, "chunks": summary.chunks,

@@ -10,10 +10,15 @@ walk       id ranges of exactly B expired rows, cut    any database (superseded 
 expiry     (expires_at, id) intervals of the expiry    any database; the steady state,
            index, at most B rows each, cut by index    where a small share of the table
            probes as the window has room               has expired
+dags       id ranges of the selected dags' expired     any database; a run narrowed to
+           rows, found through the dag_id index,       dag ids (--dag-ids) whose rows are
+           none wider than 2B of them span (auto       few next to what a table plan reads
+           only: not a STATESWEEP_PLANNER value)
 =========  ==========================================  =====================================
 
 ``STATESWEEP_PLANNER=auto`` picks by regime from a fixed-cost estimate and says why: physical
-ranges (blocks, ids) for a backlog, the expiry index for the steady state; a planner forced
+ranges (blocks, ids) for a backlog, the expiry index for the steady state, and for a run
+narrowed to dag ids the dag_id index where it reads less than either; a planner forced
 by name that this database cannot serve is a settings error before anything is deleted.
 Correctness never rests on the plan: every DELETE re-checks ``expires_at < cutoff``, so a stale
 or approximate plan can leave rows for the next run but never deletes a live one.
@@ -30,6 +35,7 @@ from workers.exceptions import SettingsError
 from workers.planners.base import (
     BLOCKS,
     CUT_KINDS,
+    DAGS,
     EXPIRY,
     IDS,
     KINDS,
@@ -43,16 +49,17 @@ from workers.planners.base import (
 if TYPE_CHECKING:
     from sqlalchemy import Connection
 
-    from workers.planners import blocks, expiry, ids, walk  # noqa: F401
+    from workers.planners import blocks, dags, expiry, ids, walk  # noqa: F401
     from workers.schema import Tables
+    from workers.selection import Selection
 
-__all__ = ["BLOCKS", "CUT_KINDS", "EXPIRY", "IDS", "KINDS", "PLANNERS", "WALK", "ChunkRange",
-           "Plan", "Planner", "choose"]
+__all__ = ["BLOCKS", "CUT_KINDS", "DAGS", "EXPIRY", "IDS", "KINDS", "PLANNERS", "WALK",
+           "ChunkRange", "Plan", "Planner", "choose"]
 
 # The planner modules import SQLAlchemy; workers.runs (and so every CLI command) needs only
 # the range and plan types of workers.planners.base. The modules and PLANNERS are loaded on
 # first use, so `statesweep cleanup --wait` never imports SQLAlchemy.
-_SUBMODULES = ("blocks", "expiry", "ids", "walk")
+_SUBMODULES = ("blocks", "dags", "expiry", "ids", "walk")
 
 
 def __getattr__(name: str) -> Any:
@@ -102,12 +109,19 @@ CLUSTERED_BY_ID = ("mysql", "mariadb", "sqlite")
 
 
 def choose(conn: Connection, tables: Tables, cutoff: dt.datetime, batch_size: int,
-           setting: str = "auto") -> Plan:
-    """The plan of one run, by the planner *setting* names (or the one `auto` picks)."""
-    from workers.planners import blocks, expiry
-    from workers.planners.blocks import BlocksPlanner
-    from workers.planners.ids import IdsPlanner
+           setting: str = "auto", selection: Selection | None = None) -> Plan:
+    """The plan of one run, by the planner *setting* names (or the one `auto` picks); the
+    run's *selection* (its dag ids) lets `auto` plan from the selected dags' rows alone."""
+    from workers.planners import dags, expiry
 
+    if setting == DAGS:
+        # Not a setting (a beat run names no dag ids): `auto` takes it for a run narrowed to
+        # dag ids; by name for comparisons (bench, tests).
+        try:
+            plan = dags.plan_for(conn, tables, cutoff, batch_size, selection or _everything())
+        except Unsupported as exc:
+            raise SettingsError(f"planner {DAGS!r}: this run cannot use it: {exc}") from None
+        return replace(plan, reason=f"set by name; {plan.reason}")
     if setting != "auto":
         planners = _planners()
         planner = planners[setting]
@@ -132,11 +146,80 @@ def choose(conn: Connection, tables: Tables, cutoff: dt.datetime, batch_size: in
         return _steady(conn, tables, cutoff, batch_size,
                        f"nothing expired of about {rows} rows (under {fraction:.0%})", counted=0)
     estimated = expiry.estimate_expired(conn, tables, cutoff, first)
+    counted: int | None = None
+    if selection is not None and selection.dag_ids:
+        found, counted = _for_dags(conn, tables, cutoff, batch_size, selection, rows, cap,
+                                   estimated)
+        if not isinstance(found, str):
+            return found
+        plan = _choose_for_table(conn, tables, cutoff, batch_size, rows, fraction, cap, first,
+                                 estimated, counted)
+        return replace(plan, reason=f"{plan.reason} ({found})")
+    return _choose_for_table(conn, tables, cutoff, batch_size, rows, fraction, cap, first,
+                             estimated, counted)
+
+
+def _for_dags(conn: Connection, tables: Tables, cutoff: dt.datetime, batch_size: int,
+              selection: Selection, rows: int, cap: int,
+              estimated: int | None) -> tuple[Plan | str, int | None]:
+    """A run narrowed to dag ids: their rows, through the dag_id index, where that reads less
+    than a plan of the table would (its expired rows in the steady state, all of it in a
+    backlog). The expired rows are counted only as far as decides it, so that a run's reads
+    follow the selected rows either way. Returns the plan, or why not with the expired rows
+    counted (None: not counted exactly)."""
+    from workers.planners import dags, expiry
+
+    selected = dags.estimate_selected(conn, tables, selection, cap=cap)
+    if estimated is not None and estimated < cap // 2:
+        expired: int | None = estimated  # the steady state by the server's estimate
+        about = "about"
+    else:
+        # A dags plan reads the selected rows twice at least: past that, it reads less.
+        bound = min(cap, 2 * selected + 1)
+        expired = expiry.count_expired(conn, tables, cutoff, cap=bound)
+        if expired >= bound and bound < cap:
+            expired = None  # more than twice the selected rows; how many more, below
+        about = "exactly" if expired is not None and expired < bound else "at least"
+    table_cost = rows if expired is not None and expired >= cap else expired
+    counted = expired if about == "exactly" else None
+    found = dags.consider(conn, tables, cutoff, batch_size, selection, selected=selected,
+                          table_cost=table_cost)
+    if isinstance(found, tuple):
+        # The dags plan's reads, against the expired rows counted as far as that many.
+        plan, cost = found
+        bound = min(cap, cost + 1)
+        expired = expiry.count_expired(conn, tables, cutoff, cap=bound)
+        if expired < bound:
+            return (f"dag ids {dags.named(selection)}: {plan.estimated_chunks} chunks of "
+                    f"about {selected} rows read each, not under the {expired} expired "
+                    f"rows a plan of the table reads"), expired
+        about, found = "at least", plan
+    if isinstance(found, str):
+        return found, counted
+    return _auto(found, f"dag ids {dags.named(selection)}: their rows, not the table's "
+                        f"({about} {expired} expired of about {rows} rows)"), counted
+
+
+def _everything() -> Selection:
+    from workers.selection import Selection
+
+    return Selection()
+
+
+def _choose_for_table(conn: Connection, tables: Tables, cutoff: dt.datetime, batch_size: int,
+                      rows: int, fraction: float, cap: int, first: expiry.Key,
+                      estimated: int | None, counted: int | None) -> Plan:
+    """`auto`'s regime test over the whole table: the expiry index in the steady state,
+    physical ranges in a backlog."""
+    from workers.planners import blocks, expiry
+    from workers.planners.blocks import BlocksPlanner
+    from workers.planners.ids import IdsPlanner
+
     if estimated is not None and estimated < cap // 2:
         return _steady(conn, tables, cutoff, batch_size,
                        f"about {estimated} expired of about {rows} rows by the server's "
                        f"estimate (under {fraction:.0%})", estimated=estimated, first=first)
-    expired = expiry.count_expired(conn, tables, cutoff, cap=cap)
+    expired = expiry.count_expired(conn, tables, cutoff, cap=cap) if counted is None else counted
     if expired < cap:
         return _steady(conn, tables, cutoff, batch_size,
                        f"{expired} expired of about {rows} rows (under {fraction:.0%})",

@@ -22,7 +22,8 @@ BLOCKS = "blocks"  # PostgreSQL heap pages [lo, hi); hi None = open-ended (pages
 IDS = "ids"        # primary-key values [lo, hi)
 WALK = "walk"      # ids [lo, hi) cut by walking the primary key, B expired rows at a time
 EXPIRY = "expiry"  # (expires_at, id) keys [(lo, lo_id), (hi, hi_id)) of the expires_at index
-KINDS = (BLOCKS, IDS, WALK, EXPIRY)
+DAGS = "dags"      # ids [lo, hi) of a run narrowed to dag ids: its DELETE reads the dag_id index
+KINDS = (BLOCKS, IDS, WALK, EXPIRY, DAGS)
 #: Kinds whose chunks are cut one at a time by a database probe, not by arithmetic in the run
 #: store: the run store hands the window's room to the process that cuts them.
 CUT_KINDS = (WALK, EXPIRY)
