@@ -94,8 +94,11 @@ DESCRIPTIONS: dict[str, str] = {
                "page ranges), `ids` (primary-key arithmetic: MySQL, MariaDB, SQLite), `walk` "
                "(an index walk, `batch_size` expired rows a chunk), or `auto` (by regime: "
                "`blocks`/`ids` for a backlog of 12% or more of the table on PostgreSQL, 5% "
-               "elsewhere, `expiry` otherwise; the run record says why). A planner the "
-               "database cannot serve is refused before anything is deleted.",
+               "elsewhere, `expiry` otherwise; the run record says why). For a run narrowed "
+               "to dag ids, `auto` takes `dags` (id ranges of those dags' rows, read through "
+               "the dag_id index) where that reads less than a plan of the table; it is not a "
+               "value of this setting. A planner the database cannot serve is refused before "
+               "anything is deleted.",
     "max_chunks_in_flight": "The window: chunks of a run queued or running at once.",
     "active_hours": "UTC windows in which chunks may start, `HH:MM-HH:MM[,…]` "
                     "(`22:00-06:00`).",
