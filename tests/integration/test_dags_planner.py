@@ -129,6 +129,15 @@ def test_auto_plans_a_small_selection_in_a_backlog_from_its_dags_rows(table: Tab
     assert chunks[-1][0].hi <= 801
 
 
+def test_a_selection_with_nothing_expired_plans_no_chunk(table: Table) -> None:
+    table.reseed(2000)
+    before = table.rows()
+    record, chunks = table.run("auto", Selection(dag_ids=("no_such_dag",)))
+    assert (record.planner, record.rows_deleted, chunks) == ("dags", 0, [])
+    assert "no expired rows of dag ids no_such_dag" in record.planner_reason
+    assert table.rows() == before
+
+
 def test_the_dags_planner_deletes_what_a_plain_delete_would(table: Table) -> None:
     """Several dag ids far apart, one excluded again, rows of an unfinished run among them
     where dag_run has a state: exactly the plain DELETE's rows go, no other row changes."""

@@ -143,6 +143,11 @@ def consider(conn: Connection, tables: Tables, cutoff: dt.datetime, batch_size: 
                 f"under the {table_cost} rows a plan of the table reads")
     found = spread(conn, tables, cutoff, selection, batch_size)
     plan = plan_for(conn, tables, cutoff, batch_size, selection, found)
+    # The dags hold at least their expired rows, whatever the estimate said.
+    selected = max(selected, plan.expected_rows)
+    if batch_size and selected > most:
+        return (f"dag ids {named(selection)} hold at least {selected} rows, more than a "
+                f"chunk reads ({MAX_BATCHES_PER_CHUNK} batches)")
     cost = selected * (1 + plan.estimated_chunks)
     if table_cost is None:
         return plan, cost
