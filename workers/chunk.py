@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import structlog
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine, text
 
 from workers import cleanup
 from workers.cleanup import EVERYTHING
@@ -161,10 +161,16 @@ def run_chunk(settings: Settings, engine: Engine, tables: Tables, registry: RunS
     if status in ("duplicate", "ended"):
         bound.info("chunk_skipped", reason="already counted" if status == "duplicate"
                    else f"run {detail[0]}")
-        if carried_rows:
+        adopted = CommitNotes(registry, args, engine.dialect.name)
+        if adopted.enabled and registry.commit_notes(args.run_id, args.chunk):
+            with engine.connect() as conn:
+                adopted.settle(conn)
+        if carried_rows or adopted.rows:
             # Another copy of this chunk was counted first; the rows this one deleted (and
-            # could not count before) are still the run's: FINISH adds them, uncounted.
-            _count_carried(settings, tables, registry, args, carried_rows, g)
+            # could not count before), or a dead copy committed, are still the run's: FINISH
+            # adds them, uncounted.
+            _count_carried(settings, tables, registry, args, carried_rows + adopted.rows, g,
+                           adopted.names)
         return ChunkResult(carried_rows, status)
     if status == "lost":
         # The run's lock lapsed or passed on: this chunk deletes nothing and counts nothing.
@@ -218,13 +224,15 @@ def _delete_and_count(settings: Settings, engine: Engine, tables: Tables, regist
                       on_held: Callable[[str], None] | None) -> ChunkResult:
     bound = log.bind(run_id=args.run_id, chunk=args.chunk)
     t0 = time.perf_counter()
+    notes = CommitNotes(registry, args, engine.dialect.name)
     try:
         rows = cleanup.delete_range(
             engine, tables, args.range, args.cutoff, lock_timeout_ms=settings.lock_timeout_ms,
             statement_timeout_ms=settings.statement_timeout_ms,
             max_lag_seconds=settings.max_replica_lag_seconds or None,
             read_lag=lag_reader(settings) if settings.max_replica_lag_seconds else None,
-            protect=settings.protect_unfinished_dag_runs, selection=selection)
+            protect=settings.protect_unfinished_dag_runs, selection=selection,
+            before_commit=notes.before_commit)
     except cleanup.ReplicaLagging as exc:
         reason = lag_reason(exc.lag, settings.max_replica_lag_seconds)
         if registry.park(args.run_id, args.chunk, reason):
@@ -238,15 +246,17 @@ def _delete_and_count(settings: Settings, engine: Engine, tables: Tables, regist
     units = (rows if args.range.kind in CUT_KINDS else size if args.range.hi is None
              else args.range.hi - args.range.lo)
     resize = next_size(settings, args.range.kind, size, batch, rows, units, seconds, max_size)
-    rows += carried_rows
+    rows += carried_rows + notes.rows
     try:
         counted, window = registry.finish_chunk(
             args.run_id, args.chunk, args.range.kind, rows, units,
             lock_ttl=settings.run_timeout_seconds, window=settings.max_chunks_in_flight,
             resend_after=resend_after(settings), gate=g, new_size=resize, seconds=seconds,
-            table=tables.task_state.name)
+            table=tables.task_state.name, notes=notes.names)
     except Exception as exc:
-        raise ProgressNotRecorded(rows) from exc
+        # Rows in commit notes stay there for the retry to count (or were counted, if FINISH
+        # was applied and only its reply lost): only the rest is carried.
+        raise ProgressNotRecorded(rows - notes.noted_rows) from exc
     if window.lost:
         # Deleted (each row once, by the predicate), but the run lost its lock meanwhile: its
         # count is refused; the rows are in this line, and the next run finds them gone.
@@ -259,15 +269,73 @@ def _delete_and_count(settings: Settings, engine: Engine, tables: Tables, regist
     return ChunkResult(rows, "deleted", counted)
 
 
+class CommitNotes:
+    """Counts a chunk's committed DELETE exactly once on PostgreSQL, even when the process
+    that committed it dies before its FINISH (the count is in Redis, the rows in the database:
+    no one transaction holds both). Just before the COMMIT, the transaction's id and rows are
+    noted in the run store; the FINISH that counts them removes the note. A copy of the chunk
+    (sent again once the dead worker's heartbeat lapsed) finds notes left by others after its
+    own DELETE, which waited on their row locks: it counts those whose transaction committed
+    (txid_status) with its own and drops those that rolled back. Other databases keep no
+    notes: there a worker killed between COMMIT and FINISH leaves the run's count short by
+    its chunk (never the data)."""
+
+    def __init__(self, registry: RunStore, args: ChunkArgs, dialect: str) -> None:
+        self.registry, self.args = registry, args
+        self.enabled = dialect == "postgresql"
+        self.own: list[str] = []
+        self.adopted: dict[str, int] = {}
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (*self.own, *self.adopted)
+
+    @property
+    def rows(self) -> int:
+        """Rows of other copies' committed DELETEs, counted with this chunk."""
+        return sum(self.adopted.values())
+
+    @property
+    def noted_rows(self) -> int:
+        return sum(int(n.rsplit(":", 1)[1]) for n in self.own) + self.rows
+
+    def before_commit(self, conn: Connection, rows: int) -> None:
+        if not self.enabled:
+            return
+        if rows > 0:
+            xid = int(conn.execute(text("SELECT txid_current()")).scalar_one())
+            self.own.append(self.registry.note_commit(self.args.run_id, self.args.chunk, xid,
+                                                      rows))
+        self.settle(conn)
+
+    def settle(self, conn: Connection) -> None:
+        """Adopt the committed notes of other copies; drop those that rolled back."""
+        if not self.enabled:
+            return
+        for note, rows in self.registry.commit_notes(self.args.run_id, self.args.chunk).items():
+            if note in self.own or note in self.adopted:
+                continue
+            status = conn.execute(text("SELECT txid_status(:xid)"),
+                                  {"xid": int(note.split(":", 1)[0])}).scalar()
+            if status == "committed":
+                self.adopted[note] = rows
+            elif status != "in progress":  # rolled back, or too old to tell: nothing deleted
+                self.registry.drop_note(self.args.run_id, self.args.chunk, note)
+        if self.adopted:
+            log.info("chunk_commit_adopted", run_id=self.args.run_id, chunk=self.args.chunk,
+                     rows=self.rows, notes=len(self.adopted))
+
+
 def _count_carried(settings: Settings, tables: Tables, registry: RunStore, args: ChunkArgs,
-                   rows: int, g: Gate) -> None:
+                   rows: int, g: Gate, notes: tuple[str, ...] = ()) -> None:
     try:
         registry.finish_chunk(
             args.run_id, args.chunk, args.range.kind, rows, 0,
             lock_ttl=settings.run_timeout_seconds, window=settings.max_chunks_in_flight,
-            resend_after=resend_after(settings), gate=g, table=tables.task_state.name)
-    except Exception as exc:
-        raise ProgressNotRecorded(rows) from exc
+            resend_after=resend_after(settings), gate=g, table=tables.task_state.name,
+            notes=notes)
+    except Exception as exc:  # noted rows stay in their notes for the retry to count
+        raise ProgressNotRecorded(rows - sum(int(n.rsplit(":", 1)[1]) for n in notes)) from exc
     log.info("chunk_rows_carried", run_id=args.run_id, chunk=args.chunk, rows=rows)
 
 

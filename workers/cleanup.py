@@ -126,8 +126,12 @@ LagReader = Callable[[Connection], "float | None"]
 def delete_range(engine: Engine, tables: Tables, rng: ChunkRange, cutoff: dt.datetime,
                  *, lock_timeout_ms: int = 5000, statement_timeout_ms: int = 120000,
                  max_lag_seconds: float | None = None, read_lag: LagReader | None = None,
-                 protect: bool = True, selection: Selection = EVERYTHING) -> int:
+                 protect: bool = True, selection: Selection = EVERYTHING,
+                 before_commit: Callable[[Connection, int], None] | None = None) -> int:
     """Delete one chunk in its own transaction; commit; return rows deleted.
+
+    *before_commit* is called with the transaction's connection and the rows its DELETE took,
+    after the DELETE and before the COMMIT (workers.chunk notes the commit in the run store).
 
     Running it twice deletes nothing the second time (idempotent). With *max_lag_seconds*, the
     replicas' lag is read (*read_lag*, on this transaction's connection) just before the
@@ -146,8 +150,11 @@ def delete_range(engine: Engine, tables: Tables, rng: ChunkRange, cutoff: dt.dat
             lag = read_lag(conn)
             if lag is not None and lag > max_lag_seconds:
                 raise ReplicaLagging(lag)
-        return int(conn.execute(delete_statement(tables, rng, cutoff, protect=protect,
+        rows = int(conn.execute(delete_statement(tables, rng, cutoff, protect=protect,
                                                  selection=selection)).rowcount)
+        if before_commit is not None:
+            before_commit(conn, rows)
+        return rows
 
 
 class ReplicaLagging(Exception):

@@ -17,6 +17,10 @@ Keys (``<prefix>`` from STATESWEEP_KEY_PREFIX):
   <prefix>:run:<id>:planner     that delivery's heartbeat while it plans (BEAT_TTL_SECONDS):
                                 once it lapses the pump sends the coordinator again (REPLAN)
   <prefix>:run:<id>:replan      one such resend per REPLAN_EVERY_SECONDS, whoever pumps
+  <prefix>:run:<id>:commit:<n>  chunk n's commit notes: "<xid>:<rows>" -> rows, written just
+                                before each of its DELETEs commits (PostgreSQL), removed by the
+                                FINISH that counts it: a chunk whose worker died between its
+                                COMMIT and its FINISH is counted by the copy sent again
   <prefix>:current              the run that took the lock last: when the lock passes on, that
                                 run (its lock lapsed) ends in the same step
   <prefix>:runs                 sorted set of run ids by start time, for `status`
@@ -378,20 +382,45 @@ class RunStore:
     def finish_chunk(self, run_id: str, chunk: int, kind: str, rows: int, units: int, *,
                      lock_ttl: int, window: int, resend_after: float, gate: Gate,
                      new_size: int = 0, error: str = "", seconds: float | None = None,
-                     table: str = "") -> tuple[bool, Window]:
+                     table: str = "", notes: tuple[str, ...] = ()) -> tuple[bool, Window]:
         """Count a chunk once (rows, or *error* for one that failed for good), with its
         metrics (*table*'s rows, the *seconds* it took), and top up the window, in one atomic
         step. Returns (counted, window); window.lost when the run no longer holds its lock
-        (nothing applied)."""
+        (nothing applied). *rows* includes those of the commit *notes* named (note_commit()):
+        a note counted by another step already comes off them."""
         beat_keys, numbers = self._beats(run_id)
         r = self._call("FINISH", [*self._run_keys(run_id), self._k("lock"), self._k("pause"),
-                                  metrics_key(self.prefix), *beat_keys],
+                                  metrics_key(self.prefix), self._notes_key(run_id, chunk),
+                                  *beat_keys],
                        [run_id, chunk, rows, self.clock(), lock_ttl, window, resend_after,
                         gate.external, gate.max_run_seconds, new_size, units, error[:500],
-                        "" if seconds is None else seconds, table, *numbers])
+                        "" if seconds is None else seconds, table, ",".join(notes),
+                        *numbers])
         if int(r[0]) == -2:
             return False, Window(lost=True)
         return int(r[0]) == 1, self._window(run_id, kind, r[1:])
+
+    def _notes_key(self, run_id: str, chunk: int) -> str:
+        return self._k("run", run_id, "commit", str(chunk))
+
+    def note_commit(self, run_id: str, chunk: int, xid: int, rows: int) -> str:
+        """Record, just before its COMMIT, that transaction *xid* deletes *rows* of *chunk*;
+        returns the note's name, for finish_chunk()."""
+        note = f"{xid}:{rows}"
+        key = self._notes_key(run_id, chunk)
+        pipe = self.client.pipeline()
+        pipe.hset(key, note, rows)
+        pipe.expire(key, RUN_RETENTION_SECONDS)
+        pipe.execute()
+        return note
+
+    def commit_notes(self, run_id: str, chunk: int) -> dict[str, int]:
+        """*chunk*'s notes not counted yet: name -> rows."""
+        return {k: int(v) for k, v in self.client.hgetall(self._notes_key(run_id, chunk)).items()}
+
+    def drop_note(self, run_id: str, chunk: int, note: str) -> None:
+        """A note whose transaction rolled back (it deleted nothing)."""
+        self.client.hdel(self._notes_key(run_id, chunk), note)
 
     def pump(self, run_id: str, kind: str, *, lock_ttl: int, window: int, resend_after: float,
              gate: Gate, new_budget: bool = False) -> Window | None:

@@ -227,17 +227,33 @@ redis.call('HSET', F, ARGV[1], string.match(entry, '^([^|]*)|') .. '|' .. ARGV[3
 return note_hold(R, ARGV[2], ARGV[3])
 """
 
-# KEYS R F L P M beat...; ARGV run_id chunk rows now lock_ttl window resend_after external
-# max_run new_size units error seconds table chunk-number...  (the heartbeat key of each
-# chunk number at ARGV 15 on is KEYS 6 on)
+# KEYS R F L P M N beat...; ARGV run_id chunk rows now lock_ttl window resend_after external
+# max_run new_size units error seconds table xids chunk-number...  (the heartbeat key of each
+# chunk number at ARGV 16 on is KEYS 7 on)
+# N, the chunk's commit notes (hash: transaction id -> rows, written just before each of its
+# DELETEs commits): *rows* includes the rows of the notes named in *xids* (comma-separated:
+# the caller's own DELETE and those of dead copies it found committed). Each note is counted
+# by the one step that removes it; a note another step counted already comes off *rows*, so a
+# DELETE that committed is counted once, whichever copy's step comes first, even when the
+# process that committed it died before its own step.
 FINISH = _PRELUDE + COUNT_METRICS_LUA + r"""
-local R, F, L, P, M = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local run_id, chunk, rows, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local R, F, L, P, M, N = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local run_id, chunk, rows, now = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 if redis.call('EXISTS', R) == 0 then return {-1, 0, 0, '', 0} end
 -- A running run changes only while its lock names it: a run whose lock lapsed (or passed on)
 -- neither counts nor sends; the next trigger ends it (PLAN).
 if redis.call('HGET', R, 'state') == 'running' and redis.call('GET', L) ~= run_id then
   return {-2, 0, 0, '', 0}
+end
+if ARGV[15] ~= '' then
+  for xid in string.gmatch(ARGV[15], '[^,]+') do
+    local noted = tonumber(redis.call('HGET', N, xid) or '-1')
+    if noted >= 0 then
+      redis.call('HDEL', N, xid)
+    else
+      rows = math.max(0, rows - tonumber(string.match(xid, ':(%d+)$') or '0'))
+    end
+  end
 end
 if redis.call('HDEL', F, chunk) == 0 then
   -- Counted already (a resent copy finished first). Its rows still count: a row is deleted
@@ -267,9 +283,9 @@ local out = {}
 local g = {0, '', 0}
 if ARGV[12] == '' then
   local beats = {}
-  for i = 15, #ARGV do table.insert(beats, ARGV[i]) end
+  for i = 16, #ARGV do table.insert(beats, ARGV[i]) end
   g = gate_and_top_up(R, F, P, now, ARGV[8], ARGV[9], ARGV[6], ARGV[7], out,
-                      heartbeats(6, beats))
+                      heartbeats(7, beats))
 end
 local fin = finish_if_complete(R, F, L, run_id, now)
 return {1, fin, g[1], g[2], g[3], unpack(out)}

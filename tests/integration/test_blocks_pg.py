@@ -10,6 +10,7 @@ import datetime as dt
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, insert, select, text
@@ -19,7 +20,7 @@ from tests.cleanup_runs import Message, Outbox, deliver, memory_store
 from tests.conftest import create_schema, database_now
 from workers import chunk, cleanup, coordinator
 from workers.planners import ChunkRange
-from workers.runs import RunRecord, RunStore
+from workers.runs import Gate, RunRecord, RunStore
 from workers.schema import Tables
 from workers.seed import (
     ROWS_PER_RUN,
@@ -222,3 +223,69 @@ def test_concurrent_writers_during_a_run_lose_nothing(pg: Pg) -> None:
             t.c.expires_at < dt.datetime.fromisoformat(record.cutoff))).scalars().all()
     assert left == []
     assert asset_state_rows(pg.engine, pg.tables) == assets
+
+
+def _commit_and_die(pg: Pg, m: Message, *, roll_back: bool = False) -> tuple[int, str]:
+    """A worker that deletes chunk *m* and dies between its COMMIT and its FINISH (or, with
+    *roll_back*, whose transaction rolls back after it noted the commit): (rows, its note)."""
+    args = m.args()
+    notes = chunk.CommitNotes(pg.store, args, pg.engine.dialect.name)
+
+    def note_then_maybe_fail(conn: Any, rows: int) -> None:
+        notes.before_commit(conn, rows)
+        if roll_back:
+            raise RuntimeError("the connection died before COMMIT")
+
+    try:
+        rows = cleanup.delete_range(pg.engine, pg.tables, args.range, args.cutoff,
+                                    before_commit=note_then_maybe_fail)
+    except RuntimeError:
+        rows = 0
+    assert len(notes.own) == 1
+    return rows, notes.own[0]
+
+
+def test_a_chunk_whose_worker_died_between_commit_and_finish_is_counted_by_its_copy(
+        pg: Pg) -> None:
+    outbox = Outbox()
+    record = pg.plan(outbox)
+    first = outbox.queue.popleft()
+    rows, note = _commit_and_die(pg, first)
+    assert rows > 0 and pg.store.commit_notes(record.run_id, first.number) == {note: rows}
+    again = pg.run(first, outbox)  # sent again once the dead worker's heartbeat lapsed
+    assert (again.status, again.counted) == ("deleted", True)
+    assert pg.store.commit_notes(record.run_id, first.number) == {}
+    deliver(pg.settings, pg.engine, pg.tables, pg.store, outbox)
+    done = pg.store.get(record.run_id)
+    assert done is not None and (done.state, done.rows_deleted) == ("finished", EXPIRED)
+    assert task_state_rows(pg.engine, pg.tables) == expected_survivors(SPEC)
+
+
+def test_a_slow_workers_late_finish_after_its_copy_counted_its_commit_adds_nothing(
+        pg: Pg) -> None:
+    outbox = Outbox()
+    record = pg.plan(outbox)
+    first = outbox.queue.popleft()
+    rows, note = _commit_and_die(pg, first)
+    pg.run(first, outbox)  # the copy counts the slow worker's commit with its own
+    counted, _ = pg.store.finish_chunk(  # ... then the slow worker's own FINISH arrives
+        record.run_id, first.number, "blocks", rows, 0, lock_ttl=600, window=4,
+        resend_after=60, gate=Gate(), notes=(note,))
+    assert not counted
+    deliver(pg.settings, pg.engine, pg.tables, pg.store, outbox)
+    done = pg.store.get(record.run_id)
+    assert done is not None and (done.state, done.rows_deleted) == ("finished", EXPIRED)
+
+
+def test_a_noted_commit_that_rolled_back_is_dropped_not_counted(pg: Pg) -> None:
+    outbox = Outbox()
+    record = pg.plan(outbox)
+    first = outbox.queue.popleft()
+    rows, note = _commit_and_die(pg, first, roll_back=True)
+    assert rows == 0 and note in pg.store.commit_notes(record.run_id, first.number)
+    again = pg.run(first, outbox)
+    assert again.rows > 0 and pg.store.commit_notes(record.run_id, first.number) == {}
+    deliver(pg.settings, pg.engine, pg.tables, pg.store, outbox)
+    done = pg.store.get(record.run_id)
+    assert done is not None and (done.state, done.rows_deleted) == ("finished", EXPIRED)
+    assert task_state_rows(pg.engine, pg.tables) == expected_survivors(SPEC)

@@ -245,9 +245,10 @@ def test_carried_rows_are_counted_when_the_resent_copy_finished_first(
         pg: Pg, monkeypatch: pytest.MonkeyPatch) -> None:
     """The original copy deletes its rows and commits, but the run store does not answer its
     FINISH (the task retries, carrying the rows). The pump's resent copy runs meanwhile: its
-    DELETE finds nothing left, and it is counted first, with 0 rows. The original's retry is
-    then a duplicate, and used to drop the rows it carried: the run reported fewer rows than
-    were deleted."""
+    DELETE finds nothing left, and it is counted first. The original's retry is then a
+    duplicate, and used to drop the rows it carried: the run reported fewer rows than were
+    deleted. On PostgreSQL the original noted its commit before it (workers.chunk.CommitNotes):
+    it carries nothing, and the resent copy counts the noted rows with its own."""
     outbox = Outbox()
     assert pg.coordinate(outbox, run_id="r1").status == "started"
     message = outbox.queue.popleft()
@@ -261,10 +262,12 @@ def test_carried_rows_are_counted_when_the_resent_copy_finished_first(
     with pytest.raises(chunk.ProgressNotRecorded) as original:
         chunk.run_chunk(pg.settings, pg.engine, pg.tables, pg.store, outbox, message.args())
     carried = original.value.rows
-    assert carried > 0
+    noted = sum(pg.store.commit_notes("r1", message.number).values())
+    assert carried == 0 and noted > 0
     resent = chunk.run_chunk(pg.settings, pg.engine, pg.tables, pg.store, outbox,
                              message.args())
-    assert (resent.status, resent.rows, resent.counted) == ("deleted", 0, True)
+    assert (resent.status, resent.rows, resent.counted) == ("deleted", noted, True)
+    assert pg.store.commit_notes("r1", message.number) == {}
     retried = chunk.run_chunk(pg.settings, pg.engine, pg.tables, pg.store, outbox,
                               message.args(), carried_rows=carried)
     assert retried.status == "duplicate"
@@ -292,9 +295,11 @@ def test_carried_rows_are_counted_when_the_resent_copy_finished_the_run(
     monkeypatch.setattr(pg.store, "finish_chunk", unanswered)
     with pytest.raises(chunk.ProgressNotRecorded) as original:
         chunk.run_chunk(pg.settings, pg.engine, pg.tables, pg.store, outbox, message.args())
+    noted = sum(pg.store.commit_notes("r1", message.number).values())
+    assert original.value.rows == 0 and noted > 0  # in the original's commit note
     resent = chunk.run_chunk(pg.settings, pg.engine, pg.tables, pg.store, outbox,
                              message.args())
-    assert resent.status == "deleted" and resent.rows == 0
+    assert resent.status == "deleted" and resent.rows == noted
     assert (pg.store.get("r1") or pytest.fail("no record")).state == "finished"
     retried = chunk.run_chunk(pg.settings, pg.engine, pg.tables, pg.store, outbox,
                               message.args(), carried_rows=original.value.rows)

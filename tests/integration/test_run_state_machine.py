@@ -470,12 +470,12 @@ def test_run_protocol_under_interleaved_faults(client: redis.Redis) -> None:
     RunProtocol.client = client
     state_machine = RunProtocol.TestCase
     # Derandomized: the same examples every run, so the suite passes every time and the ends
-    # asserted below are reached every time; STATESWEEP_STATEFUL_EXAMPLES=N (random: set
-    # STATESWEEP_STATEFUL_RANDOM=1) explores further by hand.
+    # asserted below are reached every time; STATESWEEP_TEST_STATEFUL_EXAMPLES=N (random: set
+    # STATESWEEP_TEST_STATEFUL_RANDOM=1) explores further by hand.
     state_machine.settings = settings(
-        max_examples=int(os.environ.get("STATESWEEP_STATEFUL_EXAMPLES", "60")),
+        max_examples=int(os.environ.get("STATESWEEP_TEST_STATEFUL_EXAMPLES", "60")),
         stateful_step_count=40, deadline=None, suppress_health_check=list(HealthCheck),
-        derandomize=not os.environ.get("STATESWEEP_STATEFUL_RANDOM"), database=None)
+        derandomize=not os.environ.get("STATESWEEP_TEST_STATEFUL_RANDOM"), database=None)
     SEEN.clear()
     state_machine("runTest").runTest()
     # The examples reached every end: finished, failed (its lock lapsed, a chunk or planning
