@@ -56,6 +56,7 @@ from bench.dbclean_speed import (
     kept_ids,
     uptime,
 )
+from workers.dbclean.rules import cascade_archived
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFIX = "_airflow_deleted__"
@@ -347,8 +348,21 @@ def run_case(server: Server, src: str, airflow: str, version: str, skip_archive:
             "statesweep_run": ss, "report": report}
 
 
+#: The tables whose result Airflow 3.4.0b2's archive-name race changes (NOTES_34, 3): it skips
+#: xcom_v2, and with it the xcom_v1 rows that xcom_v2's rows shadow.
+RACE_TABLES = ("xcom_v1", "xcom_v2")
+#: The tables whose cascaded rows Airflow 3.4 archives (workers/dbclean/rules.py).
+CASCADE_ARCHIVED_34 = cascade_archived("3.4", "dag_run")
+
+
+def airflow_raced(warnings: list[str]) -> bool:
+    """Airflow skipped xcom_v2 (its cleanup failed and it went on): the race of NOTES_34, 3."""
+    return any("Encountered error" in w and "'xcom_v2'" in w for w in warnings)
+
+
 def compare(before: dict[str, set[Any]], case: dict[str, Any]) -> dict[str, Any]:
     af, ss = case["airflow"], case["statesweep"]
+    raced = airflow_raced(case["airflow_run"].get("warnings", []))
     tables = sorted(n for n in before if not n.startswith(PREFIX))
     rows = []
     for name in tables:
@@ -356,14 +370,27 @@ def compare(before: dict[str, set[Any]], case: dict[str, Any]) -> dict[str, Any]
         # are Airflow's, not left by its cleanup.
         added = af[name] - before[name]
         same = af[name] - added == ss[name]
+        # A difference Airflow's race made is named as such, never counted as identical.
+        why = "Airflow skipped xcom_v2 (its race, below)" if (
+            not same and raced and name in RACE_TABLES) else ""
         rows.append({"table": name, "before": len(before[name]),
                      "airflow": len(af[name] - added), "airflow_added": len(added),
-                     "statesweep": len(ss[name]), "identical": same})
+                     "statesweep": len(ss[name]), "identical": same, "why": why})
     ss_arch, af_arch = archived(ss), archived(af)
+    # Whether statesweep's run archived cascaded rows (NOTES_34, 2): legacy_task_data_owner has
+    # no rule of its own, so only a cascade archive can hold its rows.
+    no_cascade = bool(af_arch.get("legacy_task_data_owner")) and not ss_arch.get(
+        "legacy_task_data_owner")
     archives = []
     for source in sorted(set(ss_arch) | set(af_arch)):
         lost = before[source] - ss[source]
         mine = ss_arch.get(source, [])
+        whys = []
+        if set(mine) != set(af_arch.get(source, [])):
+            if no_cascade and source in CASCADE_ARCHIVED_34:
+                whys.append("statesweep's run archived no cascaded rows (2, below)")
+            if raced and source in RACE_TABLES:
+                whys.append("Airflow skipped xcom_v2 (its race, below)")
         archives.append({
             "table": source, "statesweep_archived": len(mine),
             "statesweep_deleted": len(lost),
@@ -371,29 +398,34 @@ def compare(before: dict[str, set[Any]], case: dict[str, Any]) -> dict[str, Any]
                                                      and set(mine) <= lost),
             "airflow_archived": len(af_arch.get(source, [])),
             "same_rows_as_airflows_archives": set(mine) == set(af_arch.get(source, [])),
+            "why": "; ".join(whys),
             "statesweep_archive_tables": sum(1 for n in ss if n.startswith(
                 f"{PREFIX}{source}__")),
             "airflow_archive_tables": sum(1 for n in af if n.startswith(f"{PREFIX}{source}__")),
         })
-    return {"tables": rows, "archives": archives,
+    return {"tables": rows, "archives": archives, "airflow_raced": raced,
             "identical": all(r["identical"] for r in rows),
+            "identical_but_airflows_race": all(r["identical"] or r["why"] for r in rows),
             "archived_equals_deleted": all(a["statesweep_archived_once_and_deleted"]
                                            for a in archives),
             "airflow_run": case["airflow_run"], "statesweep_run": case["statesweep_run"]}
 
 
-#: Why statesweep's result differs from Airflow 3.4.0b2's, read in its
-#: airflow/utils/db_cleanup.py (apache-airflow-core 3.4.0b2 as installed; line numbers there).
+#: Airflow 3.4.0b2's own additions, as read in its airflow/utils/db_cleanup.py (apache-airflow-core
+#: 3.4.0b2 as installed; line numbers there), what statesweep does with each, and its race.
 NOTES_34 = """\
-## Where Airflow 3.4.0b2 differs, and why (airflow/utils/db_cleanup.py of 3.4.0b2)
+## Airflow 3.4.0b2's additions (airflow/utils/db_cleanup.py of 3.4.0b2) and how they compare
 
 1. **xcom_v1 rows shadowed by xcom_v2.** `_cleanup_table` (lines 821-828), when it cleans
-   `xcom_v2`, first runs `_do_delete` on `xcom_v1` with `_shadowed_legacy_xcom_query` (843-870):
-   every `xcom_v1` row whose (dag_id, task_id, run_id, map_index) is, through
-   `legacy_task_data_owner`, the task instance of an `xcom_v2` row being deleted, with the same
-   `key`, is deleted (and archived) whatever its own `timestamp`. statesweep's 3.4 rules
-   (workers/dbclean/rules.py, `_rules_34`) clean `xcom_v1` by its own `timestamp` only, so the
-   shadowed rows newer than T stay: the xcom_v1 row above.
+   `xcom_v2` and finds rows, first runs `_do_delete` on `xcom_v1` with
+   `_shadowed_legacy_xcom_query` (843-870): every `xcom_v1` row whose (dag_id, task_id, run_id,
+   map_index) is, through `legacy_task_data_owner`, the task instance of an `xcom_v2` row that
+   xcom_v2's own query selects (timestamp before T, and its dag scope), with the same `key`,
+   is deleted and archived (as `xcom_v1`'s, batch by batch), whatever its own `timestamp`.
+   statesweep follows it (workers/dbclean/rules.py `SHADOWS`, statements.py
+   `_shadowed_by_xcom_v2`): with xcom_v2 in the run, xcom_v1 is cleaned just before it by its
+   own rule OR that condition (only that condition when xcom_v1 itself was not asked for),
+   into the run's one xcom_v1 archive.
 2. **Archives of cascaded rows.** `_do_delete` (545-552) calls `_archive_cascading_attempt_data`
    (407-474) for each batch of `task_instance` and `dag_run` unless `--skip-archive`: under
    `SELECT … FOR UPDATE` of the parents and children, in the batch's DELETE transaction, it
@@ -402,20 +434,26 @@ NOTES_34 = """\
    `_ATTEMPT_UUID_CHILDREN` 396-403), `xcom_v1` and `rtif_v1` (through legacy_task_data_owner,
    429-436) and, for `dag_run`, `task_instance` and `dynamic_region` (437-444), into
    `_airflow_deleted__<table>__<uuid4 hex[:16]>` tables made once per table cleaned, empty ones
-   too (446-461). So Airflow 3.4 archives every row it deletes from those tables; statesweep
-   archives only the rows each table's own rule selects and deletes a parent's dependants ahead
-   of the cascade without a copy (the archive rows marked NO above; the rows left are the same).
-   Airflow's cost: its archived run is several times its --skip-archive run, and its longest
-   transaction is the dag_run batch's archive + lock + delete.
+   too (446-461). Other cascades (a dag run's task_state_store, deadline, notes) are not
+   archived. statesweep (workers/dbclean/cascade.py): a chunk of `task_instance` or `dag_run`
+   deletes those dependants first in bounded batches, and each batch copies the rows it
+   deletes into the run's archive of that table (`_airflow_deleted__<table>__<time of the
+   parent's archive>`, one per table per run, shared with the table's own rule) in the same
+   transaction, when its caller hands it those archives (`cascade.cascade_archives`). Where a
+   row of the archive table below shows statesweep with 0 rows (0 tables) and Airflow with
+   some, this run's caller did not.
 3. **An Airflow race, not a rule.** Archive names carry the time to the second (512-516): when
    `xcom_v1`'s own cleanup and `xcom_v2`'s shadowed-xcom_v1 pass (item 1) start their batch 1
    in the same second, the second `CREATE TABLE _airflow_deleted__xcom_v1__<ts>__b1` fails
    (DuplicateTable), `_suppress_with_logging` (923-943) skips that whole table with a warning and
-   the command exits 0 (1108-1117). It hits when xcom_v1's own cleanup (cleaned first under
-   the hash seed used) takes under a second: seen at --scale 0.05 and at --scale 1 on a quiet
-   machine (dbclean_compare_postgresql_3.4.0b2_x1_w2, archived: Airflow's xcom_v2 keeps 8116
-   rows, the task instances kept, instead of 2145), so `airflow db clean` 3.4.0b2 itself gives
-   a different result from one run to the next.
+   the command exits 0 (1108-1117): neither xcom_v2's old rows nor the xcom_v1 rows they shadow
+   are deleted, except those its task_instance and dag_run cascades take. It hits when
+   xcom_v1's own cleanup (cleaned first under the hash seed used) takes under a second, so
+   `airflow db clean` 3.4.0b2 itself gives different results from one run to the next; with
+   `--skip-archive` each batch's archive is dropped at once and the names do not collide.
+   statesweep does not copy it: it names one archive per table per run and cleans xcom_v2.
+   When Airflow's output shows that warning, the differences in xcom_v1 and xcom_v2 are marked
+   "Airflow skipped xcom_v2" above.
 """
 
 
@@ -433,8 +471,11 @@ def render(meta: dict[str, Any], results: dict[str, dict[str, Any]]) -> str:
         af, ss = res["airflow_run"], res["statesweep_run"]
         ratio = af["seconds"] / ss["seconds"] if ss["seconds"] else 0
         lines += [f"## {case}", "",
-                  f"Every table identical by primary key: **{res['identical']}**; each "
-                  f"statesweep archive holds only rows its table lost, each once: "
+                  f"Every table identical by primary key: **{res['identical']}**"
+                  + (f" (all but what Airflow's xcom_v2 race changed: "
+                     f"**{res.get('identical_but_airflows_race')}**)"
+                     if res.get("airflow_raced") else "")
+                  + f"; each statesweep archive holds only rows its table lost, each once: "
                   f"**{res['archived_equals_deleted']}**.", "",
                   "| | wall s | longest transaction ms: any / writing (sampled) | writer p99 "
                   "idle ms | writer p99 during ms | load before / after |",
@@ -462,8 +503,10 @@ def render(meta: dict[str, Any], results: dict[str, dict[str, Any]]) -> str:
         for r in res["tables"]:
             if r["before"] or r["airflow"] or r["statesweep"]:
                 added = f" (+{r['airflow_added']} its own)" if r["airflow_added"] else ""
+                same = "yes" if r["identical"] else "**NO**" + (
+                    f": {r['why']}" if r.get("why") else "")
                 lines.append(f"| {r['table']} | {r['before']} | {r['airflow']}{added} | "
-                             f"{r['statesweep']} | {'yes' if r['identical'] else '**NO**'} |")
+                             f"{r['statesweep']} | {same} |")
         if res["archives"]:
             lines += ["", "| archived table | statesweep rows (tables) | deleted in all | "
                       "archived once and deleted | airflow rows (tables) | same rows as "
@@ -475,7 +518,8 @@ def render(meta: dict[str, Any], results: dict[str, dict[str, Any]]) -> str:
                     f"({a['statesweep_archive_tables']}) | {a['statesweep_deleted']} | "
                     f"{'yes' if a['statesweep_archived_once_and_deleted'] else '**NO**'} | "
                     f"{a['airflow_archived']} ({a['airflow_archive_tables']}) | "
-                    f"{'yes' if a['same_rows_as_airflows_archives'] else '**NO**'} |")
+                    f"{'yes' if a['same_rows_as_airflows_archives'] else '**NO**'}"
+                    f"{': ' + a['why'] if a.get('why') else ''} |")
         lines.append("")
     lines.append(
         f"Airflow ran with PYTHONHASHSEED={meta['airflow_hash_seed']}; its table order: "

@@ -6,7 +6,11 @@ Sizes: d dags, r dag runs, k task instances per run, l log rows. Times spread fr
 before T to 30 days after it in a scattered order (i * prime % 120), so each table is cut in
 many places. Every value derives from the row number (md5 for uuids), so two fills are equal.
 Airflow 3.4 renamed task state's map_index to region_index and split xcom: xcom_v2 (by task
-instance id) for every task instance, xcom_v1 (by legacy_task_data_owner) for a quarter of them.
+instance id) for every task instance, xcom_v1 (by legacy_task_data_owner) for a quarter of them;
+3.4's other attempt tables, whose rows a task instance's or dag run's delete cascades to and
+Airflow 3.4 archives, get rows too: rtif_v2 (a third of the task instances), task_instance_note
+(an eleventh), rtif_v1 (an eighth, under legacy_task_data_owner) and dynamic_region (a tenth of
+the dag runs).
 """
 
 # ruff: noqa: S608 - the statements are built from this module's own constants and integers
@@ -44,6 +48,13 @@ class Dialect:
             return f"md5({self.cat(*parts)})::uuid"
         # MariaDB's uuid type takes versions 1-5 with the RFC variant only: set both nibbles.
         return f"INSERT(INSERT(md5({self.cat(*parts)}), 13, 1, '4'), 17, 1, '8')"
+
+    def binary_uuid(self, *parts: str) -> str:
+        """A uuid where MariaDB keeps it as binary(16) (dynamic_region)."""
+        return self.uuid(*parts) if self.pg else f"UNHEX(md5({self.cat(*parts)}))"
+
+    def blob(self, hex_digits: str) -> str:
+        return f"decode('{hex_digits}', 'hex')" if self.pg else f"UNHEX('{hex_digits}')"
 
     def pick(self, n: str, *choices: str) -> str:
         """The n-th (1-based) of *choices*, NULL allowed."""
@@ -106,7 +117,23 @@ def statements(dialect: str, version: str, d: int, r: int, k: int, l: int) -> li
                SELECT {run_of}, {x.cat("'t'", f"(i - 1) % {k}")}, -1, 'return_value',
                       {dag_of}, {x.cat("'run_'", run_of)},
                       {x.ts("(i * 7331 % 120) - 90")}, '1'
-               FROM {x.series(f"{r * k}", 1, 4)}"""]
+               FROM {x.series(f"{r * k}", 1, 4)}""",
+            f"""INSERT INTO rtif_v2 (id, task_instance_id, rendered_fields)
+               SELECT {x.uuid("i", "'rt'")}, {ti_uuid}, '{{}}'
+               FROM {x.series(f"{r * k}", 3, 3)}""",
+            f"""INSERT INTO task_instance_note (ti_id, content, created_at, updated_at)
+               SELECT {ti_uuid}, 'n', {x.ts("0")}, {x.ts("0")}
+               FROM {x.series(f"{r * k}", 11, 11)}""",
+            f"""INSERT INTO rtif_v1 (dag_id, task_id, run_id, map_index, rendered_fields)
+               SELECT {dag_of}, {x.cat("'t'", f"(i - 1) % {k}")}, {x.cat("'run_'", run_of)},
+                      -1, '{{}}'
+               FROM {x.series(f"{r * k}", 1, 8)}""",
+            f"""INSERT INTO dynamic_region (id, dag_id, run_id, node_id, family_root_id, path,
+                created_at)
+               SELECT {x.binary_uuid("i", "'dr'")}, {x.cat("'dag_'", f"(i - 1) % {d} + 1")},
+                      {x.cat("'run_'", "i")}, 'n', {x.binary_uuid("i", "'fr'")},
+                      {x.blob("70")}, {x.ts("0")}
+               FROM {x.series(str(r), 10, 10)}"""]
     else:
         out.append(
             f"""INSERT INTO xcom (dag_run_id, task_id, map_index, {key}, dag_id, run_id,

@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from workers.dbclean.rules import RULES, effective_tables, parse_tables
+from workers.dbclean.rules import (
+    RULES,
+    TableRule,
+    cascade_archived,
+    effective_tables,
+    parse_tables,
+)
 from workers.exceptions import InvalidArgument
 
 
@@ -68,3 +74,34 @@ def test_tables_option_is_comma_separated() -> None:
     assert parse_tables(None) == ()
     with pytest.raises(InvalidArgument, match="--tables"):
         parse_tables(" , ")
+
+
+def _rule(version: str, table: str, tables: tuple[str, ...] = ()) -> TableRule:
+    return {r.table: r for r in effective_tables(version, tables)}[table]
+
+
+def test_34_cleans_xcom_v1_with_the_rows_xcom_v2_shadows_just_before_xcom_v2() -> None:
+    for tables in ((), ("xcom",), ("task_instance",), ("dag_run",)):
+        order = names("3.4", tables)
+        assert order.index("xcom_v1") < order.index("xcom_v2"), tables
+        rule = _rule("3.4", "xcom_v1", tables)
+        assert rule.also == ("shadowed_by_xcom_v2",) and not rule.also_only
+    # xcom_v2 alone brings xcom_v1 for its shadowed rows only; xcom_v1 alone keeps its own rule.
+    assert names("3.4", ("xcom_v2",)) == ["xcom_v1", "xcom_v2"]
+    assert _rule("3.4", "xcom_v1", ("xcom_v2",)).also_only
+    assert not _rule("3.4", "xcom_v1", ("xcom_v1",)).also
+    assert not RULES["3.4"]["xcom_v1"].also  # the table of rules itself is unchanged
+
+
+def test_33_has_neither_of_34s_additions() -> None:
+    assert not any(r.also for r in effective_tables("3.3"))
+    assert names("3.3", ("xcom",)) == ["xcom"]
+    assert cascade_archived("3.3", "task_instance") == cascade_archived("3.3", "dag_run") == set()
+
+
+def test_34_archives_the_attempt_tables_a_task_instance_or_dag_run_cascades_to() -> None:
+    attempt = {"legacy_task_data_owner", "xcom_v1", "xcom_v2", "rtif_v1", "rtif_v2",
+               "task_instance_note", "task_reschedule", "hitl_detail"}
+    assert cascade_archived("3.4", "task_instance") == attempt
+    assert cascade_archived("3.4", "dag_run") == attempt | {"task_instance", "dynamic_region"}
+    assert cascade_archived("3.4", "trigger") == set()

@@ -9,6 +9,11 @@ in the parent chunk's range and satisfies the parent's rule at that moment (an E
 to the parent, re-evaluated by every batch), so a parent that stopped being eligible (a dag run
 that became its dag's last) keeps its dependants from then on.
 
+Airflow 3.4 archives what a ``task_instance`` or ``dag_run`` delete cascades to in the attempt
+tables (rules.CASCADE_ARCHIVED); so does a batch given the run's archive of its table: it copies
+the rows it deletes into it in the same transaction, so a crash leaves each row in its table or
+in the archive, never both. :func:`cascade_archives` makes those archives, one per table per run.
+
 A parent table with a referrer that can refuse its delete (``ON DELETE RESTRICT`` or ``NO
 ACTION``: ``task_instance.dag_version_id`` under ``dag``, ``callback.trigger_id``) anywhere in its
 tree is not pre-cleaned: a refused delete would leave the parent in place without the dependants
@@ -17,12 +22,15 @@ already deleted. Its chunks cascade inside their own transaction, as Airflow's d
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Table, delete, exists, inspect, select, tuple_
+from sqlalchemy import Column, Connection, Engine, MetaData, Table, exists, inspect, select, tuple_
+from sqlalchemy.exc import DBAPIError
 
 from workers.dbclean import statements as sql
+from workers.dbclean.rules import ARCHIVE_PREFIX, cascade_archived
 
 #: ON DELETE actions that remove or detach the referrer: a delete of the parent never fails.
 YIELDING = ("CASCADE", "SET NULL", "SET DEFAULT")
@@ -90,13 +98,15 @@ def descends_from_chunk(tables: dict[str, Table], path: Path, target: Any,
 
 
 def delete_batch(conn: Connection, tables: dict[str, Table], path: Path, root_cond: list[Any],
-                 batch_size: int) -> int:
+                 batch_size: int, archive: Table | None = None) -> int:
     """Delete at most *batch_size* rows of the path's last table whose ancestor satisfies
-    *root_cond*, in the caller's transaction; their keys are locked first.
+    *root_cond*, in the caller's transaction, copying them into *archive* first when given;
+    their keys are locked first.
 
-    PostgreSQL: one statement, ``DELETE … WHERE key IN (SELECT key … LIMIT … FOR UPDATE)``.
-    MySQL/MariaDB (no LIMIT in an IN subquery): ``SELECT key … LIMIT … FOR UPDATE``, then the
-    DELETE of those keys."""
+    PostgreSQL: one statement, ``DELETE … WHERE key IN (SELECT key … LIMIT … FOR UPDATE)``
+    (inside ``WITH moved AS (…RETURNING *) INSERT INTO archive SELECT * FROM moved`` when
+    archiving). MySQL/MariaDB (no LIMIT in an IN subquery): ``SELECT key … LIMIT … FOR
+    UPDATE``, then the INSERT into the archive and the DELETE of those keys."""
     target = tables[path[-1].child]
     cols = sql.key_columns(target)
     if not sql.is_mysql(conn):
@@ -109,14 +119,44 @@ def delete_batch(conn: Connection, tables: dict[str, Table], path: Path, root_co
         if batch_size > 0:
             query = query.limit(batch_size)
         key = cols[0] if len(cols) == 1 else tuple_(*cols)
-        return int(conn.execute(delete(target).where(key.in_(query))).rowcount)
+        return sql.move_where(conn, target, archive, [key.in_(query)])
     query = (select(*cols).where(descends_from_chunk(tables, path, target, root_cond))
              .with_for_update())
     if batch_size > 0:
         query = query.limit(batch_size)
-    keys = [tuple(r) for r in conn.execute(query)]
-    if not keys:
-        return 0
-    chosen = (cols[0].in_([k[0] for k in keys]) if len(cols) == 1
-              else tuple_(*cols).in_(keys))
-    return int(conn.execute(delete(target).where(chosen)).rowcount)
+    return sql.move_keys(conn, target, archive, [tuple(r) for r in conn.execute(query)])
+
+
+def archive_table(name: str, source: Table) -> Table:
+    """The archive *name* of *source*, as sql.create_archive makes it (the same columns), without
+    reading the catalog."""
+    return Table(name, MetaData(), *[Column(c.name, c.type, nullable=True) for c in source.c])
+
+
+def cascade_archives(engine: Engine, version: str, table: str, parent_archive: str,
+                     targets: Iterable[Table]) -> dict[str, Table]:
+    """This run's archive of each dependant table (of *targets*, the tables a chunk of *table*
+    deletes first) whose rows Airflow *version* archives with the cascade (3.4: the attempt
+    tables under task_instance and dag_run), by table name; none for other tables and versions.
+
+    One archive per table per run: ``_airflow_deleted__<target>__<time>``, the time of the
+    parent's own archive (*parent_archive*, made first), so the rows of xcom_v2 that its own rule
+    and task_instance's and dag_run's cascades move share one table. Each is made when missing,
+    in a transaction of its own before any batch (MySQL's DDL commits whatever is open); one
+    that another process of the run made meanwhile is taken as it is."""
+    wanted = cascade_archived(version, table)
+    when = parent_archive.rsplit("__", 1)[1]
+    out: dict[str, Table] = {}
+    for source in targets:
+        if source.name not in wanted or source.name in out:
+            continue
+        name = f"{ARCHIVE_PREFIX}{source.name}__{when}"
+        if not inspect(engine).has_table(name):
+            try:
+                with engine.begin() as conn:
+                    sql.create_archive(conn, source, name)
+            except DBAPIError:
+                if not inspect(engine).has_table(name):
+                    raise
+        out[source.name] = archive_table(name, source)
+    return out

@@ -18,11 +18,21 @@ What Airflow does with them, and so statesweep too:
 - ``--dag-ids`` / ``--exclude-dag-ids`` filter on the table's dag id column, or through a foreign
   key (``dag_scope``); a table without either ignores them. Excluding keeps NULL dag ids
   eligible, as Airflow does.
+
+Airflow 3.4 adds two things (db_cleanup.py of 3.4.0b2):
+- cleaning ``xcom_v2`` first deletes the ``xcom_v1`` rows it shadows (``_cleanup_table`` and
+  ``_shadowed_legacy_xcom_query``): a legacy row whose task instance coordinates are, through
+  ``legacy_task_data_owner``, those of an ``xcom_v2`` row being deleted, with the same key,
+  whatever its own timestamp. Here: :data:`SHADOWS`, which :func:`effective_tables` turns into
+  an ``also`` condition of xcom_v1's rule (xcom_v1 cleaned just before xcom_v2, with its own
+  rule or, when only xcom_v2 was asked for, for the shadowed rows alone);
+- a ``task_instance`` or ``dag_run`` delete archives the rows its cascade removes from the
+  attempt tables (``_archive_cascading_attempt_data``): :data:`CASCADE_ARCHIVED`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from sqlalchemy import Connection, Engine, inspect
 
@@ -64,6 +74,11 @@ class TableRule:
     #: change what this rule's filters read. Airflow leaves this order to Python's set order,
     #: which changes with each process's hash seed (so does its result); statesweep fixes it.
     after: tuple[str, ...] = ()
+    #: Names of conditions (statements.ALSO_ELIGIBLE) under which a row goes whatever this
+    #: table's own rule says, ORed with it: 3.4's xcom_v1 rows shadowed by xcom_v2 rows.
+    also: tuple[str, ...] = ()
+    #: Only the ``also`` conditions: the table was not asked for, another table's rule brings it.
+    also_only: bool = False
 
 
 def _common() -> list[TableRule]:
@@ -122,8 +137,10 @@ def _rules_34() -> list[TableRule]:
             TableRule("task_reschedule", "start_date",
                       dag_scope=DagScope("ti_id", "task_instance")),
             TableRule("xcom_v1", "timestamp", dag_id="dag_id"),
+            # Its shadowed xcom_v1 rows go first (SHADOWS), while its rows still show them.
             TableRule("xcom_v2", "timestamp",
-                      dag_scope=DagScope("task_instance_id", "task_instance")),
+                      dag_scope=DagScope("task_instance_id", "task_instance"),
+                      after=("xcom_v1",)),
             TableRule("deadline", "deadline_time",
                       dag_scope=DagScope("dagrun_id", "dag_run"))]
 
@@ -131,6 +148,20 @@ def _rules_34() -> list[TableRule]:
 RULES: dict[str, dict[str, TableRule]] = {
     "3.3": {r.table: r for r in _rules_33()},
     "3.4": {r.table: r for r in _rules_34()},
+}
+#: Cleaning the key table first deletes rows of another table that its own eligible rows
+#: shadow: {version: {table: (shadowed table, ALSO_ELIGIBLE condition)}}.
+SHADOWS: dict[str, dict[str, tuple[str, str]]] = {
+    "3.3": {}, "3.4": {"xcom_v2": ("xcom_v1", "shadowed_by_xcom_v2")}}
+#: Airflow 3.4 (``_ATTEMPT_UUID_CHILDREN``, ``_ATTEMPT_ARCHIVE_TABLES``): the tables whose rows a
+#: task_instance or dag_run delete cascades to and that it archives first, unless
+#: --skip-archive. For dag_run, the task instances themselves and their dynamic regions too.
+_ATTEMPT = frozenset({"legacy_task_data_owner", "xcom_v2", "rtif_v2", "task_instance_note",
+                      "task_reschedule", "hitl_detail", "xcom_v1", "rtif_v1"})
+CASCADE_ARCHIVED: dict[str, dict[str, frozenset[str]]] = {
+    "3.3": {},
+    "3.4": {"task_instance": _ATTEMPT,
+            "dag_run": _ATTEMPT | {"task_instance", "dynamic_region"}},
 }
 #: Names --tables takes that stand for others (3.4 split xcom in two).
 ALIASES: dict[str, dict[str, tuple[str, ...]]] = {
@@ -178,6 +209,12 @@ def effective_tables(version: str, names: tuple[str, ...] = ()) -> list[TableRul
                 if dep not in selected:
                     selected.add(dep)
                     stack.append(dep)
+    rules = dict(rules)
+    for key, (shadowed, condition) in SHADOWS[version].items():
+        if key in selected and shadowed in rules:
+            rules[shadowed] = replace(rules[shadowed], also=(condition,),
+                                      also_only=shadowed not in selected)
+            selected.add(shadowed)
 
     def visit(name: str) -> None:
         if name in visited:
@@ -203,3 +240,9 @@ def parse_tables(value: str | None) -> tuple[str, ...]:
     if not names:
         raise InvalidArgument(f"--tables must name tables (comma-separated), got {value!r}")
     return names
+
+
+def cascade_archived(version: str, table: str) -> frozenset[str]:
+    """The tables whose rows a delete of *table* cascades to that Airflow *version* archives
+    with it (none but for 3.4's task_instance and dag_run)."""
+    return CASCADE_ARCHIVED[version].get(table, frozenset())

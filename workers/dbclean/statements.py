@@ -102,6 +102,34 @@ def _keep_last_filter(name: str, t: Any) -> Any:
     raise ValueError(f"unknown keep-last filter {name!r}")
 
 
+#: The columns of a legacy (xcom_v1) row that name its task instance, as legacy_task_data_owner
+#: keeps them.
+LEGACY_COORDINATES = ("dag_id", "task_id", "run_id", "map_index")
+
+
+def _shadowed_by_xcom_v2(conn: Connection, t: Any, before: dt.datetime,
+                         dag_ids: Sequence[str], exclude_dag_ids: Sequence[str]) -> Any:
+    """Airflow 3.4's ``_shadowed_legacy_xcom_query``: an xcom_v1 row shadowed by an xcom_v2 row
+    that xcom_v2's own rule deletes (recency and dag scope, read now): the same key, and the
+    task instance that legacy_task_data_owner maps the row's coordinates to. Its own timestamp
+    does not matter."""
+    from workers.dbclean.rules import RULES
+
+    owner = table("legacy_task_data_owner", *[column(c) for c in LEGACY_COORDINATES],
+                  column("task_instance_id"))
+    v2 = table("xcom_v2", column("task_instance_id"), column("key"),
+               column("timestamp")).alias("shadowing")
+    v2_rule = RULES["3.4"]["xcom_v2"]
+    return (exists().select_from(owner.join(v2, owner.c.task_instance_id
+                                            == v2.c.task_instance_id))
+            .where(*[owner.c[c] == t.c[c] for c in LEGACY_COORDINATES], v2.c.key == t.c.key,
+                   *_own_rule(conn, v2_rule, v2, before, dag_ids, exclude_dag_ids)))
+
+
+#: Conditions under which a row goes whatever its own rule says (TableRule.also), by name.
+ALSO_ELIGIBLE = {"shadowed_by_xcom_v2": _shadowed_by_xcom_v2}
+
+
 def missing_columns(rule: TableRule, t: Table, filtered_by_dag: bool) -> list[str]:
     """Columns the rule needs that the live table lacks (Airflow's statement would fail on it
     and its table be skipped; statesweep skips it up front and says why)."""
@@ -118,6 +146,8 @@ def missing_columns(rule: TableRule, t: Table, filtered_by_dag: bool) -> list[st
                  "not_in_working_set": ["working_set"], "dag_run_finished": ["dag_run_id"]}[name]
     if rule.skip_if_referenced:
         need.append(rule.referenced_pk)
+    if "shadowed_by_xcom_v2" in rule.also:
+        need += [*LEGACY_COORDINATES, "key"]
     return [c for c in dict.fromkeys(need) if c not in t.c]
 
 
@@ -125,7 +155,19 @@ def eligible(conn: Connection, rule: TableRule, t: Table, before: dt.datetime,
              dag_ids: Sequence[str] = (), exclude_dag_ids: Sequence[str] = (),
              protect_unfinished: bool = True) -> list[Any]:
     """The rule as conditions on *t*: Airflow's ``_build_query`` WHERE clause, with keep-last as
-    NOT EXISTS instead of its outer join (the same rows; a DELETE cannot outer-join)."""
+    NOT EXISTS instead of its outer join (the same rows; a DELETE cannot outer-join); with the
+    rule's ``also`` conditions, one condition: the rule OR any of them (or only them, for
+    ``also_only``)."""
+    cond = _own_rule(conn, rule, t, before, dag_ids, exclude_dag_ids, protect_unfinished)
+    if not rule.also:
+        return cond
+    also = [ALSO_ELIGIBLE[name](conn, t, before, dag_ids, exclude_dag_ids) for name in rule.also]
+    return [or_(*also)] if rule.also_only else [or_(and_(*cond), *also)]
+
+
+def _own_rule(conn: Connection, rule: TableRule, t: Any, before: dt.datetime,
+              dag_ids: Sequence[str] = (), exclude_dag_ids: Sequence[str] = (),
+              protect_unfinished: bool = True) -> list[Any]:
     cond: list[Any] = [t.c[rule.recency] < bind_time(conn, before)]
     cond += [_extra_filter(name, t) for name in rule.extra_filters
              if protect_unfinished or name != "dag_run_finished"]
@@ -236,19 +278,32 @@ def move_chunk(conn: Connection, t: Table, archive: Table | None, cond: list[Any
     """
     where = [*cond, *in_range(t, lo, hi)]
     if not is_mysql(conn):
-        if archive is None:
-            return int(conn.execute(delete(t).where(*where)).rowcount)
-        names = [c.name for c in archive.c]
-        moved = delete(t).where(*where).returning(*[t.c[n] for n in names]).cte("moved")
-        # The count comes from the INSERT's own RETURNING: a DML statement whose WITH holds
-        # a DELETE reports no row count through the driver.
-        archived = (insert(archive).from_select(names, select(*[moved.c[n] for n in names]))
-                    .returning(archive.c[names[0]]).cte("archived"))
-        return int(conn.execute(select(func.count()).select_from(archived)).scalar_one())
+        return move_where(conn, t, archive, where)
     cols = key_columns(t)
     keys = [tuple(r) for r in conn.execute(select(*cols).where(*where).with_for_update())]
+    return move_keys(conn, t, archive, keys)
+
+
+def move_where(conn: Connection, t: Table, archive: Table | None, where: list[Any]) -> int:
+    """PostgreSQL: delete the rows *where* selects, copying each into *archive* (unless None)
+    in the same statement; returns the rows deleted."""
+    if archive is None:
+        return int(conn.execute(delete(t).where(*where)).rowcount)
+    names = [c.name for c in archive.c]
+    moved = delete(t).where(*where).returning(*[t.c[n] for n in names]).cte("moved")
+    # The count comes from the INSERT's own RETURNING: a DML statement whose WITH holds a
+    # DELETE reports no row count through the driver.
+    archived = (insert(archive).from_select(names, select(*[moved.c[n] for n in names]))
+                .returning(archive.c[names[0]]).cte("archived"))
+    return int(conn.execute(select(func.count()).select_from(archived)).scalar_one())
+
+
+def move_keys(conn: Connection, t: Table, archive: Table | None, keys: list[Key]) -> int:
+    """MySQL/MariaDB: copy the rows of *keys* (locked by the caller's SELECT … FOR UPDATE)
+    into *archive* (unless None), then delete them; returns the rows deleted."""
     if not keys:
         return 0
+    cols = key_columns(t)
     chosen = (cols[0].in_([k[0] for k in keys]) if len(cols) == 1
               else tuple_(*cols).in_(keys))
     if archive is not None:
