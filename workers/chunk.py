@@ -246,6 +246,7 @@ def _delete_and_count(settings: Settings, engine: Engine, tables: Tables, regist
     units = (rows if args.range.kind in CUT_KINDS else size if args.range.hi is None
              else args.range.hi - args.range.lo)
     resize = next_size(settings, args.range.kind, size, batch, rows, units, seconds, max_size)
+    deleted = rows
     rows += carried_rows + notes.rows
     try:
         counted, window = registry.finish_chunk(
@@ -262,8 +263,12 @@ def _delete_and_count(settings: Settings, engine: Engine, tables: Tables, regist
         # count is refused; the rows are in this line, and the next run finds them gone.
         lock_lost(args.run_id, registry, "finish", chunk=args.chunk, rows=rows)
         return ChunkResult(rows, "lost")
+    # The rows this step counted: a commit note another copy counted first is not counted
+    # again (nor logged again: the lines' rows sum to the run's).
+    rows = window.counted_rows
     bound.info("chunk_deleted", kind=args.range.kind, range=args.range.encode(),
-               rows=rows, ms=round(seconds * 1000, 1), counted=counted)
+               rows=rows, ms=round(seconds * 1000, 1), counted=counted,
+               **({"deleted": deleted} if deleted != rows else {}))
     Sender(settings, engine, tables, registry, dispatch).send(  # logs the finish, if it is one
         args.run_id, args.cutoff_text, window, args.range.kind)
     return ChunkResult(rows, "deleted", counted)
@@ -329,11 +334,12 @@ class CommitNotes:
 def _count_carried(settings: Settings, tables: Tables, registry: RunStore, args: ChunkArgs,
                    rows: int, g: Gate, notes: tuple[str, ...] = ()) -> None:
     try:
-        registry.finish_chunk(
+        _, window = registry.finish_chunk(
             args.run_id, args.chunk, args.range.kind, rows, 0,
             lock_ttl=settings.run_timeout_seconds, window=settings.max_chunks_in_flight,
             resend_after=resend_after(settings), gate=g, table=tables.task_state.name,
             notes=notes)
+        rows = window.counted_rows
     except Exception as exc:  # noted rows stay in their notes for the retry to count
         raise ProgressNotRecorded(rows - sum(int(n.rsplit(":", 1)[1]) for n in notes)) from exc
     log.info("chunk_rows_carried", run_id=args.run_id, chunk=args.chunk, rows=rows)

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from workers import runs_lua
@@ -169,6 +169,8 @@ class Window:
     new_hold: bool = False  # this step started a hold episode: log it, once
     finished: RunRecord | None = None
     lost: bool = False  # the run's lock no longer names it: nothing was applied
+    # Rows the FINISH step counted: its rows less those of commit notes counted before.
+    counted_rows: int = 0
 
 
 @dataclass(frozen=True)
@@ -398,7 +400,8 @@ class RunStore:
                         *numbers])
         if int(r[0]) == -2:
             return False, Window(lost=True)
-        return int(r[0]) == 1, self._window(run_id, kind, r[1:])
+        return int(r[0]) == 1, replace(self._window(run_id, kind, r[2:]),
+                                       counted_rows=int(r[1]))
 
     def _notes_key(self, run_id: str, chunk: int) -> str:
         return self._k("run", run_id, "commit", str(chunk))

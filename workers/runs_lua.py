@@ -235,15 +235,16 @@ return note_hold(R, ARGV[2], ARGV[3])
 # the caller's own DELETE and those of dead copies it found committed). Each note is counted
 # by the one step that removes it; a note another step counted already comes off *rows*, so a
 # DELETE that committed is counted once, whichever copy's step comes first, even when the
-# process that committed it died before its own step.
+# process that committed it died before its own step. The reply's second element is the
+# rows this step counted (*rows* less the notes counted before; 0 for a failed chunk).
 FINISH = _PRELUDE + COUNT_METRICS_LUA + r"""
 local R, F, L, P, M, N = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local run_id, chunk, rows, now = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
-if redis.call('EXISTS', R) == 0 then return {-1, 0, 0, '', 0} end
+if redis.call('EXISTS', R) == 0 then return {-1, 0, 0, 0, '', 0} end
 -- A running run changes only while its lock names it: a run whose lock lapsed (or passed on)
 -- neither counts nor sends; the next trigger ends it (PLAN).
 if redis.call('HGET', R, 'state') == 'running' and redis.call('GET', L) ~= run_id then
-  return {-2, 0, 0, '', 0}
+  return {-2, 0, 0, 0, '', 0}
 end
 if ARGV[15] ~= '' then
   for xid in string.gmatch(ARGV[15], '[^,]+') do
@@ -255,6 +256,8 @@ if ARGV[15] ~= '' then
     end
   end
 end
+local net = rows
+if ARGV[12] ~= '' then net = 0 end
 if redis.call('HDEL', F, chunk) == 0 then
   -- Counted already (a resent copy finished first). Its rows still count: a row is deleted
   -- by one committed transaction only, so the sum over every attempt is exact.
@@ -262,7 +265,7 @@ if redis.call('HDEL', F, chunk) == 0 then
     redis.call('HINCRBY', R, 'rows_deleted', rows)
     redis.call('HINCRBY', M, 'rows_deleted:' .. ARGV[14], rows)
   end
-  return {0, 0, 0, '', 0}
+  return {0, net, 0, 0, '', 0}
 end
 -- The same step counts the chunk into the metrics every exporter reads (workers.metrics).
 count_metrics(M, ARGV[14], rows, ARGV[13], ARGV[12] ~= '')
@@ -278,7 +281,7 @@ else
   if tonumber(ARGV[10]) > 0 then redis.call('HSET', R, 'size', ARGV[10]) end
 end
 if redis.call('GET', L) == run_id then redis.call('EXPIRE', L, ARGV[5], 'GT') end
-if redis.call('HGET', R, 'state') ~= 'running' then return {1, 0, 0, '', 0} end
+if redis.call('HGET', R, 'state') ~= 'running' then return {1, net, 0, 0, '', 0} end
 local out = {}
 local g = {0, '', 0}
 if ARGV[12] == '' then
@@ -288,7 +291,7 @@ if ARGV[12] == '' then
                       heartbeats(7, beats))
 end
 local fin = finish_if_complete(R, F, L, run_id, now)
-return {1, fin, g[1], g[2], g[3], unpack(out)}
+return {1, net, fin, g[1], g[2], g[3], unpack(out)}
 """
 
 # KEYS R F L P beat...; ARGV run_id now lock_ttl window resend_after external max_run
