@@ -15,6 +15,7 @@ the cleanup holds open, and what a writer on the cleaned tables sees meanwhile.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ from sqlalchemy import Engine, create_engine, text
 
 WRITER_APP = "dbc_writer"
 WRITER_EVENT = "dbc_writer"
+#: A transaction older than this is printed to stderr as it is seen (who, first statement).
+LONG_MS = 1000.0
 
 
 def engine_for(url: str, app: str) -> Engine:
@@ -45,6 +48,9 @@ class TransactionSampler(threading.Thread):
         self.longest_query = ""
         self.longest_write_ms = 0.0  # of transactions that wrote (hold row locks)
         self.longest_write_query = ""
+        #: (pid, xact_start) -> who held it and the first statement seen in it (PostgreSQL)
+        self.seen: dict[tuple[Any, Any], str] = {}
+        self.printed: set[tuple[Any, Any]] = set()
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -59,15 +65,31 @@ class TransactionSampler(threading.Thread):
             self.longest_write_ms, self.longest_write_query = ms, str(query)
 
     def _sample_pg(self, conn: Any) -> None:
+        """Each transaction is named by who held it (application_name: the bench's workers and
+        command set PGAPPNAME; the backend type otherwise) and the first statement seen in it:
+        the last one alone (a pool's ROLLBACK) says nothing about a long idle one."""
         # backend_xid: the transaction has written (it holds row locks), not only read.
         query = text("SELECT left(query, 200), extract(epoch FROM now() - xact_start) * 1000, "
-                     "backend_xid IS NOT NULL "
+                     "backend_xid IS NOT NULL, pid, xact_start, state, "
+                     "coalesce(nullif(application_name, ''), backend_type) "
                      "FROM pg_stat_activity WHERE datname = :db AND xact_start IS NOT NULL "
                      "AND pid <> pg_backend_pid() AND application_name <> :writer")
         while not self.stop.is_set():
-            for q, ms, writing in conn.execute(query, {"db": self.database,
-                                                       "writer": WRITER_APP}):
-                self._seen(float(ms or 0), q, bool(writing))
+            for q, ms, writing, pid, started, state, app in conn.execute(
+                    query, {"db": self.database, "writer": WRITER_APP}):
+                key = (pid, started)
+                if key not in self.seen:
+                    first = " ".join(str(q).split())[:80]
+                    self.seen[key] = f"[{app} pid {pid}, began with: {first}]"
+                ms = float(ms or 0)
+                label = f"{self.seen[key]} {state}: {q}"
+                if ms > LONG_MS and key not in self.printed:  # once, as it crosses the mark
+                    self.printed.add(key)
+                    print(f"  long transaction: {label[:300]}", file=sys.stderr)
+                self._seen(ms, label, bool(writing))
+            if len(self.seen) > 100_000:
+                self.seen.clear()
+                self.printed.clear()
             time.sleep(0.02)
 
     def _sample_mariadb(self, conn: Any) -> None:

@@ -31,7 +31,10 @@ def distributed(env: dict[str, str], n: int) -> Iterator[tuple[dict[str, str], P
     env = {**env, "STATESWEEP_RUN_STORE_URL": REDIS, "STATESWEEP_BROKER_URL": REDIS,
            "STATESWEEP_RESULT_BACKEND": REDIS, "STATESWEEP_LOG_FORMAT": "json",
            "STATESWEEP_KEY_PREFIX": tag, "STATESWEEP_CONTROL_QUEUE": f"{tag}-control",
-           "STATESWEEP_CHUNK_QUEUE": f"{tag}-chunks", "PYTHONUNBUFFERED": "1"}
+           "STATESWEEP_CHUNK_QUEUE": f"{tag}-chunks", "PYTHONUNBUFFERED": "1",
+           # libpq's application_name: the sampler (bench.dbclean_speed) names who holds a
+           # transaction, the command or worker i.
+           "PGAPPNAME": "statesweep-cli"}
     queues = f"{env['STATESWEEP_CONTROL_QUEUE']},{env['STATESWEEP_CHUNK_QUEUE']}"
     logs = Path(tempfile.mkdtemp(prefix="dbc_workers_"))
     procs = []
@@ -40,8 +43,8 @@ def distributed(env: dict[str, str], n: int) -> Iterator[tuple[dict[str, str], P
             procs.append(subprocess.Popen(
                 [CELERY, "-A", "workers.celery_app", "worker", "-n", f"{tag}w{i}@%h", "-c", "1",
                  "-Q", queues, "-l", "INFO", "--without-gossip", "--without-mingle"],
-                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True))
+                cwd=ROOT, env={**env, "PGAPPNAME": f"statesweep-w{i}"}, stdout=out,
+                stderr=subprocess.STDOUT, start_new_session=True))
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not all(

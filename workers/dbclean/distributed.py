@@ -7,11 +7,13 @@
   (their worker died: heartbeat gone; or never taken: sent longer ago than the resend period),
   cuts new chunks (``lo`` exclusive, ``hi`` inclusive, by an index probe each, the last one
   open) while the window has room and flow control lets it, and, once a table is cut and its
-  window drained, goes on to the next table: the barrier. Every finished chunk, the pump and the
-  coordinator ask for a step; a step asked for while another runs is run by that one after it.
-- run_chunk(): a chunk on a worker: its dependants first (bounded batches), then archive and
-  delete in one transaction that repeats the rule (workers.dbclean.statements.move_chunk),
-  counted once, then a step.
+  window drained, goes on to the next table: the barrier. Every finished chunk, the pump and
+  the coordinator ask for a step; a step asked for while another runs is run by that one after
+  it.
+- run_chunk(): a chunk on a worker: its dependants first (batches sized by time), then archive
+  and delete in slices sized by time (workers.dbclean.run.move_slices), each one transaction
+  that repeats the rule, counted once, then a step. Every transaction's time goes to the run
+  store (StoreSizes), where every worker's next slice and batch of that table is sized from.
 
 Redelivery is safe: a chunk's rows, once moved, are gone (the rule is re-checked at delete
 time, and PostgreSQL's and MySQL's row locks make a concurrent copy wait and find none), and a
@@ -25,11 +27,10 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from functools import partial
 from typing import Any
 
 import structlog
-from sqlalchemy import Column, Engine, MetaData, Table, inspect
+from sqlalchemy import Column, Connection, Engine, MetaData, Table, inspect
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from workers.chunk import heartbeat
@@ -63,6 +64,33 @@ def decode_request(text: str) -> run.Request:
 
 
 @dataclass
+class StoreSizes:
+    """A run's tables' timings in the run store (workers.dbclean.run.Sizer), shared by every
+    worker: each times its transactions there and sizes its next one of a table from them."""
+
+    store: DbCleanStore
+    run_id: str
+    batch_size: int
+    target_ms: int
+
+    def recent(self, table: str) -> list[run.Timing]:
+        return [run.Timing(*t) for t in self.store.timings(self.run_id, table)]
+
+    def size(self, table: str) -> int:
+        return run.next_size(self.batch_size, self.target_ms, self.recent(table))
+
+    def note(self, table: str, timing: run.Timing) -> None:
+        # One that is no evidence of its rows' speed is still the table's longest, for status.
+        self.store.note_timing(self.run_id, table, timing.planned, timing.rows, timing.seconds,
+                               timing.lock_timeout, run.SIZING_WINDOW,
+                               evidence=run.is_evidence(timing))
+
+
+def sizes_for(store: DbCleanStore, run_id: str, request: run.Request) -> StoreSizes:
+    return StoreSizes(store, run_id, request.batch_size, request.target_ms)
+
+
+@dataclass
 class Context:
     settings: Settings
     engine: Engine
@@ -71,6 +99,8 @@ class Context:
     #: Set in a chunk task: a table's start (a count, an archive) is left to a pump task, whose
     #: time limit is made for it, rather than done inside the chunk's.
     pump: Callable[[str], None] | None = None
+    #: Where a chunk's transactions are timed and sized (a test gives its own clock).
+    sizer: Callable[[DbCleanStore, str, run.Request], StoreSizes] = sizes_for
 
     @property
     def store(self) -> DbCleanStore:
@@ -193,7 +223,7 @@ def _prepare(ctx: Context, store: DbCleanStore, run_id: str, rule: TableRule,
     else:
         # Closed before the count, which runs on a connection of its own: this one's
         # transaction (the catalog reads) is not left open, idle, for as long as the count.
-        with ctx.engine.connect() as conn:
+        with _autocommit(ctx.engine) as conn:
             t = sql.reflect(conn, rule.table)
         missing = sql.missing_columns(rule, t, filtered)
         if missing:
@@ -328,6 +358,11 @@ def _note_held(ctx: Context, store: DbCleanStore, run_id: str, held: str) -> Non
         store.client.hset(key, mapping={"held": "", "held_since": 0})
 
 
+def _autocommit(engine: Engine) -> Connection:
+    """A connection whose reads are each their own transaction (use it in ``with``)."""
+    return engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+
+
 # --- a chunk ------------------------------------------------------------------------------------
 
 _schema: dict[tuple[str, str], Any] = {}
@@ -366,11 +401,11 @@ def run_chunk(ctx: Context, run_id: str, chunk: int, table: str, lo: str | None,
     archive_name = store.table(run_id, table).get("archive") or None
     t0 = time.monotonic()
     with heartbeat(ctx.registry, run_id, chunk):
-        rows, deps = _move(ctx, run_id, rule, request, archive_name, decode_key(lo),
-                           decode_key(hi))
+        rows, deps, slices = _move(ctx, run_id, rule, request, archive_name, decode_key(lo),
+                                   decode_key(hi))
     counted = store.finish(run_id, chunk, table, rows, deps)
     log.info("db_clean_chunk_moved", run_id=run_id, chunk=chunk, table=table, lo=lo, hi=hi,
-             rows=rows, dependants=deps, counted=counted,
+             rows=rows, dependants=deps, counted=counted, transactions=slices,
              ms=round((time.monotonic() - t0) * 1000, 1))
     _step_quietly(ctx, run_id)
     return ChunkOutcome("moved", rows, deps)
@@ -389,11 +424,16 @@ def requeue(ctx: Context, run_id: str, chunk: int, error: str) -> None:
 
 
 def _move(ctx: Context, run_id: str, rule: TableRule, request: run.Request,
-          archive_name: str | None, lo: sql.Key | None, hi: sql.Key | None) -> tuple[int, int]:
+          archive_name: str | None, lo: sql.Key | None,
+          hi: sql.Key | None) -> tuple[int, int, int]:
+    """(rows moved, dependants deleted, transactions of the move)."""
     engine = ctx.engine
+    sizes = ctx.sizer(ctx.store, run_id, request)
 
     def reflect() -> tuple[Table, list[run.Dependant]]:
-        with engine.connect() as conn:
+        # Autocommit: the catalog reads (a few dozen under a parent's cascade tree) are each a
+        # statement of their own, not one read-only transaction left open across them.
+        with _autocommit(engine) as conn:
             fks = _cached(run_id, "", lambda: cascade.ForeignKeys(conn))
             t = sql.reflect(conn, rule.table)
             return t, run._dependants(conn, fks, t)
@@ -404,13 +444,13 @@ def _move(ctx: Context, run_id: str, rule: TableRule, request: run.Request,
         # The archive's columns are the table's (create_archive made it so): no reflection.
         archive = Table(archive_name, MetaData(),
                         *[Column(c.name, c.type, nullable=True) for c in t.c])
-    with engine.connect() as conn:
+    with _autocommit(engine) as conn:
         cond = _eligible(conn, rule, t, request)
     deps = 0
     if dependants:
         deps = run._delete_dependants(engine, request, dependants, t,
-                                      [*cond, *sql.in_range(t, lo, hi)])
-    # One transaction: the chunk's archive and its delete, with the whole rule re-checked.
-    rows = run._in_transaction(engine, request, rule.table, partial(
-        sql.move_chunk, t=t, archive=archive, cond=cond, lo=lo, hi=hi))
-    return rows, deps
+                                      [*cond, *sql.in_range(t, lo, hi)], sizes)
+    # Slices of the chunk, each one transaction: its archive and its delete, the whole rule
+    # re-checked.
+    rows, slices = run.move_slices(engine, request, t, archive, cond, lo, hi, sizes)
+    return rows, deps, slices

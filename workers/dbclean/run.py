@@ -5,16 +5,22 @@ transaction of its own (:func:`workers.dbclean.statements.move_chunk`).
 The archive table of a table is made once per run, before its first chunk, and named as Airflow
 names it, ``_airflow_deleted__<table>__<YYYYmmddHHMMSS>``, the time being the database's clock
 at the start of the run. ``skip_archive`` makes none.
+
+Chunk size follows time (:func:`next_size`): every transaction that deletes from a table (a
+chunk of it, a batch of it under a parent's chunk) is timed, and the table's next one is sized
+from its recent ones so it takes about half of ``target_ms`` (workers.flow.sizing's policy, the
+cleanup's own): a table whose rows fire PostgreSQL's per-row cascade triggers (task_instance,
+dag_run) gets small chunks, a light one (log) keeps ``batch_size``, which no chunk exceeds.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import structlog
 from sqlalchemy import Connection, Engine, Table, inspect
@@ -24,11 +30,14 @@ from workers.db import db_now, set_timeouts
 from workers.dbclean import cascade
 from workers.dbclean import statements as sql
 from workers.dbclean.rules import ARCHIVE_PREFIX, TableRule, airflow_version, effective_tables
+from workers.flow.sizing import ChunkTiming, SizingPolicy
 
 log = structlog.get_logger("statesweep.dbclean")
 
 #: Called inside each chunk's transaction after its move, before commit: (table, rows).
 ChunkHook = Callable[[str, int], None]
+#: The longest a db-clean transaction (a chunk, a batch of dependants) should take (issue 24).
+TARGET_TRANSACTION_MS = 200
 
 
 @dataclass(frozen=True)
@@ -43,6 +52,7 @@ class Request:
     protect_unfinished: bool = True  # STATESWEEP_PROTECT_UNFINISHED_DAG_RUNS
     lock_timeout_ms: int = 5000  # STATESWEEP_LOCK_TIMEOUT_MS, per chunk transaction
     statement_timeout_ms: int = 20000  # STATESWEEP_STATEMENT_TIMEOUT_MS
+    target_ms: int = TARGET_TRANSACTION_MS  # chunks are sized to take about half of it
 
 
 @dataclass
@@ -55,6 +65,7 @@ class TableResult:
     skipped: str = ""  # why the table was not cleaned, if it was not
     failed: str = ""  # the database's error, if a chunk failed (earlier chunks stay done)
     dependants: int = 0  # rows of dependant tables deleted before their parent chunks
+    longest_transaction_ms: float = 0.0  # the table's longest chunk or dependant batch
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -72,6 +83,87 @@ class Report:
                 "dry_run": self.dry_run, "tables": [t.as_dict() for t in self.tables]}
 
 
+# --- chunk size from time ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One transaction that deleted from a table: the rows it was sized for, the rows it
+    deleted, how long it was open, and whether it gave up on a lock."""
+
+    planned: int
+    rows: int
+    seconds: float
+    lock_timeout: bool = False
+
+
+#: Transactions of a table its next size is judged by (the policy's own window).
+SIZING_WINDOW = 5
+
+
+def is_evidence(timing: Timing) -> bool:
+    """Whether a transaction says how long the table's rows take: one that found at least half
+    the rows it was sized for (or gave up on a lock). One that found fewer (a table's last
+    chunk, a dependant batch that finds a few rows left) took the time of its search, not of
+    its rows: a smaller size would not make it shorter, only make more of them."""
+    return timing.lock_timeout or (timing.rows > 0 and timing.rows * 2 >= timing.planned)
+
+
+def sizing_policy(batch_size: int, target_ms: int) -> SizingPolicy:
+    """Aims at half of *target_ms*, so the noise of a shared machine leaves room, and halves
+    at once after a transaction over *target_ms*; never above *batch_size* (the operator's
+    bound), never below a hundredth of it (per-chunk overhead would dominate)."""
+    return SizingPolicy(target_ms / 2000, minimum=max(1, batch_size // 100),
+                        maximum=batch_size, window=SIZING_WINDOW)
+
+
+def next_size(batch_size: int, target_ms: int, recent: Sequence[Timing]) -> int:
+    """The rows of a table's next transaction, from its recent ones (oldest first); with
+    ``batch_size`` 0 (one chunk per table) always 0.
+
+    While none is known, a tenth of the batch size: a table whose rows fire per-row cascade
+    triggers took 820 ms for a first chunk of 10,000 task instances on the loaded bench machine;
+    a light table's chunks grow back to the batch size within about a dozen chunks. Throughput
+    counts the rows each one deleted, growth is from the size the last one was cut at."""
+    if batch_size <= 0:
+        return batch_size
+    if not recent:
+        return max(1, batch_size // 10)
+    timings = [ChunkTiming(t.planned if t.lock_timeout else max(1, t.rows), t.seconds,
+                           t.lock_timeout) for t in recent[-SIZING_WINDOW:]]
+    return sizing_policy(batch_size, target_ms).next_size(recent[-1].planned, timings)
+
+
+class Sizer(Protocol):
+    """Where a run keeps its tables' timings: this process (--local), or the run store (the
+    workers, workers.dbclean.distributed)."""
+
+    def size(self, table: str) -> int: ...
+
+    def note(self, table: str, timing: Timing) -> None: ...
+
+
+@dataclass
+class Sizes:
+    """Timings kept in this process: a --local run's."""
+
+    batch_size: int
+    target_ms: int
+    recent: dict[str, list[Timing]] = field(default_factory=dict)
+    longest_ms: dict[str, float] = field(default_factory=dict)
+
+    def size(self, table: str) -> int:
+        return next_size(self.batch_size, self.target_ms, self.recent.get(table, []))
+
+    def note(self, table: str, timing: Timing) -> None:
+        ms = round(timing.seconds * 1000, 1)
+        self.longest_ms[table] = max(ms, self.longest_ms.get(table, 0.0))
+        if is_evidence(timing):
+            recent = self.recent.setdefault(table, [])
+            recent.append(timing)
+            del recent[:-SIZING_WINDOW]
+
+
 def run_tag(now: dt.datetime) -> str:
     """Airflow's archive suffix: the time as 14 digits."""
     return now.astimezone(dt.UTC).strftime("%Y%m%d%H%M%S")
@@ -85,8 +177,10 @@ def plan(engine: Engine, request: Request) -> tuple[str, list[TableRule]]:
 
 
 def clean(engine: Engine, request: Request, *, on_chunk: ChunkHook | None = None,
-          on_progress: Callable[[TableResult], None] | None = None) -> Report:
-    """Run *request* (count only, with ``dry_run``); returns what each table did."""
+          on_progress: Callable[[TableResult], None] | None = None,
+          sizes: Sizes | None = None) -> Report:
+    """Run *request* (count only, with ``dry_run``); returns what each table did. *sizes*
+    keeps the tables' timings (a test gives its own, to decide sizes from times it chose)."""
     version, rules = plan(engine, request)
     report = Report(version, request.before, request.dry_run)
     live = set(inspect(engine).get_table_names())
@@ -94,6 +188,7 @@ def clean(engine: Engine, request: Request, *, on_chunk: ChunkHook | None = None
     with engine.connect() as conn:
         tag = run_tag(db_now(conn))
         fks = cascade.ForeignKeys(conn)
+    sizes = sizes or Sizes(request.batch_size, request.target_ms)
     for rule in rules:
         result = TableResult(rule.table)
         report.tables.append(result)
@@ -117,7 +212,7 @@ def clean(engine: Engine, request: Request, *, on_chunk: ChunkHook | None = None
         if request.dry_run or result.eligible == 0:
             continue
         try:
-            _clean_table(engine, rule, request, result, tag, live, fks, on_chunk,
+            _clean_table(engine, rule, request, result, tag, live, fks, sizes, on_chunk,
                          on_progress)
         except DBAPIError as exc:
             # As Airflow: a table whose statement fails (a RESTRICT foreign key its cascade
@@ -127,6 +222,8 @@ def clean(engine: Engine, request: Request, *, on_chunk: ChunkHook | None = None
                 raise
             result.failed = " ".join(str(exc.orig or exc).split())[:500]
             log.warning("db_clean_table_failed", table=rule.table, error=result.failed)
+    for result in report.tables:
+        result.longest_transaction_ms = sizes.longest_ms.get(result.table, 0.0)
     return report
 
 
@@ -142,7 +239,8 @@ def _archive_name(tag: str, table: str, live: set[str]) -> str:
 
 
 def _clean_table(engine: Engine, rule: TableRule, request: Request, result: TableResult,
-                 tag: str, live: set[str], fks: cascade.ForeignKeys, on_chunk: ChunkHook | None,
+                 tag: str, live: set[str], fks: cascade.ForeignKeys, sizes: Sizer,
+                 on_chunk: ChunkHook | None,
                  on_progress: Callable[[TableResult], None] | None) -> None:
     with engine.connect() as conn:
         t = sql.reflect(conn, rule.table)
@@ -159,23 +257,18 @@ def _clean_table(engine: Engine, rule: TableRule, request: Request, result: Tabl
     lo: sql.Key | None = None
     while True:
         t0 = time.monotonic()
-        hi: sql.Key | None = None
+        hi = _in_transaction(engine, request, rule.table, partial(
+            sql.next_bound, t=t, cond=cond, lo=lo, batch_size=request.batch_size))
         if dependants:
-            hi = _in_transaction(engine, request, rule.table, partial(
-                sql.next_bound, t=t, cond=cond, lo=lo, batch_size=request.batch_size))
             # The chunk's dependants first, batch by batch, so its own DELETE cascades into
             # (almost) nothing.
             result.dependants += _delete_dependants(engine, request, dependants, t,
-                                                    [*cond, *sql.in_range(t, lo, hi)])
-        # One transaction per chunk: its archive and its delete commit together (and, without
-        # dependants, its cut).
-        rows, hi = _in_transaction(engine, request, rule.table, partial(
-            _move, t=t, archive=archive, cond=cond, lo=lo, hi=hi, cut=not dependants,
-            batch_size=request.batch_size, on_chunk=on_chunk))
+                                                    [*cond, *sql.in_range(t, lo, hi)], sizes)
+        rows, slices = move_slices(engine, request, t, archive, cond, lo, hi, sizes, on_chunk)
         result.chunks += 1
         result.deleted += rows
         log.info("db_clean_chunk_moved", table=rule.table, lo=lo, hi=hi, rows=rows,
-                 ms=round((time.monotonic() - t0) * 1000, 1))
+                 transactions=slices, ms=round((time.monotonic() - t0) * 1000, 1))
         if on_progress is not None:
             on_progress(result)
         if hi is None:
@@ -183,15 +276,42 @@ def _clean_table(engine: Engine, rule: TableRule, request: Request, result: Tabl
         lo = hi
 
 
-def _move(conn: Connection, *, t: Table, archive: Table | None, cond: list[Any],
-          lo: sql.Key | None, hi: sql.Key | None, cut: bool, batch_size: int,
-          on_chunk: ChunkHook | None) -> tuple[int, sql.Key | None]:
-    if cut:
-        hi = sql.next_bound(conn, t, cond, lo, batch_size)
-    rows = sql.move_chunk(conn, t, archive, cond, lo, hi)
-    if on_chunk is not None:
-        on_chunk(t.name, rows)
-    return rows, hi
+def move_slices(engine: Engine, request: Request, t: Table, archive: Table | None,
+                cond: list[Any], lo: sql.Key | None, hi: sql.Key | None, sizes: Sizer,
+                on_chunk: ChunkHook | None = None) -> tuple[int, int]:
+    """Archive and delete a chunk's eligible rows, (lo, hi], in slices of as many rows as the
+    table's recent transactions say fit in the target time, each slice one transaction (its
+    cut, its archive and its delete commit together, the rule re-checked). A chunk stays
+    --batch-size rows, so what a chunk costs once (its message, its dependants' searches) is
+    paid once however small its slices. (rows moved, transactions)."""
+    rows = slices = 0
+    bounded = sql.in_range(t, None, hi)
+    while True:
+        size = sizes.size(t.name)
+
+        def move(conn: Connection, lo: sql.Key | None = lo,
+                 size: int = size) -> tuple[int, sql.Key | None]:
+            # The size-th eligible row up to hi ends the slice; fewer left: the slice is the rest.
+            end = sql.next_bound(conn, t, [*cond, *bounded], lo, size)
+            moved = sql.move_chunk(conn, t, archive, cond, lo, hi if end is None else end)
+            if on_chunk is not None:
+                on_chunk(t.name, moved)
+            return moved, end
+
+        def note(seconds: float, result: tuple[int, sql.Key | None] | None,
+                 size: int = size) -> None:
+            moved, end = result if result is not None else (0, None)
+            # A slice that is not the chunk's last was cut for exactly the rows it found.
+            planned = size if end is None else max(1, moved)
+            sizes.note(t.name, Timing(planned, moved, seconds, result is None))
+
+        moved, end = _in_transaction(engine, request, t.name, move, note)
+        rows += moved
+        slices += 1
+        log.info("db_clean_slice_moved", table=t.name, rows=moved, size=size)
+        if end is None:
+            return rows, slices
+        lo = end
 
 
 Dependant = tuple[cascade.Path, Table, dict[str, Table]]
@@ -218,20 +338,32 @@ def _dependants(conn: Connection, fks: cascade.ForeignKeys, t: Table) -> list[De
 
 
 def _delete_dependants(engine: Engine, request: Request, dependants: list[Dependant],
-                       t: Table, root_cond: list[Any]) -> int:
+                       t: Table, root_cond: list[Any], sizes: Sizer) -> int:
+    """Each dependant table's rows under the chunk, in batches sized for that table's time."""
     total = 0
     for path, target, tables in dependants:
         while True:
+            size = sizes.size(target.name)
             rows = _in_transaction(engine, request, target.name, partial(
                 cascade.delete_batch, tables=tables, path=path, root_cond=root_cond,
-                batch_size=request.batch_size))
+                batch_size=size), timed(sizes, target.name, size, int))
             total += rows
             if rows:
                 log.info("db_clean_dependants_deleted", table=t.name, dependant=target.name,
-                         rows=rows)
-            if request.batch_size <= 0 or rows < request.batch_size:
+                         rows=rows, size=size)
+            if size <= 0 or rows < size:
                 break
     return total
+
+
+def timed(sizes: Sizer, table: str, size: int,
+          rows_of: Callable[[Any], int]) -> Callable[[float, Any], None]:
+    """What _in_transaction calls once a transaction of *table* sized *size* is over: its
+    seconds and result (None: it gave up on a lock) become one of the table's timings."""
+    def note(seconds: float, result: Any) -> None:
+        sizes.note(table, Timing(size, 0 if result is None else rows_of(result), seconds,
+                                 result is None))
+    return note
 
 
 #: How often a transaction that hit its lock timeout is retried before its table fails.
@@ -240,21 +372,29 @@ R = TypeVar("R")
 
 
 def _in_transaction(engine: Engine, request: Request, table: str,
-                    work: Callable[[Connection], R]) -> R:
+                    work: Callable[[Connection], R],
+                    note: Callable[[float, R | None], None] | None = None) -> R:
     """*work* in a transaction of its own whose lock wait and statements are bounded (so a
     chunk never queues writers behind it for long); one that waited too long for a lock rolled
-    back whole and is tried again, a little later."""
+    back whole and is tried again, a little later. *note* hears each try's seconds, from
+    BEGIN to the end of COMMIT, and its result (None: it gave up on a lock)."""
     tried = 0
     while True:
+        t0 = time.perf_counter()
         try:
             with engine.begin() as conn:
                 set_timeouts(conn, request.lock_timeout_ms, request.statement_timeout_ms)
-                return work(conn)
+                result = work(conn)
+            if note is not None:
+                note(time.perf_counter() - t0, result)
+            return result
         except OperationalError as exc:
             text = str(exc.orig or exc).lower()
             if ("lock timeout" not in text and "lock wait timeout" not in text) \
                     or tried >= LOCK_RETRIES:
                 raise
+            if note is not None:
+                note(time.perf_counter() - t0, None)
             log.warning("db_clean_retry", table=table, reason="lock timeout", retries=tried)
             time.sleep(min(5.0, 0.2 * 2 ** tried))
             tried += 1

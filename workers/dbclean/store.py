@@ -11,7 +11,13 @@ step. What only db-clean needs lives under the run's own keys, each with a TTL f
                                         next (the last chunk number handed out)
   <prefix>:run:<id>:dbclean:t:<table>   hash: state (running | done | skipped), eligible,
                                         deleted, chunks, dependants, archive, skipped, failed,
-                                        cursor (the next chunk's lo, a key) and cut (1: all cut)
+                                        cursor (the next chunk's lo, a key) and cut (1: all cut),
+                                        size (rows the last transaction was sized for),
+                                        longest_ms and transactions (every transaction that
+                                        deleted from it)
+  <prefix>:run:<id>:dbclean:t:<table>:timings
+                                        list: the table's last transactions, "planned|rows|
+                                        seconds|lock_timeout", its next size's evidence
   <prefix>:run:<id>:dbclean:inflight    hash chunk -> "st|sent_at|resends|payload": the window;
                                         st s (sent) or t (taken: a worker began it, its
                                         heartbeat is <prefix>:run:<id>:beat:<chunk>)
@@ -85,6 +91,24 @@ if redis.call('EXISTS', KEYS[2]) == 1 then
   redis.call('HSET', KEYS[2], 'retry_error', ARGV[3], 'retry_at', ARGV[2])
   redis.call('HINCRBY', KEYS[2], 'retries', 1)
 end
+return 1
+"""
+
+# KEYS table timings; ARGV entry ms keep ttl evidence size: one transaction of a table, kept
+# among its last *keep* when it is evidence of its rows' speed; the table's longest, its count
+# of transactions and the size of the last.
+NOTE = r"""
+if ARGV[5] == '1' then
+  redis.call('RPUSH', KEYS[2], ARGV[1])
+  redis.call('LTRIM', KEYS[2], -tonumber(ARGV[3]), -1)
+  redis.call('EXPIRE', KEYS[2], ARGV[4])
+end
+redis.call('HSET', KEYS[1], 'size', ARGV[6])
+if tonumber(ARGV[2]) > tonumber(redis.call('HGET', KEYS[1], 'longest_ms') or '0') then
+  redis.call('HSET', KEYS[1], 'longest_ms', ARGV[2])
+end
+redis.call('HINCRBY', KEYS[1], 'transactions', 1)
+redis.call('EXPIRE', KEYS[1], ARGV[4])
 return 1
 """
 
@@ -167,7 +191,7 @@ class DbCleanStore:
         self.client = registry.client
         self._scripts = {name: self.client.register_script(src) for name, src in (
             ("START", START), ("BEGIN", BEGIN), ("REQUEUE", REQUEUE), ("FINISH", FINISH),
-            ("END", END), ("RELEASE", RELEASE))}
+            ("END", END), ("RELEASE", RELEASE), ("NOTE", NOTE))}
 
     def k(self, *parts: str) -> str:
         return ":".join((self.registry.prefix, *parts))
@@ -251,7 +275,33 @@ class DbCleanStore:
                         "chunks": int(h.get("chunks") or 0),
                         "archive": h.get("archive") or None, "skipped": h.get("skipped", ""),
                         "failed": h.get("failed", ""),
-                        "dependants": int(h.get("dependants") or 0)})
+                        "dependants": int(h.get("dependants") or 0),
+                        "longest_transaction_ms": float(h.get("longest_ms") or 0),
+                        "transactions": int(h.get("transactions") or 0),
+                        "size": int(h.get("size") or 0)})
+        return out
+
+    # --- chunk size from time -----------------------------------------------------------------
+
+    def note_timing(self, run_id: str, table: str, planned: int, rows: int, seconds: float,
+                    lock_timeout: bool, keep: int, evidence: bool = True) -> None:
+        """One transaction that deleted from *table*, whichever worker ran it: kept among its
+        last *keep* when it is *evidence* of the rows' speed; its longest (what ``status``
+        shows) either way."""
+        key = self.table_key(run_id, table)
+        self._scripts["NOTE"](
+            keys=[key, key + ":timings"],
+            args=[f"{planned}|{rows}|{seconds:.6f}|{int(lock_timeout)}",
+                  round(seconds * 1000, 1), keep, RUN_RETENTION_SECONDS, int(evidence),
+                  planned])
+
+    def timings(self, run_id: str, table: str) -> list[tuple[int, int, float, bool]]:
+        """(planned, rows, seconds, lock_timeout) of the table's last transactions, oldest
+        first."""
+        out = []
+        for v in self.client.lrange(self.table_key(run_id, table) + ":timings", 0, -1):
+            planned, rows, seconds, lock_timeout = str(v).split("|")
+            out.append((int(planned), int(rows), float(seconds), lock_timeout == "1"))
         return out
 
     # --- the window ---------------------------------------------------------------------------

@@ -166,6 +166,11 @@ def db_clean_chunk(self: Task, run_id: str, chunk: int, table: str, lo: str | No
                                " ".join(str(exc.orig or exc).split())[:500])
         return {"run_id": run_id, "chunk": chunk, "status": "failed"}
     except SoftTimeLimitExceeded:
+        # Raised inside the driver, mid-statement: the connection it interrupted still has its
+        # command in progress, and a pool that took it back would hand it to the next chunk
+        # ("another command is already in progress") while the server keeps the statement's
+        # transaction open. Close this process's connections; the database rolls back.
+        ctx.engine.dispose()
         raise  # its heartbeat stops: the chunk is sent again (a few times at most)
     except InvalidArgument:
         raise
