@@ -30,9 +30,9 @@ class InjectedTimes(dbclean.Sizes):
 
     ms_per_row: dict[str, float] = field(default_factory=dict)
 
-    def note(self, table: str, timing: dbclean.Timing) -> None:
+    def note(self, table: str, timing: dbclean.Timing, evidence: bool | None = None) -> None:
         ms = self.ms_per_row.get(table, 0.001) * max(1, timing.rows)
-        super().note(table, dataclasses.replace(timing, seconds=ms / 1000))
+        super().note(table, dataclasses.replace(timing, seconds=ms / 1000), evidence)
 
 
 def test_a_slow_tables_transactions_shrink_and_none_passes_the_batch_size(
@@ -82,9 +82,9 @@ class InjectedStoreTimes(distributed.StoreSizes):
 
     ms_per_row: float = 50.0
 
-    def note(self, table: str, timing: dbclean.Timing) -> None:
+    def note(self, table: str, timing: dbclean.Timing, evidence: bool | None = None) -> None:
         ms = self.ms_per_row * max(1, timing.rows)
-        super().note(table, dataclasses.replace(timing, seconds=ms / 1000))
+        super().note(table, dataclasses.replace(timing, seconds=ms / 1000), evidence)
 
 
 def test_on_the_workers_a_slow_tables_chunk_moves_in_shrinking_transactions(

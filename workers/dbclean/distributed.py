@@ -10,7 +10,7 @@
   window drained, goes on to the next table: the barrier. Every finished chunk, the pump and
   the coordinator ask for a step; a step asked for while another runs is run by that one after
   it.
-- run_chunk(): a chunk on a worker: its dependants first (batches sized by time), then archive
+- run_chunk(): a chunk on a worker: its dependants first (bounded batches), then archive
   and delete in slices sized by time (workers.dbclean.run.move_slices), each one transaction
   that repeats the rule, counted once, then a step. Every transaction's time goes to the run
   store (StoreSizes), where every worker's next slice and batch of that table is sized from.
@@ -79,11 +79,12 @@ class StoreSizes:
     def size(self, table: str) -> int:
         return run.next_size(self.batch_size, self.target_ms, self.recent(table))
 
-    def note(self, table: str, timing: run.Timing) -> None:
+    def note(self, table: str, timing: run.Timing, evidence: bool | None = None) -> None:
         # One that is no evidence of its rows' speed is still the table's longest, for status.
         self.store.note_timing(self.run_id, table, timing.planned, timing.rows, timing.seconds,
                                timing.lock_timeout, run.SIZING_WINDOW,
-                               evidence=run.is_evidence(timing))
+                               evidence=run.is_evidence(timing) if evidence is None
+                               else evidence)
 
 
 def sizes_for(store: DbCleanStore, run_id: str, request: run.Request) -> StoreSizes:

@@ -140,7 +140,7 @@ class Sizer(Protocol):
 
     def size(self, table: str) -> int: ...
 
-    def note(self, table: str, timing: Timing) -> None: ...
+    def note(self, table: str, timing: Timing, evidence: bool | None = None) -> None: ...
 
 
 @dataclass
@@ -155,10 +155,12 @@ class Sizes:
     def size(self, table: str) -> int:
         return next_size(self.batch_size, self.target_ms, self.recent.get(table, []))
 
-    def note(self, table: str, timing: Timing) -> None:
+    def note(self, table: str, timing: Timing, evidence: bool | None = None) -> None:
+        """*evidence*: whether it sizes the table's next transactions (is_evidence when None);
+        its time counts towards the table's longest either way."""
         ms = round(timing.seconds * 1000, 1)
         self.longest_ms[table] = max(ms, self.longest_ms.get(table, 0.0))
-        if is_evidence(timing):
+        if is_evidence(timing) if evidence is None else evidence:
             recent = self.recent.setdefault(table, [])
             recent.append(timing)
             del recent[:-SIZING_WINDOW]
@@ -339,14 +341,19 @@ def _dependants(conn: Connection, fks: cascade.ForeignKeys, t: Table) -> list[De
 
 def _delete_dependants(engine: Engine, request: Request, dependants: list[Dependant],
                        t: Table, root_cond: list[Any], sizes: Sizer) -> int:
-    """Each dependant table's rows under the chunk, in batches sized for that table's time."""
+    """Each dependant table's rows under the chunk, in batches of at most the batch size.
+
+    Not sized by time: a batch finds its rows by a search whose cost does not shrink with
+    its size (cascade.delete_batch reads the dependant table for rows under the chunk), so
+    smaller batches would only repeat the search; measured at scale 3, sizing them made a
+    dag_run chunk run past its time limit. Their time counts towards the parent's longest."""
     total = 0
+    size = request.batch_size
     for path, target, tables in dependants:
         while True:
-            size = sizes.size(target.name)
             rows = _in_transaction(engine, request, target.name, partial(
                 cascade.delete_batch, tables=tables, path=path, root_cond=root_cond,
-                batch_size=size), timed(sizes, target.name, size, int))
+                batch_size=size), timed(sizes, t.name, size, int, evidence=False))
             total += rows
             if rows:
                 log.info("db_clean_dependants_deleted", table=t.name, dependant=target.name,
@@ -356,13 +363,13 @@ def _delete_dependants(engine: Engine, request: Request, dependants: list[Depend
     return total
 
 
-def timed(sizes: Sizer, table: str, size: int,
-          rows_of: Callable[[Any], int]) -> Callable[[float, Any], None]:
+def timed(sizes: Sizer, table: str, size: int, rows_of: Callable[[Any], int],
+          evidence: bool | None = None) -> Callable[[float, Any], None]:
     """What _in_transaction calls once a transaction of *table* sized *size* is over: its
     seconds and result (None: it gave up on a lock) become one of the table's timings."""
     def note(seconds: float, result: Any) -> None:
         sizes.note(table, Timing(size, 0 if result is None else rows_of(result), seconds,
-                                 result is None))
+                                 result is None), evidence)
     return note
 
 
@@ -384,6 +391,13 @@ def _in_transaction(engine: Engine, request: Request, table: str,
         try:
             with engine.begin() as conn:
                 set_timeouts(conn, request.lock_timeout_ms, request.statement_timeout_ms)
+                if conn.dialect.name == "postgresql" and \
+                        (conn.dialect.server_version_info or (0,)) >= (14,):
+                    # A chunk cut short mid-statement (its soft time limit, raised inside the
+                    # driver) leaves its connection to be closed, not cancelled: the server
+                    # would run the orphaned DELETE on to its statement timeout, holding its
+                    # row locks against the chunk's own retry. It now notices within a second.
+                    conn.exec_driver_sql("SET LOCAL client_connection_check_interval = 1000")
                 result = work(conn)
             if note is not None:
                 note(time.perf_counter() - t0, result)
