@@ -65,7 +65,7 @@ test: $(STAMP) system-deps test-binaries prometheus-tools
 	$(BIN)/ruff check workers tests bench beat_schedule.py docs/gen_reference.py
 	$(BIN)/mypy workers beat_schedule.py
 	$(MKDOCS) build --strict
-	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadgroup
+	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadgroup --durations=25
 
 lint: $(STAMP)
 	$(BIN)/ruff check workers tests bench beat_schedule.py docs/gen_reference.py

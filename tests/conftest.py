@@ -35,6 +35,10 @@ from workers.settings import Settings
 
 DIALECTS = ["sqlite", "postgresql", "mariadb"]
 SERIAL_DIRS = ("reliability",)
+# Modules of tests/reliability that neither kill, partition nor restart anything, nor wait on a
+# recovery bound: they check input, settings, secrets and SQL, and run beside the rest.
+PARALLEL_MODULES = ("test_bad_input.py", "test_bad_settings.py", "test_secrets.py",
+                    "test_sql_safety.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -42,7 +46,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     (an xdist group runs on a single process, in order), first: the lane is the longest unit of
     work, so it starts at once while the other processes share the rest."""
     serial = [i for i in items
-              if i.get_closest_marker("serial") or i.path.parent.name in SERIAL_DIRS]
+              if i.get_closest_marker("serial") or (i.path.parent.name in SERIAL_DIRS
+                                                     and i.path.name not in PARALLEL_MODULES)]
     for item in serial:
         item.add_marker(pytest.mark.xdist_group("serial"))
     chosen = set(map(id, serial))
