@@ -69,6 +69,8 @@ ALLOWED: dict[tuple[str, str, str, tuple[str, ...]], str] = {
     ("planners/dags.py", "estimate_selected", "text", ("explain", "table", "column")):
         TABLE_NAME + " and its dag_id column, quoted by the dialect's identifier preparer; "
         "explain is one of two constant EXPLAIN spellings; the dag ids are bound (expanding)",
+    ("dbclean/run.py", "_in_transaction", "exec_driver_sql", ()):
+        STATIC + " (SET LOCAL client_connection_check_interval = 1000)",
     ("chunk.py", "before_commit", "text", ()): STATIC + " (SELECT txid_current())",
     ("chunk.py", "settle", "text", ()): STATIC + " (txid_status of a bound transaction id)",
     ("window.py", "mark_deleted", "exec_driver_sql", ("MARK_TIMEOUT_MS",)):
