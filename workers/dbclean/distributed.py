@@ -403,7 +403,7 @@ def run_chunk(ctx: Context, run_id: str, chunk: int, table: str, lo: str | None,
     t0 = time.monotonic()
     with heartbeat(ctx.registry, run_id, chunk):
         rows, deps, slices = _move(ctx, run_id, rule, request, archive_name, decode_key(lo),
-                                   decode_key(hi))
+                                   decode_key(hi), meta["version"])
     counted = store.finish(run_id, chunk, table, rows, deps)
     log.info("db_clean_chunk_moved", run_id=run_id, chunk=chunk, table=table, lo=lo, hi=hi,
              rows=rows, dependants=deps, counted=counted, transactions=slices,
@@ -426,7 +426,7 @@ def requeue(ctx: Context, run_id: str, chunk: int, error: str) -> None:
 
 def _move(ctx: Context, run_id: str, rule: TableRule, request: run.Request,
           archive_name: str | None, lo: sql.Key | None,
-          hi: sql.Key | None) -> tuple[int, int, int]:
+          hi: sql.Key | None, version: str) -> tuple[int, int, int]:
     """(rows moved, dependants deleted, transactions of the move)."""
     engine = ctx.engine
     sizes = ctx.sizer(ctx.store, run_id, request)
@@ -449,8 +449,13 @@ def _move(ctx: Context, run_id: str, rule: TableRule, request: run.Request,
         cond = _eligible(conn, rule, t, request)
     deps = 0
     if dependants:
+        # The dependant tables' archives for the rows Airflow archives with the cascade:
+        # made, or found, once per process and run.
+        cascades = {} if archive_name is None else _cached(
+            run_id, f"cascades:{rule.table}", lambda: cascade.cascade_archives(
+                engine, version, rule.table, archive_name, [d[1] for d in dependants]))
         deps = run._delete_dependants(engine, request, dependants, t,
-                                      [*cond, *sql.in_range(t, lo, hi)], sizes)
+                                      [*cond, *sql.in_range(t, lo, hi)], sizes, cascades)
     # Slices of the chunk, each one transaction: its archive and its delete, the whole rule
     # re-checked.
     rows, slices = run.move_slices(engine, request, t, archive, cond, lo, hi, sizes)

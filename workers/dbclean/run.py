@@ -214,8 +214,8 @@ def clean(engine: Engine, request: Request, *, on_chunk: ChunkHook | None = None
         if request.dry_run or result.eligible == 0:
             continue
         try:
-            _clean_table(engine, rule, request, result, tag, live, fks, sizes, on_chunk,
-                         on_progress)
+            _clean_table(engine, version, rule, request, result, tag, live, fks, sizes,
+                         on_chunk, on_progress)
         except DBAPIError as exc:
             # As Airflow: a table whose statement fails (a RESTRICT foreign key its cascade
             # meets, a lock timeout) is reported and the next table runs. The failed chunk
@@ -240,8 +240,9 @@ def _archive_name(tag: str, table: str, live: set[str]) -> str:
         when += dt.timedelta(seconds=1)
 
 
-def _clean_table(engine: Engine, rule: TableRule, request: Request, result: TableResult,
-                 tag: str, live: set[str], fks: cascade.ForeignKeys, sizes: Sizer,
+def _clean_table(engine: Engine, version: str, rule: TableRule, request: Request,
+                 result: TableResult, tag: str, live: set[str], fks: cascade.ForeignKeys,
+                 sizes: Sizer,
                  on_chunk: ChunkHook | None,
                  on_progress: Callable[[TableResult], None] | None) -> None:
     with engine.connect() as conn:
@@ -250,12 +251,18 @@ def _clean_table(engine: Engine, rule: TableRule, request: Request, result: Tabl
                             request.exclude_dag_ids, request.protect_unfinished)
         dependants = _dependants(conn, fks, t)
     archive = None
+    cascades: dict[str, Table] = {}
     if not request.skip_archive:
         result.archive = _archive_name(tag, rule.table, live)
         with engine.begin() as conn:
             archive = sql.create_archive(conn, t, result.archive)
         live.add(result.archive)
         log.info("db_clean_archive_created", table=rule.table, archive=result.archive)
+        # The rows the chunk's dependant batches delete that Airflow archives with the
+        # cascade (3.4: the attempt tables under task_instance and dag_run).
+        cascades = cascade.cascade_archives(engine, version, rule.table, result.archive,
+                                            [target for _, target, _ in dependants])
+        live.update(a.name for a in cascades.values())
     lo: sql.Key | None = None
     while True:
         t0 = time.monotonic()
@@ -265,7 +272,8 @@ def _clean_table(engine: Engine, rule: TableRule, request: Request, result: Tabl
             # The chunk's dependants first, batch by batch, so its own DELETE cascades into
             # (almost) nothing.
             result.dependants += _delete_dependants(engine, request, dependants, t,
-                                                    [*cond, *sql.in_range(t, lo, hi)], sizes)
+                                                    [*cond, *sql.in_range(t, lo, hi)], sizes,
+                                                    cascades)
         rows, slices = move_slices(engine, request, t, archive, cond, lo, hi, sizes, on_chunk)
         result.chunks += 1
         result.deleted += rows
@@ -340,8 +348,11 @@ def _dependants(conn: Connection, fks: cascade.ForeignKeys, t: Table) -> list[De
 
 
 def _delete_dependants(engine: Engine, request: Request, dependants: list[Dependant],
-                       t: Table, root_cond: list[Any], sizes: Sizer) -> int:
-    """Each dependant table's rows under the chunk, in batches of at most the batch size.
+                       t: Table, root_cond: list[Any], sizes: Sizer,
+                       archives: dict[str, Table] | None = None) -> int:
+    """Each dependant table's rows under the chunk, in batches of at most the batch size, each
+    copied into its table's archive of *archives* (cascade.cascade_archives), if it has one, in
+    the same transaction.
 
     Not sized by time: a batch finds its rows by a search whose cost does not shrink with
     its size (cascade.delete_batch reads the dependant table for rows under the chunk), so
@@ -353,7 +364,8 @@ def _delete_dependants(engine: Engine, request: Request, dependants: list[Depend
         while True:
             rows = _in_transaction(engine, request, target.name, partial(
                 cascade.delete_batch, tables=tables, path=path, root_cond=root_cond,
-                batch_size=size), timed(sizes, t.name, size, int, evidence=False))
+                batch_size=size, archive=(archives or {}).get(target.name)),
+                timed(sizes, t.name, size, int, evidence=False))
             total += rows
             if rows:
                 log.info("db_clean_dependants_deleted", table=t.name, dependant=target.name,
