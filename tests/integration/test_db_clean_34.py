@@ -250,3 +250,20 @@ def test_a_failed_batch_archives_nothing_and_deletes_nothing(db34: tuple[str, En
     assert (_count(engine, "xcom_v2"), _count(engine, archives["xcom_v2"].name)) == (0, 2)
     # Making the run's archives again takes the ones that exist.
     assert _archives(engine, dependants)["xcom_v2"].name == archives["xcom_v2"].name
+
+
+def test_a_local_run_archives_a_dag_runs_cascaded_attempt_rows(db34: tuple[str, Engine]) -> None:
+    """End to end (`db-clean --local`): the dag_run chunk's dependant batches copy the rows
+    Airflow 3.4 archives with the cascade into the run's archive of each table."""
+    url, engine = db34
+    written = cascade_rows(engine)
+    result = invoke(url, "--clean-before-timestamp", T.isoformat(), "--tables", "dag_run",
+                    "--batch-size", "1", "-y", "--local")
+    assert result.exit_code == 0, result.output
+    for name, n in written.items():
+        assert _count(engine, name) == 0, name
+        archive = _archive(engine, name)
+        if name == "task_state_store":  # cascaded, and not archived (as in Airflow)
+            assert archive is None
+        else:
+            assert archive is not None and _count(engine, archive) == n, name
