@@ -245,6 +245,13 @@ def _commit_and_die(pg: Pg, m: Message, *, roll_back: bool = False) -> tuple[int
     return rows, notes.own[0]
 
 
+def _finishes_exactly(pg: Pg, outbox: Outbox, run_id: str) -> None:
+    """The rest of the run delivered: it finishes having counted every expired row once."""
+    deliver(pg.settings, pg.engine, pg.tables, pg.store, outbox)
+    done = pg.store.get(run_id)
+    assert done is not None and (done.state, done.rows_deleted) == ("finished", EXPIRED)
+
+
 def test_a_chunk_whose_worker_died_between_commit_and_finish_is_counted_by_its_copy(
         pg: Pg) -> None:
     outbox = Outbox()
@@ -255,9 +262,7 @@ def test_a_chunk_whose_worker_died_between_commit_and_finish_is_counted_by_its_c
     again = pg.run(first, outbox)  # sent again once the dead worker's heartbeat lapsed
     assert (again.status, again.counted) == ("deleted", True)
     assert pg.store.commit_notes(record.run_id, first.number) == {}
-    deliver(pg.settings, pg.engine, pg.tables, pg.store, outbox)
-    done = pg.store.get(record.run_id)
-    assert done is not None and (done.state, done.rows_deleted) == ("finished", EXPIRED)
+    _finishes_exactly(pg, outbox, record.run_id)
     assert task_state_rows(pg.engine, pg.tables) == expected_survivors(SPEC)
 
 
@@ -272,9 +277,7 @@ def test_a_slow_workers_late_finish_after_its_copy_counted_its_commit_adds_nothi
         record.run_id, first.number, "blocks", rows, 0, lock_ttl=600, window=4,
         resend_after=60, gate=Gate(), notes=(note,))
     assert not counted
-    deliver(pg.settings, pg.engine, pg.tables, pg.store, outbox)
-    done = pg.store.get(record.run_id)
-    assert done is not None and (done.state, done.rows_deleted) == ("finished", EXPIRED)
+    _finishes_exactly(pg, outbox, record.run_id)
 
 
 def test_a_noted_commit_that_rolled_back_is_dropped_not_counted(pg: Pg) -> None:
@@ -285,7 +288,5 @@ def test_a_noted_commit_that_rolled_back_is_dropped_not_counted(pg: Pg) -> None:
     assert rows == 0 and note in pg.store.commit_notes(record.run_id, first.number)
     again = pg.run(first, outbox)
     assert again.rows > 0 and pg.store.commit_notes(record.run_id, first.number) == {}
-    deliver(pg.settings, pg.engine, pg.tables, pg.store, outbox)
-    done = pg.store.get(record.run_id)
-    assert done is not None and (done.state, done.rows_deleted) == ("finished", EXPIRED)
+    _finishes_exactly(pg, outbox, record.run_id)
     assert task_state_rows(pg.engine, pg.tables) == expected_survivors(SPEC)
