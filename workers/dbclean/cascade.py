@@ -5,8 +5,8 @@ their XComs, …).
 
 The dependants are what ``ON DELETE CASCADE`` would delete, read from the live schema's foreign
 keys: the cascade tree under the parent table. A batch deletes only rows whose ancestor row is
-in the parent chunk's range and satisfies the parent's rule at that moment (an EXISTS chain up
-to the parent, re-evaluated by every batch), so a parent that stopped being eligible (a dag run
+in the parent chunk's range and satisfies the parent's rule at that moment (a join down from
+the chunk's rows, re-evaluated by every batch), so a parent that stopped being eligible (a dag run
 that became its dag's last) keeps its dependants from then on.
 
 Airflow 3.4 archives what a ``task_instance`` or ``dag_run`` delete cascades to in the attempt
@@ -26,7 +26,18 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Column, Connection, Engine, MetaData, Table, exists, inspect, select, tuple_
+from sqlalchemy import (
+    Column,
+    Connection,
+    Engine,
+    MetaData,
+    Table,
+    and_,
+    exists,
+    inspect,
+    select,
+    tuple_,
+)
 from sqlalchemy.exc import DBAPIError
 
 from workers.dbclean import statements as sql
@@ -97,34 +108,75 @@ def descends_from_chunk(tables: dict[str, Table], path: Path, target: Any,
     return cond[0]
 
 
+def under_chunk(tables: dict[str, Table], path: Path, target: Any, root_cond: list[Any]) -> Any:
+    """The keys of *target* (the path's last table) under the parent chunk: a join from the root
+    table down the path's foreign keys, filtered by *root_cond* (the chunk's key range and rule).
+
+    The join starts from the chunk's key range on the root's primary key and follows each
+    level's foreign key through the child's index on it (task_instance's ti_dag_run, xcom's
+    idx_xcom_task_instance, xcom_v2's xcom_v2_ti_key_uq, …; InnoDB indexes every foreign key,
+    Airflow's PostgreSQL schema all but two small tables'), so a batch reads the rows under the
+    chunk, not the dependant table. Each level refers to a unique key of the level above, so a
+    row is joined to at most one ancestor and listed once."""
+    joined: Any = tables[path[0].parent]
+    for i, edge in enumerate(path):
+        parent = tables[edge.parent]
+        child = target if i == len(path) - 1 else tables[edge.child]
+        joined = joined.join(child, and_(*[parent.c[p] == child.c[c] for c, p
+                                           in zip(edge.child_cols, edge.parent_cols,
+                                                  strict=True)]))
+    return select(*[target.c[c.name] for c in sql.key_columns(tables[path[-1].child])]) \
+        .select_from(joined).where(*root_cond)
+
+
+def batch_query(conn: Connection, tables: dict[str, Table], path: Path, root_cond: list[Any],
+                batch_size: int) -> Any:
+    """The SELECT that picks a batch's keys (what delete_batch runs, and what EXPLAIN shows).
+
+    PostgreSQL: locks the dependant's rows only (``FOR UPDATE OF candidate``), not the ancestors
+    it joins. MySQL/MariaDB: unlocked (MariaDB has no ``FOR UPDATE OF``, and a locking join
+    would lock the ancestors' rows too); delete_batch then locks the keys it found."""
+    if sql.is_mysql(conn):
+        query = under_chunk(tables, path, tables[path[-1].child], root_cond)
+    else:
+        # An alias, so the DELETE's ``key IN (subquery)`` is not correlated to its own table.
+        candidate = tables[path[-1].child].alias("candidate")
+        query = under_chunk(tables, path, candidate, root_cond).with_for_update(of=candidate)
+    if batch_size <= 0:
+        return query
+    # In the root's key order: without it, PostgreSQL reads a LIMIT as "stop early" and scans
+    # the dependant table from its start, costed as if the chunk's rows were spread evenly
+    # through it (they are together, often at its end, behind the rows earlier batches
+    # deleted); ordered, the cheap plan is the root's key index down the foreign keys'.
+    return query.order_by(*sql.key_columns(tables[path[0].parent])).limit(batch_size)
+
+
 def delete_batch(conn: Connection, tables: dict[str, Table], path: Path, root_cond: list[Any],
                  batch_size: int, archive: Table | None = None) -> int:
     """Delete at most *batch_size* rows of the path's last table whose ancestor satisfies
     *root_cond*, in the caller's transaction, copying them into *archive* first when given;
     their keys are locked first.
 
-    PostgreSQL: one statement, ``DELETE … WHERE key IN (SELECT key … LIMIT … FOR UPDATE)``
-    (inside ``WITH moved AS (…RETURNING *) INSERT INTO archive SELECT * FROM moved`` when
-    archiving). MySQL/MariaDB (no LIMIT in an IN subquery): ``SELECT key … LIMIT … FOR
-    UPDATE``, then the INSERT into the archive and the DELETE of those keys."""
+    PostgreSQL: one statement, ``DELETE … WHERE key IN (SELECT key FROM root JOIN … LIMIT …
+    FOR UPDATE OF candidate)`` (inside ``WITH moved AS (…RETURNING *) INSERT INTO archive SELECT
+    * FROM moved`` when archiving). MySQL/MariaDB (no LIMIT in an IN subquery, no FOR UPDATE
+    OF): the keys under the chunk (a join, unlocked), then ``SELECT key … WHERE key IN (those)
+    AND <EXISTS chain up to the chunk> FOR UPDATE`` (primary key lookups: locks the rows and
+    re-checks that they still descend from an eligible row of the chunk), then the INSERT into
+    the archive and the DELETE of the keys locked."""
     target = tables[path[-1].child]
     cols = sql.key_columns(target)
+    query = batch_query(conn, tables, path, root_cond, batch_size)
     if not sql.is_mysql(conn):
-        # The candidates come from an alias, so the subquery's EXISTS chain is correlated to
-        # it and not to the DELETE's own table.
-        alias = target.alias("candidate")
-        query = (select(*[alias.c[c.name] for c in cols])
-                 .where(descends_from_chunk(tables, path, alias, root_cond))
-                 .with_for_update())
-        if batch_size > 0:
-            query = query.limit(batch_size)
         key = cols[0] if len(cols) == 1 else tuple_(*cols)
         return sql.move_where(conn, target, archive, [key.in_(query)])
-    query = (select(*cols).where(descends_from_chunk(tables, path, target, root_cond))
-             .with_for_update())
-    if batch_size > 0:
-        query = query.limit(batch_size)
-    return sql.move_keys(conn, target, archive, [tuple(r) for r in conn.execute(query)])
+    found = [tuple(r) for r in conn.execute(query)]
+    if not found:
+        return 0
+    chosen = cols[0].in_([k[0] for k in found]) if len(cols) == 1 else tuple_(*cols).in_(found)
+    locked = (select(*cols).where(chosen, descends_from_chunk(tables, path, target, root_cond))
+              .with_for_update())
+    return sql.move_keys(conn, target, archive, [tuple(r) for r in conn.execute(locked)])
 
 
 def archive_table(name: str, source: Table) -> Table:
