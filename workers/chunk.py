@@ -307,17 +307,21 @@ class CommitNotes:
     def before_commit(self, conn: Connection, rows: int) -> None:
         if not self.enabled:
             return
+        found = None
         if rows > 0:
             xid = int(conn.execute(text("SELECT txid_current()")).scalar_one())
-            self.own.append(self.registry.note_commit(self.args.run_id, self.args.chunk, xid,
-                                                      rows))
-        self.settle(conn)
+            note, found = self.registry.note_commit(self.args.run_id, self.args.chunk, xid, rows)
+            self.own.append(note)
+        self.settle(conn, found)
 
-    def settle(self, conn: Connection) -> None:
-        """Adopt the committed notes of other copies; drop those that rolled back."""
+    def settle(self, conn: Connection, found: dict[str, int] | None = None) -> None:
+        """Adopt the committed notes of other copies (*found*, or read now); drop those that
+        rolled back."""
         if not self.enabled:
             return
-        for note, rows in self.registry.commit_notes(self.args.run_id, self.args.chunk).items():
+        if found is None:
+            found = self.registry.commit_notes(self.args.run_id, self.args.chunk)
+        for note, rows in found.items():
             if note in self.own or note in self.adopted:
                 continue
             status = conn.execute(text("SELECT txid_status(:xid)"),

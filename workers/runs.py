@@ -406,16 +406,19 @@ class RunStore:
     def _notes_key(self, run_id: str, chunk: int) -> str:
         return self._k("run", run_id, "commit", str(chunk))
 
-    def note_commit(self, run_id: str, chunk: int, xid: int, rows: int) -> str:
+    def note_commit(self, run_id: str, chunk: int, xid: int,
+                    rows: int) -> tuple[str, dict[str, int]]:
         """Record, just before its COMMIT, that transaction *xid* deletes *rows* of *chunk*;
-        returns the note's name, for finish_chunk()."""
+        returns the note's name, for finish_chunk(), and the chunk's notes not counted yet
+        (commit_notes(), read in the same round trip)."""
         note = f"{xid}:{rows}"
         key = self._notes_key(run_id, chunk)
         pipe = self.client.pipeline()
         pipe.hset(key, note, rows)
         pipe.expire(key, RUN_RETENTION_SECONDS)
-        pipe.execute()
-        return note
+        pipe.hgetall(key)
+        notes = pipe.execute()[2]
+        return note, {k: int(v) for k, v in notes.items()}
 
     def commit_notes(self, run_id: str, chunk: int) -> dict[str, int]:
         """*chunk*'s notes not counted yet: name -> rows."""
