@@ -89,8 +89,10 @@ def _broker_restart_scenario(broker: Broker, redis_server: RedisServer, pg_url: 
                 time.sleep(1.0)
                 redis_server.start()
             restarted_at = time.monotonic()
+            # Read while the row lock still holds a chunk back: once it is released the run's
+            # last chunks can finish (and free the lock) before the next line.
+            lock_after_restart = p.registry.active_run()
         assert before_restart is not None and before_restart.state == "running"
-        lock_after_restart = p.registry.active_run()
         restarted: list[str] = []
         for w in list(started):
             try:
