@@ -162,9 +162,10 @@ def run_chunk(settings: Settings, engine: Engine, tables: Tables, registry: RunS
         bound.info("chunk_skipped", reason="already counted" if status == "duplicate"
                    else f"run {detail[0]}")
         adopted = CommitNotes(registry, args, engine.dialect.name)
-        if adopted.enabled and registry.commit_notes(args.run_id, args.chunk):
+        found = registry.commit_notes(args.run_id, args.chunk) if adopted.enabled else {}
+        if found:
             with engine.connect() as conn:
-                adopted.settle(conn)
+                adopted.settle(conn, found)
         if carried_rows or adopted.rows:
             # Another copy of this chunk was counted first; the rows this one deleted (and
             # could not count before), or a dead copy committed, are still the run's: FINISH
