@@ -47,15 +47,19 @@ class WorkerProcess:
         self.proc.wait(timeout=10)
 
     def stop(self, timeout: float = 20) -> None:
-        if self.proc.poll() is not None:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-        except ProcessLookupError:
-            pass
+        """Celery's warm shutdown: SIGTERM to the main process only, which lets the pool
+        finish its tasks. A TERM to the whole group would also reach the pool's children, and
+        a child ends at once on it: between a chunk's FINISH and its log line, say. Whatever
+        is left of the group after the main process exits (or after *timeout*) is killed."""
+        if self.proc.poll() is None:
+            try:
+                os.kill(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                pass
+            except ProcessLookupError:
+                pass
+        self.kill()
 
 
 def start_worker(env: Mapping[str, str], log_dir: Path, name: str, *, concurrency: int = 2,
