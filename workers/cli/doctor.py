@@ -178,8 +178,12 @@ def worker_checks(app: Celery, settings: Settings,
     """Which workers answer, whether each statesweep queue has a consumer, and (with *own*,
     doctor's database identity) whether each of those workers cleans the same database."""
     pongs = app.control.ping(timeout=CONTROL_TIMEOUT) or []
+    hosts = sorted({h for p in pongs for h in p})
+    # Only the workers that answered are asked for their queues, and the answer is taken as
+    # soon as each has given it (limit): no worker, no second wait of CONTROL_TIMEOUT.
     queues: dict[str, list[dict[str, Any]]] = (
-        app.control.inspect(timeout=CONTROL_TIMEOUT).active_queues() or {})
+        app.control.inspect(destination=hosts, timeout=CONTROL_TIMEOUT,
+                            limit=len(hosts)).active_queues() or {} if hosts else {})
     ours = (settings.control_queue, settings.chunk_queue)
     consuming = {host: sorted(q["name"] for q in qs if q.get("name") in ours)
                  for host, qs in queues.items()}
