@@ -11,10 +11,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, MetaData, func, select
 from structlog.testing import capture_logs
 
-from tests.integration.test_db_clean import Data, T, expected, keys, one_db  # noqa: F401
+from tests.integration.test_db_clean import (  # noqa: F401 - one_db is a fixture
+    DAY,
+    Data,
+    T,
+    expected,
+    insert,
+    keys,
+    one_db,
+)
 from tests.services import unique
 from workers.dbclean import distributed
 from workers.dbclean import run as dbclean
@@ -64,6 +72,46 @@ def test_a_slow_tables_transactions_shrink_and_none_passes_the_batch_size(
     assert keys(engine, "task_instance") == {
         r["id"] for r in data.tis if r["start_date"] is None or r["start_date"] >= T}
     assert keys(engine, "log") == expected(data)["log"]
+
+
+def test_a_slow_dependants_batches_shrink_by_their_own_time(
+        one_db: tuple[str, Engine, Data]) -> None:  # noqa: F811 - the fixture
+    """An old dag run with 40 task instances that never started (their own rule keeps them):
+    cleaning dag_run with --batch-size 80, where each task instance takes 50 ms to delete, its
+    dependant batches start at a tenth (8), halve after 400 ms and then stay where 50 ms a row
+    fits in half the 200 ms target; they are timed apart from the dag runs' own slices, and
+    every one of the 40 goes before its dag run."""
+    _, engine, data = one_db
+    md = MetaData()
+    md.reflect(engine, only=["dag_run", "task_instance"])
+    with engine.begin() as conn:
+        insert(conn, md.tables["dag_run"], [{"id": 999, "dag_id": "big", "run_id": "old",
+                                             "run_type": "manual", "start_date": T - 30 * DAY,
+                                             "run_after": T - 30 * DAY, "state": "success"}])
+        insert(conn, md.tables["task_instance"], [
+            {"id": uuid.uuid4(), "dag_id": "big", "run_id": "old", "task_id": f"t{i}",
+             "start_date": None, "try_number": 1, "pool": "p", "pool_slots": 1}
+            for i in range(40)])
+    key = dbclean.dependant_key("dag_run", "task_instance")
+    sizes = InjectedTimes(80, 200, ms_per_row={key: 50.0})
+    request = dbclean.Request(before=T, tables=("dag_run",), batch_size=80, skip_archive=True)
+    with capture_logs() as logs:
+        dbclean.clean(engine, request, sizes=sizes)
+    ti = [e for e in logs if e["event"] == "db_clean_dependants_deleted"
+          and e["dependant"] == "task_instance"]
+    assert [e["size"] for e in ti[:2]] == [8, 4] and max(e["size"] for e in ti[2:]) <= 2
+    assert all(0 < e["rows"] <= e["size"] for e in ti)
+    assert sum(e["rows"] for e in ti) >= 40
+    assert sizes.longest_ms[key] == 400.0  # 8 rows at 50 ms, as injected
+    # The dag runs' own slices are sized from their own (fast) times: not shrunk with them.
+    runs = [e["size"] for e in logs if e["event"] == "db_clean_slice_moved"
+            and e["table"] == "dag_run"]
+    assert runs and runs[0] == 8 and runs == sorted(runs)
+    assert keys(engine, "dag_run") == expected(data)["dag_run"]
+    with engine.connect() as conn:
+        t = md.tables["task_instance"]
+        assert conn.execute(select(func.count()).select_from(t)
+                            .where(t.c.dag_id == "big")).scalar_one() == 0
 
 
 def _context(settings: Settings, engine: Engine,
