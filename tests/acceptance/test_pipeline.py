@@ -198,9 +198,11 @@ def refresh(p: Pipeline, row_ids: list[int]) -> set[tuple[int, str]]:
 # --- 1 and 7: the whole pipeline on two workers, in both namings -------------------------------
 
 
-@pytest.mark.parametrize("broker", BROKERS, indirect=True)
-@pytest.mark.parametrize(("naming", "planner"), [("seed", "blocks"), ("airflow", "blocks"),
-                                                 ("seed", "walk"), ("airflow", "expiry")])
+# Each planner, each naming and each broker at least once, and blocks (the backlog's plan) on
+# both brokers: the broker carries the same messages whatever the planner cut.
+@pytest.mark.parametrize(("naming", "planner", "broker"), [
+    ("seed", "blocks", "redis"), ("seed", "blocks", "rabbitmq"), ("airflow", "blocks", "redis"),
+    ("seed", "walk", "rabbitmq"), ("airflow", "expiry", "redis")], indirect=["broker"])
 def test_two_workers_delete_exactly_expired_and_orphaned_rows(
         naming: str, planner: str, make_pipeline: Callable[..., Pipeline]) -> None:
     batch = 2_000

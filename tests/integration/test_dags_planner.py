@@ -26,7 +26,7 @@ from workers.seed import SeedSpec, seed
 from workers.selection import Selection
 from workers.settings import Settings
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.newest_airflow_layout]
 
 BATCH = 40
 #: The seed's rows: 50 dags, one run of 100 rows each per 5,000 rows, 55% of them expired.
@@ -138,6 +138,7 @@ def test_a_selection_with_nothing_expired_plans_no_chunk(table: Table) -> None:
     assert table.rows() == before
 
 
+@pytest.mark.every_airflow_layout
 def test_the_dags_planner_deletes_what_a_plain_delete_would(table: Table) -> None:
     """Several dag ids far apart, one excluded again, rows of an unfinished run among them
     where dag_run has a state: exactly the plain DELETE's rows go, no other row changes."""

@@ -24,7 +24,7 @@ from workers.schema import Tables
 from workers.seed import SeedSpec, expected_survivors, seed, task_state_rows
 from workers.settings import Settings
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.newest_airflow_layout]
 
 BATCH = 40
 
@@ -78,6 +78,7 @@ def table(db_url: str, naming: str, layout: str,
     engine.dispose()
 
 
+@pytest.mark.every_airflow_layout
 def test_each_planner_deletes_exactly_the_expired_rows(table: Table) -> None:
     for planner in table.servable():
         spec = table.reseed(3000)
