@@ -272,6 +272,31 @@ def test_ctrl_c_stops_following_and_says_how_to_resume(seeded: Seeded) -> None:
     assert seeded.task_rows() == ROWS
 
 
+def test_ctrl_c_right_after_the_send_says_how_to_follow_too(
+        seeded: Seeded, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C between the send and the wait for a pickup (here: while the CLI subscribes to the
+    run's changes) says what a later one says, not a bare "aborted" (a clean-clone run caught
+    the subprocess test above there)."""
+    import workers.cli.watch
+
+    def interrupted(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(workers.cli.watch, "watch_run", interrupted)
+    queue = seeded.env["STATESWEEP_CONTROL_QUEUE"]
+    try:
+        result = seeded.invoke("cleanup", "--wait")
+        pending = redis.Redis.from_url(REDIS_URL).llen(queue)
+    finally:
+        redis.Redis.from_url(REDIS_URL).delete(queue)
+    assert result.exit_code == EXIT_INTERRUPTED, result.output
+    assert pending == 1
+    run_id = result.stderr.split("dispatched run ")[1].split()[0]
+    assert f"stopped waiting; the coordinator stays queued on {queue}" in result.stderr
+    assert f"statesweep status {run_id} --follow" in result.stderr
+    assert seeded.task_rows() == ROWS
+
+
 def _expired_by_dag(seeded: Seeded) -> dict[str, int]:
     t = seeded.tables.task_state
     with seeded.engine.connect() as conn:

@@ -125,10 +125,14 @@ def _dispatch_and_follow(settings: Settings, batch_size: int | None,
         with client_app(settings) as app:
             run_id, result = dispatch.dispatch_cleanup(app, settings, registry, batch_size,
                                                        source="cli", selection=selection)
-            click.echo(f"dispatched run {run_id} (coordinator task {result.id}) to "
-                       f"{settings.control_queue}; recorded as queued", err=True)
-            # Opened before the first read of the run: every change after it wakes the wait.
-            watch = watch_run(settings.effective_run_store_url, settings.key_prefix, run_id)
+            try:
+                click.echo(f"dispatched run {run_id} (coordinator task {result.id}) to "
+                           f"{settings.control_queue}; recorded as queued", err=True)
+                # Opened before the first read of the run: every change after it wakes the
+                # wait.
+                watch = watch_run(settings.effective_run_store_url, settings.key_prefix, run_id)
+            except KeyboardInterrupt:  # Ctrl-C as soon as the run was sent: say how to follow
+                raise dispatch.stopped_waiting(settings.control_queue, run_id) from None
             pickup = dispatch.await_pickup(
                 registry, run_id, result, queue=settings.control_queue,
                 timeout=pickup_seconds if wait else dispatch.NO_WAIT_PICKUP_SECONDS,

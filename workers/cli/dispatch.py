@@ -76,22 +76,39 @@ def dispatch_cleanup(app: Celery, settings: Settings, registry: RunRegistry,
     from workers.run_ids import new_run_id
 
     identity = database_identity(settings, registry)
-    # The producer that sends is the one whose connection is checked: one broker connection.
-    with app.producer_or_acquire() as producer:
-        check_broker(app, settings, producer.connection)
-        check_result_backend(settings)
-        run_id = new_run_id()
-        if not registry.enqueue(run_id, source):
-            raise RefusedError(f"run id {run_id} is already recorded; try again")
-        try:
-            result = app.send_task(COORDINATE, queue=settings.control_queue, producer=producer,
-                                   kwargs={"batch_size": batch_size, "source": source,
-                                           "run_id": run_id, **(selection or {}),
-                                           "expect_database": identity})
-        except BaseException:
-            registry.close_queued(run_id, "the coordinator could not be sent")
+    sent: AsyncResult | None = None
+    try:
+        # The producer that sends is the one whose connection is checked: one broker
+        # connection.
+        with app.producer_or_acquire() as producer:
+            check_broker(app, settings, producer.connection)
+            check_result_backend(settings)
+            run_id = new_run_id()
+            if not registry.enqueue(run_id, source):
+                raise RefusedError(f"run id {run_id} is already recorded; try again")
+            try:
+                sent = app.send_task(COORDINATE, queue=settings.control_queue,
+                                     producer=producer,
+                                     kwargs={"batch_size": batch_size, "source": source,
+                                             "run_id": run_id, **(selection or {}),
+                                             "expect_database": identity})
+            except BaseException:
+                registry.close_queued(run_id, "the coordinator could not be sent")
+                raise
+    except KeyboardInterrupt:
+        if sent is None:
             raise
-    return run_id, result
+        # Sent, then Ctrl-C while the producer went back to its pool: the run is on its way.
+        raise stopped_waiting(settings.control_queue, run_id) from None
+    return run_id, sent
+
+
+def stopped_waiting(queue: str, run_id: str) -> FollowInterrupted:
+    """What Ctrl-C says once the coordinator of run *run_id* is on *queue*, whenever it comes
+    before a worker took it: the run is not touched, and this is how to follow it."""
+    return FollowInterrupted(
+        f"stopped waiting; the coordinator stays queued on {queue} and runs as {run_id} "
+        f"when a worker takes it. Follow it with: statesweep status {run_id} --follow")
 
 
 #: How long the CLI trusts the database identity it read last for the same URL. Reading it
@@ -163,10 +180,7 @@ def await_pickup(registry: RunRegistry, run_id: str, result: AsyncResult, *,
                 noted = True
             watch.wait(next(delays))
     except KeyboardInterrupt:
-        raise FollowInterrupted(
-            f"stopped waiting; the coordinator stays queued on {queue} and runs as {run_id} "
-            f"when a worker takes it. Follow it with: statesweep status {run_id} --follow"
-        ) from None
+        raise stopped_waiting(queue, run_id) from None
 
 
 def _outcome_pickup(registry: RunRegistry, run_id: str, outcome: dict[str, Any]) -> Pickup:
