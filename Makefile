@@ -59,7 +59,7 @@ system-deps:
 
 # The suite's processes (pytest-xdist): most tests wait on services and workers, not the CPU,
 # so more processes than cores; tests/conftest.py keeps the fault tests in one serial lane.
-TEST_PROCESSES ?= 4
+TEST_PROCESSES ?= 5
 
 test: $(STAMP) system-deps test-binaries prometheus-tools
 	$(BIN)/ruff check workers tests bench beat_schedule.py docs/gen_reference.py
