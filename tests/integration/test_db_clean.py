@@ -574,6 +574,52 @@ def test_a_dag_runs_dependants_go_first_in_batches_of_the_batch_size(
     assert keys(engine, "task_instance") == want["task_instance"]
 
 
+def test_each_dependant_batch_starts_at_the_root_row_the_last_one_ended_on(
+        one_db: tuple[str, Engine, Data]) -> None:
+    """Two old dag runs (1001: 5 task instances, 1002: 7): batches of 3 task instances under
+    them, each from the root key the one before ended on, take 3, 3 and 3 (the last from
+    1002 on only), then the rest; the last root key never goes back, and a batch from past
+    the last dag run finds none."""
+    from workers.dbclean import cascade
+    from workers.dbclean import statements as sql
+
+    _, engine, _ = one_db
+    md = MetaData()
+    md.reflect(engine, only=["dag_run", "task_instance"])
+    with engine.begin() as conn:
+        insert(conn, md.tables["dag_run"], [
+            {"id": rid, "dag_id": "keyset", "run_id": f"r{rid}", "run_type": "manual",
+             "start_date": T - 30 * DAY, "run_after": T - 30 * DAY, "state": "success"}
+            for rid in (1001, 1002)])
+        insert(conn, md.tables["task_instance"], [
+            {"id": uuid.uuid4(), "dag_id": "keyset", "run_id": f"r{rid}", "task_id": f"t{i}",
+             "start_date": None, "try_number": 1, "pool": "p", "pool_slots": 1}
+            for rid, n in ((1001, 5), (1002, 7)) for i in range(n)])
+    with engine.connect() as conn:
+        t = sql.reflect(conn, "dag_run")
+        [(path, _, tables)] = [d for d in dbclean._dependants(conn, cascade.ForeignKeys(conn), t)
+                               if d[1].name == "task_instance" and len(d[0]) == 1]
+    root_cond = [t.c.id.in_([1001, 1002])]
+    batches, after = [], None
+    while True:
+        with engine.begin() as conn:
+            rows, last = cascade.delete_batch_from(conn, tables, path, root_cond, 3, after=after)
+        if rows == 0:
+            assert last is None
+            break
+        batches.append((rows, last))
+        after = last
+    assert [rows for rows, _ in batches] == [3, 3, 3, 3]
+    lasts = [last[0] for _, last in batches]
+    assert lasts == [1001, 1002, 1002, 1002]
+    with engine.begin() as conn:
+        assert cascade.delete_batch_from(conn, tables, path, root_cond, 3, after=(1003,)) \
+            == (0, None)
+        ti = md.tables["task_instance"]
+        assert conn.execute(select(func.count()).select_from(ti)
+                            .where(ti.c.dag_id == "keyset")).scalar_one() == 0
+
+
 def test_state_of_a_running_dag_run_is_kept_unless_protection_is_off(
         one_db: tuple[str, Engine, Data]) -> None:
     """statesweep's protected-live-work rule holds in db-clean: task_state_store rows of a dag

@@ -109,7 +109,8 @@ def descends_from_chunk(tables: dict[str, Table], path: Path, target: Any,
 
 
 def under_chunk(tables: dict[str, Table], path: Path, target: Any, root_cond: list[Any]) -> Any:
-    """The keys of *target* (the path's last table) under the parent chunk: a join from the root
+    """The keys of *target* (the path's last table) under the parent chunk, each with its root
+    row's key (labelled ``root_<n>``, after the target's key columns): a join from the root
     table down the path's foreign keys, filtered by *root_cond* (the chunk's key range and rule).
 
     The join starts from the chunk's key range on the root's primary key and follows each
@@ -118,28 +119,35 @@ def under_chunk(tables: dict[str, Table], path: Path, target: Any, root_cond: li
     Airflow's PostgreSQL schema all but two small tables'), so a batch reads the rows under the
     chunk, not the dependant table. Each level refers to a unique key of the level above, so a
     row is joined to at most one ancestor and listed once."""
-    joined: Any = tables[path[0].parent]
+    root = tables[path[0].parent]
+    joined: Any = root
     for i, edge in enumerate(path):
         parent = tables[edge.parent]
         child = target if i == len(path) - 1 else tables[edge.child]
         joined = joined.join(child, and_(*[parent.c[p] == child.c[c] for c, p
                                            in zip(edge.child_cols, edge.parent_cols,
                                                   strict=True)]))
-    return select(*[target.c[c.name] for c in sql.key_columns(tables[path[-1].child])]) \
-        .select_from(joined).where(*root_cond)
+    keys = [target.c[c.name] for c in sql.key_columns(tables[path[-1].child])]
+    roots = [c.label(f"root_{i}") for i, c in enumerate(sql.key_columns(root))]
+    return select(*keys, *roots).select_from(joined).where(*root_cond)
 
 
 def batch_query(conn: Connection, tables: dict[str, Table], path: Path, root_cond: list[Any],
-                batch_size: int) -> Any:
-    """The SELECT that picks a batch's keys (what delete_batch runs, and what EXPLAIN shows).
+                batch_size: int, after: sql.Key | None = None) -> Any:
+    """The SELECT that picks a batch's keys and their root keys (what delete_batch runs, and
+    what EXPLAIN shows), from the root key *after* on (inclusive) when given.
 
     PostgreSQL: locks the dependant's rows only (``FOR UPDATE OF candidate``), not the ancestors
     it joins. MySQL/MariaDB: unlocked (MariaDB has no ``FOR UPDATE OF``, and a locking join
     would lock the ancestors' rows too); delete_batch then locks the keys it found."""
+    root_keys = sql.key_columns(tables[path[0].parent])
+    if after is not None:
+        key = root_keys[0] if len(root_keys) == 1 else tuple_(*root_keys)
+        root_cond = [*root_cond, key >= (after[0] if len(after) == 1 else tuple_(*after))]
     if sql.is_mysql(conn):
         query = under_chunk(tables, path, tables[path[-1].child], root_cond)
     else:
-        # An alias, so the DELETE's ``key IN (subquery)`` is not correlated to its own table.
+        # An alias, so the DELETE's ``key IN (…)`` is not correlated to its own table.
         candidate = tables[path[-1].child].alias("candidate")
         query = under_chunk(tables, path, candidate, root_cond).with_for_update(of=candidate)
     if batch_size <= 0:
@@ -148,35 +156,47 @@ def batch_query(conn: Connection, tables: dict[str, Table], path: Path, root_con
     # the dependant table from its start, costed as if the chunk's rows were spread evenly
     # through it (they are together, often at its end, behind the rows earlier batches
     # deleted); ordered, the cheap plan is the root's key index down the foreign keys'.
-    return query.order_by(*sql.key_columns(tables[path[0].parent])).limit(batch_size)
+    return query.order_by(*root_keys).limit(batch_size)
 
 
 def delete_batch(conn: Connection, tables: dict[str, Table], path: Path, root_cond: list[Any],
                  batch_size: int, archive: Table | None = None) -> int:
-    """Delete at most *batch_size* rows of the path's last table whose ancestor satisfies
-    *root_cond*, in the caller's transaction, copying them into *archive* first when given;
-    their keys are locked first.
+    """delete_batch_from the chunk's first root row: the rows deleted."""
+    return delete_batch_from(conn, tables, path, root_cond, batch_size, archive)[0]
 
-    PostgreSQL: one statement, ``DELETE … WHERE key IN (SELECT key FROM root JOIN … LIMIT …
-    FOR UPDATE OF candidate)`` (inside ``WITH moved AS (…RETURNING *) INSERT INTO archive SELECT
-    * FROM moved`` when archiving). MySQL/MariaDB (no LIMIT in an IN subquery, no FOR UPDATE
-    OF): the keys under the chunk (a join, unlocked), then ``SELECT key … WHERE key IN (those)
-    AND <EXISTS chain up to the chunk> FOR UPDATE`` (primary key lookups: locks the rows and
-    re-checks that they still descend from an eligible row of the chunk), then the INSERT into
-    the archive and the DELETE of the keys locked."""
+
+def delete_batch_from(conn: Connection, tables: dict[str, Table], path: Path,
+                      root_cond: list[Any], batch_size: int, archive: Table | None = None,
+                      after: sql.Key | None = None) -> tuple[int, sql.Key | None]:
+    """Delete at most *batch_size* rows of the path's last table whose ancestor satisfies
+    *root_cond* (and whose root key is *after* or later), in the caller's transaction, copying
+    them into *archive* first when given; their keys are locked first. Returns the rows deleted
+    and the root key of the last row found (None: none found), where the next batch starts: the
+    rows under earlier roots are gone, and a search from the chunk's start would walk past
+    their dead index entries again, batch after batch (a dag_run chunk's xcom batches, shrunk
+    by their time to 100 rows, grew slower with every one).
+
+    PostgreSQL: ``SELECT key, root key FROM root JOIN … ORDER BY root key LIMIT … FOR UPDATE OF
+    candidate``, then the DELETE of those keys (inside ``WITH moved AS (…RETURNING *) INSERT
+    INTO archive SELECT * FROM moved`` when archiving). MySQL/MariaDB (no FOR UPDATE OF): the
+    same join, unlocked, then ``SELECT key … WHERE key IN (those) AND <EXISTS chain up to the
+    chunk> FOR UPDATE`` (primary key lookups: locks the rows and re-checks that they still
+    descend from an eligible row of the chunk), then the INSERT into the archive and the
+    DELETE of the keys locked."""
     target = tables[path[-1].child]
     cols = sql.key_columns(target)
-    query = batch_query(conn, tables, path, root_cond, batch_size)
-    if not sql.is_mysql(conn):
-        key = cols[0] if len(cols) == 1 else tuple_(*cols)
-        return sql.move_where(conn, target, archive, [key.in_(query)])
-    found = [tuple(r) for r in conn.execute(query)]
+    found = [tuple(r) for r in conn.execute(
+        batch_query(conn, tables, path, root_cond, batch_size, after))]
     if not found:
-        return 0
-    chosen = cols[0].in_([k[0] for k in found]) if len(cols) == 1 else tuple_(*cols).in_(found)
+        return 0, None
+    n = len(cols)
+    keys, last = [k[:n] for k in found], found[-1][n:]
+    chosen = cols[0].in_([k[0] for k in keys]) if n == 1 else tuple_(*cols).in_(keys)
+    if not sql.is_mysql(conn):
+        return sql.move_where(conn, target, archive, [chosen]), last
     locked = (select(*cols).where(chosen, descends_from_chunk(tables, path, target, root_cond))
               .with_for_update())
-    return sql.move_keys(conn, target, archive, [tuple(r) for r in conn.execute(locked)])
+    return sql.move_keys(conn, target, archive, [tuple(r) for r in conn.execute(locked)]), last
 
 
 def archive_table(name: str, source: Table) -> Table:

@@ -361,22 +361,35 @@ def _delete_dependants(engine: Engine, request: Request, dependants: list[Depend
     total = 0
     for path, target, tables in dependants:
         key = dependant_key(t.name, target.name)
+        after: sql.Key | None = None  # each batch starts at the root row the last one ended on
         while True:
             size = sizes.size(key)
-            rows = _in_transaction(engine, request, target.name, partial(
-                cascade.delete_batch, tables=tables, path=path, root_cond=root_cond,
-                batch_size=size, archive=(archives or {}).get(target.name)),
-                both(timed(sizes, key, size, int), timed(sizes, t.name, size, int,
-                                                         evidence=False)))
+            rows, last = _in_transaction(engine, request, target.name, partial(
+                cascade.delete_batch_from, tables=tables, path=path, root_cond=root_cond,
+                batch_size=size, archive=(archives or {}).get(target.name), after=after),
+                both(timed(sizes, key, size, first), timed(sizes, t.name, size, first,
+                                                           evidence=False)))
             total += rows
             if rows:
                 log.info("db_clean_dependants_deleted", table=t.name, dependant=target.name,
                          rows=rows, size=size)
-            # Until a batch finds none: on MariaDB a batch locks what its unlocked search
-            # found, and rows another transaction took meanwhile make it short, not the last.
-            if size <= 0 or rows == 0:
+            if size <= 0:
                 break
+            if rows == 0:
+                # Until a batch from the chunk's first root finds none: on MariaDB a batch
+                # locks what its unlocked search found, and rows another transaction took
+                # meanwhile make it short, not the last; one left behind an earlier root is
+                # found by this last pass.
+                if after is None:
+                    break
+                after = None
+                continue
+            after = last
     return total
+
+
+def first(result: tuple[int, Any]) -> int:
+    return result[0]
 
 
 def dependant_key(parent: str, dependant: str) -> str:
