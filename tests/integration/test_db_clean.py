@@ -81,6 +81,20 @@ def insert(conn: Any, t: Table, rows: list[dict[str, Any]]) -> None:
     conn.execute(t.insert(), full)
 
 
+def old_dag_runs(conn: Any, md: MetaData, dag_id: str, runs: dict[int, int]) -> None:
+    """Finished manual dag runs of *dag_id* a month before T, by id, each with the given number
+    of task instances that never started (their own rule keeps them: only the dag run's
+    cascade, or its dependant batches, take them)."""
+    insert(conn, md.tables["dag_run"], [
+        {"id": rid, "dag_id": dag_id, "run_id": f"r{rid}", "run_type": "manual",
+         "start_date": T - 30 * DAY, "run_after": T - 30 * DAY, "state": "success"}
+        for rid in runs])
+    insert(conn, md.tables["task_instance"], [
+        {"id": uuid.uuid4(), "dag_id": dag_id, "run_id": f"r{rid}", "task_id": f"t{i}",
+         "start_date": None, "try_number": 1, "pool": "p", "pool_slots": 1}
+        for rid, n in runs.items() for i in range(n)])
+
+
 @dataclass
 class Data:
     """What was written, enough to compute Airflow's result independently."""
@@ -539,18 +553,12 @@ def test_a_dag_runs_dependants_go_first_in_batches_of_the_batch_size(
     md.reflect(engine, only=["dag_run", "task_instance", "task_state_store"])
     tss = md.tables["task_state_store"]
     with engine.begin() as conn:
-        insert(conn, md.tables["dag_run"], [{"id": 999, "dag_id": "big", "run_id": "old",
-                                             "run_type": "manual", "start_date": T - 30 * DAY,
-                                             "run_after": T - 30 * DAY, "state": "success"}])
-        insert(conn, md.tables["task_instance"], [
-            {"id": uuid.uuid4(), "dag_id": "big", "run_id": "old", "task_id": f"t{i}",
-             "start_date": None, "try_number": 1, "pool": "p", "pool_slots": 1}
-            for i in range(40)])
+        old_dag_runs(conn, md, "big", {999: 40})
         layout = ({"region_index": -1, "region_id": uuid.UUID(int=0)}
                   if "region_id" in tss.c else {"map_index": -1})
         insert(conn, tss, [{"id": 10000 + i, "dag_run_id": 999, "task_id": f"t{i}", "key": "k",
                             "dag_id": "big",
-                            "run_id": "old", "value": "v", "updated_at": T, "expires_at": None,
+                            "run_id": "r999", "value": "v", "updated_at": T, "expires_at": None,
                             **layout} for i in range(12)])
     request = dbclean.Request(before=T, tables=("dag_run",), batch_size=5, skip_archive=True)
     with capture_logs() as logs:
@@ -587,14 +595,7 @@ def test_each_dependant_batch_starts_at_the_root_row_the_last_one_ended_on(
     md = MetaData()
     md.reflect(engine, only=["dag_run", "task_instance"])
     with engine.begin() as conn:
-        insert(conn, md.tables["dag_run"], [
-            {"id": rid, "dag_id": "keyset", "run_id": f"r{rid}", "run_type": "manual",
-             "start_date": T - 30 * DAY, "run_after": T - 30 * DAY, "state": "success"}
-            for rid in (1001, 1002)])
-        insert(conn, md.tables["task_instance"], [
-            {"id": uuid.uuid4(), "dag_id": "keyset", "run_id": f"r{rid}", "task_id": f"t{i}",
-             "start_date": None, "try_number": 1, "pool": "p", "pool_slots": 1}
-            for rid, n in ((1001, 5), (1002, 7)) for i in range(n)])
+        old_dag_runs(conn, md, "keyset", {1001: 5, 1002: 7})
     with engine.connect() as conn:
         t = sql.reflect(conn, "dag_run")
         [(path, _, tables)] = [d for d in dbclean._dependants(conn, cascade.ForeignKeys(conn), t)

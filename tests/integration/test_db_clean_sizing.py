@@ -15,12 +15,11 @@ from sqlalchemy import Engine, MetaData, func, select
 from structlog.testing import capture_logs
 
 from tests.integration.test_db_clean import (  # noqa: F401 - one_db is a fixture
-    DAY,
     Data,
     T,
     expected,
-    insert,
     keys,
+    old_dag_runs,
     one_db,
 )
 from tests.services import unique
@@ -85,13 +84,7 @@ def test_a_slow_dependants_batches_shrink_by_their_own_time(
     md = MetaData()
     md.reflect(engine, only=["dag_run", "task_instance"])
     with engine.begin() as conn:
-        insert(conn, md.tables["dag_run"], [{"id": 999, "dag_id": "big", "run_id": "old",
-                                             "run_type": "manual", "start_date": T - 30 * DAY,
-                                             "run_after": T - 30 * DAY, "state": "success"}])
-        insert(conn, md.tables["task_instance"], [
-            {"id": uuid.uuid4(), "dag_id": "big", "run_id": "old", "task_id": f"t{i}",
-             "start_date": None, "try_number": 1, "pool": "p", "pool_slots": 1}
-            for i in range(40)])
+        old_dag_runs(conn, md, "big", {999: 40})
     key = dbclean.dependant_key("dag_run", "task_instance")
     sizes = InjectedTimes(80, 200, ms_per_row={key: 50.0})
     request = dbclean.Request(before=T, tables=("dag_run",), batch_size=80, skip_archive=True)
