@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -265,9 +266,13 @@ def test_ctrl_c_stops_following_and_says_how_to_resume(seeded: Seeded) -> None:
         broker.delete(queue)  # the coordinator would wait forever for a worker; drop it
         broker.close()
     assert proc.returncode == EXIT_INTERRUPTED, err
-    run_id = err.split("dispatched run ")[1].split()[0]
-    assert f"stopped waiting; the coordinator stays queued on {queue}" in err
+    # Whenever the Ctrl-C lands once the message is out (in the send itself, held until it
+    # is out; before or after the "dispatched run" line), it says how to follow the run.
+    assert f"stopped waiting; the coordinator stays queued on {queue} and runs as " in err, err
+    run_id = err.split(" and runs as ")[1].split()[0]
     assert f"statesweep status {run_id} --follow" in err
+    assert registry_for(REDIS_URL, seeded.env["STATESWEEP_KEY_PREFIX"]).get(run_id).state \
+        == "queued"
     assert "Traceback" not in err and out == ""
     assert seeded.task_rows() == ROWS
 
@@ -294,6 +299,40 @@ def test_ctrl_c_right_after_the_send_says_how_to_follow_too(
     run_id = result.stderr.split("dispatched run ")[1].split()[0]
     assert f"stopped waiting; the coordinator stays queued on {queue}" in result.stderr
     assert f"statesweep status {run_id} --follow" in result.stderr
+    assert seeded.task_rows() == ROWS
+
+
+def test_ctrl_c_during_the_send_is_held_until_the_message_is_out(
+        seeded: Seeded, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SIGINT that arrives while the coordinator is being sent (here: just after the broker
+    took it, before send_task returns) is held until the send is whole: the run stays queued
+    (not closed as never sent, with its message on the queue) and the CLI says how to follow
+    it (clean-clone run 7 caught the subprocess test above there)."""
+    import os
+
+    from celery import Celery
+
+    send = Celery.send_task
+
+    def interrupted_send(self: Celery, *args: Any, **kwargs: Any) -> Any:
+        result = send(self, *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(Celery, "send_task", interrupted_send)
+    queue = seeded.env["STATESWEEP_CONTROL_QUEUE"]
+    try:
+        result = seeded.invoke("cleanup", "--wait")
+        pending = redis.Redis.from_url(REDIS_URL).llen(queue)
+    finally:
+        redis.Redis.from_url(REDIS_URL).delete(queue)
+    assert result.exit_code == EXIT_INTERRUPTED, result.output
+    assert pending == 1
+    assert f"stopped waiting; the coordinator stays queued on {queue} and runs as " \
+        in result.stderr, result.stderr
+    run_id = result.stderr.split(" and runs as ")[1].split()[0]
+    record = registry_for(REDIS_URL, seeded.env["STATESWEEP_KEY_PREFIX"]).get(run_id)
+    assert record is not None and record.state == "queued"
     assert seeded.task_rows() == ROWS
 
 

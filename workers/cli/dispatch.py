@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -86,21 +88,54 @@ def dispatch_cleanup(app: Celery, settings: Settings, registry: RunRegistry,
             run_id = new_run_id()
             if not registry.enqueue(run_id, source):
                 raise RefusedError(f"run id {run_id} is already recorded; try again")
-            try:
-                sent = app.send_task(COORDINATE, queue=settings.control_queue,
-                                     producer=producer,
-                                     kwargs={"batch_size": batch_size, "source": source,
-                                             "run_id": run_id, **(selection or {}),
-                                             "expect_database": identity})
-            except BaseException:
-                registry.close_queued(run_id, "the coordinator could not be sent")
-                raise
+            # Ctrl-C while the message goes out is held until it is out (or failed): one that
+            # landed mid-send could not tell whether the broker had it, and closing the record
+            # then would leave a sent coordinator behind a run marked as never sent.
+            with deferred_interrupt() as interrupt:
+                try:
+                    sent = app.send_task(COORDINATE, queue=settings.control_queue,
+                                         producer=producer,
+                                         kwargs={"batch_size": batch_size, "source": source,
+                                                 "run_id": run_id, **(selection or {}),
+                                                 "expect_database": identity})
+                except BaseException:
+                    registry.close_queued(run_id, "the coordinator could not be sent")
+                    raise
+            if interrupt.pending:
+                raise stopped_waiting(settings.control_queue, run_id)
     except KeyboardInterrupt:
         if sent is None:
             raise
         # Sent, then Ctrl-C while the producer went back to its pool: the run is on its way.
         raise stopped_waiting(settings.control_queue, run_id) from None
     return run_id, sent
+
+
+@dataclass
+class Interrupt:
+    pending: bool = False
+
+
+@contextmanager
+def deferred_interrupt() -> Iterator[Interrupt]:
+    """Hold SIGINT for the block (main thread only: elsewhere no handler can be set); the
+    caller reads ``pending`` afterwards and answers it when the block's work is whole."""
+    import signal
+    import threading
+
+    interrupt = Interrupt()
+    if threading.current_thread() is not threading.main_thread():
+        yield interrupt
+        return
+
+    def hold(_signum: int, _frame: object) -> None:
+        interrupt.pending = True
+
+    previous = signal.signal(signal.SIGINT, hold)
+    try:
+        yield interrupt
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def stopped_waiting(queue: str, run_id: str) -> FollowInterrupted:
