@@ -244,6 +244,31 @@ def test_local_run_waits_its_turn_behind_an_active_run(seeded: Seeded) -> None:
 
 
 
+def _followable_run(seeded: Seeded, queue: str, stderr: str) -> str:
+    """The run id a Ctrl-C once the coordinator is out names, having checked that it says how
+    to follow the run and that the run is still queued."""
+    assert f"stopped waiting; the coordinator stays queued on {queue} and runs as " in stderr, \
+        stderr
+    run_id = stderr.split(" and runs as ")[1].split()[0]
+    assert f"statesweep status {run_id} --follow" in stderr
+    record = registry_for(REDIS_URL, seeded.env["STATESWEEP_KEY_PREFIX"]).get(run_id)
+    assert record is not None and record.state == "queued"
+    return run_id
+
+
+def _interrupted_cleanup(seeded: Seeded) -> tuple[Result, int]:
+    """`cleanup --wait` in this process (a test has patched where the Ctrl-C lands), and the
+    coordinator messages left on the queue, which is then emptied."""
+    queue = seeded.env["STATESWEEP_CONTROL_QUEUE"]
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        result = seeded.invoke("cleanup", "--wait")
+        return result, int(client.llen(queue))
+    finally:
+        client.delete(queue)
+        client.close()
+
+
 def test_ctrl_c_stops_following_and_says_how_to_resume(seeded: Seeded) -> None:
     """No worker consumes this test's queues, so --wait waits for one until Ctrl-C."""
     broker = redis.Redis.from_url(REDIS_URL)
@@ -268,11 +293,7 @@ def test_ctrl_c_stops_following_and_says_how_to_resume(seeded: Seeded) -> None:
     assert proc.returncode == EXIT_INTERRUPTED, err
     # Whenever the Ctrl-C lands once the message is out (in the send itself, held until it
     # is out; before or after the "dispatched run" line), it says how to follow the run.
-    assert f"stopped waiting; the coordinator stays queued on {queue} and runs as " in err, err
-    run_id = err.split(" and runs as ")[1].split()[0]
-    assert f"statesweep status {run_id} --follow" in err
-    assert registry_for(REDIS_URL, seeded.env["STATESWEEP_KEY_PREFIX"]).get(run_id).state \
-        == "queued"
+    _followable_run(seeded, queue, err)
     assert "Traceback" not in err and out == ""
     assert seeded.task_rows() == ROWS
 
@@ -288,17 +309,11 @@ def test_ctrl_c_right_after_the_send_says_how_to_follow_too(
         raise KeyboardInterrupt
 
     monkeypatch.setattr(workers.cli.watch, "watch_run", interrupted)
-    queue = seeded.env["STATESWEEP_CONTROL_QUEUE"]
-    try:
-        result = seeded.invoke("cleanup", "--wait")
-        pending = redis.Redis.from_url(REDIS_URL).llen(queue)
-    finally:
-        redis.Redis.from_url(REDIS_URL).delete(queue)
+    result, pending = _interrupted_cleanup(seeded)
     assert result.exit_code == EXIT_INTERRUPTED, result.output
     assert pending == 1
-    run_id = result.stderr.split("dispatched run ")[1].split()[0]
-    assert f"stopped waiting; the coordinator stays queued on {queue}" in result.stderr
-    assert f"statesweep status {run_id} --follow" in result.stderr
+    run_id = _followable_run(seeded, seeded.env["STATESWEEP_CONTROL_QUEUE"], result.stderr)
+    assert f"dispatched run {run_id} " in result.stderr
     assert seeded.task_rows() == ROWS
 
 
@@ -320,19 +335,10 @@ def test_ctrl_c_during_the_send_is_held_until_the_message_is_out(
         return result
 
     monkeypatch.setattr(Celery, "send_task", interrupted_send)
-    queue = seeded.env["STATESWEEP_CONTROL_QUEUE"]
-    try:
-        result = seeded.invoke("cleanup", "--wait")
-        pending = redis.Redis.from_url(REDIS_URL).llen(queue)
-    finally:
-        redis.Redis.from_url(REDIS_URL).delete(queue)
+    result, pending = _interrupted_cleanup(seeded)
     assert result.exit_code == EXIT_INTERRUPTED, result.output
     assert pending == 1
-    assert f"stopped waiting; the coordinator stays queued on {queue} and runs as " \
-        in result.stderr, result.stderr
-    run_id = result.stderr.split(" and runs as ")[1].split()[0]
-    record = registry_for(REDIS_URL, seeded.env["STATESWEEP_KEY_PREFIX"]).get(run_id)
-    assert record is not None and record.state == "queued"
+    _followable_run(seeded, seeded.env["STATESWEEP_CONTROL_QUEUE"], result.stderr)
     assert seeded.task_rows() == ROWS
 
 

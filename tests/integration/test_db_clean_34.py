@@ -211,8 +211,8 @@ def test_a_dag_runs_cascaded_attempt_rows_are_archived_as_airflow_archives_them(
     for path, target, tables in dependants:
         while True:  # batches of one row: each its own transaction
             with engine.begin() as conn:
-                rows = cascade.delete_batch(conn, tables, path, cond, 1,
-                                            archive=archives.get(target.name))
+                rows, _ = cascade.delete_batch_from(conn, tables, path, cond, 1,
+                                                    archive=archives.get(target.name))
             if rows == 0:
                 break
     with engine.begin() as conn:
@@ -237,16 +237,16 @@ def test_a_failed_batch_archives_nothing_and_deletes_nothing(db34: tuple[str, En
         pass
 
     with pytest.raises(Crash), engine.begin() as conn:
-        assert cascade.delete_batch(conn, tables, path, cond, 0,
-                                    archive=archives["xcom_v2"]) == 2
+        assert cascade.delete_batch_from(conn, tables, path, cond, 0,
+                                         archive=archives["xcom_v2"])[0] == 2
         raise Crash  # the process dies before commit
     assert (_count(engine, "xcom_v2"), _count(engine, archives["xcom_v2"].name)) == (2, 0)
     with engine.begin() as conn:  # the next try moves each row once
-        assert cascade.delete_batch(conn, tables, path, cond, 0,
-                                    archive=archives["xcom_v2"]) == written["xcom_v2"]
+        assert cascade.delete_batch_from(conn, tables, path, cond, 0,
+                                         archive=archives["xcom_v2"])[0] == written["xcom_v2"]
     with engine.begin() as conn:
-        assert cascade.delete_batch(conn, tables, path, cond, 0,
-                                    archive=archives["xcom_v2"]) == 0
+        assert cascade.delete_batch_from(conn, tables, path, cond, 0,
+                                         archive=archives["xcom_v2"])[0] == 0
     assert (_count(engine, "xcom_v2"), _count(engine, archives["xcom_v2"].name)) == (0, 2)
     # Making the run's archives again takes the ones that exist.
     assert _archives(engine, dependants)["xcom_v2"].name == archives["xcom_v2"].name

@@ -134,12 +134,12 @@ def under_chunk(tables: dict[str, Table], path: Path, target: Any, root_cond: li
 
 def batch_query(conn: Connection, tables: dict[str, Table], path: Path, root_cond: list[Any],
                 batch_size: int, after: sql.Key | None = None) -> Any:
-    """The SELECT that picks a batch's keys and their root keys (what delete_batch runs, and
+    """The SELECT that picks a batch's keys and their root keys (what delete_batch_from runs, and
     what EXPLAIN shows), from the root key *after* on (inclusive) when given.
 
     PostgreSQL: locks the dependant's rows only (``FOR UPDATE OF candidate``), not the ancestors
     it joins. MySQL/MariaDB: unlocked (MariaDB has no ``FOR UPDATE OF``, and a locking join
-    would lock the ancestors' rows too); delete_batch then locks the keys it found."""
+    would lock the ancestors' rows too); delete_batch_from then locks the keys it found."""
     root_keys = sql.key_columns(tables[path[0].parent])
     if after is not None:
         key = root_keys[0] if len(root_keys) == 1 else tuple_(*root_keys)
@@ -157,12 +157,6 @@ def batch_query(conn: Connection, tables: dict[str, Table], path: Path, root_con
     # through it (they are together, often at its end, behind the rows earlier batches
     # deleted); ordered, the cheap plan is the root's key index down the foreign keys'.
     return query.order_by(*root_keys).limit(batch_size)
-
-
-def delete_batch(conn: Connection, tables: dict[str, Table], path: Path, root_cond: list[Any],
-                 batch_size: int, archive: Table | None = None) -> int:
-    """delete_batch_from the chunk's first root row: the rows deleted."""
-    return delete_batch_from(conn, tables, path, root_cond, batch_size, archive)[0]
 
 
 def delete_batch_from(conn: Connection, tables: dict[str, Table], path: Path,
