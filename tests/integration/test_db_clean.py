@@ -621,6 +621,71 @@ def test_each_dependant_batch_starts_at_the_root_row_the_last_one_ended_on(
                             .where(ti.c.dag_id == "keyset")).scalar_one() == 0
 
 
+def wait_for_lock_waiter(engine: Engine, timeout: float = 30) -> None:
+    """Until a session of this database waits for a row lock (PostgreSQL or MariaDB)."""
+    from sqlalchemy import text
+
+    sql = text("SELECT 1 FROM pg_stat_activity WHERE datname = current_database()"
+               " AND wait_event_type = 'Lock'" if engine.dialect.name == "postgresql" else
+               "SELECT 1 FROM information_schema.innodb_trx WHERE trx_state = 'LOCK WAIT'")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with engine.connect() as conn:
+            if conn.execute(sql).first() is not None:
+                return
+
+        # Not faster: InnoDB refreshes innodb_trx only when it was not read for 100 ms
+        # (its trx_i_s cache), so a poll every 20 ms never saw the waiter.
+        time.sleep(0.25)
+    raise TimeoutError(f"no session waited for a row lock within {timeout}s")
+
+
+def test_a_dependant_row_changed_while_its_batch_waits_is_deleted_by_a_later_batch(
+        one_db: tuple[str, Engine, Data]) -> None:
+    """A task instance under a dag_run chunk, updated by another transaction while a dependant
+    batch waits for its row lock: no row is lost or left. On PostgreSQL the batch (one
+    statement, its DELETE finding the rows it locked by ctid) locks the row's new version, which
+    its snapshot does not see, so it deletes the other three and the next batch the fourth; on
+    MariaDB the batch locks and deletes all four."""
+    import threading
+
+    from sqlalchemy import update
+    from structlog.testing import capture_logs
+
+    from workers.dbclean import cascade
+    from workers.dbclean import statements as sql
+
+    _, engine, _ = one_db
+    md = MetaData()
+    md.reflect(engine, only=["dag_run", "task_instance"])
+    ti = md.tables["task_instance"]
+    with engine.begin() as conn:
+        old_dag_runs(conn, md, "waits", {1001: 4})
+    with engine.connect() as conn:
+        t = sql.reflect(conn, "dag_run")
+        deps = [d for d in dbclean._dependants(conn, cascade.ForeignKeys(conn), t)
+                if d[1].name == "task_instance" and len(d[0]) == 1]
+    # Batches start at a tenth of the batch size: 4, the dag run's task instances.
+    request = dbclean.Request(before=T, tables=("dag_run",), batch_size=40, skip_archive=True)
+    sizes = dbclean.Sizes(batch_size=40, target_ms=10_000)
+    done: list[int] = []
+    with engine.connect() as holder, capture_logs() as logs:
+        with holder.begin():
+            holder.execute(update(ti).where(ti.c.dag_id == "waits", ti.c.task_id == "t2")
+                           .values(pool="changed"))
+            worker = threading.Thread(target=lambda: done.append(dbclean._delete_dependants(
+                engine, request, deps, t, [t.c.id == 1001], sizes)))
+            worker.start()
+            wait_for_lock_waiter(engine)
+        worker.join(30)
+    assert done == [4]
+    batches = [e["rows"] for e in logs if e["event"] == "db_clean_dependants_deleted"]
+    assert batches == ([3, 1] if engine.dialect.name == "postgresql" else [4])
+    with engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(ti)
+                            .where(ti.c.dag_id == "waits")).scalar_one() == 0
+
+
 def test_state_of_a_running_dag_run_is_kept_unless_protection_is_off(
         one_db: tuple[str, Engine, Data]) -> None:
     """statesweep's protected-live-work rule holds in db-clean: task_state_store rows of a dag

@@ -289,13 +289,24 @@ def move_where(conn: Connection, t: Table, archive: Table | None, where: list[An
     in the same statement; returns the rows deleted."""
     if archive is None:
         return int(conn.execute(delete(t).where(*where)).rowcount)
-    names = [c.name for c in archive.c]
-    moved = delete(t).where(*where).returning(*[t.c[n] for n in names]).cte("moved")
     # The count comes from the INSERT's own RETURNING: a DML statement whose WITH holds a
     # DELETE reports no row count through the driver.
-    archived = (insert(archive).from_select(names, select(*[moved.c[n] for n in names]))
-                .returning(archive.c[names[0]]).cte("archived"))
-    return int(conn.execute(select(func.count()).select_from(archived)).scalar_one())
+    return int(conn.execute(select(func.count()).select_from(moved_rows(t, archive, where)))
+               .scalar_one())
+
+
+def moved_rows(t: Table, archive: Table | None, where: list[Any]) -> Any:
+    """PostgreSQL: a CTE that deletes the rows *where* selects, copying each into *archive*
+    (unless None) in the same statement (``WITH moved AS (DELETE … RETURNING *) INSERT INTO
+    archive SELECT * FROM moved RETURNING …``): one row per row moved, to count. A statement
+    that reads it runs the DELETE whole, however little of it the statement reads."""
+    names = ([c.name for c in archive.c] if archive is not None
+             else [(key_columns(t) or list(t.c))[0].name])
+    moved = delete(t).where(*where).returning(*[t.c[n] for n in names]).cte("moved")
+    if archive is None:
+        return moved
+    return (insert(archive).from_select(names, select(*[moved.c[n] for n in names]))
+            .returning(archive.c[names[0]]).cte("archived"))
 
 
 def move_keys(conn: Connection, t: Table, archive: Table | None, keys: list[Key]) -> int:
