@@ -686,6 +686,56 @@ def test_a_dependant_row_changed_while_its_batch_waits_is_deleted_by_a_later_bat
                             .where(ti.c.dag_id == "waits")).scalar_one() == 0
 
 
+def test_a_dependant_row_added_behind_the_batches_is_found_by_the_last_pass(
+        one_db: tuple[str, Engine, Data], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batches go forward by root key; a task instance added under dag run 1001 once they have
+    moved on to 1002 is behind them: the last pass from the chunk's start finds it, so the
+    dependants end only when a batch from the start finds none."""
+    from workers.dbclean import cascade
+    from workers.dbclean import statements as sql
+
+    _, engine, _ = one_db
+    md = MetaData()
+    md.reflect(engine, only=["dag_run", "task_instance"])
+    ti = md.tables["task_instance"]
+    with engine.begin() as conn:
+        old_dag_runs(conn, md, "behind", {1001: 3, 1002: 3})
+    with engine.connect() as conn:
+        t = sql.reflect(conn, "dag_run")
+        deps = [d for d in dbclean._dependants(conn, cascade.ForeignKeys(conn), t)
+                if d[1].name == "task_instance" and len(d[0]) == 1]
+    calls: list[tuple[Any, tuple[int, Any]]] = []
+    real = cascade.delete_batch_from
+
+    def batch(*args: Any, **kwargs: Any) -> tuple[int, Any]:
+        if len(calls) == 2:
+            # The batches have moved past 1001, and the last one has committed (this one has
+            # locked nothing yet: MariaDB's insert would wait for the batch's locks).
+            assert calls[-1][1][1] == (1002,)
+            with engine.begin() as conn:
+                conn.execute(ti.insert().values(
+                    id=uuid.uuid4(), dag_id="behind", run_id="r1001", task_id="late",
+                    try_number=1, pool="p", pool_slots=1))
+        result = real(*args, **kwargs)
+        calls.append((kwargs["after"], result))
+        return result
+
+    monkeypatch.setattr(cascade, "delete_batch_from", batch)
+    # Batches start at a tenth of the batch size: 3, one dag run's task instances.
+    request = dbclean.Request(before=T, tables=("dag_run",), batch_size=30, skip_archive=True)
+    sizes = dbclean.Sizes(batch_size=30, target_ms=10_000)
+    assert dbclean._delete_dependants(engine, request, deps, t, [t.c.id.in_([1001, 1002])],
+                                      sizes) == 7
+    # From the start, then from 1001 (>=: its own rows are done), from 1002 (empty), and the
+    # last pass from the start, which finds the late one; then one more from it, empty, and
+    # one more from the start, empty.
+    assert [(after, rows) for after, (rows, _) in calls] == [
+        (None, 3), ((1001,), 3), ((1002,), 0), (None, 1), ((1001,), 0), (None, 0)]
+    with engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(ti)
+                            .where(ti.c.dag_id == "behind")).scalar_one() == 0
+
+
 def test_state_of_a_running_dag_run_is_kept_unless_protection_is_off(
         one_db: tuple[str, Engine, Data]) -> None:
     """statesweep's protected-live-work rule holds in db-clean: task_state_store rows of a dag
