@@ -69,6 +69,13 @@ ALLOWED: dict[tuple[str, str, str, tuple[str, ...]], str] = {
     ("planners/dags.py", "estimate_selected", "text", ("explain", "table", "column")):
         TABLE_NAME + " and its dag_id column, quoted by the dialect's identifier preparer; "
         "explain is one of two constant EXPLAIN spellings; the dag ids are bound (expanding)",
+    ("dbclean/cascade.py", "_move_batch", "literal_column", ("prep.quote('candidate')",)):
+        "the constant alias name 'candidate', quoted by the dialect's identifier preparer, "
+        "and the system column ctid",
+    ("dbclean/cascade.py", "_move_batch", "literal_column", ("prep.format_table(target)",)):
+        "a table reflected from the live schema's catalog (a dependant down Airflow's foreign "
+        "keys, never input), quoted by the dialect's identifier preparer, and the system "
+        "column ctid",
     ("dbclean/run.py", "_in_transaction", "exec_driver_sql", ()):
         STATIC + " (SET LOCAL client_connection_check_interval = 1000)",
     ("chunk.py", "before_commit", "text", ()): STATIC + " (SELECT txid_current())",
