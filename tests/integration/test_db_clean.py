@@ -736,6 +736,38 @@ def test_a_dependant_row_added_behind_the_batches_is_found_by_the_last_pass(
                             .where(ti.c.dag_id == "behind")).scalar_one() == 0
 
 
+def test_a_task_instance_chunk_takes_its_reschedules_with_its_slices_unless_archived(
+        one_db: tuple[str, Engine, Data]) -> None:
+    """A task instance's cascade is bounded, so its reschedules go with each slice's DELETE
+    (the foreign key's cascade), with no batch of them first (Airflow 3.3); Airflow 3.4 archives
+    them with the task instance, so there a batch moves them into their archive first."""
+    from structlog.testing import capture_logs
+
+    _, engine, data = one_db
+    md = MetaData()
+    md.reflect(engine, only=["task_reschedule"])
+    tr = md.tables["task_reschedule"]
+    old = {r["id"] for r in data.tis if r["start_date"] is not None and r["start_date"] < T}
+    with engine.begin() as conn:
+        # Newer than T: their own rule keeps them; only their task instance's delete takes them.
+        insert(conn, tr, [{"ti_id": ti_id, "start_date": T + DAY, "end_date": T + DAY,
+                           "duration": 1, "reschedule_date": T + 2 * DAY} for ti_id in old])
+    request = dbclean.Request(before=T, tables=("task_instance",), batch_size=10)
+    with capture_logs() as logs:
+        dbclean.clean(engine, request)
+    batched = {e["dependant"] for e in logs if e["event"] == "db_clean_dependants_deleted"
+               and e["table"] == "task_instance"}
+    archives_them = data.version.startswith("3.4")
+    assert batched == ({"task_reschedule"} if archives_them else set())
+    with engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(tr)).scalar_one() == 0
+        archive = [a for a in archives(engine) if a.startswith(f"{ARCHIVE_PREFIX}task_reschedule")]
+        assert len(archive) == (1 if archives_them else 0)
+        for name in archive:
+            assert conn.execute(select(func.count()).select_from(
+                Table(name, MetaData(), autoload_with=conn))).scalar_one() == len(old)
+
+
 def test_state_of_a_running_dag_run_is_kept_unless_protection_is_off(
         one_db: tuple[str, Engine, Data]) -> None:
     """statesweep's protected-live-work rule holds in db-clean: task_state_store rows of a dag

@@ -454,7 +454,8 @@ def _move(ctx: Context, run_id: str, rule: TableRule, request: run.Request,
         cascades = {} if archive_name is None else _cached(
             run_id, f"cascades:{rule.table}", lambda: cascade.cascade_archives(
                 engine, version, rule.table, archive_name, [d[1] for d in dependants]))
-        deps = run._delete_dependants(engine, request, dependants, t,
+        deps = run._delete_dependants(engine, request,
+                                      run.pre_deleted(rule, dependants, cascades), t,
                                       [*cond, *sql.in_range(t, lo, hi)], sizes, cascades)
     # Slices of the chunk, each one transaction: its archive and its delete, the whole rule
     # re-checked.

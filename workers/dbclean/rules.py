@@ -79,6 +79,11 @@ class TableRule:
     also: tuple[str, ...] = ()
     #: Only the ``also`` conditions: the table was not asked for, another table's rule brings it.
     also_only: bool = False
+    #: A row's cascade is bounded (a task instance's own XComs, reschedules, rendered fields,
+    #: notes, …: a handful of rows, not a dag run's thousands of task instances), so each
+    #: slice's DELETE carries it, in a transaction sized by time like any other; only the rows
+    #: Airflow archives with the cascade are moved first (workers.dbclean.run.pre_deleted).
+    cascade_in_slices: bool = False
 
 
 def _common() -> list[TableRule]:
@@ -120,7 +125,7 @@ def _rules_33() -> list[TableRule]:
     return [*_common(),
             TableRule("asset_event", "timestamp", dag_id="dag_id"),
             TableRule("task_instance", "start_date", dag_id="dag_id",
-                      dependants=("task_instance_history", "xcom")),
+                      dependants=("task_instance_history", "xcom"), cascade_in_slices=True),
             TableRule("task_instance_history", "start_date", dag_id="dag_id"),
             TableRule("task_reschedule", "start_date", dag_id="dag_id"),
             TableRule("xcom", "timestamp", dag_id="dag_id"),
@@ -131,7 +136,8 @@ def _rules_34() -> list[TableRule]:
     return [*_common(),
             TableRule("asset_event", "timestamp", dag_id="source_dag_id"),
             TableRule("task_instance", "start_date", dag_id="dag_id",
-                      dependants=("xcom_v1", "xcom_v2", "task_reschedule")),
+                      dependants=("xcom_v1", "xcom_v2", "task_reschedule"),
+                      cascade_in_slices=True),
             TableRule("task_instance_history", "start_date", dag_id="dag_id",
                       extra_filters=("not_in_working_set",), only_when_named=True),
             TableRule("task_reschedule", "start_date",
