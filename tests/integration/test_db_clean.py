@@ -768,6 +768,41 @@ def test_a_task_instance_chunk_takes_its_reschedules_with_its_slices_unless_arch
                 Table(name, MetaData(), autoload_with=conn))).scalar_one() == len(old)
 
 
+def test_mariadb_moves_locked_keys_a_hundred_a_statement() -> None:
+    """MySQL/MariaDB archive and delete locked rows by their keys, 100 a statement (MariaDB
+    plans a long ``key IN (…)`` list in more than linear time): 250 keys are three statements
+    of each kind, and every row is archived once and deleted. (PostgreSQL moves by range.)"""
+    with airflow_schema_database("mysql", "3.3.2") as url:
+        engine = make_engine(url)
+        try:
+            _move_250_keys(engine)
+        finally:
+            engine.dispose()
+
+
+def _move_250_keys(engine: Engine) -> None:
+    from workers.dbclean import statements as sql
+
+    md = MetaData()
+    md.reflect(engine, only=["log"])
+    log_t = md.tables["log"]
+    with engine.begin() as conn:
+        insert(conn, log_t, [{"id": 10_000 + i, "dttm": T - DAY, "event": "old"}
+                             for i in range(250)])
+        archive = sql.create_archive(conn, log_t, f"{ARCHIVE_PREFIX}log__pieces")
+    cols = sql.key_columns(log_t)
+    with engine.begin() as conn:
+        keys = [tuple(r) for r in conn.execute(
+            select(*cols).where(log_t.c.id >= 10_000).with_for_update())]
+        assert len(sql.keys_in(cols, keys)) == 3
+        assert sql.move_keys(conn, log_t, archive, keys) == 250
+    with engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(log_t)
+                            .where(log_t.c.id >= 10_000)).scalar_one() == 0
+        assert sorted(conn.execute(select(archive.c.id)).scalars()) == \
+            [10_000 + i for i in range(250)]
+
+
 def test_state_of_a_running_dag_run_is_kept_unless_protection_is_off(
         one_db: tuple[str, Engine, Data]) -> None:
     """statesweep's protected-live-work rule holds in db-clean: task_state_store rows of a dag

@@ -187,10 +187,10 @@ def delete_batch_from(conn: Connection, tables: dict[str, Table], path: Path,
         return 0, None
     n = len(cols)
     keys, last = [k[:n] for k in found], found[-1][n:]
-    chosen = cols[0].in_([k[0] for k in keys]) if n == 1 else tuple_(*cols).in_(keys)
-    locked = (select(*cols).where(chosen, descends_from_chunk(tables, path, target, root_cond))
-              .with_for_update())
-    return sql.move_keys(conn, target, archive, [tuple(r) for r in conn.execute(locked)]), last
+    ancestor = descends_from_chunk(tables, path, target, root_cond)
+    locked = [tuple(r) for chosen in sql.keys_in(cols, keys) for r in conn.execute(
+        select(*cols).where(chosen, ancestor).with_for_update())]
+    return sql.move_keys(conn, target, archive, locked), last
 
 
 def _move_batch(conn: Connection, query: Any, target: Table,

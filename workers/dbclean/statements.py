@@ -311,14 +311,31 @@ def moved_rows(t: Table, archive: Table | None, where: list[Any]) -> Any:
 
 def move_keys(conn: Connection, t: Table, archive: Table | None, keys: list[Key]) -> int:
     """MySQL/MariaDB: copy the rows of *keys* (locked by the caller's SELECT … FOR UPDATE)
-    into *archive* (unless None), then delete them; returns the rows deleted."""
-    if not keys:
-        return 0
+    into *archive* (unless None), then delete them, :data:`KEYS_PER_STATEMENT` keys a
+    statement; returns the rows deleted."""
     cols = key_columns(t)
-    chosen = (cols[0].in_([k[0] for k in keys]) if len(cols) == 1
-              else tuple_(*cols).in_(keys))
-    if archive is not None:
-        names = [c.name for c in archive.c]
-        conn.execute(insert(archive).from_select(names, select(*[t.c[n] for n in names])
-                                                 .where(chosen)))
-    return int(conn.execute(delete(t).where(chosen)).rowcount)
+    names = [c.name for c in archive.c] if archive is not None else []
+    deleted = 0
+    for chosen in keys_in(cols, keys):
+        if archive is not None:
+            conn.execute(insert(archive).from_select(names, select(*[t.c[n] for n in names])
+                                                     .where(chosen)))
+        deleted += int(conn.execute(delete(t).where(chosen)).rowcount)
+    return deleted
+
+
+#: MariaDB plans ``(a, b, c, d) IN ((…), …)`` in time that grows faster than the list: deleting
+#: 1,000 locked xcom rows by their keys took 195-234 ms in one statement, 49 ms in ten of 100
+#: (4,000: 257 ms, 188 ms in forty); from 1,000 keys up it also rewrites the list into a
+#: subquery (in_predicate_conversion_threshold).
+KEYS_PER_STATEMENT = 100
+
+
+def keys_in(cols: list[Column[Any]], keys: list[Key]) -> list[Any]:
+    """``key IN (…)`` conditions covering *keys*, :data:`KEYS_PER_STATEMENT` keys each."""
+    out = []
+    for i in range(0, len(keys), KEYS_PER_STATEMENT):
+        part = keys[i:i + KEYS_PER_STATEMENT]
+        out.append(cols[0].in_([k[0] for k in part]) if len(cols) == 1
+                   else tuple_(*cols).in_(part))
+    return out
