@@ -285,7 +285,11 @@ def move_chunk(conn: Connection, t: Table, archive: Table | None, cond: list[Any
     deleted.
     MySQL/MariaDB (no DML in a CTE, and a DELETE may not read its own table in a subquery):
     ``SELECT key … FOR UPDATE`` with the rule locks the eligible rows, then ``INSERT … SELECT``
-    and ``DELETE`` of those keys; the locks hold both to the same rows until commit.
+    and ``DELETE`` of those keys (:func:`move_keys`); the locks hold both to the same rows
+    until commit. Where the rule reads the row alone and the transaction is REPEATABLE READ,
+    the INSERT and the DELETE repeat the range and the rule instead (the locking read locked
+    the range's rows and gaps). Without an archive, one ``DELETE`` with the rule, as on
+    PostgreSQL, unless the rule reads its own table.
     """
     where = [*cond, *in_range(t, lo, hi)]
     if not is_mysql(conn):
