@@ -228,6 +228,17 @@ def one_db(request: pytest.FixtureRequest) -> Iterator[tuple[str, Engine, Data]]
             engine.dispose()
 
 
+@pytest.fixture
+def mariadb_33() -> Iterator[Engine]:
+    """An empty Airflow 3.3.2 schema on MariaDB, for the MySQL-only statements."""
+    with airflow_schema_database("mysql", "3.3.2") as url:
+        engine = make_engine(url)
+        try:
+            yield engine
+        finally:
+            engine.dispose()
+
+
 def invoke(url: str, *args: str, stdin: str | None = None) -> Any:
     env = {"STATESWEEP_DATABASE_URL": url, "STATESWEEP_RUN_STORE_URL": "memory://"}
     return CliRunner().invoke(cli, ["db-clean", *args], env=env, input=stdin,
@@ -622,12 +633,16 @@ def test_each_dependant_batch_starts_at_the_root_row_the_last_one_ended_on(
 
 
 def wait_for_lock_waiter(engine: Engine, timeout: float = 30) -> None:
-    """Until a session of this database waits for a row lock (PostgreSQL or MariaDB)."""
+    """Until a session of this database waits for a row lock: PostgreSQL's is the fault
+    tests' (tests.reliability.faults); MariaDB's reads innodb_trx."""
     from sqlalchemy import text
 
-    sql = text("SELECT 1 FROM pg_stat_activity WHERE datname = current_database()"
-               " AND wait_event_type = 'Lock'" if engine.dialect.name == "postgresql" else
-               "SELECT 1 FROM information_schema.innodb_trx WHERE trx_state = 'LOCK WAIT'")
+    if engine.dialect.name == "postgresql":
+        from tests.reliability.faults import wait_for_lock_waiter as pg_waiter
+
+        pg_waiter(engine, timeout)
+        return
+    sql = text("SELECT 1 FROM information_schema.innodb_trx WHERE trx_state = 'LOCK WAIT'")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with engine.connect() as conn:
@@ -768,116 +783,15 @@ def test_a_task_instance_chunk_takes_its_reschedules_with_its_slices_unless_arch
                 Table(name, MetaData(), autoload_with=conn))).scalar_one() == len(old)
 
 
-def test_mariadb_moves_locked_keys_in_bounded_lists() -> None:
+def test_mariadb_moves_locked_keys_in_bounded_lists(mariadb_33: Engine) -> None:
     """MySQL/MariaDB archive and delete locked rows by their keys in bounded lists (MariaDB
     plans a long row-constructor list in more than linear time, and turns 1,000 values or
     more into a subquery): 2,500 log ids are three statements of each kind (999, 999, 502),
     and every row is archived once and deleted; 250 xcom keys (four columns) would be three of
     100. (PostgreSQL moves by range.)"""
-    with airflow_schema_database("mysql", "3.3.2") as url:
-        engine = make_engine(url)
-        try:
-            _move_2500_ids(engine)
-        finally:
-            engine.dispose()
-
-
-def test_mariadb_reads_a_composite_key_chunk_by_range() -> None:
-    """A chunk of xcom (a four-column key) is ``lo < key <= hi``, a row comparison MariaDB's
-    range optimizer does not read; the bounds on the key's first column that in_range adds
-    make the plan a range of the primary key, not a scan of the table per statement."""
-    from sqlalchemy import text
-
     from workers.dbclean import statements as sql
 
-    with airflow_schema_database("mysql", "3.3.2") as url:
-        engine = make_engine(url)
-        try:
-            xcom = Table("xcom", MetaData(), autoload_with=engine)
-            query = select(*sql.key_columns(xcom)).where(
-                *sql.in_range(xcom, (10, "t", -1, "a"), (20, "t", -1, "a")))
-            with engine.connect() as conn:
-                sql_text = str(query.compile(conn, compile_kwargs={"literal_binds": True}))
-                [plan] = conn.execute(text("EXPLAIN " + sql_text)).mappings().all()
-        finally:
-            engine.dispose()
-    assert (plan["type"], plan["key"]) == ("range", "PRIMARY"), plan
-
-
-def test_mariadb_archives_a_chunk_by_its_range_only_under_repeatable_read() -> None:
-    """MySQL/MariaDB archive and delete a chunk whose rule reads only its own row (log) by its
-    range and rule again, after locking its rows: under REPEATABLE READ the locking read
-    locked the range's rows and gaps, so the range selects the locked rows again. Under READ
-    COMMITTED (no gap locks: a row can appear in the range) they go by their keys."""
-    from sqlalchemy import event
-
-    from workers.dbclean import statements as sql
-
-    with airflow_schema_database("mysql", "3.3.2") as url:
-        base = make_engine(url)
-        try:
-            md = MetaData()
-            md.reflect(base, only=["log"])
-            log_t = md.tables["log"]
-            deletes: list[str] = []
-            event.listen(base, "before_cursor_execute",
-                         lambda *a: deletes.append(a[2]) if a[2].startswith("DELETE") else None)
-            for level, first in (("READ COMMITTED", 20_000), ("REPEATABLE READ", 30_000)):
-                engine = base.execution_options(isolation_level=level)
-                with engine.begin() as conn:
-                    insert(conn, log_t, [{"id": first + i, "dttm": T - DAY, "event": "old"}
-                                         for i in range(5)])
-                    archive = sql.create_archive(conn, log_t, f"{ARCHIVE_PREFIX}log__{first}")
-                deletes.clear()
-                with engine.begin() as conn:
-                    assert conn.get_isolation_level() == level
-                    cond = [log_t.c.dttm < T]
-                    assert sql.move_chunk(conn, log_t, archive, cond, (first - 1,),
-                                          (first + 4,)) == 5
-                    assert conn.execute(select(func.count()).select_from(archive)) \
-                        .scalar_one() == 5
-                [statement] = deletes
-                assert (" IN " in statement) == (level == "READ COMMITTED"), statement
-        finally:
-            base.dispose()
-
-
-def test_which_rules_mysql_can_delete_by_range() -> None:
-    """MySQL refuses a DELETE whose subquery reads its own table: the keep-last rules (dag_run,
-    dag_version) go by locked keys even with --skip-archive, and a whole run of them works.
-    A chunk goes by its range with an archive only where the rule reads the row alone: not
-    task_state_store (its dag run's state), callback (its deadlines) or the keep-last ones."""
-    from workers.dbclean import rules
-    from workers.dbclean import statements as sql
-
-    with airflow_schema_database("mysql", "3.3.2") as url:
-        engine = make_engine(url)
-        try:
-            reads_itself, reads_others = set(), set()
-            with engine.connect() as conn:
-                for rule in rules.effective_tables("3.3"):
-                    if not inspect(conn).has_table(rule.table):
-                        continue
-                    t = sql.reflect(conn, rule.table)
-                    where = sql.eligible(conn, rule, t, T)
-                    if sql._reads_itself(t, where):
-                        reads_itself.add(rule.table)
-                    if not sql._reads_only_itself(t, where):
-                        reads_others.add(rule.table)
-            assert reads_itself == {"dag_run", "dag_version"}
-            assert {"task_state_store", "callback", "dag_run", "dag_version"} <= reads_others
-            assert not {"log", "job", "xcom", "task_instance"} & reads_others
-            populate(engine, "3.3.2")
-            report = dbclean.clean(engine, dbclean.Request(
-                before=T, tables=("dag_run",), batch_size=5, skip_archive=True))
-            assert [r.deleted for r in report.tables if r.table == "dag_run"][0] > 0
-        finally:
-            engine.dispose()
-
-
-def _move_2500_ids(engine: Engine) -> None:
-    from workers.dbclean import statements as sql
-
+    engine = mariadb_33
     md = MetaData()
     md.reflect(engine, only=["log", "xcom"])
     log_t = md.tables["log"]
@@ -899,6 +813,84 @@ def _move_2500_ids(engine: Engine) -> None:
                             .where(log_t.c.id >= 10_000)).scalar_one() == 0
         assert sorted(conn.execute(select(archive.c.id)).scalars()) == \
             [10_000 + i for i in range(2500)]
+
+
+def test_mariadb_reads_a_composite_key_chunk_by_range(mariadb_33: Engine) -> None:
+    """A chunk of xcom (a four-column key) is ``lo < key <= hi``, a row comparison MariaDB's
+    range optimizer does not read; the bounds on the key's first column that in_range adds
+    make the plan a range of the primary key, not a scan of the table per statement."""
+    from sqlalchemy import text
+
+    from workers.dbclean import statements as sql
+
+    xcom = Table("xcom", MetaData(), autoload_with=mariadb_33)
+    query = select(*sql.key_columns(xcom)).where(
+        *sql.in_range(xcom, (10, "t", -1, "a"), (20, "t", -1, "a")))
+    with mariadb_33.connect() as conn:
+        sql_text = str(query.compile(conn, compile_kwargs={"literal_binds": True}))
+        [plan] = conn.execute(text("EXPLAIN " + sql_text)).mappings().all()
+    assert (plan["type"], plan["key"]) == ("range", "PRIMARY"), plan
+
+
+def test_mariadb_archives_a_chunk_by_its_range_only_under_repeatable_read(
+        mariadb_33: Engine) -> None:
+    """MySQL/MariaDB archive and delete a chunk whose rule reads only its own row (log) by its
+    range and rule again, after locking its rows: under REPEATABLE READ the locking read
+    locked the range's rows and gaps, so the range selects the locked rows again. Under READ
+    COMMITTED (no gap locks: a row can appear in the range) they go by their keys."""
+    from sqlalchemy import event
+
+    from workers.dbclean import statements as sql
+
+    md = MetaData()
+    md.reflect(mariadb_33, only=["log"])
+    log_t = md.tables["log"]
+    deletes: list[str] = []
+    event.listen(mariadb_33, "before_cursor_execute",
+                 lambda *a: deletes.append(a[2]) if a[2].startswith("DELETE") else None)
+    for level, first in (("READ COMMITTED", 20_000), ("REPEATABLE READ", 30_000)):
+        engine = mariadb_33.execution_options(isolation_level=level)
+        with engine.begin() as conn:
+            insert(conn, log_t, [{"id": first + i, "dttm": T - DAY, "event": "old"}
+                                 for i in range(5)])
+            archive = sql.create_archive(conn, log_t, f"{ARCHIVE_PREFIX}log__{first}")
+        deletes.clear()
+        with engine.begin() as conn:
+            assert conn.get_isolation_level() == level
+            assert sql.move_chunk(conn, log_t, archive, [log_t.c.dttm < T], (first - 1,),
+                                  (first + 4,)) == 5
+            assert conn.execute(select(func.count()).select_from(archive)).scalar_one() == 5
+        [statement] = deletes
+        assert (" IN " in statement) == (level == "READ COMMITTED"), statement
+
+
+def test_which_rules_mysql_can_delete_by_range(mariadb_33: Engine) -> None:
+    """MySQL refuses a DELETE whose subquery reads its own table: the keep-last rules (dag_run,
+    dag_version) go by locked keys even with --skip-archive, and a whole run of them works.
+    A chunk goes by its range with an archive only where the rule reads the row alone: not
+    task_state_store (its dag run's state), callback (its deadlines) or the keep-last ones."""
+    from workers.dbclean import rules
+    from workers.dbclean import statements as sql
+
+    engine = mariadb_33
+    reads_itself, reads_others = set(), set()
+    with engine.connect() as conn:
+        for rule in rules.effective_tables("3.3"):
+            if not inspect(conn).has_table(rule.table):
+                continue
+            t = sql.reflect(conn, rule.table)
+            where = sql.eligible(conn, rule, t, T)
+            if sql._reads_itself(t, where):
+                reads_itself.add(rule.table)
+            if not sql._reads_only_itself(t, where):
+                reads_others.add(rule.table)
+    assert reads_itself == {"dag_run", "dag_version"}
+    assert {"task_state_store", "callback", "dag_run", "dag_version"} <= reads_others
+    assert not {"log", "job", "xcom", "task_instance"} & reads_others
+    populate(engine, "3.3.2")
+    report = dbclean.clean(engine, dbclean.Request(
+        before=T, tables=("dag_run",), batch_size=5, skip_archive=True))
+    assert [r.deleted for r in report.tables if r.table == "dag_run"][0] > 0
 
 
 def test_state_of_a_running_dag_run_is_kept_unless_protection_is_off(
