@@ -34,6 +34,7 @@ import tempfile
 import time
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 from bench import dbclean_fill as fill
 from bench.dbclean_compare import ROOT, Server, airflow_env, build_source, ensure_airflow
@@ -77,14 +78,28 @@ def clean(server: Server, version: str, how: tuple[int, int] | None, airflow: st
             into.append(statesweep(url, how[0], extra, how[1]))
 
 
+def positive(kind: type) -> Any:
+    """An argparse type: a number of *kind* above zero (a median of no rounds, or no workers,
+    has no answer)."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be above 0: {text!r}")
+        return value
+    return parse
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--airflow", default="/opt/af-3.3.2/bin/airflow")
-    p.add_argument("--scale", type=float, default=1.0)
-    p.add_argument("--tasks", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=10000)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--scale", type=positive(float), default=1.0)
+    p.add_argument("--tasks", type=positive(int), default=10)
+    p.add_argument("--batch-size", type=positive(int), default=10000)
+    p.add_argument("--workers", type=positive(int), default=2)
+    p.add_argument("--rounds", type=positive(int), default=3)
     p.add_argument("--archive", action="store_true", help="archive (default: --skip-archive)")
     args = p.parse_args(argv)
     server = Server("postgresql")
