@@ -815,6 +815,44 @@ def test_mariadb_moves_locked_keys_in_bounded_lists(mariadb_33: Engine) -> None:
             [10_000 + i for i in range(2500)]
 
 
+def test_mariadb_checks_a_batchs_roots_against_the_rule_once(mariadb_33: Engine) -> None:
+    """On MySQL/MariaDB a dependant batch reads its parents' rule (dag_run's keep-last: a GROUP
+    BY over dag_run) twice, in its search and once on the roots it found, however many key
+    lists lock its rows: 1,200 task instances (two lists) under two eligible dag runs go in
+    one batch, and those of a dag run the rule keeps (started after T) stay."""
+    from sqlalchemy import event
+
+    from workers.dbclean import cascade
+    from workers.dbclean import statements as sql
+    from workers.dbclean.rules import RULES
+
+    engine = mariadb_33
+    md = MetaData()
+    md.reflect(engine, only=["dag_run", "task_instance"])
+    dr, ti = md.tables["dag_run"], md.tables["task_instance"]
+    with engine.begin() as conn:
+        old_dag_runs(conn, md, "roots", {1001: 600, 1002: 600, 1003: 5})
+        conn.execute(dr.update().where(dr.c.id == 1003).values(start_date=T + DAY))
+    statements: list[str] = []
+    event.listen(engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+    with engine.begin() as conn:
+        t = sql.reflect(conn, "dag_run")
+        [(path, _, tables)] = [d for d in dbclean._dependants(conn, cascade.ForeignKeys(conn), t)
+                               if d[1].name == "task_instance" and len(d[0]) == 1]
+        rule = sql.eligible(conn, RULES["3.3"]["dag_run"], t, T)
+        statements.clear()
+        rows, last = cascade.delete_batch_from(conn, tables, path, [*rule, *sql.in_range(
+            t, None, (1003,))], 2000)
+    assert (rows, last) == (1200, (1002,))
+    locking = [s for s in statements if s.startswith("SELECT") and "FOR UPDATE" in s]
+    assert len(locking) == 2, statements
+    assert sum("keep_last" in s for s in statements) == 2, statements
+    with engine.connect() as conn:
+        left = conn.execute(select(ti.c.run_id, func.count()).where(ti.c.dag_id == "roots")
+                            .group_by(ti.c.run_id)).all()
+    assert left == [("r1003", 5)]
+
+
 def test_mariadb_reads_a_composite_key_chunk_by_range(mariadb_33: Engine) -> None:
     """A chunk of xcom (a four-column key) is ``lo < key <= hi``, a row comparison MariaDB's
     range optimizer does not read; the bounds on the key's first column that in_range adds
