@@ -160,3 +160,24 @@ def test_on_the_workers_a_slow_tables_chunk_moves_in_shrinking_transactions(
     assert log_table["longest_transaction_ms"] == 400.0
     assert log_table["transactions"] == len(sizes)
     assert keys(engine, "log") == expected(data)["log"]
+
+
+def test_on_the_workers_a_tables_chunks_are_cut_even(
+        one_db: tuple[str, Engine, Data],  # noqa: F811 - the fixture
+        make_settings: Callable[..., Settings]) -> None:
+    """log's 20 eligible rows at --batch-size 15 are cut into two chunks of 10 (not 15 and 5),
+    so two workers finish the table together; the rows left are Airflow's."""
+    url, engine, data = one_db
+    settings = make_settings(database_url=url, run_store_url="memory://",
+                             key_prefix=f"sw:{unique('t')}")
+    sent: list[tuple[Any, ...]] = []
+    ctx = _context(settings, engine, sent)
+    run_id = f"dbclean-{uuid.uuid4().hex[:12]}"
+    request = dbclean.Request(before=T, tables=("log",), batch_size=15, skip_archive=True)
+    distributed.start(ctx, run_id, request, "test")
+    assert len(sent) == 2 and sent[-1][4] is None  # the last chunk is open-ended
+    with capture_logs() as logs:
+        for _, chunk, table, lo, hi in list(sent):
+            assert distributed.run_chunk(ctx, run_id, chunk, table, lo, hi).status == "moved"
+    assert [e["rows"] for e in logs if e["event"] == "db_clean_chunk_moved"] == [10, 10]
+    assert keys(engine, "log") == expected(data)["log"]

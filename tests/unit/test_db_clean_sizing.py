@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from tests.services import unique
 from workers.dbclean import run
-from workers.dbclean.distributed import StoreSizes
+from workers.dbclean.distributed import StoreSizes, even_chunk
 from workers.dbclean.store import DbCleanStore
 from workers.runs import registry_for
 
@@ -110,3 +110,19 @@ def test_the_run_store_keeps_each_tables_timings_and_longest() -> None:
     entry = store.table("r1", "task_instance")
     assert float(entry["longest_ms"]) == 320.0
     assert int(entry["transactions"]) == 9 and entry["size"] == "1"
+
+
+def test_a_tables_chunks_are_as_few_as_the_batch_size_allows_and_even() -> None:
+    """14,690 rows at --batch-size 10,000 are two chunks of 7,345, not 10,000 and 4,690; a
+    table that fits one chunk, an unknown count (0) and --batch-size 0 keep the batch size."""
+    assert even_chunk(10_000, 14_690) == 7_345
+    assert even_chunk(10_000, 91_884) == 9_189  # ten chunks, the last 9,183
+    assert even_chunk(10_000, 20_000) == 10_000
+    assert even_chunk(10_000, 20_001) == 6_667
+    assert even_chunk(10_000, 9_000) == 10_000
+    assert even_chunk(10_000, 0) == 10_000
+    assert even_chunk(0, 14_690) == 0
+    for eligible in range(1, 2_000, 7):
+        size = even_chunk(100, eligible)
+        chunks = -(-eligible // size)
+        assert size <= 100 and chunks == -(-eligible // 100)
