@@ -155,3 +155,15 @@ def test_sparse_target_compares_auto_with_walk_only_at_one_percent() -> None:
     results["meta"]["expired_percent"] = 1
     sparse = [t for t in check_targets(results) if t["target"].startswith("at 1%")]
     assert len(sparse) == 1 and not sparse[0]["holds"]
+
+
+def test_db_clean_compare_takes_statesweeps_own_longest_transaction() -> None:
+    """The db-clean comparison quotes statesweep's own timing of every transaction (its JSON
+    report, per table) beside the samplers': the longest, and its table."""
+    from bench.dbclean_compare import own_longest
+
+    report = {"tables": [{"table": "log", "longest_transaction_ms": 12.3},
+                         {"table": "xcom", "longest_transaction_ms": 150.04},
+                         {"table": "job", "longest_transaction_ms": 0.0}]}
+    assert own_longest(report) == (150.0, "xcom")
+    assert own_longest({"tables": []}) == (0.0, "")
