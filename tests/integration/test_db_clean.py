@@ -704,8 +704,8 @@ def test_a_dependant_row_changed_while_its_batch_waits_is_deleted_by_a_later_bat
 def test_a_dependant_row_added_behind_the_batches_is_found_by_the_last_pass(
         one_db: tuple[str, Engine, Data], monkeypatch: pytest.MonkeyPatch) -> None:
     """Batches go forward by root key; a task instance added under dag run 1001 once they have
-    moved on to 1002 is behind them: the last pass from the chunk's start finds it, so the
-    dependants end only when a batch from the start finds none."""
+    moved on to 1002 is behind them: the last pass finds it, going over the chunk again in the
+    windows the batches ended on (each a transaction, so none walks the whole chunk)."""
     from workers.dbclean import cascade
     from workers.dbclean import statements as sql
 
@@ -732,7 +732,7 @@ def test_a_dependant_row_added_behind_the_batches_is_found_by_the_last_pass(
                     id=uuid.uuid4(), dag_id="behind", run_id="r1001", task_id="late",
                     try_number=1, pool="p", pool_slots=1))
         result = real(*args, **kwargs)
-        calls.append((kwargs["after"], result))
+        calls.append(((kwargs["after"], kwargs["until"]), result))
         return result
 
     monkeypatch.setattr(cascade, "delete_batch_from", batch)
@@ -741,11 +741,13 @@ def test_a_dependant_row_added_behind_the_batches_is_found_by_the_last_pass(
     sizes = dbclean.Sizes(batch_size=30, target_ms=10_000)
     assert dbclean._delete_dependants(engine, request, deps, t, [t.c.id.in_([1001, 1002])],
                                       sizes) == 7
-    # From the start, then from 1001 (>=: its own rows are done), from 1002 (empty), and the
-    # last pass from the start, which finds the late one; then one more from it, empty, and
-    # one more from the start, empty.
-    assert [(after, rows) for after, (rows, _) in calls] == [
-        (None, 3), ((1001,), 3), ((1002,), 0), (None, 1), ((1001,), 0), (None, 0)]
+    # Forward: from the start, then from 1001 (>=: its own rows are done), from 1002 (empty).
+    # Then the last pass, window by window between where the batches ended: up to 1001, which
+    # finds the late one, then 1001 alone, empty; 1001 to 1002, empty. Past 1002 the forward
+    # pass's last batch, after every other, found none.
+    assert [(window, rows) for window, (rows, _) in calls] == [
+        ((None, None), 3), (((1001,), None), 3), (((1002,), None), 0),
+        ((None, (1001,)), 1), (((1001,), (1001,)), 0), (((1001,), (1002,)), 0)]
     with engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(ti)
                             .where(ti.c.dag_id == "behind")).scalar_one() == 0

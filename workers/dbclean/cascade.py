@@ -136,17 +136,21 @@ def under_chunk(tables: dict[str, Table], path: Path, target: Any, root_cond: li
 
 
 def batch_query(conn: Connection, tables: dict[str, Table], path: Path, root_cond: list[Any],
-                batch_size: int, after: sql.Key | None = None) -> Any:
+                batch_size: int, after: sql.Key | None = None,
+                until: sql.Key | None = None) -> Any:
     """The SELECT that picks a batch's keys and their root keys (what delete_batch_from runs, and
-    what EXPLAIN shows), from the root key *after* on (inclusive) when given.
+    what EXPLAIN shows), from the root key *after* on and up to *until* (both inclusive) when
+    given.
 
     PostgreSQL: locks the dependant's rows only (``FOR UPDATE OF candidate``), not the ancestors
     it joins. MySQL/MariaDB: unlocked (MariaDB has no ``FOR UPDATE OF``, and a locking join
     would lock the ancestors' rows too); delete_batch_from then locks the keys it found."""
     root_keys = sql.key_columns(tables[path[0].parent])
+    key = root_keys[0] if len(root_keys) == 1 else tuple_(*root_keys)
     if after is not None:
-        key = root_keys[0] if len(root_keys) == 1 else tuple_(*root_keys)
         root_cond = [*root_cond, key >= (after[0] if len(after) == 1 else tuple_(*after))]
+    if until is not None:
+        root_cond = [*root_cond, key <= (until[0] if len(until) == 1 else tuple_(*until))]
     if sql.is_mysql(conn):
         query = under_chunk(tables, path, tables[path[-1].child], root_cond)
     else:
@@ -164,9 +168,11 @@ def batch_query(conn: Connection, tables: dict[str, Table], path: Path, root_con
 
 def delete_batch_from(conn: Connection, tables: dict[str, Table], path: Path,
                       root_cond: list[Any], batch_size: int, archive: Table | None = None,
-                      after: sql.Key | None = None) -> tuple[int, sql.Key | None]:
+                      after: sql.Key | None = None,
+                      until: sql.Key | None = None) -> tuple[int, sql.Key | None]:
     """Delete at most *batch_size* rows of the path's last table whose ancestor satisfies
-    *root_cond* (and whose root key is *after* or later), in the caller's transaction, copying
+    *root_cond* (and whose root key is *after* or later, and *until* or earlier), in the
+    caller's transaction, copying
     them into *archive* first when given; their keys are locked first. Returns the rows deleted
     and the root key of the last row found (None: none found), where the next batch starts: the
     rows under earlier roots are gone, and a search from the chunk's start would walk past
@@ -185,7 +191,7 @@ def delete_batch_from(conn: Connection, tables: dict[str, Table], path: Path,
     locking statements (20-30 ms each; the batch took 350 ms). Neither reads the root rows with
     a lock (MariaDB locks only the rows a locking SELECT returns), and under REPEATABLE READ both
     read the snapshot of the batch's first statement: the same answer, computed once."""
-    query = batch_query(conn, tables, path, root_cond, batch_size, after)
+    query = batch_query(conn, tables, path, root_cond, batch_size, after, until)
     target = tables[path[-1].child]
     if not sql.is_mysql(conn):
         return _move_batch(conn, query, target, archive)
@@ -223,7 +229,7 @@ def _move_batch(conn: Connection, query: Any, target: Table,
     ``(dag_run_id, task_id, map_index, key) IN ((…), …)`` made PostgreSQL test every row
     against every key: 220-320 ms for 1,000 xcom rows, 19 ms this way.) A row that another
     transaction changed while the batch waited for its lock is locked in its new version, which
-    this statement's snapshot does not see: it stays, and the last pass from the chunk's start
+    this statement's snapshot does not see: it stays, and the last pass over the chunk's roots
     (workers.dbclean.run._delete_dependants) finds it."""
     prep = conn.dialect.identifier_preparer
     batch = query.add_columns(literal_column(f"{prep.quote('candidate')}.ctid").label("tid")) \
