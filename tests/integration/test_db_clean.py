@@ -701,20 +701,26 @@ def test_a_dependant_row_changed_while_its_batch_waits_is_deleted_by_a_later_bat
                             .where(ti.c.dag_id == "waits")).scalar_one() == 0
 
 
+@pytest.mark.parametrize("archived", [True, False], ids=["archived", "not-archived"])
 def test_a_dependant_row_added_behind_the_batches_is_found_by_the_last_pass(
-        one_db: tuple[str, Engine, Data], monkeypatch: pytest.MonkeyPatch) -> None:
+        one_db: tuple[str, Engine, Data], monkeypatch: pytest.MonkeyPatch,
+        archived: bool) -> None:
     """Batches go forward by root key; a task instance added under dag run 1001 once they have
-    moved on to 1002 is behind them: the last pass finds it, going over the chunk again in the
-    windows the batches ended on (each a transaction, so none walks the whole chunk)."""
+    moved on to 1002 is behind them. Where the dependant goes to an archive, the last pass
+    finds it, going over the chunk's roots again in windows (a transaction each, so none walks
+    the whole chunk), and archives it. Where it does not, there is no last pass: the row is
+    left to the dag run's own DELETE, whose cascade takes it."""
     from workers.dbclean import cascade
     from workers.dbclean import statements as sql
 
     _, engine, _ = one_db
     md = MetaData()
     md.reflect(engine, only=["dag_run", "task_instance"])
-    ti = md.tables["task_instance"]
+    ti, dr = md.tables["task_instance"], md.tables["dag_run"]
     with engine.begin() as conn:
         old_dag_runs(conn, md, "behind", {1001: 3, 1002: 3})
+        archives = {"task_instance": sql.create_archive(
+            conn, ti, f"{ARCHIVE_PREFIX}task_instance__behind")} if archived else {}
     with engine.connect() as conn:
         t = sql.reflect(conn, "dag_run")
         deps = [d for d in dbclean._dependants(conn, cascade.ForeignKeys(conn), t)
@@ -737,20 +743,27 @@ def test_a_dependant_row_added_behind_the_batches_is_found_by_the_last_pass(
 
     monkeypatch.setattr(cascade, "delete_batch_from", batch)
     # Batches start at a tenth of the batch size: 3, one dag run's task instances.
-    request = dbclean.Request(before=T, tables=("dag_run",), batch_size=30, skip_archive=True)
+    request = dbclean.Request(before=T, tables=("dag_run",), batch_size=30,
+                              skip_archive=not archived)
     sizes = dbclean.Sizes(batch_size=30, target_ms=10_000)
     assert dbclean._delete_dependants(engine, request, deps, t, [t.c.id.in_([1001, 1002])],
-                                      sizes) == 7
+                                      sizes, archives) == (7 if archived else 6)
     # Forward: from the start, then from 1001 (>=: its own rows are done), from 1002 (empty).
-    # Then the last pass, window by window between where the batches ended: up to 1001, which
-    # finds the late one, then 1001 alone, empty; 1001 to 1002, empty. Past 1002 the forward
-    # pass's last batch, after every other, found none.
-    assert [(window, rows) for window, (rows, _) in calls] == [
-        ((None, None), 3), (((1001,), None), 3), (((1002,), None), 0),
-        ((None, (1001,)), 1), (((1001,), (1001,)), 0), (((1001,), (1002,)), 0)]
-    with engine.connect() as conn:
-        assert conn.execute(select(func.count()).select_from(ti)
-                            .where(ti.c.dag_id == "behind")).scalar_one() == 0
+    forward = [((None, None), 3), (((1001,), None), 3), (((1002,), None), 0)]
+    # Then the last pass, up to 1002, where the forward batches ended (past it the forward
+    # pass's last batch, after every other, found none): it finds the late one under 1001,
+    # then nothing from 1001 on.
+    last_pass = [((None, (1002,)), 1), (((1001,), (1002,)), 0)]
+    assert [(window, rows) for window, (rows, _) in calls] == \
+        forward + (last_pass if archived else [])
+    with engine.begin() as conn:
+        left = select(func.count()).select_from(ti).where(ti.c.dag_id == "behind")
+        assert conn.execute(left).scalar_one() == (0 if archived else 1)
+        if archived:
+            assert conn.execute(select(func.count()).select_from(
+                archives["task_instance"])).scalar_one() == 7
+        conn.execute(dr.delete().where(dr.c.id.in_([1001, 1002])))
+        assert conn.execute(left).scalar_one() == 0
 
 
 def test_a_task_instance_chunk_takes_its_reschedules_with_its_slices_unless_archived(

@@ -126,3 +126,15 @@ def test_a_tables_chunks_are_as_few_as_the_batch_size_allows_and_even() -> None:
         size = even_chunk(100, eligible)
         chunks = -(-eligible // size)
         assert size <= 100 and chunks == -(-eligible // 100)
+
+
+def test_the_dependants_last_pass_goes_in_windows_of_eight_forward_batches() -> None:
+    """Up to the last root a forward batch ended on, eight batches' roots a window (each
+    window one search, a transaction), the last window what is left; none without a batch."""
+    marks = [(i,) for i in range(1, 21)]
+    assert run.last_pass_windows(marks) == [(None, (8,)), ((8,), (16,)), ((16,), (20,))]
+    assert run.last_pass_windows(marks[:8]) == [(None, (8,))]
+    assert run.last_pass_windows(marks[:9]) == [(None, (8,)), ((8,), (9,))]
+    assert run.last_pass_windows([(1,)]) == [(None, (1,))]
+    assert run.last_pass_windows([]) == []
+    assert run.last_pass_windows(marks, per=1)[:2] == [(None, (1,)), ((1,), (2,))]
