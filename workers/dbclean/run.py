@@ -381,15 +381,16 @@ def _delete_dependants(engine: Engine, request: Request, dependants: list[Depend
     total = 0
     for path, target, tables in dependants:
         key = dependant_key(t.name, target.name)
+        archive = (archives or {}).get(target.name)
 
         def batch(after: sql.Key | None, until: sql.Key | None, path: cascade.Path = path,
                   target: Table = target, tables: dict[str, Table] = tables,
-                  key: str = key) -> tuple[int, sql.Key | None, int]:
+                  key: str = key, archive: Table | None = archive,
+                  ) -> tuple[int, sql.Key | None, int]:
             size = sizes.size(key)
             rows, last = _in_transaction(engine, request, target.name, partial(
                 cascade.delete_batch_from, tables=tables, path=path, root_cond=root_cond,
-                batch_size=size, archive=(archives or {}).get(target.name), after=after,
-                until=until),
+                batch_size=size, archive=archive, after=after, until=until),
                 both(timed(sizes, key, size, first), timed(sizes, t.name, size, first,
                                                            evidence=False)))
             if rows:
@@ -407,7 +408,6 @@ def _delete_dependants(engine: Engine, request: Request, dependants: list[Depend
                 break
             marks.append(last)
             after = last
-        archive = (archives or {}).get(target.name)
         if size <= 0 or not marks or archive is None:
             continue
         # Then, for a dependant that goes to an archive, once more over the same roots: on
