@@ -162,12 +162,17 @@ def test_on_the_workers_a_slow_tables_chunk_moves_in_shrinking_transactions(
     assert keys(engine, "log") == expected(data)["log"]
 
 
+@pytest.mark.parametrize("counted", [20, 1], ids=["count-right", "count-stale"])
 def test_on_the_workers_a_tables_chunks_are_cut_even(
         one_db: tuple[str, Engine, Data],  # noqa: F811 - the fixture
-        make_settings: Callable[..., Settings]) -> None:
+        make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch,
+        counted: int) -> None:
     """log's 20 eligible rows at --batch-size 15 are cut into two chunks of 10 (not 15 and 5),
-    so two workers finish the table together; the rows left are Airflow's."""
+    so two workers finish the table together; the rows left are Airflow's. A count that fell
+    behind the table (1, rows having become eligible since) does not make its last chunk take
+    them all: they are cut at --batch-size, 15 and 5."""
     url, engine, data = one_db
+    monkeypatch.setattr(distributed, "_count", lambda *a: counted)
     settings = make_settings(database_url=url, run_store_url="memory://",
                              key_prefix=f"sw:{unique('t')}")
     sent: list[tuple[Any, ...]] = []
@@ -179,5 +184,6 @@ def test_on_the_workers_a_tables_chunks_are_cut_even(
     with capture_logs() as logs:
         for _, chunk, table, lo, hi in list(sent):
             assert distributed.run_chunk(ctx, run_id, chunk, table, lo, hi).status == "moved"
-    assert [e["rows"] for e in logs if e["event"] == "db_clean_chunk_moved"] == [10, 10]
+    assert [e["rows"] for e in logs if e["event"] == "db_clean_chunk_moved"] == \
+        ([10, 10] if counted == 20 else [15, 5])
     assert keys(engine, "log") == expected(data)["log"]

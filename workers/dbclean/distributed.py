@@ -328,10 +328,13 @@ def _advance_table(ctx: Context, store: DbCleanStore, run_id: str, rule: TableRu
         cuts = int(table.get("cuts") or 0)
         for _ in range(room):
             cuts += 1
-            # The count's last chunk runs open to the table's end: cut at its last row, it
-            # would leave one more chunk, empty, to send and run.
-            last = size > 0 and 0 < eligible <= cuts * size
-            hi = None if last else sql.next_bound(conn, t, cond, decode_key(lo_text), size)
+            hi = sql.next_bound(conn, t, cond, decode_key(lo_text), size)
+            if hi is not None and 0 < eligible <= cuts * size and \
+                    sql.next_bound(conn, t, cond, hi, 1) is None:
+                # The count's last chunk, and no eligible row after it: it runs open to the
+                # table's end (cut at its last row, it would leave one more chunk, empty, to
+                # send and run). Rows that became eligible since the count are cut as any.
+                hi = None
             hi_text = encode_key(hi)
             number = store.next_number(run_id)
             body = payload(rule.table, lo_text, hi_text)
