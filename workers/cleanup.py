@@ -127,11 +127,13 @@ def delete_range(engine: Engine, tables: Tables, rng: ChunkRange, cutoff: dt.dat
                  *, lock_timeout_ms: int = 5000, statement_timeout_ms: int = 120000,
                  max_lag_seconds: float | None = None, read_lag: LagReader | None = None,
                  protect: bool = True, selection: Selection = EVERYTHING,
-                 before_commit: Callable[[Connection, int], None] | None = None) -> int:
+                 before_commit: Callable[[Connection, int, int | None], None] | None = None
+                 ) -> int:
     """Delete one chunk in its own transaction; commit; return rows deleted.
 
-    *before_commit* is called with the transaction's connection and the rows its DELETE took,
-    after the DELETE and before the COMMIT (workers.chunk notes the commit in the run store).
+    *before_commit* is called with the transaction's connection, the rows its DELETE took and
+    the transaction's id (PostgreSQL; None elsewhere), after the DELETE and before the COMMIT
+    (workers.chunk notes the commit in the run store).
 
     Running it twice deletes nothing the second time (idempotent). With *max_lag_seconds*, the
     replicas' lag is read (*read_lag*, on this transaction's connection) just before the
@@ -139,7 +141,7 @@ def delete_range(engine: Engine, tables: Tables, rng: ChunkRange, cutoff: dt.dat
     replicas lag.
     """
     with engine.begin() as conn:
-        now = begin_chunk(conn, lock_timeout_ms, statement_timeout_ms)
+        now, xid = begin_chunk(conn, lock_timeout_ms, statement_timeout_ms)
         # The one clock: a cutoff ahead of the database's now would delete rows that have not
         # expired yet (a forged or corrupted message); refuse before the DELETE.
         if cutoff > now:
@@ -153,7 +155,7 @@ def delete_range(engine: Engine, tables: Tables, rng: ChunkRange, cutoff: dt.dat
         rows = int(conn.execute(delete_statement(tables, rng, cutoff, protect=protect,
                                                  selection=selection)).rowcount)
         if before_commit is not None:
-            before_commit(conn, rows)
+            before_commit(conn, rows, xid)
         return rows
 
 

@@ -11,7 +11,17 @@ import os
 import threading
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event, func, literal_column, select
+from sqlalchemy import (
+    Connection,
+    Engine,
+    String,
+    bindparam,
+    create_engine,
+    event,
+    func,
+    literal_column,
+    select,
+)
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.pool import NullPool
@@ -236,9 +246,12 @@ def _mysql_restore_session(dbapi_conn: Any, record: Any) -> None:
     cur.close()
 
 
-def begin_chunk(conn: Connection, lock_timeout_ms: int, statement_timeout_ms: int) -> dt.datetime:
+def begin_chunk(conn: Connection, lock_timeout_ms: int,
+                statement_timeout_ms: int) -> tuple[dt.datetime, int | None]:
     """Start a chunk's transaction: bound its lock wait and run time and read the database
-    clock, in one round trip on PostgreSQL.
+    clock, in one round trip on PostgreSQL. Returns the clock and, on PostgreSQL, the
+    transaction's id (what workers.chunk.CommitNotes notes before the COMMIT; read here, it
+    costs no round trip of its own).
 
     PostgreSQL also gets ``synchronous_commit = off`` for this transaction only: the commit
     returns before its WAL is flushed. A crash can then lose the last few chunks' deletes, and
@@ -246,18 +259,27 @@ def begin_chunk(conn: Connection, lock_timeout_ms: int, statement_timeout_ms: in
     chunks stop waiting on a disk flush each.
     """
     if conn.dialect.name == "postgresql":
-        row = conn.execute(select(
-            func.set_config("lock_timeout", str(int(lock_timeout_ms)), True),
-            func.set_config("statement_timeout", str(int(statement_timeout_ms)), True),
-            func.set_config("synchronous_commit", "off", True),
-            # A client that vanishes mid-chunk (its host cut off the network, so no FIN ever
-            # arrives) leaves its transaction idle, holding row locks: PostgreSQL ends it, and
-            # rolls it back, after this long. TCP keepalives would take minutes to notice.
-            func.set_config("idle_in_transaction_session_timeout",
-                            str(int(statement_timeout_ms)), True),
-            func.now(),
-        )).one()
+        row = conn.execute(_PG_BEGIN_CHUNK, {"lock": str(int(lock_timeout_ms)),
+                                             "statement": str(int(statement_timeout_ms))}).one()
         now: dt.datetime = row[4]
-        return now.astimezone(dt.UTC)
+        return now.astimezone(dt.UTC), int(row[5])
     set_timeouts(conn, lock_timeout_ms, statement_timeout_ms)
-    return db_now(conn)
+    return db_now(conn), None
+
+
+# Built once: a chunk binds only its two timeouts, so SQLAlchemy neither builds the statement
+# nor computes its cache key again for every chunk.
+_PG_BEGIN_CHUNK = select(
+    func.set_config("lock_timeout", bindparam("lock", type_=String), True),
+    func.set_config("statement_timeout", bindparam("statement", type_=String), True),
+    func.set_config("synchronous_commit", "off", True),
+    # A client that vanishes mid-chunk (its host cut off the network, so no FIN ever arrives)
+    # leaves its transaction idle, holding row locks: PostgreSQL ends it, and rolls it back,
+    # after this long. TCP keepalives would take minutes to notice.
+    func.set_config("idle_in_transaction_session_timeout",
+                    bindparam("statement", type_=String), True),
+    func.now(),
+    # Assigns the transaction its id now rather than at the DELETE: a chunk that deletes
+    # nothing commits an empty transaction (synchronous_commit is off: no flush).
+    func.txid_current(),
+)

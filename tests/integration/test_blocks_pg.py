@@ -231,8 +231,11 @@ def _commit_and_die(pg: Pg, m: Message, *, roll_back: bool = False) -> tuple[int
     args = m.args()
     notes = chunk.CommitNotes(pg.store, args, pg.engine.dialect.name)
 
-    def note_then_maybe_fail(conn: Any, rows: int) -> None:
-        notes.before_commit(conn, rows)
+    def note_then_maybe_fail(conn: Any, rows: int, xid: int | None) -> None:
+        # The id the chunk's first statement read is the transaction's own: txid_status of
+        # the note then tells a copy whether these rows committed.
+        assert xid == conn.execute(text("SELECT txid_current()")).scalar_one()
+        notes.before_commit(conn, rows, xid)
         if roll_back:
             raise RuntimeError("the connection died before COMMIT")
 
