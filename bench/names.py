@@ -13,6 +13,9 @@
 ``statesweep_unprotected_<n>w``        auto, with STATESWEEP_PROTECT_UNFINISHED_DAG_RUNS=false:
                                        beside ``statesweep_<n>w`` on data with dag_run.state
                                        (``--run-state``), the cost of protecting live runs
+``statesweep_noevents_<n>w``           auto, with STATESWEEP_CHUNK_TASK_EVENTS=false: beside
+                                       ``statesweep_<n>w``, what Flower's per-chunk task
+                                       events cost the chunk workers
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from workers.planners import PLANNERS
 from workers.seed import SeedSpec
 
 BASELINES = ("single", "upstream")
+MODES = ("throttled", "solo", "unprotected", "noevents")
 DEFAULT_METHODS = ("single", "upstream", "statesweep_1w", "statesweep_2w", "statesweep_walk_2w")
 DEFAULT_THROTTLE = "0.05:2"
 _SWEEP = re.compile(r"statesweep_(?:(?P<mode>[a-z]+)_)?(?P<workers>[1-9][0-9]?)w")
@@ -53,6 +57,8 @@ class Method:
     pool: str = "prefork"
     #: STATESWEEP_PROTECT_UNFINISHED_DAG_RUNS of the workers
     protect: bool = True
+    #: STATESWEEP_CHUNK_TASK_EVENTS of the workers
+    events: bool = True
 
     @property
     def is_sweep(self) -> bool:
@@ -66,6 +72,8 @@ class Method:
             out["STATESWEEP_MAX_CHUNKS_IN_FLIGHT"] = str(self.throttle[1])
         if not self.protect:
             out["STATESWEEP_PROTECT_UNFINISHED_DAG_RUNS"] = "false"
+        if not self.events:
+            out["STATESWEEP_CHUNK_TASK_EVENTS"] = "false"
         return out
 
 
@@ -96,12 +104,11 @@ def parse_methods(names: list[str], throttles: list[str]) -> list[Method]:
             continue
         m = _SWEEP.fullmatch(name)
         mode = m.group("mode") if m else None
-        if m is None or (mode is not None and mode not in ("throttled", "solo", "unprotected")
-                         and mode not in PLANNERS):
+        if m is None or (mode is not None and mode not in MODES and mode not in PLANNERS):
             raise ValueError(
                 f"--methods: unknown method {name!r}; use single, upstream, sql_chunks_<n>t, "
                 f"statesweep_<n>w, statesweep_<planner>_<n>w (planner: {', '.join(PLANNERS)}), "
-                f"statesweep_solo_<n>w, statesweep_unprotected_<n>w or "
+                f"statesweep_solo_<n>w, statesweep_unprotected_<n>w, statesweep_noevents_<n>w or "
                 f"statesweep_throttled_<n>w")
         workers = int(m.group("workers"))
         if mode == "throttled":
@@ -110,6 +117,8 @@ def parse_methods(names: list[str], throttles: list[str]) -> list[Method]:
             out.append(Method(name, workers, pool="solo"))
         elif mode == "unprotected":
             out.append(Method(name, workers, protect=False))
+        elif mode == "noevents":
+            out.append(Method(name, workers, events=False))
         else:
             out.append(Method(name, workers, mode or "auto"))
     seen = [m.name for m in out]

@@ -53,6 +53,14 @@ def test_unprotected_method_turns_protection_off_and_run_state_names_the_results
     assert results_stem(1_000_000, 10_000, None, "", True) == "rows_1000000_run_state"
 
 
+def test_noevents_method_turns_the_chunk_task_events_off() -> None:
+    on, off = parse_methods(["statesweep_2w", "statesweep_noevents_2w"], [])
+    assert (on.events, off.events, off.workers, off.planner, off.protect) == (
+        True, False, 2, "auto", True)
+    assert "STATESWEEP_CHUNK_TASK_EVENTS" not in on.env()
+    assert off.env()["STATESWEEP_CHUNK_TASK_EVENTS"] == "false"
+
+
 def test_sql_chunks_plan_ranges_cover_the_plan_once_and_leave_the_last_open() -> None:
     plan = Plan("blocks", "blocks", 0, 10, 4, 0, "")
     assert list(plan_ranges(plan)) == [ChunkRange("blocks", 0, 4), ChunkRange("blocks", 4, 8),
