@@ -725,23 +725,29 @@ def test_a_dependant_row_added_behind_the_batches_is_found_by_the_last_pass(
         t = sql.reflect(conn, "dag_run")
         deps = [d for d in dbclean._dependants(conn, cascade.ForeignKeys(conn), t)
                 if d[1].name == "task_instance" and len(d[0]) == 1]
-    calls: list[tuple[Any, tuple[int, Any]]] = []
-    real = cascade.delete_batch_from
+    # Each batch begins with its search: on MySQL/MariaDB find_batch, in a transaction before
+    # the batch's own (which a batch that found nothing never opens); on PostgreSQL the search
+    # is the batch's one statement. calls: (window, rows found, the last root key found).
+    searches = "find_batch" if sql.is_mysql_engine(engine) else "delete_batch_from"
+    calls: list[tuple[Any, int, Any]] = []
+    real = getattr(cascade, searches)
 
-    def batch(*args: Any, **kwargs: Any) -> tuple[int, Any]:
+    def batch(*args: Any, **kwargs: Any) -> Any:
         if len(calls) == 2:
             # The batches have moved past 1001, and the last one has committed (this one has
             # locked nothing yet: MariaDB's insert would wait for the batch's locks).
-            assert calls[-1][1][1] == (1002,)
+            assert calls[-1][2] == (1002,)
             with engine.begin() as conn:
                 conn.execute(ti.insert().values(
                     id=uuid.uuid4(), dag_id="behind", run_id="r1001", task_id="late",
                     try_number=1, pool="p", pool_slots=1))
         result = real(*args, **kwargs)
-        calls.append(((kwargs["after"], kwargs["until"]), result))
+        found, last = ((len(result), result[-1][-1:] if result else None)
+                       if searches == "find_batch" else result)
+        calls.append(((kwargs["after"], kwargs["until"]), found, last))
         return result
 
-    monkeypatch.setattr(cascade, "delete_batch_from", batch)
+    monkeypatch.setattr(cascade, searches, batch)
     # Batches start at a tenth of the batch size: 3, one dag run's task instances.
     request = dbclean.Request(before=T, tables=("dag_run",), batch_size=30,
                               skip_archive=not archived)
@@ -754,7 +760,7 @@ def test_a_dependant_row_added_behind_the_batches_is_found_by_the_last_pass(
     # pass's last batch, after every other, found none): it finds the late one under 1001,
     # then nothing from 1001 on.
     last_pass = [((None, (1002,)), 1), (((1001,), (1002,)), 0)]
-    assert [(window, rows) for window, (rows, _) in calls] == \
+    assert [(window, rows) for window, rows, _ in calls] == \
         forward + (last_pass if archived else [])
     with engine.begin() as conn:
         left = select(func.count()).select_from(ti).where(ti.c.dag_id == "behind")

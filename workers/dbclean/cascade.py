@@ -165,10 +165,19 @@ def batch_query(conn: Connection, tables: dict[str, Table], path: Path, root_con
     return query.order_by(*root_keys).limit(batch_size)
 
 
+def find_batch(conn: Connection, tables: dict[str, Table], path: Path, root_cond: list[Any],
+               batch_size: int, after: sql.Key | None = None,
+               until: sql.Key | None = None) -> list[tuple[Any, ...]]:
+    """MySQL/MariaDB: a batch's keys, each followed by its root key, as batch_query finds them
+    (unlocked, in the root's key order): what delete_batch_from takes as *found*."""
+    return [tuple(r) for r in conn.execute(batch_query(conn, tables, path, root_cond, batch_size,
+                                                       after, until))]
+
+
 def delete_batch_from(conn: Connection, tables: dict[str, Table], path: Path,
                       root_cond: list[Any], batch_size: int, archive: Table | None = None,
-                      after: sql.Key | None = None,
-                      until: sql.Key | None = None) -> tuple[int, sql.Key | None]:
+                      after: sql.Key | None = None, until: sql.Key | None = None,
+                      found: list[tuple[Any, ...]] | None = None) -> tuple[int, sql.Key | None]:
     """Delete at most *batch_size* rows of the path's last table whose ancestor satisfies
     *root_cond* (and whose root key is *after* or later, and *until* or earlier), in the
     caller's transaction, copying
@@ -183,7 +192,10 @@ def delete_batch_from(conn: Connection, tables: dict[str, Table], path: Path,
     root key … WHERE root key IN (those) AND <root_cond>``); then ``SELECT key … WHERE key IN
     (those) AND <EXISTS chain up to a root that passed> FOR UPDATE`` (primary key lookups: locks
     the rows and re-checks that they still descend from an eligible row of the chunk), then the
-    INSERT into the archive and the DELETE of the keys locked.
+    INSERT into the archive and the DELETE of the keys locked. With *found* (find_batch's rows,
+    searched before this transaction began: workers.dbclean.run does, so the search's join
+    holds no transaction open) the search is not run again; the check and the locks judge
+    them as they judge their own search's.
 
     The rule once per batch, not in every key list's EXISTS chain: dag_run's keep-last is a
     GROUP BY over dag_run, which MariaDB computed again in each of a 1,000-row xcom batch's ten
@@ -191,12 +203,13 @@ def delete_batch_from(conn: Connection, tables: dict[str, Table], path: Path,
     reads the root rows with a lock (MariaDB locks only the rows a locking SELECT returns), and
     under REPEATABLE READ both read the snapshot of the batch's first statement: the same
     answer, computed once."""
-    query = batch_query(conn, tables, path, root_cond, batch_size, after, until)
     target = tables[path[-1].child]
     if not sql.is_mysql(conn):
-        return _move_batch(conn, query, target, archive)
+        return _move_batch(conn, batch_query(conn, tables, path, root_cond, batch_size, after,
+                                             until), target, archive)
     cols = sql.key_columns(target)
-    found = [tuple(r) for r in conn.execute(query)]
+    if found is None:
+        found = find_batch(conn, tables, path, root_cond, batch_size, after, until)
     if not found:
         return 0, None
     n = len(cols)

@@ -292,18 +292,24 @@ def move_slices(engine: Engine, request: Request, t: Table, archive: Table | Non
                 on_chunk: ChunkHook | None = None) -> tuple[int, int]:
     """Archive and delete a chunk's eligible rows, (lo, hi], in slices of as many rows as the
     table's recent transactions say fit in the target time, each slice one transaction (its
-    cut, its archive and its delete commit together, the rule re-checked). A chunk stays
-    --batch-size rows, so what a chunk costs once (its message, its dependants' searches) is
-    paid once however small its slices. (rows moved, transactions)."""
+    archive and its delete commit together, the rule re-checked; its end is read just before).
+    A chunk stays --batch-size rows, so what a chunk costs once (its message, its dependants'
+    searches) is paid once however small its slices. (rows moved, transactions)."""
     rows = slices = 0
     bounded = sql.in_range(t, None, hi)
     while True:
         size = sizes.size(t.name)
 
+        # The size-th eligible row up to hi ends the slice; fewer left: the slice is the rest.
+        # Read in a transaction of its own, before the slice's, which then holds its row locks
+        # for its move alone (on MariaDB a dag_run bound computes keep-last's GROUP BY, which
+        # the move's own re-check of the rule computes again). A row that became eligible in
+        # between, inside the slice's keys, goes with it.
+        end = _in_transaction(engine, request, t.name, partial(
+            sql.next_bound, t=t, cond=[*cond, *bounded], lo=lo, batch_size=size))
+
         def move(conn: Connection, lo: sql.Key | None = lo,
-                 size: int = size) -> tuple[int, sql.Key | None]:
-            # The size-th eligible row up to hi ends the slice; fewer left: the slice is the rest.
-            end = sql.next_bound(conn, t, [*cond, *bounded], lo, size)
+                 end: sql.Key | None = end) -> tuple[int, sql.Key | None]:
             moved = sql.move_chunk(conn, t, archive, cond, lo, hi if end is None else end)
             if on_chunk is not None:
                 on_chunk(t.name, moved)
@@ -316,10 +322,12 @@ def move_slices(engine: Engine, request: Request, t: Table, archive: Table | Non
             planned = size if end is None else max(1, moved)
             sizes.note(t.name, Timing(planned, moved, seconds, result is None))
 
+        t0 = time.monotonic()
         moved, end = _in_transaction(engine, request, t.name, move, note)
         rows += moved
         slices += 1
-        log.info("db_clean_slice_moved", table=t.name, rows=moved, size=size)
+        log.info("db_clean_slice_moved", table=t.name, rows=moved, size=size,
+                 ms=round((time.monotonic() - t0) * 1000, 1))
         if end is None:
             return rows, slices
         lo = end
@@ -388,14 +396,28 @@ def _delete_dependants(engine: Engine, request: Request, dependants: list[Depend
                   key: str = key, archive: Table | None = archive,
                   ) -> tuple[int, sql.Key | None, int]:
             size = sizes.size(key)
+            t0 = time.monotonic()
+            found, search_ms = None, 0.0
+            if sql.is_mysql_engine(engine):
+                # MySQL/MariaDB search without a lock anyway: in a transaction of its own,
+                # before the batch's, which then holds its locks for the rule's check, the
+                # locks and the move alone.
+                found = _in_transaction(engine, request, target.name, partial(
+                    cascade.find_batch, tables=tables, path=path, root_cond=root_cond,
+                    batch_size=size, after=after, until=until))
+                search_ms = round((time.monotonic() - t0) * 1000, 1)
+                if not found:
+                    return 0, None, size
+                t0 = time.monotonic()
             rows, last = _in_transaction(engine, request, target.name, partial(
                 cascade.delete_batch_from, tables=tables, path=path, root_cond=root_cond,
-                batch_size=size, archive=archive, after=after, until=until),
+                batch_size=size, archive=archive, after=after, until=until, found=found),
                 both(timed(sizes, key, size, first), timed(sizes, t.name, size, first,
                                                            evidence=False)))
             if rows:
                 log.info("db_clean_dependants_deleted", table=t.name, dependant=target.name,
-                         rows=rows, size=size)
+                         rows=rows, size=size, ms=round((time.monotonic() - t0) * 1000, 1),
+                         **({"search_ms": search_ms} if found is not None else {}))
             return rows, last, size
 
         # Forward, each batch from the root row the last one ended on, until one finds none.

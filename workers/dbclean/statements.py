@@ -20,6 +20,7 @@ from typing import Any
 from sqlalchemy import (
     Column,
     Connection,
+    Engine,
     MetaData,
     Table,
     and_,
@@ -57,8 +58,15 @@ def reflect(conn: Connection, name: str) -> Table:
     return Table(name, MetaData(), autoload_with=conn, resolve_fks=False)
 
 
+MYSQL_DIALECTS = ("mysql", "mariadb")
+
+
 def is_mysql(conn: Connection) -> bool:
-    return conn.dialect.name in ("mysql", "mariadb")
+    return conn.dialect.name in MYSQL_DIALECTS
+
+
+def is_mysql_engine(engine: Engine) -> bool:
+    return engine.dialect.name in MYSQL_DIALECTS
 
 
 def bind_time(conn: Connection, when: dt.datetime) -> dt.datetime:
