@@ -874,6 +874,71 @@ def test_mariadb_checks_a_batchs_roots_against_the_rule_once(mariadb_33: Engine)
     assert left == [("r1003", 5)]
 
 
+def test_mariadb_searches_a_batch_before_the_transaction_that_locks_it(
+        mariadb_33: Engine) -> None:
+    """On MySQL/MariaDB a dependant batch's search (the join down from the chunk, unlocked)
+    runs in a transaction of its own before the batch's: the transaction that locks and
+    deletes the rows holds its locks for the rule's check, the locks and the move alone."""
+    from sqlalchemy import event
+
+    from workers.dbclean import cascade
+    from workers.dbclean import statements as sql
+    from workers.dbclean.rules import RULES
+
+    engine = mariadb_33
+    md = MetaData()
+    md.reflect(engine, only=["dag_run", "task_instance"])
+    ti = md.tables["task_instance"]
+    with engine.begin() as conn:
+        old_dag_runs(conn, md, "ahead", {1001: 30, 1002: 30})
+        t = sql.reflect(conn, "dag_run")
+        deps = [d for d in dbclean._dependants(conn, cascade.ForeignKeys(conn), t)
+                if d[1].name == "task_instance" and len(d[0]) == 1]
+        rule = sql.eligible(conn, RULES["3.3"]["dag_run"], t, T)
+    seen: list[tuple[str, str]] = []
+
+    def begin(_: Any) -> None:
+        seen.append(("begin", ""))
+
+    def commit(_: Any) -> None:
+        seen.append(("commit", ""))
+
+    def statement(*a: Any) -> None:
+        seen.append(("sql", a[2]))
+
+    for name, fn in (("begin", begin), ("commit", commit), ("before_cursor_execute", statement)):
+        event.listen(engine, name, fn)
+    try:
+        request = dbclean.Request(before=T, tables=("dag_run",), batch_size=400,
+                                  skip_archive=True)
+        assert dbclean._delete_dependants(
+            engine, request, deps, t, [*rule, t.c.id.in_([1001, 1002])],
+            dbclean.Sizes(batch_size=400, target_ms=10_000)) == 60
+    finally:
+        for name, fn in (("begin", begin), ("commit", commit),
+                         ("before_cursor_execute", statement)):
+            event.remove(engine, name, fn)
+    transactions: list[list[str]] = []
+    for kind, text in seen:
+        if kind == "begin":
+            transactions.append([])
+        elif kind == "sql" and transactions:
+            transactions[-1].append(text)
+
+    def is_search(s: str) -> bool:
+        return " JOIN " in s and "FOR UPDATE" not in s
+
+    locking = [tx for tx in transactions if any("FOR UPDATE" in s for s in tx)]
+    searches = [tx for tx in transactions if any(is_search(s) for s in tx)]
+    assert locking and searches, transactions
+    assert not any(is_search(s) for tx in locking for s in tx), locking
+    assert all(not any(s.lstrip().upper().startswith(("DELETE", "INSERT")) or "FOR UPDATE" in s
+                       for s in tx) for tx in searches), searches
+    with engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(ti)
+                            .where(ti.c.dag_id == "ahead")).scalar_one() == 0
+
+
 def test_mariadb_reads_a_composite_key_chunk_by_range(mariadb_33: Engine) -> None:
     """A chunk of xcom (a four-column key) is ``lo < key <= hi``, a row comparison MariaDB's
     range optimizer does not read; the bounds on the key's first column that in_range adds
