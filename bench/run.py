@@ -14,7 +14,9 @@ sampling pg_stat_activity, then check the end state (count and sum(id) of surviv
 Methods: single, upstream, statesweep_<n>w (planner auto), statesweep_<planner>_<n>w (blocks,
 ids, walk, expiry forced), statesweep_throttled_<n>w (one per --throttle TARGET:WINDOW),
 statesweep_unprotected_<n>w (STATESWEEP_PROTECT_UNFINISHED_DAG_RUNS=false: with --run-state,
-which gives dag_run Airflow's state column, beside statesweep_<n>w it is the cost of protection).
+which gives dag_run Airflow's state column, beside statesweep_<n>w it is the cost of protection),
+statesweep_solo_<n>w (-P solo chunk workers), statesweep_noevents_<n>w
+(STATESWEEP_CHUNK_TASK_EVENTS=false: what Flower's per-chunk task events cost).
 Outputs go to bench/results/ as latest.{json,md,png} and
 rows_<N>[_batch_<B>][_exp_<P>][_rate_<R>].{json,md,png}; `python -m bench.compare` puts
 several side by side.
