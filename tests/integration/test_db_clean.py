@@ -680,9 +680,9 @@ def test_a_dependant_row_changed_while_its_batch_waits_is_deleted_by_a_later_bat
         t = sql.reflect(conn, "dag_run")
         deps = [d for d in dbclean._dependants(conn, cascade.ForeignKeys(conn), t)
                 if d[1].name == "task_instance" and len(d[0]) == 1]
-    # Batches start at a tenth of the batch size: 4, the dag run's task instances.
-    request = dbclean.Request(before=T, tables=("dag_run",), batch_size=40, skip_archive=True)
-    sizes = dbclean.Sizes(batch_size=40, target_ms=10_000)
+    # Batches start at a twentieth of the batch size: 4, the dag run's task instances.
+    request = dbclean.Request(before=T, tables=("dag_run",), batch_size=80, skip_archive=True)
+    sizes = dbclean.Sizes(batch_size=80, target_ms=10_000)
     done: list[int] = []
     with engine.connect() as holder, capture_logs() as logs:
         with holder.begin():
@@ -748,10 +748,10 @@ def test_a_dependant_row_added_behind_the_batches_is_found_by_the_last_pass(
         return result
 
     monkeypatch.setattr(cascade, searches, batch)
-    # Batches start at a tenth of the batch size: 3, one dag run's task instances.
-    request = dbclean.Request(before=T, tables=("dag_run",), batch_size=30,
+    # Batches start at a twentieth of the batch size: 3, one dag run's task instances.
+    request = dbclean.Request(before=T, tables=("dag_run",), batch_size=60,
                               skip_archive=not archived)
-    sizes = dbclean.Sizes(batch_size=30, target_ms=10_000)
+    sizes = dbclean.Sizes(batch_size=60, target_ms=10_000)
     assert dbclean._delete_dependants(engine, request, deps, t, [t.c.id.in_([1001, 1002])],
                                       sizes, archives) == (7 if archived else 6)
     # Forward: from the start, then from 1001 (>=: its own rows are done), from 1002 (empty).

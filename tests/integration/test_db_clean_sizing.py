@@ -45,12 +45,13 @@ class InjectedTimes(dbclean.Sizes):
 def test_a_slow_tables_transactions_shrink_and_none_passes_the_batch_size(
         one_db: tuple[str, Engine, Data]) -> None:  # noqa: F811 - the fixture
     """task_instance's rows take 50 ms each (its per-row cascade triggers, made slow), log's
-    1 us: with --batch-size 80 and a 200 ms target, each table's chunk is moved in slices that
-    start at a tenth (8 rows); task_instance's go 4, then about 2, log's grow; none passes 80;
+    1 us: with --batch-size 160 and a 200 ms target, each table's chunk is moved in slices that
+    start at a twentieth (8 rows); task_instance's go 4, then about 2, log's grow; none passes
+    160;
     the rows left are those the rules leave."""
     _, engine, data = one_db
-    sizes = InjectedTimes(80, 200, ms_per_row={"task_instance": 50.0, "log": 0.001})
-    request = dbclean.Request(before=T, tables=("task_instance", "log"), batch_size=80,
+    sizes = InjectedTimes(160, 200, ms_per_row={"task_instance": 50.0, "log": 0.001})
+    request = dbclean.Request(before=T, tables=("task_instance", "log"), batch_size=160,
                               skip_archive=True)
     with capture_logs() as logs:
         report = dbclean.clean(engine, request, sizes=sizes)
@@ -62,9 +63,9 @@ def test_a_slow_tables_transactions_shrink_and_none_passes_the_batch_size(
     lg = [e["size"] for e in slices if e["table"] == "log"]
     assert lg[0] == 8 and lg == sorted(lg) and lg[-1] > 8
     sized = slices + [e for e in logs if e["event"] == "db_clean_dependants_deleted"]
-    assert all(0 < e["size"] <= 80 and e["rows"] <= e["size"] for e in sized)
+    assert all(0 < e["size"] <= 160 and e["rows"] <= e["size"] for e in sized)
     chunks = [e for e in logs if e["event"] == "db_clean_chunk_moved"]
-    assert all(e["rows"] <= 80 for e in chunks)
+    assert all(e["rows"] <= 160 for e in chunks)
     [ti_result] = [r for r in report.tables if r.table == "task_instance"]
     assert ti_result.longest_transaction_ms == 400.0  # 8 rows at 50 ms, as injected
     # Only task_instance's own rule ran (no dag_run cascade): the ones that started before T go.
@@ -76,8 +77,8 @@ def test_a_slow_tables_transactions_shrink_and_none_passes_the_batch_size(
 def test_a_slow_dependants_batches_shrink_by_their_own_time(
         one_db: tuple[str, Engine, Data]) -> None:  # noqa: F811 - the fixture
     """An old dag run with 40 task instances that never started (their own rule keeps them):
-    cleaning dag_run with --batch-size 80, where each task instance takes 50 ms to delete, its
-    dependant batches start at a tenth (8), halve after 400 ms and then stay where 50 ms a row
+    cleaning dag_run with --batch-size 160, where each task instance takes 50 ms to delete, its
+    dependant batches start at a twentieth (8), halve after 400 ms and then stay where 50 ms a row
     fits in half the 200 ms target; they are timed apart from the dag runs' own slices, and
     every one of the 40 goes before its dag run."""
     _, engine, data = one_db
@@ -86,8 +87,8 @@ def test_a_slow_dependants_batches_shrink_by_their_own_time(
     with engine.begin() as conn:
         old_dag_runs(conn, md, "big", {999: 40})
     key = dbclean.dependant_key("dag_run", "task_instance")
-    sizes = InjectedTimes(80, 200, ms_per_row={key: 50.0})
-    request = dbclean.Request(before=T, tables=("dag_run",), batch_size=80, skip_archive=True)
+    sizes = InjectedTimes(160, 200, ms_per_row={key: 50.0})
+    request = dbclean.Request(before=T, tables=("dag_run",), batch_size=160, skip_archive=True)
     with capture_logs() as logs:
         dbclean.clean(engine, request, sizes=sizes)
     ti = [e for e in logs if e["event"] == "db_clean_dependants_deleted"
@@ -131,7 +132,7 @@ class InjectedStoreTimes(distributed.StoreSizes):
 def test_on_the_workers_a_slow_tables_chunk_moves_in_shrinking_transactions(
         one_db: tuple[str, Engine, Data],  # noqa: F811 - the fixture
         make_settings: Callable[..., Settings]) -> None:
-    """A chunk of log (--batch-size 80: all 20 eligible rows) whose rows take 50 ms each is
+    """A chunk of log (--batch-size 160: all 20 eligible rows) whose rows take 50 ms each is
     moved in transactions of 8, 4, then about 2 rows, sized through the run store (where every
     worker reads them); the chunk is cut, sent and counted once, the rows left are Airflow's,
     and the table's longest transaction shows in the run's report."""
@@ -143,7 +144,7 @@ def test_on_the_workers_a_slow_tables_chunk_moves_in_shrinking_transactions(
     ctx.sizer = lambda store, run_id, request: InjectedStoreTimes(
         store, run_id, request.batch_size, request.target_ms)
     run_id = f"dbclean-{uuid.uuid4().hex[:12]}"
-    request = dbclean.Request(before=T, tables=("log",), batch_size=80, skip_archive=True)
+    request = dbclean.Request(before=T, tables=("log",), batch_size=160, skip_archive=True)
     distributed.start(ctx, run_id, request, "test")
     assert [(s[3], s[4]) for s in sent] == [(None, None)]  # 20 rows: one chunk
     _, chunk, table, lo, hi = sent.pop()

@@ -16,8 +16,8 @@ def timing(rows: int, ms: float, planned: int | None = None,
     return run.Timing(planned if planned is not None else rows, rows, ms / 1000, lock_timeout)
 
 
-def test_nothing_timed_yet_is_a_tenth_of_the_batch_size() -> None:
-    assert run.next_size(10_000, 200, []) == 1_000
+def test_nothing_timed_yet_is_a_twentieth_of_the_batch_size() -> None:
+    assert run.next_size(10_000, 200, []) == 500
     assert run.next_size(5, 200, []) == 1
 
 
@@ -41,7 +41,7 @@ def test_a_fast_table_grows_to_the_batch_size_and_never_passes_it() -> None:
     recent = [timing(10_000, 20)] * 5
     assert run.next_size(10_000, 200, recent) == 10_000
     recent, size = [], run.next_size(10_000, 200, [])
-    for _ in range(13):  # from a tenth, a fifth more per chunk
+    for _ in range(17):  # from a twentieth, a fifth more per chunk
         recent.append(timing(size, size * 0.002))
         size = run.next_size(10_000, 200, recent)
     assert size == 10_000
@@ -90,7 +90,7 @@ def test_local_sizes_keep_the_last_five_and_each_tables_longest() -> None:
     sizes.note("xcom", timing(30, 2_000, planned=1_000))
     assert len(sizes.recent["task_instance"]) == 5
     assert sizes.longest_ms == {"task_instance": 900.0, "log": 5.0, "xcom": 2_000.0}
-    assert sizes.size("log") == 100 and sizes.size("xcom") == 100  # nothing timed: a tenth
+    assert sizes.size("log") == 50 and sizes.size("xcom") == 50  # nothing timed: a twentieth
     assert sizes.size("task_instance") == 500  # the last took 900 ms: halved
 
 
@@ -98,7 +98,7 @@ def test_the_run_store_keeps_each_tables_timings_and_longest() -> None:
     store = DbCleanStore(registry_for("memory://", f"sw:{unique('t')}"))
     a = StoreSizes(store, "r1", 10_000, 200)
     b = StoreSizes(store, "r1", 10_000, 200)  # another worker's view of the same run
-    assert a.size("task_instance") == 1_000  # nothing timed yet
+    assert a.size("task_instance") == 500  # nothing timed yet
     a.note("task_instance", timing(10_000, 320))
     assert b.size("task_instance") == 5_000
     for _ in range(7):
@@ -106,7 +106,7 @@ def test_the_run_store_keeps_each_tables_timings_and_longest() -> None:
     b.note("task_instance", timing(0, 3, planned=1))  # moved nothing: not evidence
     assert len(a.recent("task_instance")) == run.SIZING_WINDOW
     assert a.size("task_instance") == 3_125
-    assert a.size("log") == 1_000
+    assert a.size("log") == 500
     entry = store.table("r1", "task_instance")
     assert float(entry["longest_ms"]) == 320.0
     assert int(entry["transactions"]) == 9 and entry["size"] == "1"
