@@ -728,7 +728,7 @@ def test_a_dependant_row_added_behind_the_batches_is_found_by_the_last_pass(
     # Each batch begins with its search: on MySQL/MariaDB find_batch, in a transaction before
     # the batch's own (which a batch that found nothing never opens); on PostgreSQL the search
     # is the batch's one statement. calls: (window, rows found, the last root key found).
-    searches = "find_batch" if sql.is_mysql_engine(engine) else "delete_batch_from"
+    searches = "find_batch" if sql.is_mysql(engine) else "delete_batch_from"
     calls: list[tuple[Any, int, Any]] = []
     real = getattr(cascade, searches)
 

@@ -404,7 +404,7 @@ def _delete_dependants(engine: Engine, request: Request, dependants: list[Depend
             size = sizes.size(key)
             t0 = time.monotonic()
             found, search_ms = None, 0.0
-            if sql.is_mysql_engine(engine):
+            if sql.is_mysql(engine):
                 # MySQL/MariaDB search without a lock anyway: in a transaction of its own,
                 # before the batch's, which then holds its locks for the rule's check, the
                 # locks and the move alone.

@@ -58,15 +58,8 @@ def reflect(conn: Connection, name: str) -> Table:
     return Table(name, MetaData(), autoload_with=conn, resolve_fks=False)
 
 
-MYSQL_DIALECTS = ("mysql", "mariadb")
-
-
-def is_mysql(conn: Connection) -> bool:
-    return conn.dialect.name in MYSQL_DIALECTS
-
-
-def is_mysql_engine(engine: Engine) -> bool:
-    return engine.dialect.name in MYSQL_DIALECTS
+def is_mysql(bind: Connection | Engine) -> bool:
+    return bind.dialect.name in ("mysql", "mariadb")
 
 
 def bind_time(conn: Connection, when: dt.datetime) -> dt.datetime:
