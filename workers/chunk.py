@@ -305,15 +305,15 @@ class CommitNotes:
     def noted_rows(self) -> int:
         return sum(int(n.rsplit(":", 1)[1]) for n in self.own) + self.rows
 
-    def before_commit(self, conn: Connection, rows: int, xid: int | None = None) -> None:
-        """Note this transaction's *rows* under its id (*xid*, as workers.db.begin_chunk read
-        it; read here when not given)."""
+    def before_commit(self, conn: Connection, rows: int, xid: int | None) -> None:
+        """Note this transaction's *rows* under its id, *xid*, which workers.db.begin_chunk
+        reads on PostgreSQL (the only database that keeps notes) with the chunk's first
+        statement."""
         if not self.enabled:
             return
         found = None
         if rows > 0:
-            if xid is None:
-                xid = int(conn.execute(text("SELECT txid_current()")).scalar_one())
+            assert xid is not None, "begin_chunk reads a PostgreSQL chunk's transaction id"
             note, found = self.registry.note_commit(self.args.run_id, self.args.chunk, xid, rows)
             self.own.append(note)
         self.settle(conn, found)

@@ -78,7 +78,6 @@ ALLOWED: dict[tuple[str, str, str, tuple[str, ...]], str] = {
         "column ctid",
     ("dbclean/run.py", "_in_transaction", "exec_driver_sql", ()):
         STATIC + " (SET LOCAL client_connection_check_interval = 1000)",
-    ("chunk.py", "before_commit", "text", ()): STATIC + " (SELECT txid_current())",
     ("chunk.py", "settle", "text", ()): STATIC + " (txid_status of a bound transaction id)",
     ("window.py", "mark_deleted", "exec_driver_sql", ("MARK_TIMEOUT_MS",)):
         TIMEOUTS + " (MARK_TIMEOUT_MS is a module constant int)",
